@@ -1,0 +1,1 @@
+"""Pure-functional attention kernels; `api` is the one checked entry point."""

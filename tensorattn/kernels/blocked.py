@@ -1,0 +1,385 @@
+"""Exact streaming tensor attention in plain JAX (MATH.md section 3), any order 2-4.
+
+Tiles: a query tile (all query heads of a key/value group packed into its rows), a small
+tile of each *outer* key set (all but the last) and a tile of the *inner* (last) key set.
+For outer key tuple `A`, the scores are one matrix product `(q_tile * k_outer[A]) @ k_inner^T`
+and the values one product `P @ v_inner` followed by an elementwise `v_outer[A]` product.
+A `lax.scan` runs over the statically enumerated list of *live* tiles (causal and window
+masks drop whole tiles, so work follows the allowed tuples) with an online softmax.
+`jax.custom_vjp` saves only the output and the log-sum-exp; the backward pass recomputes
+each tile. No array ever has more than `O(T·(H+Hv) + tile)` elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tensorattn.kernels.validation import AttentionSpec
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the blocked kernel.
+
+    block_q: query positions per tile (times the grouped query heads gives the rows).
+    block_k1: positions per tile of each outer key set (order 3: k1; order 4: k1 and k2).
+    block_k2: positions per tile of the inner (last) key set: the matmul's columns.
+    """
+
+    block_q: int = 64
+    block_k1: int = 8
+    block_k2: int = 128
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
+
+    def fitted(self, t: int, lengths, windows) -> BlockSizes:
+        """Clamps tiles to the (8-rounded) lengths and to the windows, keeping work minimal."""
+
+        def clamp(block, n, window=None):
+            limit = _round_up(n, 8)
+            if window is not None:
+                limit = min(limit, _round_up(window, 8))
+            return max(1, min(block, limit))
+
+        w_inner = windows[-1]
+        w_outer = min((w for w in windows[:-1] if w is not None), default=None)
+        block_q = clamp(self.block_q, t, w_inner)
+        return BlockSizes(
+            block_q=block_q,
+            block_k1=clamp(self.block_k1, min(lengths[:-1], default=1), w_outer),
+            block_k2=clamp(self.block_k2, lengths[-1], w_inner),
+        )
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static (hashable) description of one blocked call."""
+
+    scale: float
+    causal: bool
+    windows: tuple
+    t: int
+    lengths: tuple
+    blocks: BlockSizes
+
+    @property
+    def key_blocks(self) -> tuple[int, ...]:
+        m = len(self.lengths)
+        return (self.blocks.block_k1,) * (m - 1) + (self.blocks.block_k2,)
+
+    @property
+    def num_q_tiles(self) -> int:
+        return -(-self.t // self.blocks.block_q)
+
+    def live_tiles(self) -> np.ndarray:
+        """`[num_live, 1 + m]` int32 tile indices (query tile, one per key set) with any
+        allowed tuple under the causal/window masks."""
+        bq = self.blocks.block_q
+        rows = []
+        for qi in range(self.num_q_tiles):
+            first, last = qi * bq, min(self.t, (qi + 1) * bq) - 1
+            ranges = []
+            for s, bk, w in zip(self.lengths, self.key_blocks, self.windows):
+                lo, hi = 0, -(-s // bk)
+                if self.causal:
+                    hi = min(hi, last // bk + 1)
+                if w is not None:
+                    lo = max(lo, (first - w + 1) // bk)
+                ranges.append(range(lo, hi))
+            rows.extend((qi, *combo) for combo in itertools.product(*ranges))
+        return np.asarray(rows, np.int32).reshape(-1, 1 + len(self.lengths))
+
+
+def _dot(a, b, contract):
+    """Matrix product with float32 accumulation; `contract` = (a_axis, b_axis)."""
+    return jax.lax.dot_general(
+        a, b, ((contract[0], contract[1]), ((), ())), preferred_element_type=_F32
+    )
+
+
+def _outer_product(rows_list):
+    """Products over tuples: `[n_j, X]` each -> `[prod n_j, X]`."""
+    out = rows_list[0]
+    for r in rows_list[1:]:
+        out = (out[:, None] * r[None, :]).reshape((-1,) + r.shape[1:])
+    return out
+
+
+class _Tile:
+    """One live tile: slices of the inputs and its allowed-tuple mask."""
+
+    def __init__(self, cfg: _Config, idx, q_tiles, qpos_tiles, keys, values, valid):
+        m = len(keys)
+        self.q = q_tiles[idx[0]]  # [rows, H]
+        qpos = qpos_tiles[idx[0]]  # [rows]
+        self.k = [k[idx[j + 1]] for j, k in enumerate(keys)]  # [bk_j, H]
+        self.v = [v[idx[j + 1]] for j, v in enumerate(values)]  # [bk_j, Hv]
+        oks = []
+        for j in range(m):
+            bk = cfg.key_blocks[j]
+            kpos = idx[j + 1] * bk + jnp.arange(bk)
+            ok = jnp.broadcast_to(valid[j][idx[j + 1]][None, :], (qpos.shape[0], bk))
+            if cfg.causal:
+                ok = ok & (kpos[None, :] <= qpos[:, None])
+            if cfg.windows[j] is not None:
+                ok = ok & (kpos[None, :] > qpos[:, None] - cfg.windows[j])
+            oks.append(ok)  # [rows, bk_j]
+        if m > 1:
+            self.k_outer = _outer_product(self.k[:-1])  # [A, H]
+            self.v_outer = _outer_product(self.v[:-1])  # [A, Hv]
+            ok_outer = _outer_product([o.T for o in oks[:-1]])  # [A, rows]
+            self.x = self.k_outer[:, None, :] * self.q[None]  # [A, rows, H]
+        else:
+            self.k_outer = self.v_outer = None
+            ok_outer = jnp.ones((1, qpos.shape[0]), bool)
+            self.x = self.q[None]
+        self.allowed = ok_outer[:, :, None] & oks[-1][None]  # [A, rows, bk]
+
+    def scores(self):
+        a, rows, h = self.x.shape
+        s = _dot(self.x.reshape(a * rows, h), self.k[-1], (1, 1)).reshape(a, rows, -1)
+        return jnp.where(self.allowed, s, -jnp.inf)
+
+    def mix_values(self, p):
+        """`sum_A v_outer[A] * (p[A] @ v_inner)` -> `[rows, Hv]` (float32)."""
+        a, rows, bk = p.shape
+        w = _dot(p.reshape(a * rows, bk).astype(self.v[-1].dtype), self.v[-1], (1, 0))
+        w = w.reshape(a, rows, -1)
+        if self.v_outer is None:
+            return w[0]
+        return jnp.einsum("arv,av->rv", w, self.v_outer.astype(_F32))
+
+
+def _split_heads(q, keys, values, valid, cfg: _Config):
+    """Pads to tile multiples and lays out per-(batch, kv-head) tiles."""
+    b, t, n, h = q.shape
+    kv = keys[0].shape[2]
+    g = n // kv
+    bq = cfg.blocks.block_q
+    nq = cfg.num_q_tiles
+    q = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+    # [B,T,N,H] -> [B,K,nq,G*bq,H]: a tile's rows are (head in group, position).
+    q_tiles = q.reshape(b, nq, bq, kv, g, h).transpose(0, 3, 1, 4, 2, 5)
+    q_tiles = q_tiles.reshape(b, kv, nq, g * bq, h)
+    qpos = jnp.tile(jnp.arange(nq * bq).reshape(nq, 1, bq), (1, g, 1)).reshape(nq, g * bq)
+
+    def tiles(x, bk):
+        s = x.shape[1]
+        nt = -(-s // bk)
+        x = jnp.pad(x, ((0, 0), (0, nt * bk - s)) + ((0, 0),) * (x.ndim - 2))
+        if x.ndim == 2:  # validity [B, S] -> [B, K, nt, bk]
+            return jnp.broadcast_to(x.reshape(b, 1, nt, bk), (b, kv, nt, bk))
+        return x.reshape(b, nt, bk, kv, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+
+    k_t = [tiles(k, bk) for k, bk in zip(keys, cfg.key_blocks)]
+    v_t = [tiles(v, bk) for v, bk in zip(values, cfg.key_blocks)]
+    valid_t = [tiles(m, bk) for m, bk in zip(valid, cfg.key_blocks)]
+    return q_tiles, qpos, k_t, v_t, valid_t
+
+
+def _merge_heads(x_BKnRX, cfg: _Config, n: int):
+    """`[B,K,nq,G*bq,X]` -> `[B,T,N,X]`."""
+    b, kv, nq, rows, x = x_BKnRX.shape
+    bq = cfg.blocks.block_q
+    g = rows // bq
+    out = x_BKnRX.reshape(b, kv, nq, g, bq, x).transpose(0, 2, 4, 1, 3, 5)
+    return out.reshape(b, nq * bq, n, x)[:, : cfg.t]
+
+
+def _forward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid):
+    """Online softmax over the live tiles of one (batch, kv-head)."""
+    nq, rows, _ = q_tiles.shape
+    hv = values[0].shape[-1]
+    live = jnp.asarray(cfg.live_tiles())
+
+    def step(carry, idx):
+        m_all, l_all, acc_all = carry
+        tile = _Tile(cfg, idx, q_tiles, qpos, keys, values, valid)
+        s = tile.scores()  # [A, rows, bk]
+        m_old, l_old, acc_old = m_all[idx[0]], l_all[idx[0]], acc_all[idx[0]]
+        m_new = jnp.maximum(m_old, jnp.max(s, axis=(0, 2)))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[None, :, None])
+        alpha = jnp.exp(m_old - m_safe)
+        l_new = alpha * l_old + jnp.sum(p, axis=(0, 2))
+        acc_new = alpha[:, None] * acc_old + tile.mix_values(p)
+        put = functools.partial(jax.lax.dynamic_update_index_in_dim, index=idx[0], axis=0)
+        return (put(m_all, m_new), put(l_all, l_new), put(acc_all, acc_new)), None
+
+    init = (
+        jnp.full((nq, rows), -jnp.inf, _F32),
+        jnp.zeros((nq, rows), _F32),
+        jnp.zeros((nq, rows, hv), _F32),
+    )
+    (m_all, l_all, acc_all), _ = jax.lax.scan(step, init, live)
+    nonempty = l_all > 0
+    out = acc_all / jnp.where(nonempty, l_all, 1.0)[..., None]
+    lse = jnp.where(nonempty, m_all + jnp.log(jnp.where(nonempty, l_all, 1.0)), 0.0)
+    return out, lse
+
+
+def _backward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid, lse, do_tiles, delta):
+    """Gradients by recomputing each live tile from the saved log-sum-exp (MATH.md 3)."""
+    live = jnp.asarray(cfg.live_tiles())
+
+    def step(carry, idx):
+        dq_all, dk_all, dv_all = carry
+        tile = _Tile(cfg, idx, q_tiles, qpos, keys, values, valid)
+        a, rows, h = tile.x.shape
+        do = do_tiles[idx[0]]  # [rows, Hv]
+        p = jnp.exp(tile.scores() - lse[idx[0]][None, :, None])  # [A, rows, bk]; masked -> 0
+        y = do[None] if tile.v_outer is None else tile.v_outer[:, None, :] * do[None]  # [A,rows,Hv]
+        y = y.astype(tile.v[-1].dtype)
+        dp = _dot(y.reshape(a * rows, -1), tile.v[-1], (1, 1)).reshape(a, rows, -1)
+        ds = p * (dp - delta[idx[0]][None, :, None])
+        p2 = p.reshape(a * rows, -1).astype(tile.v[-1].dtype)
+        ds2 = ds.reshape(a * rows, -1).astype(tile.k[-1].dtype)
+        dv_inner = _dot(p2, y.reshape(a * rows, -1), (0, 0))  # [bk, Hv]
+        dk_inner = _dot(ds2, tile.x.reshape(a * rows, h), (0, 0))  # [bk, H]
+        z = _dot(ds2, tile.k[-1], (1, 0)).reshape(a, rows, h)  # d(x)
+        if tile.k_outer is None:
+            dq = z[0]
+            dk_outer_grads, dv_outer_grads = [], []
+        else:
+            dq = jnp.einsum("arh,ah->rh", z, tile.k_outer.astype(_F32))
+            u = jnp.einsum("arh,rh->ah", z, tile.q.astype(_F32))  # d(k_outer) [A, H]
+            w = _dot(p2, tile.v[-1], (1, 0)).reshape(a, rows, -1)
+            tv = jnp.einsum("arv,rv->av", w, do.astype(_F32))  # d(v_outer) [A, Hv]
+            dk_outer_grads = _outer_factor_grads(u, tile.k[:-1])
+            dv_outer_grads = _outer_factor_grads(tv, tile.v[:-1])
+        qi = idx[0]
+        dq_all = jax.lax.dynamic_update_index_in_dim(dq_all, dq_all[qi] + dq, qi, 0)
+        grads_k = dk_outer_grads + [dk_inner]
+        grads_v = dv_outer_grads + [dv_inner]
+        dk_all = tuple(
+            jax.lax.dynamic_update_index_in_dim(d, d[idx[j + 1]] + g, idx[j + 1], 0)
+            for j, (d, g) in enumerate(zip(dk_all, grads_k))
+        )
+        dv_all = tuple(
+            jax.lax.dynamic_update_index_in_dim(d, d[idx[j + 1]] + g, idx[j + 1], 0)
+            for j, (d, g) in enumerate(zip(dv_all, grads_v))
+        )
+        return (dq_all, dk_all, dv_all), None
+
+    init = (
+        jnp.zeros(q_tiles.shape, _F32),
+        tuple(jnp.zeros(k.shape, _F32) for k in keys),
+        tuple(jnp.zeros(v.shape, _F32) for v in values),
+    )
+    (dq, dk, dv), _ = jax.lax.scan(step, init, live)
+    return dq, dk, dv
+
+
+def _outer_factor_grads(d_prod, factors):
+    """Given the cotangent `[A, X]` of an outer product of `factors[j] [n_j, X]`, returns the
+    cotangent `[n_j, X]` of each factor."""
+    sizes = [f.shape[0] for f in factors]
+    d = d_prod.reshape(*sizes, -1)
+    grads = []
+    for j in range(len(factors)):
+        others = d
+        for jj, f in enumerate(factors):
+            if jj != j:
+                shape = [1] * len(factors) + [f.shape[-1]]
+                shape[jj] = f.shape[0]
+                others = others * f.astype(_F32).reshape(shape)
+        axes = tuple(jj for jj in range(len(factors)) if jj != j)
+        grads.append(others.sum(axis=axes))
+    return grads
+
+
+def _per_head(fn):
+    """vmaps a per-(batch, kv-head) function over both axes."""
+    return jax.vmap(jax.vmap(fn))
+
+
+def _prepare(cfg: _Config, q, keys, values, valid):
+    q_scaled = (q.astype(_F32) * cfg.scale).astype(q.dtype)
+    return _split_heads(q_scaled, keys, values, valid, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked(cfg: _Config, q, keys, values, valid):
+    out, _ = _blocked_fwd(cfg, q, keys, values, valid)
+    return out
+
+
+def _blocked_fwd(cfg: _Config, q, keys, values, valid):
+    q_t, qpos, k_t, v_t, valid_t = _prepare(cfg, q, keys, values, valid)
+    fwd = _per_head(lambda qq, kk, vv, ok: _forward_one_head(cfg, qq, qpos, kk, vv, ok))
+    out_t, lse_t = fwd(q_t, k_t, v_t, valid_t)
+    out = _merge_heads(out_t, cfg, q.shape[2]).astype(q.dtype)
+    return out, (q, keys, values, valid, out, lse_t)
+
+
+def _blocked_bwd(cfg: _Config, res, d_out):
+    q, keys, values, valid, out, lse_t = res
+    n = q.shape[2]
+    q_t, qpos, k_t, v_t, valid_t = _prepare(cfg, q, keys, values, valid)
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    # Lay dO and Delta out like q's tiles.
+    d_out_t, _, _, _, _ = _split_heads(d_out, keys, values, valid, cfg)
+    delta_t = _split_heads(delta, keys, values, valid, cfg)[0][..., 0]
+    bwd = _per_head(
+        lambda qq, kk, vv, ok, ll, dd, de: _backward_one_head(cfg, qq, qpos, kk, vv, ok, ll, dd, de)
+    )
+    dq_t, dk_t, dv_t = bwd(q_t, k_t, v_t, valid_t, lse_t, d_out_t, delta_t)
+    dq = (_merge_heads(dq_t, cfg, n) * cfg.scale).astype(q.dtype)
+
+    def merge_keys(d_BKnbX, like):
+        b, kv, nt, bk, x = d_BKnbX.shape
+        merged = d_BKnbX.transpose(0, 2, 3, 1, 4).reshape(b, nt * bk, kv, x)
+        return merged[:, : like.shape[1]].astype(like.dtype)
+
+    dk = tuple(merge_keys(d, k) for d, k in zip(dk_t, keys))
+    dv = tuple(merge_keys(d, v) for d, v in zip(dv_t, values))
+    return dq, dk, dv, tuple(None for _ in valid)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def attention(q, keys, values, spec: AttentionSpec, *, block_sizes: BlockSizes | None = None):
+    """Exact blocked attention; `block_sizes` defaults to `BlockSizes()` fitted to the call."""
+    if block_sizes is None:
+        block_sizes = BlockSizes()
+    elif not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    t = q.shape[1]
+    lengths = tuple(k.shape[1] for k in keys)
+    cfg = _Config(
+        scale=spec.scale,
+        causal=spec.causal,
+        windows=spec.windows,
+        t=t,
+        lengths=lengths,
+        blocks=block_sizes.fitted(t, lengths, spec.windows),
+    )
+    b = q.shape[0]
+    valid = tuple(
+        jnp.ones((b, s), bool) if mask is None else mask for s, mask in zip(lengths, spec.key_masks)
+    )
+    return _blocked(cfg, q, tuple(keys), tuple(values), valid)
+
+
+def flops(t: int, lengths, heads: int, head_dim: int, value_dim: int | None = None) -> float:
+    """Forward FLOPs without masks: `2·T·prod(S)·N·(H + Hv)` (= `4·T·S1·S2·N·H` at order 3)."""
+    value_dim = head_dim if value_dim is None else value_dim
+    return 2.0 * t * math.prod(lengths) * heads * (head_dim + value_dim)

@@ -1,0 +1,60 @@
+"""Reference tensor attention: materialises every score with einsum (MATH.md section 1).
+
+Readable definition for small sizes and tests: memory is `O(B·N·T·S1·...·Sm)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tensorattn.kernels.validation import AttentionSpec
+
+_KEY_LETTERS = "xyz"  # one letter per key set in the einsum strings
+
+
+def allowed_pairs(spec: AttentionSpec, batch: int, t: int, lengths) -> jax.Array:
+    """Boolean `[B, T, S_1, ..., S_m]` of allowed key tuples (broadcastable, not materialised
+    beyond what the reference needs)."""
+    m = len(lengths)
+    allowed = jnp.ones((batch, t) + (1,) * m, bool)
+    i = jnp.arange(t)
+    for j, (s, window, mask) in enumerate(zip(lengths, spec.windows, spec.key_masks)):
+        shape = [1, 1] + [1] * m
+        shape[2 + j] = s
+        a = jnp.arange(s)
+        ok = jnp.ones((t, s), bool)
+        if spec.causal:
+            ok = a[None, :] <= i[:, None]
+        if window is not None:
+            ok = ok & (a[None, :] > i[:, None] - window)
+        ok = ok.reshape([1, t] + shape[2:])
+        if mask is not None:
+            ok = ok & mask.reshape([batch, 1] + shape[2:])
+        allowed = allowed & ok
+    return allowed
+
+
+def attention(q, keys, values, spec: AttentionSpec):
+    """`q [B,T,N,H]`, `keys[j] [B,S_j,K,H]`, `values[j] [B,S_j,K,Hv]` -> `[B,T,N,Hv]`."""
+    b, t, n, h = q.shape
+    kv = keys[0].shape[2]
+    g = n // kv
+    m = len(keys)
+    letters = _KEY_LETTERS[:m]
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    q_BTKGH = q.astype(f32).reshape(b, t, kv, g, h)
+    operands = [k.astype(f32) for k in keys]
+    key_terms = ",".join(f"b{c}kh" for c in letters)
+    s = jnp.einsum(f"btkgh,{key_terms}->bkgt{letters}", q_BTKGH, *operands) * spec.scale
+    allowed = allowed_pairs(spec, b, t, [k.shape[1] for k in keys])[:, None, None]
+    s = jnp.where(allowed, s, -jnp.inf)
+    axes = tuple(range(4, 4 + m))
+    s_max = jax.lax.stop_gradient(jnp.max(s, axis=axes, keepdims=True))
+    s_max = jnp.where(jnp.isfinite(s_max), s_max, 0.0)
+    p = jnp.exp(s - s_max)
+    denom = jnp.sum(p, axis=axes, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    value_terms = ",".join(f"b{c}kv" for c in letters)
+    out = jnp.einsum(f"bkgt{letters},{value_terms}->btkgv", p, *[v.astype(f32) for v in values])
+    return out.reshape(b, t, n, -1).astype(q.dtype)
