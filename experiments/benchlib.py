@@ -1,0 +1,73 @@
+"""Shared benchmark helpers: timing, compiled memory, the machine's matmul rate, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def time_call(fn, *args, repeats: int = 5) -> tuple[float, float]:
+    """(compile seconds, median run seconds) of a jitted `fn`; warm-up excluded."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times)
+
+
+def temp_bytes(fn, *args) -> int | None:
+    """Compiled temporary memory of `jax.jit(fn)(*args)`, or None where unsupported."""
+    try:
+        analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+        return int(analysis.temp_size_in_bytes)
+    except Exception:  # backends differ in what memory_analysis offers
+        return None
+
+
+def matmul_rate(dtype=jnp.float32, size: int | None = None, repeats: int = 5) -> float:
+    """This machine's measured FLOP/s for a square matmul in `dtype`."""
+    if size is None:
+        size = 2048 if jax.default_backend() == "cpu" else 8192
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
+    _, seconds = time_call(jax.jit(jnp.matmul), a, b, repeats=repeats)
+    return 2.0 * size**3 / seconds
+
+
+def device_description() -> dict:
+    device = jax.devices()[0]
+    return {"platform": device.platform, "device_kind": device.device_kind}
+
+
+def append_jsonl(path: str | None, row: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Prints `rows` as a fixed-width table over `columns`."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
