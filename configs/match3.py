@@ -1,0 +1,31 @@
+"""Match3 (mod M): is x_i part of a triple summing to 0 mod M? (MATH.md section 6)
+
+One standard attention layer of small width cannot solve it; one tensor attention layer can.
+Config string: comma-separated `attention=tensor|standard|polynomial`, `length=16`,
+`modulus=181`, `smoke`. Runnable commands:
+
+    python -m experiments.train --config=configs/match3.py --workdir=/tmp/match3_tensor
+    python -m experiments.train --config=configs/match3.py:attention=standard \
+        --workdir=/tmp/match3_standard
+    python -m experiments.train --config=configs/match3.py:smoke --workdir=/tmp/match3_smoke
+    python -m experiments.train --config=configs/match3.py --workdir=/tmp/m3 \
+        --config.model.num_heads=4 --config.train.num_steps=1000
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    a = common.parse_arg(arg, attention="tensor", length=16, modulus=181, smoke=False)
+    config = common.base_config("match3", {"length": a.length, "modulus": a.modulus}, a.attention)
+    # Fixed Fourier features of x mod M: the sums x_i + x_j + x_k live in frequency space.
+    config.model.embedding = "fourier"
+    config.model.width = 64
+    config.model.num_heads = 2
+    config.model.num_layers = 1
+    config.train.batch_size = 256
+    config.train.num_steps = 6000
+    config.optim.learning_rate = 1e-3
+    if a.smoke:
+        common.apply_smoke(config)
+    return config

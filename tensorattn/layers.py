@@ -1,0 +1,240 @@
+"""Flax (linen) attention layers over the kernels: tensor attention and a standard baseline.
+
+Both layers take `[B, T, D]` inputs and return `[B, T, D_out]`; projections are `DenseGeneral`
+to per-head shapes (`q_BxTxNxH`, `k1_BxSxKxH`, ...), `N % K == 0` grouped heads. The kernel
+does not expose attention probabilities, so dropout applies to the attention output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tensorattn.kernels import api
+
+Array = jax.Array
+
+
+def bound_entries(x: Array, bound: float | None) -> Array:
+    """`bound * tanh(x / bound)`: entries in `(-bound, bound)`, identity near zero."""
+    if bound is None:
+        return x
+    return bound * jnp.tanh(x / bound)
+
+
+class _Projections(nn.Module):
+    """Shared projection helper: `[B,T,D] -> [B,T,heads,dim]`."""
+
+    heads: int
+    dim: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return nn.DenseGeneral(
+            (self.heads, self.dim),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.lecun_normal(),
+            name="dense",
+        )(x)
+
+
+def _heads(num_heads: int, num_kv_heads: int | None, head_dim: int | None, width: int):
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % kv:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={kv}")
+    if head_dim is None:
+        if width % num_heads:
+            raise ValueError(
+                f"input width {width} is not divisible by num_heads={num_heads}; set head_dim"
+            )
+        head_dim = width // num_heads
+    return kv, head_dim
+
+
+def _scaled_queries(module: nn.Module, q: Array, scale: float, learn_scale: bool) -> Array:
+    """Folds the score scale into `q`; a learned scale starts at `scale` (log-parametrised)."""
+    if not learn_scale:
+        return q * jnp.asarray(scale, q.dtype)
+    log_scale = module.param(
+        "log_scale", lambda _, n: jnp.full((n,), math.log(scale), jnp.float32), q.shape[2]
+    )
+    return q * jnp.exp(log_scale).astype(q.dtype)[:, None]
+
+
+class TensorAttention(nn.Module):
+    """Multi-head order-3 tensor attention (MATH.md section 1) with input/output projections.
+
+    Self-attention: `layer(x)`. Cross-attention over two key sequences (e.g. two modalities):
+    `layer(x_q, x_k1, x_k2)`; `x_k2` defaults to `x_k1`, which defaults to `x_q`.
+    `entry_bound` B maps q, k1, k2 through `B tanh(./B)` so every entry is below B, the
+    polynomial method's hypothesis (MATH.md section 4). `implementation` and
+    `attention_options` go to `tensorattn.tensor_attention`. `sequence_axis`: the name of a
+    mesh axis to shard queries over (`tensorattn.sharding`); requires a mesh set with
+    `jax.set_mesh`.
+    """
+
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    value_dim: int | None = None
+    out_features: int | None = None
+    dropout_rate: float = 0.0
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    implementation: str | None = None
+    attention_options: Mapping[str, Any] | None = None
+    entry_bound: float | None = None
+    scale: float | None = None
+    learn_scale: bool = False
+    use_bias: bool = False
+    sequence_axis: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x_q: Array,
+        x_k1: Array | None = None,
+        x_k2: Array | None = None,
+        *,
+        k1_mask: Array | None = None,
+        k2_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        x_k1 = x_q if x_k1 is None else x_k1
+        x_k2 = x_k1 if x_k2 is None else x_k2
+        width = x_q.shape[-1]
+        kv, h = _heads(self.num_heads, self.num_kv_heads, self.head_dim, width)
+        hv = h if self.value_dim is None else self.value_dim
+        proj = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        q_BxTxNxH = _Projections(self.num_heads, h, name="query", **proj)(x_q)
+        k1_BxSxKxH = _Projections(kv, h, name="key1", **proj)(x_k1)
+        k2_BxSxKxH = _Projections(kv, h, name="key2", **proj)(x_k2)
+        v1_BxSxKxV = _Projections(kv, hv, name="value1", **proj)(x_k1)
+        v2_BxSxKxV = _Projections(kv, hv, name="value2", **proj)(x_k2)
+        q_BxTxNxH = bound_entries(q_BxTxNxH, self.entry_bound)
+        k1_BxSxKxH = bound_entries(k1_BxSxKxH, self.entry_bound)
+        k2_BxSxKxH = bound_entries(k2_BxSxKxH, self.entry_bound)
+        scale = 1.0 / math.sqrt(h) if self.scale is None else self.scale
+        q_BxTxNxH = _scaled_queries(self, q_BxTxNxH, scale, self.learn_scale)
+
+        def attend(q, k1, k2, v1, v2, m1, m2):
+            return api.tensor_attention(
+                q,
+                k1,
+                k2,
+                v1,
+                v2,
+                implementation=self.implementation,
+                causal=self.causal,
+                window=self.window,
+                k1_mask=m1,
+                k2_mask=m2,
+                scale=1.0,
+                **dict(self.attention_options or {}),
+            )
+
+        args = (q_BxTxNxH, k1_BxSxKxH, k2_BxSxKxH, v1_BxSxKxV, v2_BxSxKxV, k1_mask, k2_mask)
+        if self.sequence_axis is None:
+            o_BxTxNxV = attend(*args)
+        else:
+            from tensorattn import sharding
+
+            if self.causal or self.window is not None:
+                raise ValueError("sequence_axis does not support causal or window masks")
+            o_BxTxNxV = sharding.shard_queries(attend, self.sequence_axis)(*args)
+        o_BxTxNxV = nn.Dropout(self.dropout_rate)(o_BxTxNxV, deterministic=deterministic)
+        return nn.DenseGeneral(
+            self.out_features or width,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(o_BxTxNxV)
+
+
+class StandardAttention(nn.Module):
+    """Multi-head softmax attention on `jax.nn.dot_product_attention`, for baselines.
+
+    Same fields and call convention as `TensorAttention` with one key sequence:
+    `layer(x_q, x_kv=None, *, kv_mask=None, deterministic=True)`. `window` is `(w, w)` or an
+    int (a causal window of `w` keys, `i-w < j <= i`).
+    """
+
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    out_features: int | None = None
+    dropout_rate: float = 0.0
+    causal: bool = False
+    window: int | tuple[int, int] | None = None
+    scale: float | None = None
+    learn_scale: bool = False
+    entry_bound: float | None = None
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x_q: Array,
+        x_kv: Array | None = None,
+        *,
+        kv_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        x_kv = x_q if x_kv is None else x_kv
+        width = x_q.shape[-1]
+        kv, h = _heads(self.num_heads, self.num_kv_heads, self.head_dim, width)
+        proj = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        q_BxTxNxH = _Projections(self.num_heads, h, name="query", **proj)(x_q)
+        k_BxSxKxH = _Projections(kv, h, name="key", **proj)(x_kv)
+        v_BxSxKxH = _Projections(kv, h, name="value", **proj)(x_kv)
+        q_BxTxNxH = bound_entries(q_BxTxNxH, self.entry_bound)
+        k_BxSxKxH = bound_entries(k_BxSxKxH, self.entry_bound)
+        scale = 1.0 / math.sqrt(h) if self.scale is None else self.scale
+        q_BxTxNxH = _scaled_queries(self, q_BxTxNxH, scale, self.learn_scale)
+        window = self.window
+        if window is not None:
+            w = window if isinstance(window, int) else window[0]
+            if not self.causal:
+                raise ValueError("window requires causal=True")
+            window = (w - 1, 0)
+        mask = None
+        if kv_mask is not None:
+            mask = kv_mask[:, None, None, :].astype(bool)
+        o_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH,
+            k_BxSxKxH,
+            v_BxSxKxH,
+            mask=mask,
+            scale=1.0,
+            is_causal=self.causal,
+            local_window_size=window,
+        )
+        if kv_mask is not None:
+            # A query with no valid key outputs zeros, as in the tensor kernels.
+            any_valid_B = jnp.any(kv_mask, axis=-1)
+            o_BxTxNxH = jnp.where(any_valid_B[:, None, None, None], o_BxTxNxH, 0)
+        o_BxTxNxH = nn.Dropout(self.dropout_rate)(o_BxTxNxH, deterministic=deterministic)
+        return nn.DenseGeneral(
+            self.out_features or width,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(o_BxTxNxH)

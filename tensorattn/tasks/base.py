@@ -1,0 +1,54 @@
+"""The task interface, a fixed held-out evaluation set and the majority-class baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+
+class Task(Protocol):
+    """A synthetic task: `sample` returns `(inputs [B,T] int32, labels, mask)`.
+
+    `labels` is int32 `[B,T]` (`label_kind == "token"`) or `[B]` (`"sequence"`); `mask` is a
+    boolean array of the labels' shape marking entries that carry a label.
+    """
+
+    name: str
+    length: int
+    vocab_size: int
+    num_classes: int
+    label_kind: str
+
+    def sample(
+        self, rng: np.random.Generator, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    inputs: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+
+
+def train_batch(task: Task, seed: int, step: int, batch_size: int) -> Batch:
+    """The training batch of `step`: a pure function of `(seed, step)`, so resuming is exact."""
+    return Batch(*task.sample(np.random.default_rng([seed, 0, step]), batch_size))
+
+
+def eval_set(task: Task, seed: int, size: int) -> Batch:
+    """The fixed held-out set: drawn from a stream disjoint from every training batch's."""
+    return Batch(*task.sample(np.random.default_rng([seed, 1]), size))
+
+
+def majority_baseline(labels: np.ndarray, mask: np.ndarray, num_classes: int) -> float:
+    """Accuracy of always predicting the most frequent class among the labelled entries."""
+    counts = np.bincount(labels[mask].ravel(), minlength=num_classes)
+    return float(counts.max() / max(counts.sum(), 1))
+
+
+def positive_rate(task: Task, seed: int = 0, size: int = 512) -> float:
+    x, y, m = task.sample(np.random.default_rng([seed, 2]), size)
+    return float(y[m].mean())

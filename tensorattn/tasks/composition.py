@@ -1,0 +1,151 @@
+"""Composition tasks, MATH.md section 6: function, relation and quotient-relation composition.
+
+- `function_composition`: tokens `[f(0) .. f(n-1), x, y]` (values in `[0, n)`); one label per
+  sequence: does `f(f(x)) = y`? Half the sequences are positive by construction.
+- `relation_composition`: an `m x m` 0/1 grid `R` (row-major); per cell `(i, j)`: is there `k`
+  with `R(i,k) and R(k,j)`? The density is chosen so about half the cells are positive.
+- `quotient_relation_composition`: the grid, then colours `col(0..m-1)` as tokens `2 + col`;
+  per grid cell: are there `k1 != k2` with `col(k1) = col(k2)`, `R(i,k1)` and `R(k2,j)`?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionComposition:
+    size: int = 16
+    label_kind: str = "sequence"
+    num_classes: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 2:
+            raise ValueError(f"size must be an int >= 2, got {self.size!r}")
+
+    name = "function_composition"
+
+    @property
+    def length(self) -> int:
+        return self.size + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.size
+
+    def sample(self, rng: np.random.Generator, batch_size: int):
+        n = self.size
+        f_BxN = rng.integers(0, n, (batch_size, n), dtype=np.int32)
+        x_B = rng.integers(0, n, batch_size, dtype=np.int32)
+        rows = np.arange(batch_size)
+        ffx_B = f_BxN[rows, f_BxN[rows, x_B]]
+        positive_B = rng.random(batch_size) < 0.5
+        # A uniformly random wrong answer: shift by 1..n-1.
+        wrong_B = (ffx_B + rng.integers(1, n, batch_size)) % n
+        y_B = np.where(positive_B, ffx_B, wrong_B).astype(np.int32)
+        inputs = np.concatenate([f_BxN, x_B[:, None], y_B[:, None]], axis=1)
+        labels = (f_BxN[rows, f_BxN[rows, x_B]] == y_B).astype(np.int32)
+        return inputs, labels, np.ones(batch_size, bool)
+
+
+def _half_density(pairs: float) -> float:
+    """Density p with P(some of `pairs` independent pairs has both bits set) = 1/2."""
+    return float(np.sqrt(1.0 - 0.5 ** (1.0 / pairs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RelationComposition:
+    size: int = 6
+    density: float | None = None
+    label_kind: str = "token"
+    num_classes: int = 2
+
+    name = "relation_composition"
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 2:
+            raise ValueError(f"size must be an int >= 2, got {self.size!r}")
+        if self.density is None:
+            object.__setattr__(self, "density", _half_density(self.size))
+        if not 0.0 < self.density < 1.0:
+            raise ValueError(f"density must be in (0, 1), got {self.density}")
+
+    @property
+    def length(self) -> int:
+        return self.size * self.size
+
+    @property
+    def vocab_size(self) -> int:
+        return 2
+
+    def _relation(self, rng, batch_size):
+        m = self.size
+        return rng.random((batch_size, m, m)) < self.density
+
+    def sample(self, rng: np.random.Generator, batch_size: int):
+        r_BxMxM = self._relation(rng, batch_size)
+        ri = r_BxMxM.astype(np.int32)
+        y_BxMxM = (ri @ ri) > 0
+        b = batch_size
+        return (
+            ri.reshape(b, -1),
+            y_BxMxM.reshape(b, -1).astype(np.int32),
+            np.ones((b, self.length), bool),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuotientRelationComposition:
+    size: int = 6
+    density: float | None = None
+    label_kind: str = "token"
+    num_classes: int = 2
+
+    name = "quotient_relation_composition"
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 2:
+            raise ValueError(f"size must be an int >= 2, got {self.size!r}")
+        if self.density is None:
+            # About (m - 1) ordered pairs k1 != k2 share a colour under uniform colouring.
+            object.__setattr__(self, "density", _half_density(max(self.size - 1, 1)))
+        if not 0.0 < self.density < 1.0:
+            raise ValueError(f"density must be in (0, 1), got {self.density}")
+
+    @property
+    def length(self) -> int:
+        return self.size * self.size + self.size
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 + self.size
+
+    def sample(self, rng: np.random.Generator, batch_size: int):
+        m, b = self.size, batch_size
+        r_BxMxM = (rng.random((b, m, m)) < self.density).astype(np.int32)
+        col_BxM = rng.integers(0, m, (b, m), dtype=np.int32)
+        same_BxMxM = (col_BxM[:, :, None] == col_BxM[:, None, :]) & ~np.eye(m, dtype=bool)
+        # y[i,j] = sum_{k1,k2} R[i,k1] S[k1,k2] R[k2,j] > 0.
+        y_BxMxM = (r_BxMxM @ same_BxMxM.astype(np.int32) @ r_BxMxM) > 0
+        inputs = np.concatenate([r_BxMxM.reshape(b, -1), 2 + col_BxM], axis=1)
+        labels = np.concatenate(
+            [y_BxMxM.reshape(b, -1).astype(np.int32), np.zeros((b, m), np.int32)], axis=1
+        )
+        mask = np.concatenate([np.ones((b, m * m), bool), np.zeros((b, m), bool)], axis=1)
+        return inputs, labels, mask
+
+
+def function_composition(size: int = 16) -> FunctionComposition:
+    return FunctionComposition(size=size)
+
+
+def relation_composition(size: int = 6, density: float | None = None) -> RelationComposition:
+    return RelationComposition(size=size, density=density)
+
+
+def quotient_relation_composition(
+    size: int = 6, density: float | None = None
+) -> QuotientRelationComposition:
+    return QuotientRelationComposition(size=size, density=density)

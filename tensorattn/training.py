@@ -1,0 +1,527 @@
+"""`train_and_evaluate(options, workdir)`: the training loop, evaluation, metrics, checkpoints.
+
+Typed options (`Options`) come from a plain nested dict via `options_from_dict`, which is where
+a config file's ConfigDict (converted with `.to_dict()`) enters the library. The loop writes
+`DIR/config.json`, `DIR/metrics.jsonl` (one JSON object per line, each with "step"),
+TensorBoard events under `DIR/tensorboard` and orbax checkpoints under `DIR/checkpoints`, and
+resumes from the newest checkpoint. Training batch `s` is a pure function of `(seed, s)`, so a
+resumed run sees the same data and the same seed gives the same metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from tensorattn import models, sharding, tasks
+from tensorattn.checkpoints import Checkpoints
+
+log = logging.getLogger(__name__)
+
+ATTENTION = ("tensor", "standard", "polynomial")
+
+
+class ConfigError(ValueError):
+    """A bad option; the message starts with the dotted field name."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    # Registered task name (`tensorattn.tasks.names()`).
+    name: str
+    # Keyword arguments of the task constructor.
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimOptions:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    # Final learning rate as a fraction of the peak (cosine decay).
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.98
+    # Global gradient-norm clip (0: none).
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    seed: int = 0
+    batch_size: int = 64
+    num_steps: int = 1000
+    log_every: int = 100
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_size: int = 1024
+    eval_batch_size: int = 256
+    eval_seed: int = 1234
+    # Devices along the mesh's `seq` axis (queries of tensor attention sharded over them).
+    sequence_shards: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    task: TaskOptions
+    model: models.ModelOptions
+    optim: OptimOptions
+    train: TrainOptions
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, section: str, values: Mapping[str, Any], **extra):
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{section}.{key}: unknown field; known: {sorted(names)}")
+    return cls(**dict(values), **extra)
+
+
+def _attention_kinds(attention: str, num_layers: int, tensor_every: int) -> tuple[str, ...]:
+    if attention == "standard":
+        return ("standard",) * num_layers
+    # Layer i is a tensor layer iff (i + 1) % tensor_every == 0: tensor_every=1 means all.
+    return tuple(
+        "tensor" if (i + 1) % tensor_every == 0 else "standard" for i in range(num_layers)
+    )
+
+
+def options_from_dict(config: Mapping[str, Any]) -> Options:
+    """Typed `Options` from a nested dict with sections task, model, optim, train.
+
+    `model.attention` ("tensor", "standard", "polynomial") and `model.tensor_every` become
+    per-layer attention kinds; vocabulary, classes, head and length come from the task.
+    Raises ConfigError naming the field.
+    """
+    config = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    for key in config:
+        if key not in ("task", "model", "optim", "train"):
+            raise ConfigError(f"{key}: unknown section; expected task, model, optim, train")
+    task_cfg = dict(config.get("task", {}))
+    if "name" not in task_cfg:
+        raise ConfigError("task.name: required")
+    task_options = TaskOptions(
+        name=task_cfg.pop("name"), kwargs=dict(task_cfg.pop("kwargs", {}) or {})
+    )
+    if task_cfg:
+        raise ConfigError(f"task.{next(iter(task_cfg))}: unknown field; known: name, kwargs")
+    try:
+        task = tasks.make(task_options.name, **task_options.kwargs)
+    except ValueError as e:
+        field = "task.name" if task_options.name not in tasks.REGISTRY else "task.kwargs"
+        raise ConfigError(f"{field}: {e}") from e
+
+    model_cfg = dict(config.get("model", {}))
+    attention = model_cfg.pop("attention", "tensor")
+    tensor_every = model_cfg.pop("tensor_every", 1)
+    if attention not in ATTENTION:
+        raise ConfigError(f"model.attention: unknown attention {attention!r}; choose {ATTENTION}")
+    if not isinstance(tensor_every, int) or tensor_every < 1:
+        raise ConfigError(f"model.tensor_every: must be a positive int, got {tensor_every!r}")
+    if attention == "polynomial":
+        if model_cfg.get("implementation") not in (None, "polynomial"):
+            raise ConfigError(
+                "model.implementation: attention=polynomial needs implementation=polynomial"
+            )
+        model_cfg["implementation"] = "polynomial"
+    num_layers = model_cfg.get("num_layers", 1)
+    model_cfg["attention_kinds"] = _attention_kinds(attention, num_layers, tensor_every)
+    model_cfg["attention_options"] = dict(model_cfg.get("attention_options") or {})
+    if model_cfg.get("window") is not None:
+        model_cfg["window"] = tuple(model_cfg["window"])
+    train_cfg = dict(config.get("train", {}))
+    if train_cfg.get("sequence_shards", 1) > 1:
+        model_cfg["sequence_axis"] = sharding.SEQ_AXIS
+    for key in ("vocab_size", "num_classes", "head", "max_len"):
+        if key in model_cfg:
+            raise ConfigError(f"model.{key}: set by the task, not configurable")
+    try:
+        model = _build(
+            models.ModelOptions,
+            "model",
+            model_cfg,
+            vocab_size=task.vocab_size,
+            num_classes=task.num_classes,
+            head=task.label_kind,
+            max_len=task.length,
+        )
+        optim = _build(OptimOptions, "optim", config.get("optim", {}))
+        train = _build(TrainOptions, "train", train_cfg)
+    except TypeError as e:
+        raise ConfigError(f"config: {e}") from e
+    return Options(task=task_options, model=model, optim=optim, train=train)
+
+
+def validate(options: Options, num_devices: int | None = None) -> None:
+    """Checks every option before anything expensive; raises ConfigError naming the field."""
+    try:
+        models.validate(options.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    o, t = options.optim, options.train
+    if not o.learning_rate > 0:
+        raise ConfigError(f"optim.learning_rate: must be positive, got {o.learning_rate}")
+    for name in ("warmup_steps",):
+        if getattr(o, name) < 0:
+            raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(o, name)}")
+    if not 0 <= o.end_lr_fraction <= 1:
+        raise ConfigError(f"optim.end_lr_fraction: must be in [0, 1], got {o.end_lr_fraction}")
+    if o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.weight_decay / optim.grad_clip: must be >= 0")
+    for name in (
+        "batch_size",
+        "num_steps",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_size",
+        "eval_batch_size",
+        "sequence_shards",
+    ):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train.{name}: must be a positive int, got {value!r}")
+    if t.eval_size % t.eval_batch_size:
+        raise ConfigError(
+            f"train.eval_size: {t.eval_size} is not a multiple of eval_batch_size "
+            f"{t.eval_batch_size}"
+        )
+    devices = jax.device_count() if num_devices is None else num_devices
+    if devices % t.sequence_shards:
+        raise ConfigError(
+            f"train.sequence_shards: {t.sequence_shards} does not divide {devices} devices"
+        )
+    data = devices // t.sequence_shards
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(t, name) % data:
+            raise ConfigError(
+                f"train.{name}: {getattr(t, name)} is not divisible by the {data} data-parallel "
+                "devices"
+            )
+    if t.sequence_shards > 1:
+        length = tasks.make(options.task.name, **options.task.kwargs).length
+        if length % t.sequence_shards:
+            raise ConfigError(
+                f"train.sequence_shards: sequence length {length} is not divisible by "
+                f"{t.sequence_shards}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, steps
+
+
+def make_optimizer(o: OptimOptions, num_steps: int) -> optax.GradientTransformation:
+    """AdamW, linear warm-up then cosine decay; no weight decay on biases, norms, scales."""
+    warmup = min(o.warmup_steps, max(num_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        o.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1),
+        end_value=o.learning_rate * o.end_lr_fraction,
+    )
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+    if o.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
+    return adamw
+
+
+def learning_rate_at(o: OptimOptions, num_steps: int, step: int) -> float:
+    warmup = min(o.warmup_steps, max(num_steps - 1, 0))
+    return float(
+        optax.warmup_cosine_decay_schedule(
+            0.0,
+            o.learning_rate,
+            warmup_steps=warmup,
+            decay_steps=max(num_steps, warmup + 1),
+            end_value=o.learning_rate * o.end_lr_fraction,
+        )(step)
+    )
+
+
+def masked_metrics(logits, labels, mask) -> dict[str, jax.Array]:
+    """Mean cross-entropy and accuracy over the entries where `mask` is True."""
+    w = mask.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    count = jnp.maximum(w.sum(), 1.0)
+    return {"loss": (ce * w).sum() / count, "accuracy": (correct * w).sum() / count}
+
+
+def create_state(options: Options, seed: int) -> train_state.TrainState:
+    model = models.Classifier(options.model)
+    task = tasks.make(options.task.name, **options.task.kwargs)
+    dummy = jnp.zeros((1, task.length), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(seed), dummy)["params"]
+    tx = make_optimizer(options.optim, options.train.num_steps)
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def make_train_step(seed: int):
+    def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
+        dropout_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+
+        def loss_fn(params):
+            logits = state.apply_fn(
+                {"params": params},
+                batch["inputs"],
+                deterministic=False,
+                rngs={"dropout": dropout_key},
+            )
+            metrics = masked_metrics(logits, batch["labels"], batch["mask"])
+            return metrics["loss"], metrics
+
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads=grads), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+@jax.jit
+def _eval_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
+    logits = state.apply_fn({"params": state.params}, batch["inputs"], deterministic=True)
+    w = batch["mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    return {"loss_sum": (ce * w).sum(), "correct": (correct * w).sum(), "count": w.sum()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data placement
+
+
+def _to_global(batch: tasks.Batch, data_sharding) -> dict[str, jax.Array]:
+    """Every process draws the global batch; each places its own slice (multi-host ready)."""
+    n, pid = jax.process_count(), jax.process_index()
+
+    def place(x: np.ndarray):
+        local = x.shape[0] // n
+        return jax.make_array_from_process_local_data(
+            data_sharding, x[pid * local : (pid + 1) * local], x.shape
+        )
+
+    return {"inputs": place(batch.inputs), "labels": place(batch.labels), "mask": place(batch.mask)}
+
+
+def evaluate(state, eval_data: tasks.Batch, batch_size: int, data_sharding) -> dict[str, float]:
+    total = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for start in range(0, eval_data.inputs.shape[0], batch_size):
+        part = tasks.Batch(*(x[start : start + batch_size] for x in dataclasses.astuple(eval_data)))
+        out = jax.device_get(_eval_step(state, _to_global(part, data_sharding)))
+        for k in total:
+            total[k] += float(out[k])
+    return {
+        "eval/loss": total["loss_sum"] / max(total["count"], 1.0),
+        "eval/accuracy": total["correct"] / max(total["count"], 1.0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics files
+
+
+class MetricsWriter:
+    """`metrics.jsonl` plus TensorBoard events; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not self.enabled:
+            return
+        # Drop records past the checkpoint we resume from: they will be written again.
+        if os.path.exists(self.path):
+            kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) in `workdir`; returns the final evaluation metrics.
+
+    Raises ConfigError for bad options (before any compilation) and NonFiniteLossError when
+    the loss or gradient norm becomes NaN/inf (the last good checkpoint is kept).
+    """
+    if not isinstance(options, Options):
+        options = options_from_dict(options)
+    validate(options)
+    t = options.train
+    task = tasks.make(options.task.name, **options.task.kwargs)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        _write_config(options, workdir)
+
+    mesh = sharding.make_mesh(t.sequence_shards)
+    data_sharding = sharding.batch_sharded(mesh)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    if latest is not None and latest >= t.num_steps:
+        log.info("run in %s is complete (step %d of %d); nothing to train", workdir, latest, t.num_steps)
+        checkpoints.close()
+        evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
+        return {**(evals[-1] if evals else {"step": latest}), "complete": True}
+
+    with jax.set_mesh(mesh):
+        state = create_state(options, t.seed)
+        state = jax.device_put(state, sharding.replicated(mesh))
+        num_params = models.count_params(state.params)
+        start = 0
+        if latest is not None:
+            state = checkpoints.restore(latest, state)
+            start = int(state.step)
+            log.info("resuming from checkpoint step %d in %s", start, workdir)
+        writer = MetricsWriter(workdir, start)
+        eval_data = tasks.eval_set(task, t.eval_seed, t.eval_size)
+        majority = tasks.majority_baseline(eval_data.labels, eval_data.mask, task.num_classes)
+        log.info(
+            "task %s (length %d, vocab %d), model %s: %d parameters, %d devices (mesh %s)",
+            task.name,
+            task.length,
+            task.vocab_size,
+            options.model.attention_kinds,
+            num_params,
+            jax.device_count(),
+            dict(mesh.shape),
+        )
+        if start == 0:
+            writer.write(0, {"num_params": num_params, "eval/majority": majority})
+        train_step = make_train_step(t.seed)
+
+        def run_eval(step):
+            metrics = {**evaluate(state, eval_data, t.eval_batch_size, data_sharding)}
+            metrics["eval/majority"] = majority
+            writer.write(step, metrics)
+            log.info(
+                "eval step %d: loss %.4f accuracy %.4f (majority %.4f)",
+                step,
+                metrics["eval/loss"],
+                metrics["eval/accuracy"],
+                majority,
+            )
+            return {"step": step, **metrics}
+
+        pending: list[tuple[int, dict]] = []
+        last_good = latest
+
+        def check_pending():
+            nonlocal pending
+            for step, m in jax.device_get(pending):
+                if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+                    raise NonFiniteLossError(
+                        f"non-finite loss {float(m['loss'])} / grad norm "
+                        f"{float(m['grad_norm'])} at step {step}; stopping. The last good "
+                        f"checkpoint is step {last_good} in {checkpoints.directory}"
+                    )
+            done, pending = pending, []
+            return done
+
+        final = None
+        t0, s0 = time.time(), start
+        try:
+            for step in range(start + 1, t.num_steps + 1):
+                batch = _to_global(tasks.train_batch(task, t.seed, step, t.batch_size), data_sharding)
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+                is_last = step == t.num_steps
+                if step % t.log_every == 0 or is_last:
+                    done = check_pending()
+                    mean = {
+                        f"train/{k}": float(np.mean([float(m[k]) for _, m in done]))
+                        for k in ("loss", "accuracy", "grad_norm")
+                    }
+                    rate = (step - s0) / max(time.time() - t0, 1e-9)
+                    mean["train/learning_rate"] = learning_rate_at(options.optim, t.num_steps, step)
+                    mean["steps_per_sec"] = rate
+                    writer.write(step, mean)
+                    log.info(
+                        "step %d/%d | loss %.4f acc %.4f | %.1f steps/s | ETA %s",
+                        step,
+                        t.num_steps,
+                        mean["train/loss"],
+                        mean["train/accuracy"],
+                        rate,
+                        _fmt_time((t.num_steps - step) / max(rate, 1e-9)),
+                    )
+                if step % t.eval_every == 0 or is_last:
+                    final = run_eval(step)
+                if step % t.checkpoint_every == 0 or is_last:
+                    check_pending()
+                    checkpoints.save(step, state)
+                    last_good = step
+        finally:
+            checkpoints.close()
+            writer.close()
+    return final
+
+
+def _write_config(options: Options, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    new = options.to_dict()
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if json.loads(json.dumps(new)) != old:
+            log.warning("config differs from the one saved in %s; overwriting", path)
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2, sort_keys=True, default=str)
