@@ -1,0 +1,713 @@
+"""Exact order-3 tensor attention as Pallas kernels, forward and backward (MATH.md 1-3).
+
+One program owns a tile of `R = G·block_q` rows: the `G` query heads of a key/value group
+times `block_q` query positions. For each tile of second keys `b` and each first key `a` it
+forms `x = q_tile ∘ k1[a]`, takes one matrix product `x @ k2_tile^T` and updates an online
+softmax; the values enter as `acc += v1[a] ∘ (p @ v2_tile)`. Causal and window masks shrink
+the loop bounds (whole tiles and first keys are skipped); key padding masks and lengths that
+are not tile multiples are handled by a per-key validity vector. Scores are kept in base 2
+(`tau·log2 e` is folded into `q`), and the forward saves the base-2 log-sum-exp.
+
+Backward (no atomics): three kernels recompute scores from the log-sum-exp, each owning one
+output: dQ (grid over query tiles), dK1/dV1 (grid over first-key tiles) and dK2/dV2 (grid
+over second-key tiles).
+
+The kernels use only portable Pallas (`pallas_call`, block specs, `jnp` ops, `dot_general`):
+on GPU they lower through Pallas' Triton backend, on TPU through Mosaic, and with
+`interpret=True` (or `TENSORATTN_PALLAS_INTERPRET=1`) they run anywhere in interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from tensorattn.kernels.validation import AttentionSpec
+
+_F32 = jnp.float32
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBlockSizes:
+    """Tile sizes and launch settings of the Pallas kernels.
+
+    block_rows: target rows per tile, `G·block_q` (query heads of a group times positions).
+    block_q: query positions per tile; None derives it from `block_rows // G`.
+    block_k1: first-key positions per program of the dK1/dV1 backward kernel.
+    block_k2: second-key positions per tile: the columns of each score product.
+    num_warps, num_stages: GPU (Triton) launch settings; None picks from the tile size.
+    """
+
+    block_rows: int = 128
+    block_q: int | None = None
+    block_k1: int = 16
+    block_k2: int = 64
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None and field.name in ("block_q", "num_warps"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"PallasBlockSizes.{field.name} must be a positive int, got {value!r}"
+                )
+
+    def resolve(self, t: int, group: int, s2: int) -> tuple[int, int, int]:
+        """(block_q, block_k1, block_k2) for `t` queries, `group` heads, `s2` second keys."""
+        bq = self.block_q or max(1, self.block_rows // group)
+        bq = min(bq, _next_pow2(t))
+        bk2 = min(self.block_k2, max(16, _next_pow2(s2)))
+        return bq, self.block_k1, bk2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static (hashable) description of one call."""
+
+    scale: float
+    causal: bool
+    w1: int | None
+    w2: int | None
+    t: int
+    s1: int
+    s2: int
+    heads: int
+    kv_heads: int
+    bq: int
+    bk1: int
+    bk2: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def rows(self) -> int:
+        return self.group * self.bq
+
+    @property
+    def nq(self) -> int:
+        return -(-self.t // self.bq)
+
+    @property
+    def n1(self) -> int:
+        return -(-self.s1 // self.bk1)
+
+    @property
+    def n2(self) -> int:
+        return -(-self.s2 // self.bk2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop bounds and masks (traced inside the kernels; all bounds are int32 scalars).
+
+
+def _cdiv(a, b: int):
+    return (a + (b - 1)) // b
+
+
+def _k2_tiles(cfg: _Config, p0, p1):
+    """Second-key tiles `[lo, hi)` that can hold an allowed key for positions `p0..p1`."""
+    lo, hi = jnp.int32(0), jnp.int32(cfg.n2)
+    if cfg.causal:
+        hi = jnp.minimum(hi, p1 // cfg.bk2 + 1)
+    if cfg.w2 is not None:
+        lo = jnp.maximum(lo, (p0 - cfg.w2 + 1) // cfg.bk2)
+    return lo, hi
+
+
+def _k1_keys(cfg: _Config, p0, p1):
+    """First keys `[lo, hi)` that can be allowed for positions `p0..p1`."""
+    lo, hi = jnp.int32(0), jnp.int32(cfg.s1)
+    if cfg.causal:
+        hi = jnp.minimum(hi, p1 + 1)
+    if cfg.w1 is not None:
+        lo = jnp.maximum(lo, p0 - cfg.w1 + 1)
+    return lo, hi
+
+
+def _q_tiles(cfg: _Config, k0, k1, window):
+    """Query tiles `[lo, hi)` whose positions can see a key in `k0..k1` (`window` of that set)."""
+    lo, hi = jnp.int32(0), jnp.int32(cfg.nq)
+    if cfg.causal:
+        lo = jnp.maximum(lo, k0 // cfg.bq)
+    if window is not None:
+        hi = jnp.minimum(hi, (k1 + window - 1) // cfg.bq + 1)
+    return lo, hi
+
+
+def _positions(cfg: _Config, qi):
+    """`[R, 1]` query position of each row (rows are (head in group, position))."""
+    r = lax.broadcasted_iota(jnp.int32, (cfg.rows, 1), 0)
+    return qi * cfg.bq + r % cfg.bq
+
+
+def _col_ok(cfg: _Config, valid2, pos, b0):
+    """`[R, bk2]` allowed second keys `b0..b0+bk2` for rows at `pos`."""
+    b = b0 + lax.broadcasted_iota(jnp.int32, (1, cfg.bk2), 1)
+    ok = valid2 > 0  # [1, bk2]
+    if cfg.causal:
+        ok = ok & (b <= pos)
+    else:
+        ok = jnp.broadcast_to(ok, (cfg.rows, cfg.bk2))
+    if cfg.w2 is not None:
+        ok = ok & (b > pos - cfg.w2)
+    return ok
+
+
+def _row_ok(cfg: _Config, valid1, pos, a):
+    """`[R, 1]` whether first key `a` is allowed for rows at `pos`."""
+    ok = jnp.broadcast_to(valid1 > 0, (cfg.rows, 1))
+    if cfg.causal:
+        ok = ok & (a <= pos)
+    if cfg.w1 is not None:
+        ok = ok & (a > pos - cfg.w1)
+    return ok
+
+
+def _dot(a, b, contract):
+    """`dot_general` with float32 accumulation; `contract` = (a_axis, b_axis)."""
+    precision = lax.Precision.HIGHEST if a.dtype == _F32 else None
+    return lax.dot_general(
+        a,
+        b,
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=precision,
+        preferred_element_type=_F32,
+    )
+
+
+def _scores(cfg: _Config, q, k1a, k2, ok):
+    """Masked base-2 scores `[R, bk2]` and the product `x = q ∘ k1[a]`."""
+    x = (q * k1a).astype(k2.dtype)
+    s = _dot(x, k2, (1, 1))
+    return jnp.where(ok, s, -jnp.inf), x
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Refs: q/o/do [R, X] (one tile), lse/delta [R, 1]; k*/v* [S, X] (whole key set of
+# this (batch, kv-head)) or [bk, X] (one tile); valid* [1, S] int32 (padding is invalid).
+
+
+def _fwd_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, o_ref, l_ref):
+    qi = pl.program_id(1)
+    q = q_ref[...]
+    pos = _positions(cfg, qi)
+    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
+    j_lo, j_hi = _k2_tiles(cfg, p0, p1)
+    a_lo, a_hi = _k1_keys(cfg, p0, p1)
+
+    def j_step(j, carry):
+        b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
+        k2 = k2_ref[pl.ds(b0, cfg.bk2), :]
+        v2 = v2_ref[pl.ds(b0, cfg.bk2), :]
+        col_ok = _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
+
+        def a_step(a, carry):
+            m, denom, acc = carry
+            k1a = k1_ref[pl.ds(a, 1), :]
+            v1a = v1_ref[pl.ds(a, 1), :].astype(_F32)
+            ok = col_ok & _row_ok(cfg, m1_ref[:, pl.ds(a, 1)], pos, a)
+            s, _ = _scores(cfg, q, k1a, k2, ok)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp2(s - m_safe)
+            alpha = jnp.exp2(m - m_safe)
+            denom = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
+            w = _dot(p.astype(v2.dtype), v2, (1, 0))
+            return m_new, denom, alpha * acc + w * v1a
+
+        return lax.fori_loop(a_lo, a_hi, a_step, carry)
+
+    hv = o_ref.shape[-1]
+    init = (
+        jnp.full((cfg.rows, 1), -jnp.inf, _F32),
+        jnp.zeros((cfg.rows, 1), _F32),
+        jnp.zeros((cfg.rows, hv), _F32),
+    )
+    m, denom, acc = lax.fori_loop(j_lo, j_hi, j_step, init)
+    nonempty = denom > 0
+    l_safe = jnp.where(nonempty, denom, 1.0)
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+    l_ref[...] = jnp.where(nonempty, m + jnp.log2(l_safe), 0.0)
+
+
+def _dq_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
+               l_ref, d_ref, dq_ref):  # fmt: skip
+    qi = pl.program_id(1)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = l_ref[...], d_ref[...]
+    pos = _positions(cfg, qi)
+    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
+    j_lo, j_hi = _k2_tiles(cfg, p0, p1)
+    a_lo, a_hi = _k1_keys(cfg, p0, p1)
+
+    def j_step(j, dq):
+        b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
+        k2 = k2_ref[pl.ds(b0, cfg.bk2), :]
+        v2 = v2_ref[pl.ds(b0, cfg.bk2), :]
+        col_ok = _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
+
+        def a_step(a, dq):
+            k1a = k1_ref[pl.ds(a, 1), :]
+            v1a = v1_ref[pl.ds(a, 1), :]
+            ok = col_ok & _row_ok(cfg, m1_ref[:, pl.ds(a, 1)], pos, a)
+            s, _ = _scores(cfg, q, k1a, k2, ok)
+            p = jnp.exp2(s - lse)
+            dp = _dot((do * v1a).astype(v2.dtype), v2, (1, 1))
+            ds = p * (dp - delta)
+            z = _dot(ds.astype(k2.dtype), k2, (1, 0))
+            return dq + z * k1a.astype(_F32)
+
+        return lax.fori_loop(a_lo, a_hi, a_step, dq)
+
+    dq = lax.fori_loop(j_lo, j_hi, j_step, jnp.zeros(q_ref.shape, _F32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
+                 l_ref, d_ref, dk1_ref, dv1_ref):  # fmt: skip
+    ai = pl.program_id(1)
+    rows = cfg.rows
+    dk1_ref[...] = jnp.zeros(dk1_ref.shape, dk1_ref.dtype)
+    dv1_ref[...] = jnp.zeros(dv1_ref.shape, dv1_ref.dtype)
+
+    def a_step(a_local, _):
+        a = ai * cfg.bk1 + a_local
+        k1a = k1_ref[pl.ds(a_local, 1), :]
+        v1a = v1_ref[pl.ds(a_local, 1), :]
+        valid1 = m1_ref[:, pl.ds(a_local, 1)]
+        qi_lo, qi_hi = _q_tiles(cfg, a, a, cfg.w1)
+
+        def q_step(qi, carry):
+            r0 = pl.multiple_of(qi * rows, rows)
+            q = q_ref[pl.ds(r0, rows), :]
+            do = do_ref[pl.ds(r0, rows), :]
+            lse = l_ref[pl.ds(r0, rows), :]
+            delta = d_ref[pl.ds(r0, rows), :]
+            pos = _positions(cfg, qi)
+            row_ok = _row_ok(cfg, valid1, pos, a)
+            y = (do * v1a).astype(v2_ref.dtype)
+            j_lo, j_hi = _k2_tiles(cfg, qi * cfg.bq, qi * cfg.bq + cfg.bq - 1)
+
+            def j_step(j, carry):
+                zq, wd = carry
+                b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
+                k2 = k2_ref[pl.ds(b0, cfg.bk2), :]
+                v2 = v2_ref[pl.ds(b0, cfg.bk2), :]
+                ok = row_ok & _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
+                s, _ = _scores(cfg, q, k1a, k2, ok)
+                p = jnp.exp2(s - lse)
+                dp = _dot(y, v2, (1, 1))
+                ds = p * (dp - delta)
+                zq = zq + _dot(ds.astype(k2.dtype), k2, (1, 0))
+                wd = wd + _dot(p.astype(v2.dtype), v2, (1, 0))
+                return zq, wd
+
+            init = (jnp.zeros(q.shape, _F32), jnp.zeros(do.shape, _F32))
+            zq, wd = lax.fori_loop(j_lo, j_hi, j_step, init)
+            dk, dv = carry
+            dk = dk + jnp.sum(q.astype(_F32) * zq, axis=0, keepdims=True)
+            dv = dv + jnp.sum(do.astype(_F32) * wd, axis=0, keepdims=True)
+            return dk, dv
+
+        init = (jnp.zeros((1, q_ref.shape[-1]), _F32), jnp.zeros((1, do_ref.shape[-1]), _F32))
+        dk, dv = lax.fori_loop(qi_lo, qi_hi, q_step, init)
+        dk1_ref[pl.ds(a_local, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
+        dv1_ref[pl.ds(a_local, 1), :] = dv.astype(dv1_ref.dtype)
+        return 0
+
+    n_valid = jnp.minimum(cfg.bk1, cfg.s1 - ai * cfg.bk1)
+    lax.fori_loop(0, n_valid, a_step, 0)
+
+
+def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
+                 l_ref, d_ref, dk2_ref, dv2_ref):  # fmt: skip
+    bj = pl.program_id(1)
+    rows = cfg.rows
+    b0 = bj * cfg.bk2
+    k2, v2 = k2_ref[...], v2_ref[...]
+    valid2 = m2_ref[...]
+    qi_lo, qi_hi = _q_tiles(cfg, b0, b0 + cfg.bk2 - 1, cfg.w2)
+
+    def q_step(qi, carry):
+        r0 = pl.multiple_of(qi * rows, rows)
+        q = q_ref[pl.ds(r0, rows), :]
+        do = do_ref[pl.ds(r0, rows), :]
+        lse = l_ref[pl.ds(r0, rows), :]
+        delta = d_ref[pl.ds(r0, rows), :]
+        pos = _positions(cfg, qi)
+        col_ok = _col_ok(cfg, valid2, pos, b0)
+        a_lo, a_hi = _k1_keys(cfg, qi * cfg.bq, qi * cfg.bq + cfg.bq - 1)
+
+        def a_step(a, carry):
+            dk, dv = carry
+            k1a = k1_ref[pl.ds(a, 1), :]
+            v1a = v1_ref[pl.ds(a, 1), :]
+            ok = col_ok & _row_ok(cfg, m1_ref[:, pl.ds(a, 1)], pos, a)
+            s, x = _scores(cfg, q, k1a, k2, ok)
+            p = jnp.exp2(s - lse)
+            y = (do * v1a).astype(v2.dtype)
+            dp = _dot(y, v2, (1, 1))
+            ds = p * (dp - delta)
+            dv = dv + _dot(p.astype(v2.dtype), y, (0, 0))
+            dk = dk + _dot(ds.astype(x.dtype), x, (0, 0))
+            return dk, dv
+
+        return lax.fori_loop(a_lo, a_hi, a_step, carry)
+
+    init = (jnp.zeros(k2_ref.shape, _F32), jnp.zeros(v2_ref.shape, _F32))
+    dk, dv = lax.fori_loop(qi_lo, qi_hi, q_step, init)
+    dk2_ref[...] = (dk * _LN2).astype(dk2_ref.dtype)
+    dv2_ref[...] = dv.astype(dv2_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: [B,T,N,X] <-> [B·K, nq·R, X] row tiles, keys [B,S,K,X] <-> [B·K, S_pad, X].
+
+
+def _rows_layout(x, cfg: _Config):
+    b, t, n, d = x.shape
+    g, kv, nq, bq = cfg.group, cfg.kv_heads, cfg.nq, cfg.bq
+    x = jnp.pad(x, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+    x = x.reshape(b, nq, bq, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b * kv, nq * g * bq, d)
+
+
+def _rows_merge(x, cfg: _Config, b: int):
+    d = x.shape[-1]
+    g, kv, nq, bq = cfg.group, cfg.kv_heads, cfg.nq, cfg.bq
+    x = x.reshape(b, kv, nq, g, bq, d).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, nq * bq, kv * g, d)[:, : cfg.t]
+
+
+def _keys_layout(x, padded: int):
+    b, s, kv, d = x.shape
+    x = jnp.pad(x, ((0, 0), (0, padded - s), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3).reshape(b * kv, padded, d)
+
+
+def _keys_merge(x, like):
+    b, s, kv, d = like.shape
+    x = x.reshape(b, kv, -1, d).transpose(0, 2, 1, 3)[:, :s]
+    return x.astype(like.dtype)
+
+
+def _valid_layout(valid, padded: int):
+    b, s = valid.shape
+    return jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, padded - s))).reshape(b, 1, padded)
+
+
+def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
+    """`pallas_call` with the backend's launch settings (or interpret mode)."""
+    kwargs = {}
+    if cfg.interpret:
+        kwargs["interpret"] = True
+    elif jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as plt
+
+        kwargs["compiler_params"] = plt.CompilerParams(
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+    elif jax.default_backend() == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        kwargs["compiler_params"] = pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel")
+        )
+    else:
+        raise ValueError(
+            f"implementation='pallas' needs a GPU or TPU (default backend is "
+            f"{jax.default_backend()!r}); pass interpret=True or set TENSORATTN_PALLAS_INTERPRET=1"
+        )
+    return pl.pallas_call(
+        functools.partial(kernel, cfg),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        **kwargs,
+    )
+
+
+class _Specs:
+    """Block specs over the grid `(b·k, tile)`."""
+
+    def __init__(self, cfg: _Config):
+        self.cfg = cfg
+
+    def tile(self, rows: int, d: int):
+        return pl.BlockSpec((None, rows, d), lambda i, j: (i, j, 0))
+
+    def whole(self, shape):
+        return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i, 0, 0))
+
+    def valid_whole(self, valid):
+        kv = self.cfg.kv_heads
+        return pl.BlockSpec((None, 1, valid.shape[-1]), lambda i, j: (i // kv, 0, 0))
+
+    def valid_tile(self, block: int):
+        kv = self.cfg.kv_heads
+        return pl.BlockSpec((None, 1, block), lambda i, j: (i // kv, 0, j))
+
+
+def _prepare(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
+    dtype = jnp.result_type(q, k1, k2, v1, v2)
+    q_s = (q.astype(_F32) * (cfg.scale * _LOG2E)).astype(dtype)
+    s1p, s2p = cfg.n1 * cfg.bk1, cfg.n2 * cfg.bk2
+    return (
+        _rows_layout(q_s, cfg),
+        _keys_layout(k1.astype(dtype), s1p),
+        _keys_layout(k2.astype(dtype), s2p),
+        _keys_layout(v1.astype(dtype), s1p),
+        _keys_layout(v2.astype(dtype), s2p),
+        _valid_layout(valid1, s1p),
+        _valid_layout(valid2, s2p),
+    )
+
+
+def _forward(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
+    q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
+    bk, rows_total, h = q_t.shape
+    hv = v1_t.shape[-1]
+    sp = _Specs(cfg)
+    out_t, lse_t = _call(
+        cfg,
+        _fwd_kernel,
+        grid=(bk, cfg.nq),
+        in_specs=[
+            sp.tile(cfg.rows, h),
+            sp.whole(k1_t.shape),
+            sp.whole(v1_t.shape),
+            sp.whole(k2_t.shape),
+            sp.whole(v2_t.shape),
+            sp.valid_whole(m1),
+            sp.valid_whole(m2),
+        ],
+        out_specs=[sp.tile(cfg.rows, hv), sp.tile(cfg.rows, 1)],
+        out_shape=[
+            jax.ShapeDtypeStruct((bk, rows_total, hv), q.dtype),
+            jax.ShapeDtypeStruct((bk, rows_total, 1), _F32),
+        ],
+    )(q_t, k1_t, v1_t, k2_t, v2_t, m1, m2)
+    return _rows_merge(out_t, cfg, q.shape[0]), lse_t
+
+
+def _backward(cfg: _Config, res, d_out):
+    q, k1, k2, v1, v2, valid1, valid2, out, lse_t = res
+    q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    do_t = _rows_layout(d_out.astype(v1_t.dtype), cfg)
+    delta_t = _rows_layout(delta, cfg)
+    bk, rows_total, h = q_t.shape
+    hv = v1_t.shape[-1]
+    sp = _Specs(cfg)
+    keys_in = [k1_t, v1_t, k2_t, v2_t, m1, m2]
+    rows_in = [do_t, lse_t, delta_t]
+
+    dq_t = _call(
+        cfg,
+        _dq_kernel,
+        grid=(bk, cfg.nq),
+        in_specs=[sp.tile(cfg.rows, h)]
+        + [sp.whole(x.shape) for x in keys_in[:4]]
+        + [sp.valid_whole(m1), sp.valid_whole(m2)]
+        + [sp.tile(cfg.rows, x.shape[-1]) for x in rows_in],
+        out_specs=sp.tile(cfg.rows, h),
+        out_shape=jax.ShapeDtypeStruct((bk, rows_total, h), _F32),
+    )(q_t, *keys_in, *rows_in)
+
+    dk1_t, dv1_t = _call(
+        cfg,
+        _dkv1_kernel,
+        grid=(bk, cfg.n1),
+        in_specs=[sp.whole(q_t.shape)]
+        + [sp.tile(cfg.bk1, h), sp.tile(cfg.bk1, hv), sp.whole(k2_t.shape), sp.whole(v2_t.shape)]
+        + [sp.valid_tile(cfg.bk1), sp.valid_whole(m2)]
+        + [sp.whole(x.shape) for x in rows_in],
+        out_specs=[sp.tile(cfg.bk1, h), sp.tile(cfg.bk1, hv)],
+        out_shape=[
+            jax.ShapeDtypeStruct(k1_t.shape, _F32),
+            jax.ShapeDtypeStruct(v1_t.shape, _F32),
+        ],
+    )(q_t, *keys_in, *rows_in)
+
+    dk2_t, dv2_t = _call(
+        cfg,
+        _dkv2_kernel,
+        grid=(bk, cfg.n2),
+        in_specs=[sp.whole(q_t.shape)]
+        + [sp.whole(k1_t.shape), sp.whole(v1_t.shape), sp.tile(cfg.bk2, h), sp.tile(cfg.bk2, hv)]
+        + [sp.valid_whole(m1), sp.valid_tile(cfg.bk2)]
+        + [sp.whole(x.shape) for x in rows_in],
+        out_specs=[sp.tile(cfg.bk2, h), sp.tile(cfg.bk2, hv)],
+        out_shape=[
+            jax.ShapeDtypeStruct(k2_t.shape, _F32),
+            jax.ShapeDtypeStruct(v2_t.shape, _F32),
+        ],
+    )(q_t, *keys_in, *rows_in)
+
+    dq = _rows_merge(dq_t, cfg, q.shape[0]).astype(q.dtype)
+    return (
+        dq,
+        _keys_merge(dk1_t, k1),
+        _keys_merge(dk2_t, k2),
+        _keys_merge(dv1_t, v1),
+        _keys_merge(dv2_t, v2),
+        None,
+        None,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
+    return _forward(cfg, q, k1, k2, v1, v2, valid1, valid2)[0]
+
+
+def _attend_fwd(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
+    out, lse_t = _forward(cfg, q, k1, k2, v1, v2, valid1, valid2)
+    return out, (q, k1, k2, v1, v2, valid1, valid2, out, lse_t)
+
+
+_attend.defvjp(_attend_fwd, _backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points (called by tensorattn.kernels.api after validation).
+
+
+def _default_interpret() -> bool:
+    return os.environ.get("TENSORATTN_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
+
+
+def _resolve_options(block_sizes, interpret):
+    if block_sizes is None:
+        block_sizes = PallasBlockSizes()
+    elif not isinstance(block_sizes, PallasBlockSizes):
+        raise ValueError(
+            f"block_sizes must be a PallasBlockSizes, got {type(block_sizes).__name__}"
+        )
+    if interpret is None:
+        interpret = _default_interpret()
+    return block_sizes, bool(interpret)
+
+
+def _config(q, keys, values, spec: AttentionSpec, block_sizes, interpret) -> _Config:
+    b, t, n, h = q.shape
+    kv = keys[0].shape[2]
+    s1, s2 = keys[0].shape[1], keys[1].shape[1]
+    bq, bk1, bk2 = block_sizes.resolve(t, n // kv, s2)
+    rows = (n // kv) * bq
+    num_warps = block_sizes.num_warps or (4 if rows * bk2 <= 64 * 64 else 8)
+    return _Config(
+        scale=spec.scale,
+        causal=spec.causal,
+        w1=spec.windows[0],
+        w2=spec.windows[1],
+        t=t,
+        s1=s1,
+        s2=s2,
+        heads=n,
+        kv_heads=kv,
+        bq=bq,
+        bk1=bk1,
+        bk2=bk2,
+        num_warps=num_warps,
+        num_stages=block_sizes.num_stages,
+        interpret=interpret,
+    )
+
+
+def _unsupported(q, keys, values, spec: AttentionSpec, block_sizes, interpret) -> str | None:
+    """Why this call cannot run here, or None."""
+    if len(keys) != 2:
+        return f"order {len(keys) + 1} (the Pallas kernels implement order 3: two key sets)"
+    for x in (q, *keys, *values):
+        if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
+            return f"dtype {jnp.result_type(x)} (supported: bfloat16, float16, float32)"
+    if interpret:
+        return None
+    backend = jax.default_backend()
+    if backend == "gpu":
+        cfg = _config(q, keys, values, spec, block_sizes, interpret)
+        h, hv = q.shape[-1], values[0].shape[-1]
+        for name, size in [("H", h), ("Hv", hv), ("rows", cfg.rows), ("block_k2", cfg.bk2)]:
+            if not _is_pow2(size) or size < 16:
+                return f"{name}={size} (the GPU kernels need powers of two >= 16)"
+        if not _is_pow2(cfg.bk1):
+            return f"block_k1={cfg.bk1} (must be a power of two on GPU)"
+        return None
+    if backend == "tpu":
+        return "TPU: the kernels are not yet validated on a TPU (use implementation='pallas')"
+    return f"backend {backend!r} (needs GPU/TPU or interpret=True)"
+
+
+def supports(q, keys, spec: AttentionSpec, *, block_sizes=None, interpret=None, **options) -> bool:
+    """Whether `attention` runs this call on the default backend (used by `implementation=None`).
+
+    On TPU this is False for now (not validated on hardware), so the default falls back to the
+    blocked kernel; `implementation="pallas"` still runs the kernels there.
+    """
+    if options:
+        return False
+    try:
+        block_sizes, interpret = _resolve_options(block_sizes, interpret)
+    except ValueError:
+        return False
+    values = [jax.ShapeDtypeStruct(k.shape, k.dtype) for k in keys]
+    return _unsupported(q, keys, values, spec, block_sizes, interpret) is None
+
+
+def attention(
+    q,
+    keys,
+    values,
+    spec: AttentionSpec,
+    *,
+    block_sizes: PallasBlockSizes | None = None,
+    interpret: bool | None = None,
+):
+    """Exact order-3 attention with the Pallas kernels (custom_vjp: forward and backward).
+
+    `block_sizes`: tiles (default `PallasBlockSizes()`); `interpret`: run in Pallas interpret
+    mode (default: the environment variable `TENSORATTN_PALLAS_INTERPRET`).
+    """
+    keys, values = tuple(keys), tuple(values)
+    block_sizes, interpret = _resolve_options(block_sizes, interpret)
+    if len(keys) != 2:
+        raise ValueError(
+            f"implementation='pallas' supports order 3 (two key sets), got {len(keys)} key sets"
+        )
+    why = _unsupported(q, keys, values, spec, block_sizes, interpret)
+    if why is not None and not (why.startswith("TPU") and jax.default_backend() == "tpu"):
+        raise ValueError(f"implementation='pallas' does not support this call: {why}")
+    cfg = _config(q, keys, values, spec, block_sizes, interpret)
+    b = q.shape[0]
+    valid = tuple(
+        jnp.ones((b, k.shape[1]), bool) if m is None else m for k, m in zip(keys, spec.key_masks)
+    )
+    return _attend(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
