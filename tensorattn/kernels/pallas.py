@@ -296,7 +296,7 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
     dk1_ref[...] = jnp.zeros(dk1_ref.shape, dk1_ref.dtype)
     dv1_ref[...] = jnp.zeros(dv1_ref.shape, dv1_ref.dtype)
 
-    def a_step(a_local, _):
+    def a_step(a_local, carry):
         a = ai * cfg.bk1 + a_local
         k1a = k1_ref[pl.ds(a_local, 1), :]
         v1a = v1_ref[pl.ds(a_local, 1), :]
@@ -339,10 +339,10 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
         dk, dv = lax.fori_loop(qi_lo, qi_hi, q_step, init)
         dk1_ref[pl.ds(a_local, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
         dv1_ref[pl.ds(a_local, 1), :] = dv.astype(dv1_ref.dtype)
-        return 0
+        return carry
 
     n_valid = jnp.minimum(cfg.bk1, cfg.s1 - ai * cfg.bk1)
-    lax.fori_loop(0, n_valid, a_step, 0)
+    lax.fori_loop(0, n_valid, a_step, jnp.int32(0))
 
 
 def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
