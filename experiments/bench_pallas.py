@@ -29,8 +29,11 @@ _BUDGET = flags.DEFINE_float("budget_s", 12.0, "Max seconds of timed runs per po
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims to measure.")
 _CASES = flags.DEFINE_list("cases", ["window16384", "full4096"], "Cases to measure.")
 _IMPLS = flags.DEFINE_list("impls", ["pallas", "blocked"], "Implementations.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", ["128:64:8", "128:32:8", "64:64:4"], "Pallas block_rows:block_k2:num_warps."
+_VARIANTS_FULL = flags.DEFINE_list(
+    "variants_full", ["128:64:8", "128:128:8", "64:64:4"], "Pallas rows:block_k2:warps (full)."
+)
+_VARIANTS_WINDOW = flags.DEFINE_list(
+    "variants_window", ["128:64:8", "128:32:8", "64:32:4"], "Pallas rows:block_k2:warps (window)."
 )
 _CHECK = flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
@@ -150,7 +153,8 @@ def main(argv):
             flops = 4.0 * allowed_pairs(t, window) * h * n * batch
             runs = []
             for impl in _IMPLS.value:
-                variants = [None] if impl != "pallas" else _VARIANTS.value
+                pallas_variants = _VARIANTS_FULL.value if window is None else _VARIANTS_WINDOW.value
+                variants = [None] if impl != "pallas" else pallas_variants
                 for variant in variants:
                     options = {}
                     if variant is not None:
