@@ -1,0 +1,68 @@
+"""Per-row causal / sliding-window sums of key features, carried chunk by chunk.
+
+For query row `i`, `sum_{a allowed} φ(k_a) ⊗ rhs_a` over `a <= i` (causal) or `i-w < a <= i`
+(window: the difference of the prefix sum at `i` and the prefix sum at `i-w`, the latter a
+prefix sum of the keys shifted by `w`). Memory is `O(chunk · r · |rhs|)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def shift(x, s: int):
+    """`y[i] = x[i - s]` along axis 0, zero filled (`s > 0` delays, `s < 0` advances)."""
+    n = x.shape[0]
+    pad = ((max(s, 0), max(-s, 0)),) + ((0, 0),) * (x.ndim - 1)
+    x = jnp.pad(x, pad)
+    start = max(-s, 0)
+    return jax.lax.slice_in_dim(x, start, start + n, axis=0)
+
+
+def chunked(x, chunk: int):
+    """`[S, ...]` -> `[ceil(S / chunk), chunk, ...]`, zero padded."""
+    s = x.shape[0]
+    n = -(-s // chunk)
+    x = jnp.pad(x, ((0, n * chunk - s),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape((n, chunk) + x.shape[1:])
+
+
+@dataclasses.dataclass
+class KeySet:
+    """One key set: keys `k [S, H]`, per-key right-hand sides `rhs [S, ...]` (zero rows for
+    masked keys), causal window `window` (None: unbounded)."""
+
+    k: jax.Array
+    rhs: jax.Array
+    window: int | None
+    chunk: int
+
+    def xs(self):
+        """Per-chunk scan inputs."""
+        flat = self.rhs.reshape(self.rhs.shape[0], -1)
+        out = (chunked(self.k, self.chunk), chunked(flat, self.chunk))
+        if self.window is not None:
+            lagged = (shift(self.k, self.window), shift(flat, self.window))
+            out = out + tuple(chunked(x, self.chunk) for x in lagged)
+        return out
+
+    def init(self, rank: int):
+        size = 1
+        for n in self.rhs.shape[1:]:
+            size *= n
+        zero = jnp.zeros((rank, size), self.rhs.dtype)
+        return (zero, zero) if self.window is not None else (zero,)
+
+    def row_sums(self, carry, xs, feature_fn):
+        """Returns `[C, r, *rhs.shape[1:]]` per-row sums and the new carry."""
+        sums, new_carry = [], []
+        for c, (kc, rc) in zip(carry, zip(xs[0::2], xs[1::2])):
+            u = feature_fn(kc)[:, :, None] * rc[:, None, :]  # [C, r, X]
+            p = c[None] + jnp.cumsum(u, axis=0)
+            sums.append(p)
+            new_carry.append(p[-1])
+        row = sums[0] if len(sums) == 1 else sums[0] - sums[1]
+        return row.reshape(row.shape[:2] + self.rhs.shape[1:]), tuple(new_carry)

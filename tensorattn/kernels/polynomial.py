@@ -1,0 +1,636 @@
+"""Approximate tensor attention by the polynomial method (MATH.md sections 4-5).
+
+`exp` is replaced by a degree-`g` polynomial `p` (Taylor, or a Chebyshev fit on `[-R, R]`), so
+`p(score)` factorises through monomial features and attention costs
+`O((T + sum_j S_j) · r · Hv)` with `r = C(H+g, g)`, never forming a `T × S1 × S2` array.
+Sequences are processed in chunks by `lax.scan`, carrying `r × (Hv+1)` sums (prefix sums under
+causal/window masks), so memory is `O(chunk · r · Hv)`.
+
+Error control: if every allowed score lies in `[-R, R]` and `p` has relative error
+`eps = relative_error(polynomial, degree, R)` there, then every output entry satisfies
+`|O~ - O| <= eps / (1 - eps) · (max - min over key tuples of the value product)`
+`<= 2 eps / (1 - eps) · prod_j max|V_j|` (`output_error_bound`, `certified_error`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tensorattn.kernels import causal_scan, features
+from tensorattn.kernels.validation import AttentionSpec
+
+POLYNOMIALS = ("taylor", "chebyshev")
+GRADIENTS = ("closed_form", "autodiff")
+DEFAULT_DEGREE = 4
+MAX_DEGREE = 40
+_GRID = 20001  # points at which a Chebyshev fit's relative error is evaluated
+
+
+# ----------------------------------------------------------------------------------------------
+# The polynomial and its error.
+
+
+def coefficients(polynomial: str, degree: int, score_range: float | None = None) -> np.ndarray:
+    """Power-basis coefficients `c_0..c_g` of `p(s) = sum_t c_t s^t` approximating `exp(s)`.
+
+    "taylor": `1/t!`. "chebyshev": interpolation of `exp` at the `g+1` Chebyshev points of
+    `[-R, R]` (near-minimax), which needs `score_range=R > 0`.
+    """
+    _check_polynomial(polynomial)
+    if polynomial == "taylor":
+        return np.array([1.0 / math.factorial(t) for t in range(degree + 1)])
+    if score_range is None or not score_range > 0:
+        raise ValueError(f"polynomial='chebyshev' needs a score_range R > 0, got {score_range!r}")
+    cheb = np.polynomial.chebyshev.chebinterpolate(lambda x: np.exp(score_range * x), degree)
+    in_x = np.polynomial.chebyshev.cheb2poly(cheb)  # power basis in x = s / R
+    return in_x / score_range ** np.arange(degree + 1)
+
+
+def relative_error(polynomial: str, degree: int, R: float) -> float:
+    """`max_{|s| <= R} |p(s) - e^s| / e^s` (for Chebyshev, of the fit on `[-R, R]`).
+
+    Taylor: `h(s) = e^{-s} p(s) - 1` has `h' = -e^{-s} s^g / g!`, so `|h|` is largest at
+    `s = ±R` and the value is exact. Chebyshev: the maximum over a 20001-point grid plus
+    `spacing/2 · max|h'|` (a bound on what lies between grid points, to first order).
+    """
+    _check_polynomial(polynomial)
+    R = float(R)
+    if R < 0:
+        raise ValueError(f"R must be >= 0, got {R}")
+    if polynomial == "taylor":
+        c = coefficients("taylor", degree)
+        s = np.array([-R, R])
+        return float(np.max(np.abs(np.polyval(c[::-1], s) * np.exp(-s) - 1.0)))
+    c = coefficients("chebyshev", degree, R)
+    s = np.linspace(-R, R, _GRID)
+    p = np.polyval(c[::-1], s)
+    dp = np.polyval(np.polyder(c[::-1]), s) if degree > 0 else np.zeros_like(s)
+    h = np.abs(p * np.exp(-s) - 1.0)
+    dh = np.abs((dp - p) * np.exp(-s))
+    return float(np.max(h) + (s[1] - s[0]) / 2 * np.max(dh))
+
+
+def select_degree(R: float, eps: float, polynomial: str = "taylor") -> int:
+    """The smallest degree whose `relative_error` on `[-R, R]` is at most `eps`."""
+    if not 0 < eps < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {eps!r}")
+    for degree in range(MAX_DEGREE + 1):
+        if relative_error(polynomial, degree, R) <= eps:
+            return degree
+    raise ValueError(
+        f"no {polynomial} degree <= {MAX_DEGREE} reaches tolerance={eps} on [-{R}, {R}]; "
+        "the bounded-entry condition fails at this size (use an exact kernel)"
+    )
+
+
+def score_bound(q, *keys, scale: float | None = None, per_batch: bool = False):
+    """A data-dependent bound on `|score|` (MATH.md section 4, generalised Hölder):
+    `scale · max||q||_2 · prod_{j<m} max||k_j||_inf · max||k_m||_2`.
+
+    Call as `score_bound(q, k1, k2, scale)` or `score_bound(q, *keys, scale=...)`. Maxima run
+    over positions and heads (and the batch, unless `per_batch`: then shape `[B]`).
+    """
+    if scale is None and keys and isinstance(keys[-1], (int, float)):
+        keys, scale = keys[:-1], keys[-1]
+    if not keys:
+        raise ValueError("score_bound needs at least one key array")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    axes = (1, 2) if per_batch else (0, 1, 2)
+
+    def top(x, norm):
+        x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+        n = jnp.sqrt(jnp.sum(x * x, -1)) if norm == 2 else jnp.max(jnp.abs(x), -1)
+        return jnp.max(n, axis=axes)
+
+    bound = abs(scale) * top(q, 2) * top(keys[-1], 2)
+    for k in keys[:-1]:
+        bound = bound * top(k, "inf")
+    return bound
+
+
+def output_error_bound(eps: float, values, per_batch: bool = False):
+    """Bound on `max|O~ - O|` when `p` has relative error `eps` on every allowed score:
+    `eps/(1-eps) · max_l (max - min over key tuples of prod_j V_j[a_j, l])` (inf if eps >= 1).
+
+    Why: `p = e^s (1 + δ)` with `|δ| <= eps` gives `P~ - P = P (δ - δ̄) / (1 + δ̄)`, whose
+    entries sum to zero, so `|O~ - O| <= eps/(1-eps) · (max v - min v)`.
+    """
+    if eps >= 1:
+        return np.inf
+    axes = (1, 2) if per_batch else (0, 1, 2)
+    lo = hi = None
+    for v in values:
+        v = np.asarray(v, np.float64)
+        vmin, vmax = v.min(axis=axes), v.max(axis=axes)  # [.., Hv]
+        if lo is None:
+            lo, hi = vmin, vmax
+        else:
+            corners = np.stack([lo * vmin, lo * vmax, hi * vmin, hi * vmax])
+            lo, hi = corners.min(0), corners.max(0)
+    return eps / (1 - eps) * np.max(hi - lo, axis=-1)
+
+
+def certified_error(
+    q,
+    keys,
+    values,
+    *,
+    degree: int,
+    scale: float | None = None,
+    polynomial: str = "taylor",
+    score_range: float | None = None,
+    per_batch: bool = False,
+):
+    """Certified bound on `max|O~ - O|` of `attention` with these options on these inputs.
+
+    The data's score bound `R = score_bound(q, *keys)` must lie inside the fitted range (for
+    Chebyshev, `score_range`); if it does not, the bound is `inf`.
+    """
+    R = np.asarray(score_bound(q, *keys, scale=scale, per_batch=per_batch), np.float64)
+    if polynomial == "chebyshev":
+        if score_range is None:
+            raise ValueError("polynomial='chebyshev' needs score_range")
+        eps = relative_error("chebyshev", degree, score_range)
+        eps = np.where(R <= score_range * (1 + 1e-6), eps, np.inf)
+    else:
+        eps = np.vectorize(lambda r: relative_error(polynomial, degree, r))(R)
+    bound = output_error_bound(0.0, values, per_batch)  # shape only
+    spread = output_error_bound(0.5, values, per_batch)  # = max range (eps/(1-eps) = 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(eps < 1, eps / (1 - eps), np.inf)
+    return bound + factor * spread
+
+
+def _check_polynomial(polynomial):
+    if polynomial not in POLYNOMIALS:
+        raise ValueError(f"polynomial must be one of {POLYNOMIALS}, got {polynomial!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of one call (hashable: a `custom_vjp` non-differentiable arg)."""
+
+    scale: float
+    causal: bool
+    windows: tuple
+    t: int
+    lengths: tuple
+    dim: int
+    coeffs: tuple
+    chunk: int
+    bwd_chunk: int
+
+    @property
+    def degree(self) -> int:
+        return len(self.coeffs) - 1
+
+    @property
+    def mono(self) -> features.Monomials:
+        return features.monomials(self.dim, self.degree)
+
+    def query_weights(self) -> np.ndarray:
+        return features.feature_weights(self.mono, self.coeffs, self.scale)
+
+
+def _dot(a, b, contract):
+    """`dot_general` at full precision (the approximation's error budget is not TF32's)."""
+    return jax.lax.dot_general(
+        a, b, ((contract[0], contract[1]), ((), ())), precision=jax.lax.Precision.HIGHEST
+    )
+
+
+def _ein(expr, *xs):
+    return jnp.einsum(expr, *xs, precision=jax.lax.Precision.HIGHEST)
+
+
+def _augment(x):
+    """Appends a column of ones: values then carry the denominator, keys the value sums."""
+    return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+
+def _key_sums(cfg: _Config, k, v, ok, with_keys: bool):
+    """`sum_a φ(k_a) ⊗ [v_a, 1]` (`[r, Hv+1]`), or with `⊗ [k_a, 1]` (`[r, Hv+1, H+1]`)."""
+    rhs = _augment(v) * ok[:, None]
+    if with_keys:
+        rhs = rhs[:, :, None] * _augment(k)[:, None, :]
+    shape = rhs.shape[1:]
+    rhs = rhs.reshape(rhs.shape[0], -1)
+
+    @jax.checkpoint
+    def step(acc, xs):
+        kc, rc = xs
+        return acc + _dot(features.features(kc, cfg.mono), rc, (0, 0)), None
+
+    init = jnp.zeros((cfg.mono.rank, rhs.shape[1]), rhs.dtype)
+    acc, _ = jax.lax.scan(
+        step, init, (causal_scan.chunked(k, cfg.chunk), causal_scan.chunked(rhs, cfg.chunk))
+    )
+    return acc.reshape((cfg.mono.rank,) + shape)
+
+
+def _normalise(y, count):
+    """`y [.., Hv+1]` (numerator, denominator) -> output and `1/den` (0 for empty rows)."""
+    den = y[..., -1]
+    ok = (count > 0.5) & (den > 0)
+    inv_den = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+    return y[..., :-1] * inv_den[..., None], inv_den
+
+
+def _forward_global(cfg: _Config, q, keys, values, valid):
+    """No causal mask: every query row sees the same key sums. `q [T,G,H]`."""
+    prod = None
+    for k, v, ok in zip(keys, values, valid):
+        m = _key_sums(cfg, k, v, ok, with_keys=False)
+        prod = m if prod is None else prod * m
+    count = math.prod(jnp.sum(ok.astype(q.dtype)) for ok in valid)
+    weights = cfg.query_weights()
+
+    @jax.checkpoint
+    def step(qc):
+        return _dot(features.features(qc, cfg.mono, weights), prod, (2, 0))
+
+    y = jax.lax.map(step, causal_scan.chunked(q, cfg.chunk)).reshape(
+        (-1,) + q.shape[1:2] + prod.shape[1:]
+    )
+    return _normalise(y[: q.shape[0]], count)
+
+
+def _forward_causal(cfg: _Config, q, keys, values, valid):
+    """Causal (and window) masks: per-row prefix sums carried chunk by chunk."""
+    weights = cfg.query_weights()
+    sets = [
+        causal_scan.KeySet(k, _augment(v) * ok[:, None], w, cfg.chunk)
+        for k, v, ok, w in zip(keys, values, valid, cfg.windows)
+    ]
+
+    def feats(kc):
+        return features.features(kc, cfg.mono)
+
+    @jax.checkpoint
+    def step(carry, xs):
+        qc, key_xs = xs
+        sums, new_carry = [], []
+        for ks, c, x in zip(sets, carry, key_xs):
+            s, c = ks.row_sums(c, x, feats)
+            sums.append(s)  # [C, r, Hv+1]
+            new_carry.append(c)
+        count = math.prod(s[:, 0, -1] for s in sums)  # the constant monomial counts keys
+        y = _ein("cgr,crx->cgx", features.features(qc, cfg.mono, weights), math.prod(sums))
+        return tuple(new_carry), (y, count)
+
+    init = tuple(ks.init(cfg.mono.rank) for ks in sets)
+    xs = (causal_scan.chunked(q, cfg.chunk), tuple(ks.xs() for ks in sets))
+    _, (y, count) = jax.lax.scan(step, init, xs)
+    t = q.shape[0]
+    y = y.reshape((-1,) + y.shape[2:])[:t]
+    return _normalise(y, count.reshape(-1)[:t, None])
+
+
+def _pad_to(x, n):
+    return jnp.pad(x, ((0, n - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def _to_grads(x, v_aug, scale, h):
+    """`X [C, Hv+1, H+1]` (keys' feature rows times the backward sums) -> `(dk, dv)`."""
+    dk = scale * _ein("cx,cxy->cy", v_aug, x[:, :, :h])
+    return dk, x[:, :-1, h]
+
+
+def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
+    """MATH.md section 5 without causal masks: every sum factorises through the features."""
+    t, g, h = q.shape
+    r, ch = cfg.mono.rank, cfg.bwd_chunk
+    n_full = [_key_sums(cfg, k, v, ok, with_keys=True) for k, v, ok in zip(keys, values, valid)]
+    x, y = n_full[0].shape[1:]
+    pn = math.prod(n_full).reshape(r, x * y)
+    delta = jnp.sum(d_out * out, -1, keepdims=True)
+    do_aug = jnp.concatenate([d_out, -delta], -1)  # [T, G, Hv+1]
+    weights = cfg.query_weights()
+
+    @jax.checkpoint
+    def q_step(rq, xs):
+        qc, dc, ic = xs
+        phi = features.features(qc, cfg.mono, weights) * ic[..., None]  # [C, G, r]
+        tmp = _dot(phi, pn, (2, 0)).reshape(ch, g, x, y)
+        dq = cfg.scale * _ein("cgx,cgxy->cgy", dc, tmp[..., :h])
+        rhs = (dc[..., :, None] * _augment(qc)[..., None, :]).reshape(ch * g, x * y)
+        return rq + _dot(phi.reshape(ch * g, r), rhs, (0, 0)), dq
+
+    xs = tuple(causal_scan.chunked(a, ch) for a in (q, do_aug, inv_den))
+    rq, dq = jax.lax.scan(q_step, jnp.zeros((r, x * y), q.dtype), xs)
+    dq = dq.reshape(-1, g, h)[:t]
+    rq = rq.reshape(r, x, y)
+    dks, dvs = [], []
+    for j, (k, v, ok) in enumerate(zip(keys, values, valid)):
+        yj = (rq * math.prod(n for jj, n in enumerate(n_full) if jj != j)).reshape(r, x * y)
+
+        @jax.checkpoint
+        def k_step(xs, yj=yj):
+            kc, vc, okc = xs
+            f = features.features(kc, cfg.mono) * okc[:, None]
+            return _to_grads(_dot(f, yj, (1, 0)).reshape(-1, x, y), _augment(vc), cfg.scale, h)
+
+        dk, dv = jax.lax.map(k_step, tuple(causal_scan.chunked(a, ch) for a in (k, v, ok)))
+        dks.append(dk.reshape(-1, h)[: k.shape[0]])
+        dvs.append(dv.reshape(-1, v.shape[-1])[: k.shape[0]])
+    return dq, tuple(dks), tuple(dvs)
+
+
+def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
+    """MATH.md section 5 under causal/window masks, in one chunked scan.
+
+    Per row `i`: `N_j(i) = sum_{a allowed} φ(k_a) ⊗ [v_a,1] ⊗ [k_a,1]` (windowed prefix sums),
+    `W_j(i) = (φ0(q_i)/den_i) ⊗ dO_aug_i ⊗ [q_i,1] ∘ prod_{j'!=j} N_j'(i)`. Key `a` of set `j`
+    gets `φ(k_a) · sum_{i in [a, a+w)} W_j(i)`: the prefix sum of `W_j` at `a+w-1` (read when
+    the scan reaches that row, or the final total) minus the one at `a-1`.
+    """
+    t, g, h = q.shape
+    r, ch = cfg.mono.rank, cfg.bwd_chunk
+    hv = values[0].shape[-1]
+    x, y = hv + 1, h + 1
+    delta = jnp.sum(d_out * out, -1, keepdims=True)
+    do_aug = jnp.concatenate([d_out, -delta], -1)
+    weights = cfg.query_weights()
+    sets, own, lead = [], [], []
+    for k, v, ok, w in zip(keys, values, valid, cfg.windows):
+        v_aug = _augment(v)
+        rhs = (v_aug * ok[:, None])[:, :, None] * _augment(k)[:, None, :]
+        sets.append(causal_scan.KeySet(k, rhs, w, ch))
+        own.append(tuple(causal_scan.chunked(a, ch) for a in (k, v_aug, ok)))
+        if w is not None:
+            padded = -(-t // ch) * ch  # shift after padding: key t-1 may lead a padded row
+            lead.append(
+                tuple(
+                    causal_scan.chunked(causal_scan.shift(_pad_to(a, padded), w - 1), ch)
+                    for a in (k, v_aug, ok)
+                )
+            )
+        else:
+            lead.append(None)
+
+    def feats(kc):
+        return features.features(kc, cfg.mono)
+
+    def grads(f, pw, v_aug):
+        return _to_grads(_ein("cr,crz->cz", f, pw).reshape(-1, x, y), v_aug, cfg.scale, h)
+
+    @jax.checkpoint
+    def step(carry, xs):
+        qc, dc, ic, key_xs, own_xs, lead_xs = xs
+        n_rows, new_sets = [], []
+        for ks, (c, _), kx in zip(sets, carry, key_xs):
+            n, c = ks.row_sums(c, kx, feats)
+            n_rows.append(n.reshape(ch, r, x * y))
+            new_sets.append(c)
+        phi = features.features(qc, cfg.mono, weights) * ic[..., None]  # [C, G, r]
+        tmp = _ein("cgr,crz->cgz", phi, math.prod(n_rows)).reshape(ch, g, x, y)
+        dq = cfg.scale * _ein("cgx,cgxy->cgy", dc, tmp[..., :h])
+        rhs = (dc[..., :, None] * _augment(qc)[..., None, :]).reshape(ch, g, x * y)
+        row = _ein("cgr,cgz->crz", phi, rhs)
+        new_pw, ys = [], []
+        for j, ((_, pw0), o, ld) in enumerate(zip(carry, own_xs, lead_xs)):
+            wj = row * math.prod(n for jj, n in enumerate(n_rows) if jj != j)
+            pw = pw0[None] + jnp.cumsum(wj, axis=0)
+            new_pw.append(pw[-1])
+            kc, vc, okc = o
+            dk, dv = grads(-feats(kc) * okc[:, None], pw - wj, vc)
+            if ld:
+                kc, vc, okc = ld
+                dk_lead, dv_lead = grads(feats(kc) * okc[:, None], pw, vc)
+            else:
+                dk_lead, dv_lead = jnp.zeros_like(dk), jnp.zeros_like(dv)
+            ys.append((dk, dv, dk_lead, dv_lead))
+        return tuple(zip(new_sets, new_pw)), (dq, tuple(ys))
+
+    init = tuple((ks.init(r), jnp.zeros((r, x * y), q.dtype)) for ks in sets)
+    xs = (
+        *(causal_scan.chunked(a, ch) for a in (q, do_aug, inv_den)),
+        tuple(ks.xs() for ks in sets),
+        tuple(own),
+        tuple(ld if ld is not None else () for ld in lead),
+    )
+    final, (dq, ys) = jax.lax.scan(step, init, xs)
+    padded = dq.shape[0] * ch
+    dq = dq.reshape(-1, g, h)[:t]
+    dks, dvs = [], []
+    for j, (k, v, ok, w) in enumerate(zip(keys, values, valid, cfg.windows)):
+        dk, dv, dk_lead, dv_lead = (a.reshape((padded,) + a.shape[2:]) for a in ys[j])
+        if w is not None:  # row i's lead term belongs to key i - w + 1
+            dk = dk + causal_scan.shift(dk_lead, -(w - 1))
+            dv = dv + causal_scan.shift(dv_lead, -(w - 1))
+        total = final[j][1]
+        reach = jnp.arange(padded) + (padded if w is None else w - 1) >= padded
+        ok_total = jnp.pad(ok, (0, padded - t)) * reach
+
+        @jax.checkpoint
+        def tail_step(xs, total=total):
+            kc, vc, okc = xs
+            return grads(feats(kc) * okc[:, None], jnp.broadcast_to(total, (ch,) + total.shape), vc)
+
+        tail = (
+            causal_scan.chunked(k, ch),
+            causal_scan.chunked(_augment(v), ch),
+            ok_total.reshape(-1, ch),
+        )
+        dk_tail, dv_tail = jax.lax.map(tail_step, tail)
+        dks.append((dk + dk_tail.reshape(padded, h))[:t])
+        dvs.append((dv + dv_tail.reshape(padded, hv))[:t])
+    return dq, tuple(dks), tuple(dvs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout, custom_vjp and the entry point.
+
+
+def _compute_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _split(q, keys, values, valid):
+    """`[B,T,N,H]` -> `[B,K,T,G,H]`; keys/values `[B,S,K,X]` -> `[B,K,S,X]`; masks `[B,K,S]`."""
+    b, t, n, h = q.shape
+    kv = keys[0].shape[2]
+    ct = _compute_dtype(q.dtype)
+    q5 = q.astype(ct).reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
+    keys = tuple(k.astype(ct).transpose(0, 2, 1, 3) for k in keys)
+    values = tuple(v.astype(ct).transpose(0, 2, 1, 3) for v in values)
+    valid = tuple(jnp.broadcast_to(m[:, None, :], (b, kv, m.shape[1])).astype(ct) for m in valid)
+    return q5, keys, values, valid
+
+
+def _merge(x_BKTGX):
+    b, kv, t, g, x = x_BKTGX.shape
+    return x_BKTGX.transpose(0, 2, 1, 3, 4).reshape(b, t, kv * g, x)
+
+
+def _per_head(fn):
+    return jax.vmap(jax.vmap(fn))
+
+
+def _forward_heads(cfg: _Config, q, keys, values, valid):
+    fwd = _forward_causal if cfg.causal else _forward_global
+    return _per_head(functools.partial(fwd, cfg))(*_split(q, keys, values, valid))
+
+
+def _autodiff(cfg: _Config, q, keys, values, valid):
+    out, _ = _forward_heads(cfg, q, keys, values, valid)
+    return _merge(out).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _closed_form(cfg: _Config, q, keys, values, valid):
+    return _autodiff(cfg, q, keys, values, valid)
+
+
+def _closed_form_fwd(cfg: _Config, q, keys, values, valid):
+    out, inv_den = _forward_heads(cfg, q, keys, values, valid)
+    return _merge(out).astype(q.dtype), (q, keys, values, valid, out, inv_den)
+
+
+def _closed_form_bwd(cfg: _Config, res, d_out):
+    q, keys, values, valid, out, inv_den = res
+    b, t, n, h = q.shape
+    kv = keys[0].shape[2]
+    q5, keys5, values5, valid5 = _split(q, keys, values, valid)
+    do5 = d_out.astype(out.dtype).reshape(b, t, kv, n // kv, -1).transpose(0, 2, 1, 3, 4)
+    bwd = _backward_causal if cfg.causal else _backward_global
+    dq, dks, dvs = _per_head(functools.partial(bwd, cfg))(
+        q5, keys5, values5, valid5, out, inv_den, do5
+    )
+
+    def unsplit(d, like):
+        return d.transpose(0, 2, 1, 3).astype(like.dtype)
+
+    return (
+        _merge(dq).astype(q.dtype),
+        tuple(unsplit(d, k) for d, k in zip(dks, keys)),
+        tuple(unsplit(d, v) for d, v in zip(dvs, values)),
+        tuple(None for _ in valid),
+    )
+
+
+_closed_form.defvjp(_closed_form_fwd, _closed_form_bwd)
+
+
+def _pow2_chunk(per_row: int, t: int, budget: int = 1 << 21) -> int:
+    """Largest power of two with `chunk · per_row <= budget` elements, in `[8, 1024]`, and no
+    larger than needed for `t` rows."""
+    chunk = 8
+    while chunk < 1024 and 2 * chunk * per_row <= budget and chunk < t:
+        chunk *= 2
+    return chunk
+
+
+def _positive_int(name, value, allow_zero=False):
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} int, got {value!r}")
+
+
+def _positive_float(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def attention(
+    q,
+    keys,
+    values,
+    spec: AttentionSpec,
+    *,
+    degree: int | None = None,
+    polynomial: str = "taylor",
+    bound: float | None = None,
+    score_range: float | None = None,
+    tolerance: float | None = None,
+    gradient: str = "closed_form",
+    chunk_size: int | None = None,
+    **unknown,
+):
+    """Polynomial-method attention; same shapes and masks as the exact kernels.
+
+    degree: polynomial degree `g` (default 4, or chosen by `tolerance`).
+    polynomial: "taylor" (default; even degrees are positive on all of R) or "chebyshev"
+      (fit of exp on `[-R, R]`; needs `score_range=R` or `bound`).
+    bound: largest `|entry|` of q and the keys (static); gives `R = scale·H·bound^order`.
+    score_range: `R` directly (overrides the one from `bound`).
+    tolerance: target relative error of `p` on `[-R, R]`; picks the smallest degree
+      (`select_degree`); needs `bound` or `score_range`, and excludes `degree`.
+    gradient: "closed_form" (MATH.md section 5 as a custom_vjp, all masks) or "autodiff"
+      (gradient of the approximation).
+    chunk_size: sequence positions per scan step (default: sized to ~8 MB of features).
+    """
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for implementation='polynomial'; expected "
+            "degree, polynomial, bound, score_range, tolerance, gradient, chunk_size"
+        )
+    _check_polynomial(polynomial)
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    order = len(keys) + 1
+    h = q.shape[-1]
+    R = None
+    if bound is not None:
+        R = abs(spec.scale) * h * _positive_float("bound", bound) ** order
+    if score_range is not None:
+        R = _positive_float("score_range", score_range)
+    if tolerance is not None:
+        if degree is not None:
+            raise ValueError("give degree or tolerance, not both")
+        if R is None:
+            raise ValueError("tolerance needs bound (largest |entry|) or score_range")
+        if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+        degree = select_degree(R, float(tolerance), polynomial)
+    if degree is None:
+        degree = DEFAULT_DEGREE
+    _positive_int("degree", degree, allow_zero=True)
+    if degree > MAX_DEGREE:
+        raise ValueError(f"degree must be <= {MAX_DEGREE}, got {degree}")
+    if polynomial == "chebyshev" and R is None:
+        raise ValueError("polynomial='chebyshev' needs bound or score_range (the fit interval)")
+    if chunk_size is not None:
+        _positive_int("chunk_size", chunk_size)
+    t = q.shape[1]
+    lengths = tuple(k.shape[1] for k in keys)
+    hv = values[0].shape[-1]
+    g = q.shape[2] // keys[0].shape[2]
+    r = math.comb(h + degree, degree)
+    if spec.causal:
+        fwd_row, bwd_row = (
+            4 * len(keys) * r * (hv + 1),
+            (4 * len(keys) + 2) * r * (hv + 1) * (h + 1),
+        )
+    else:
+        fwd_row, bwd_row = r * g, r * g + g * (hv + 1) * (h + 1)
+    longest = max((t,) + lengths)
+    cfg = _Config(
+        scale=spec.scale,
+        causal=spec.causal,
+        windows=tuple(None if w is None or w >= t else w for w in spec.windows),
+        t=t,
+        lengths=lengths,
+        dim=h,
+        coeffs=tuple(float(c) for c in coefficients(polynomial, degree, R)),
+        chunk=chunk_size or _pow2_chunk(fwd_row, longest),
+        bwd_chunk=chunk_size or _pow2_chunk(bwd_row, longest),
+    )
+    b = q.shape[0]
+    valid = tuple(
+        jnp.ones((b, s), bool) if m is None else m for s, m in zip(lengths, spec.key_masks)
+    )
+    fn = _closed_form if gradient == "closed_form" else _autodiff
+    return fn(cfg, q, tuple(keys), tuple(values), valid)
