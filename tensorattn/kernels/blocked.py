@@ -23,7 +23,10 @@ import numpy as np
 
 from tensorattn.kernels.validation import AttentionSpec
 
-_F32 = jnp.float32
+
+def _acc(*arrays):
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,7 @@ class BlockSizes:
     """
 
     block_q: int = 64
-    block_k1: int = 8
+    block_k1: int = 32
     block_k2: int = 128
 
     def __post_init__(self):
@@ -110,7 +113,7 @@ class _Config:
 def _dot(a, b, contract):
     """Matrix product with float32 accumulation; `contract` = (a_axis, b_axis)."""
     return jax.lax.dot_general(
-        a, b, ((contract[0], contract[1]), ((), ())), preferred_element_type=_F32
+        a, b, ((contract[0], contract[1]), ((), ())), preferred_element_type=_acc(a, b)
     )
 
 
@@ -164,7 +167,7 @@ class _Tile:
         w = w.reshape(a, rows, -1)
         if self.v_outer is None:
             return w[0]
-        return jnp.einsum("arv,av->rv", w, self.v_outer.astype(_F32))
+        return jnp.einsum("arv,av->rv", w, self.v_outer.astype(w.dtype))
 
 
 def _split_heads(q, keys, values, valid, cfg: _Config):
@@ -224,9 +227,9 @@ def _forward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid):
         return (put(m_all, m_new), put(l_all, l_new), put(acc_all, acc_new)), None
 
     init = (
-        jnp.full((nq, rows), -jnp.inf, _F32),
-        jnp.zeros((nq, rows), _F32),
-        jnp.zeros((nq, rows, hv), _F32),
+        jnp.full((nq, rows), -jnp.inf, _acc(q_tiles)),
+        jnp.zeros((nq, rows), _acc(q_tiles)),
+        jnp.zeros((nq, rows, hv), _acc(q_tiles)),
     )
     (m_all, l_all, acc_all), _ = jax.lax.scan(step, init, live)
     nonempty = l_all > 0
@@ -258,10 +261,10 @@ def _backward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid, lse, do
             dq = z[0]
             dk_outer_grads, dv_outer_grads = [], []
         else:
-            dq = jnp.einsum("arh,ah->rh", z, tile.k_outer.astype(_F32))
-            u = jnp.einsum("arh,rh->ah", z, tile.q.astype(_F32))  # d(k_outer) [A, H]
+            dq = jnp.einsum("arh,ah->rh", z, tile.k_outer.astype(z.dtype))
+            u = jnp.einsum("arh,rh->ah", z, tile.q.astype(z.dtype))  # d(k_outer) [A, H]
             w = _dot(p2, tile.v[-1], (1, 0)).reshape(a, rows, -1)
-            tv = jnp.einsum("arv,rv->av", w, do.astype(_F32))  # d(v_outer) [A, Hv]
+            tv = jnp.einsum("arv,rv->av", w, do.astype(w.dtype))  # d(v_outer) [A, Hv]
             dk_outer_grads = _outer_factor_grads(u, tile.k[:-1])
             dv_outer_grads = _outer_factor_grads(tv, tile.v[:-1])
         qi = idx[0]
@@ -279,9 +282,9 @@ def _backward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid, lse, do
         return (dq_all, dk_all, dv_all), None
 
     init = (
-        jnp.zeros(q_tiles.shape, _F32),
-        tuple(jnp.zeros(k.shape, _F32) for k in keys),
-        tuple(jnp.zeros(v.shape, _F32) for v in values),
+        jnp.zeros(q_tiles.shape, _acc(q_tiles)),
+        tuple(jnp.zeros(k.shape, _acc(k)) for k in keys),
+        tuple(jnp.zeros(v.shape, _acc(v)) for v in values),
     )
     (dq, dk, dv), _ = jax.lax.scan(step, init, live)
     return dq, dk, dv
@@ -299,7 +302,7 @@ def _outer_factor_grads(d_prod, factors):
             if jj != j:
                 shape = [1] * len(factors) + [f.shape[-1]]
                 shape[jj] = f.shape[0]
-                others = others * f.astype(_F32).reshape(shape)
+                others = others * f.astype(d.dtype).reshape(shape)
         axes = tuple(jj for jj in range(len(factors)) if jj != j)
         grads.append(others.sum(axis=axes))
     return grads
@@ -311,7 +314,7 @@ def _per_head(fn):
 
 
 def _prepare(cfg: _Config, q, keys, values, valid):
-    q_scaled = (q.astype(_F32) * cfg.scale).astype(q.dtype)
+    q_scaled = (q.astype(_acc(q)) * cfg.scale).astype(q.dtype)
     return _split_heads(q_scaled, keys, values, valid, cfg)
 
 
@@ -333,7 +336,8 @@ def _blocked_bwd(cfg: _Config, res, d_out):
     q, keys, values, valid, out, lse_t = res
     n = q.shape[2]
     q_t, qpos, k_t, v_t, valid_t = _prepare(cfg, q, keys, values, valid)
-    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    f32 = _acc(d_out, out)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     # Lay dO and Delta out like q's tiles.
     d_out_t, _, _, _, _ = _split_heads(d_out, keys, values, valid, cfg)
     delta_t = _split_heads(delta, keys, values, valid, cfg)[0][..., 0]

@@ -1,0 +1,208 @@
+r"""Benchmark of the exact kernels: time, compiled memory and achieved rate vs matmul.
+
+  python -m experiments.bench_kernels                       # the issue's targets, float32
+  python -m experiments.bench_kernels --dtype=bfloat16 --out=runs/bench_gpu.jsonl  # on a GPU
+  python -m experiments.bench_kernels --preset=sweep --lengths=128,256,512
+
+Prints a table and appends one JSON object per measurement to `--out`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import tensorattn
+from experiments import benchlib
+
+_PRESET = flags.DEFINE_enum("preset", "targets", ["targets", "sweep"], "What to measure.")
+_LENGTHS = flags.DEFINE_list("lengths", ["128", "256", "512"], "Sweep lengths (preset=sweep).")
+_IMPLS = flags.DEFINE_list("impls", ["reference", "blocked"], "Implementations (preset=sweep).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_HEADS = flags.DEFINE_integer("heads", 1, "Query heads N.")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 1, "Key/value heads K.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
+_OUT = flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
+
+GRAD_FLOP_FACTOR = 3.5  # forward (1) + backward (2.5), MATH.md section 3
+
+
+def allowed_tuples(t: int, causal: bool, window) -> float:
+    """Number of allowed (i, a, b) triples for self-attention of length t."""
+    if not causal:
+        return float(t) ** 3
+    i = np.arange(1, t + 1, dtype=np.float64)
+    w1, w2 = window if window is not None else (t, t)
+    return float(np.sum(np.minimum(i, w1) * np.minimum(i, w2)))
+
+
+def make_inputs(t: int, head_dim: int, dtype):
+    keys = jax.random.split(jax.random.key(t), 5)
+    b, n, kv = _BATCH.value, _HEADS.value, _KV_HEADS.value
+    shapes = [(b, t, n, head_dim)] + [(b, t, kv, head_dim)] * 4
+    return [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]
+
+
+def measure(impl, t, head_dim, *, causal=False, window=None, grad=False, run=True, dtype):
+    """One benchmark point as a dict."""
+    inputs = make_inputs(t, head_dim, dtype)
+
+    def forward(*x):
+        return tensorattn.tensor_attention(*x, implementation=impl, causal=causal, window=window)
+
+    if grad:
+
+        def fn(*x):
+            return jax.grad(
+                lambda *y: jnp.sum(forward(*y).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)
+            )(*x)
+    else:
+        fn = forward
+    jitted = jax.jit(fn)
+    row = {
+        "implementation": impl,
+        "n": t,
+        "head_dim": head_dim,
+        "batch": _BATCH.value,
+        "heads": _HEADS.value,
+        "kv_heads": _KV_HEADS.value,
+        "dtype": jnp.dtype(dtype).name,
+        "causal": causal,
+        "window": window,
+        "pass": "fwd+grad" if grad else "fwd",
+        "temp_bytes": benchlib.temp_bytes(fn, *inputs),
+        **benchlib.device_description(),
+    }
+    flops = 4.0 * allowed_tuples(t, causal or window is not None, window) * head_dim * _BATCH.value * _HEADS.value
+    row["flops"] = flops * (GRAD_FLOP_FACTOR if grad else 1.0)
+    if run:
+        row["compile_s"], seconds = benchlib.time_call(jitted, *inputs, repeats=_REPEATS.value)
+        row["time_ms"] = seconds * 1e3
+        row["flops_per_s"] = row["flops"] / seconds
+    row["status"] = "ok"
+    return row
+
+
+def report_targets(rows, rate):
+    """Checks the exact-kernel issue's CPU targets against the measured rows."""
+
+    def find(**kw):
+        return next(r for r in rows if all(r.get(k) == v for k, v in kw.items()))
+
+    mib = 2**20
+    fwd512 = find(implementation="blocked", n=512, causal=False, **{"pass": "fwd"})
+    ref128 = find(implementation="reference", n=128, **{"pass": "fwd"})
+    blk128 = find(implementation="blocked", n=128, **{"pass": "fwd"})
+    mem_f = find(implementation="blocked", n=1024, **{"pass": "fwd"})["temp_bytes"]
+    mem_g = find(implementation="blocked", n=1024, **{"pass": "fwd+grad"})["temp_bytes"]
+    mem_ref = find(implementation="reference", n=1024, **{"pass": "fwd"})["temp_bytes"]
+    causal = find(implementation="blocked", n=512, causal=True, window=None, **{"pass": "fwd"})
+    win = find(implementation="blocked", n=4096, **{"pass": "fwd"})
+    full_4096_ms = fwd512["time_ms"] * (4096 / 512) ** 3
+    checks = [
+        (
+            "blocked fwd T=512 H=64 / matmul rate",
+            fwd512["flops_per_s"] / rate,
+            ">= 0.60",
+            fwd512["flops_per_s"] / rate >= 0.60,
+        ),
+        (
+            "blocked / reference time, T=128",
+            blk128["time_ms"] / ref128["time_ms"],
+            "<= 1.25",
+            blk128["time_ms"] <= 1.25 * ref128["time_ms"],
+        ),
+        ("blocked fwd temp MiB, T=1024 H=32", mem_f / mib, "<= 64", mem_f <= 64 * mib),
+        ("blocked grad temp MiB, T=1024 H=32", mem_g / mib, "<= 256", mem_g <= 256 * mib),
+        ("reference fwd temp MiB, T=1024 H=32", mem_ref / mib, "(for comparison)", True),
+        (
+            "causal / full time, T=512",
+            causal["time_ms"] / fwd512["time_ms"],
+            "<= 0.45",
+            causal["time_ms"] <= 0.45 * fwd512["time_ms"],
+        ),
+        (
+            "full(4096, from 512 x 8^3) / window(64,16)",
+            full_4096_ms / win["time_ms"],
+            ">= 500",
+            full_4096_ms >= 500 * win["time_ms"],
+        ),
+    ]
+    print("\nTargets:")
+    for name, value, target, ok in checks:
+        print(f"  {'PASS' if ok else 'MISS'}  {name}: {value:.3g} (target {target})")
+    return checks
+
+
+def main(argv):
+    del argv
+    dtype = jnp.dtype(_DTYPE.value)
+    rate = benchlib.matmul_rate(dtype)
+    print(f"device: {benchlib.device_description()}  {dtype.name} matmul: {rate / 1e9:.1f} GFLOP/s")
+    benchlib.append_jsonl(
+        _OUT.value,
+        {
+            "kind": "matmul_rate",
+            "dtype": dtype.name,
+            "flops_per_s": rate,
+            **benchlib.device_description(),
+        },
+    )
+    if _PRESET.value == "targets":
+        points = [
+            dict(impl="reference", t=128, head_dim=64),
+            dict(impl="blocked", t=128, head_dim=64),
+            dict(impl="reference", t=128, head_dim=64, grad=True),
+            dict(impl="blocked", t=128, head_dim=64, grad=True),
+            dict(impl="blocked", t=512, head_dim=64),
+            dict(impl="blocked", t=512, head_dim=64, grad=True),
+            dict(impl="blocked", t=512, head_dim=64, causal=True),
+            dict(impl="blocked", t=1024, head_dim=32, run=False),
+            dict(impl="blocked", t=1024, head_dim=32, grad=True, run=False),
+            dict(impl="reference", t=1024, head_dim=32, run=False),
+            dict(impl="blocked", t=4096, head_dim=64, window=(64, 16)),
+        ]
+    else:
+        points = [
+            dict(impl=impl, t=int(t), head_dim=64, grad=grad)
+            for t in _LENGTHS.value
+            for impl in _IMPLS.value
+            for grad in (False, True)
+        ]
+    rows = []
+    for point in points:
+        row = measure(**point, dtype=dtype)
+        row["fraction_of_matmul"] = row["flops_per_s"] / rate if "flops_per_s" in row else None
+        row["temp_mib"] = None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20
+        benchlib.append_jsonl(_OUT.value, row)
+        rows.append(row)
+        print(
+            f"  {row['implementation']:>9} n={row['n']:<5} {row['pass']:<8} "
+            f"{row.get('time_ms', float('nan')):10.2f} ms",
+            flush=True,
+        )
+    print()
+    benchlib.print_table(
+        rows,
+        [
+            "implementation",
+            "n",
+            "head_dim",
+            "causal",
+            "window",
+            "pass",
+            "compile_s",
+            "time_ms",
+            "fraction_of_matmul",
+            "temp_mib",
+        ],
+    )
+    if _PRESET.value == "targets":
+        report_targets(rows, rate)
+
+
+if __name__ == "__main__":
+    app.run(main)
