@@ -17,7 +17,11 @@ from absl import app, flags
 import tensorattn
 from experiments import benchlib
 
-_PRESET = flags.DEFINE_enum("preset", "targets", ["targets", "sweep"], "What to measure.")
+_PRESET = flags.DEFINE_enum(
+    "preset", "targets", ["targets", "sweep", "gpu", "tiles"], "What to measure."
+)
+_BLOCKS = flags.DEFINE_list("block_sizes", [], "block_q,block_k1,block_k2 for 'blocked'.")
+_TILE_GRID = ["64,32,128", "128,32,128", "128,64,128", "128,32,256", "256,16,256", "64,64,256"]
 _LENGTHS = flags.DEFINE_list("lengths", ["128", "256", "512"], "Sweep lengths (preset=sweep).")
 _IMPLS = flags.DEFINE_list("impls", ["reference", "blocked"], "Implementations (preset=sweep).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
@@ -46,12 +50,21 @@ def make_inputs(t: int, head_dim: int, dtype):
     return [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]
 
 
-def measure(impl, t, head_dim, *, causal=False, window=None, grad=False, run=True, dtype):
+def measure(
+    impl, t, head_dim, *, causal=False, window=None, grad=False, run=True, dtype, blocks=None
+):
     """One benchmark point as a dict."""
     inputs = make_inputs(t, head_dim, dtype)
 
+    options = {}
+    if impl == "blocked" and (blocks or _BLOCKS.value):
+        sizes = blocks or tuple(int(b) for b in _BLOCKS.value)
+        options["block_sizes"] = tensorattn.BlockSizes(*sizes)
+
     def forward(*x):
-        return tensorattn.tensor_attention(*x, implementation=impl, causal=causal, window=window)
+        return tensorattn.tensor_attention(
+            *x, implementation=impl, causal=causal, window=window, **options
+        )
 
     if grad:
 
@@ -73,10 +86,17 @@ def measure(impl, t, head_dim, *, causal=False, window=None, grad=False, run=Tru
         "causal": causal,
         "window": window,
         "pass": "fwd+grad" if grad else "fwd",
+        "block_sizes": str(options.get("block_sizes")),
         "temp_bytes": benchlib.temp_bytes(fn, *inputs),
         **benchlib.device_description(),
     }
-    flops = 4.0 * allowed_tuples(t, causal or window is not None, window) * head_dim * _BATCH.value * _HEADS.value
+    flops = (
+        4.0
+        * allowed_tuples(t, causal or window is not None, window)
+        * head_dim
+        * _BATCH.value
+        * _HEADS.value
+    )
     row["flops"] = flops * (GRAD_FLOP_FACTOR if grad else 1.0)
     if run:
         row["compile_s"], seconds = benchlib.time_call(jitted, *inputs, repeats=_REPEATS.value)
@@ -165,6 +185,25 @@ def main(argv):
             dict(impl="reference", t=1024, head_dim=32, run=False),
             dict(impl="blocked", t=4096, head_dim=64, window=(64, 16)),
         ]
+    elif _PRESET.value == "gpu":
+        points = [dict(impl="reference", t=512, head_dim=64)]
+        for head_dim in (64, 128):
+            for grad in (False, True):
+                points += [
+                    dict(impl="blocked", t=1024, head_dim=head_dim, grad=grad),
+                    dict(impl="blocked", t=4096, head_dim=head_dim, grad=grad),
+                    dict(impl="blocked", t=16384, head_dim=head_dim, grad=grad, window=(512, 32)),
+                ]
+    elif _PRESET.value == "tiles":
+        points = [
+            dict(
+                impl="blocked",
+                t=int(_LENGTHS.value[-1]),
+                head_dim=64,
+                blocks=tuple(int(b) for b in tiles.split(",")),
+            )
+            for tiles in _TILE_GRID
+        ]
     else:
         points = [
             dict(impl=impl, t=int(t), head_dim=64, grad=grad)
@@ -191,6 +230,7 @@ def main(argv):
             "implementation",
             "n",
             "head_dim",
+            "block_sizes",
             "causal",
             "window",
             "pass",
