@@ -28,6 +28,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input d
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 1, "Query heads N.")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 1, "Key/value heads K.")
+_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims (preset=gpu).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
 _OUT = flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
 
@@ -187,7 +188,7 @@ def main(argv):
         ]
     elif _PRESET.value == "gpu":
         points = [dict(impl="reference", t=512, head_dim=64)]
-        for head_dim in (64, 128):
+        for head_dim in map(int, _HEAD_DIMS.value):
             for grad in (False, True):
                 points += [
                     dict(impl="blocked", t=1024, head_dim=head_dim, grad=grad),
