@@ -138,6 +138,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Tiny model, few steps: every code path (eval, checkpoint, resume) in seconds."""
     config.model.width = 16
     config.model.mlp_dim = 32
+    config.model.head_dim = None
     config.train.batch_size = 16
     config.train.num_steps = 20
     config.train.log_every = 5

@@ -198,9 +198,7 @@ class Encoder(nn.Module):
     ) -> Array:
         x_BxTxD = Embedding(self.options, name="embedding")(tokens_BxT)
         for i, kind in enumerate(self.options.attention_kinds):
-            x_BxTxD = Block(self.options, kind, name=f"block_{i}")(
-                x_BxTxD, mask_BxT, deterministic
-            )
+            x_BxTxD = Block(self.options, kind, name=f"block_{i}")(x_BxTxD, mask_BxT, deterministic)
         return nn.LayerNorm(name="ln_final")(x_BxTxD)
 
 

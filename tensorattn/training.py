@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,9 +101,7 @@ def _attention_kinds(attention: str, num_layers: int, tensor_every: int) -> tupl
     if attention == "standard":
         return ("standard",) * num_layers
     # Layer i is a tensor layer iff (i + 1) % tensor_every == 0: tensor_every=1 means all.
-    return tuple(
-        "tensor" if (i + 1) % tensor_every == 0 else "standard" for i in range(num_layers)
-    )
+    return tuple("tensor" if (i + 1) % tensor_every == 0 else "standard" for i in range(num_layers))
 
 
 def options_from_dict(config: Mapping[str, Any]) -> Options:
@@ -306,7 +303,9 @@ def make_train_step(seed: int):
 def _eval_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
     logits = state.apply_fn({"params": state.params}, batch["inputs"], deterministic=True)
     w = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["labels"]
+    )
     correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
     return {"loss_sum": (ce * w).sum(), "correct": (correct * w).sum(), "count": w.sum()}
 
@@ -417,7 +416,9 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     latest = checkpoints.latest_step()
     if latest is not None and latest >= t.num_steps:
-        log.info("run in %s is complete (step %d of %d); nothing to train", workdir, latest, t.num_steps)
+        log.info(
+            "run in %s is complete (step %d of %d); nothing to train", workdir, latest, t.num_steps
+        )
         checkpoints.close()
         evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
         return {**(evals[-1] if evals else {"step": latest}), "complete": True}
@@ -480,7 +481,9 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
         t0, s0 = time.time(), start
         try:
             for step in range(start + 1, t.num_steps + 1):
-                batch = _to_global(tasks.train_batch(task, t.seed, step, t.batch_size), data_sharding)
+                batch = _to_global(
+                    tasks.train_batch(task, t.seed, step, t.batch_size), data_sharding
+                )
                 state, metrics = train_step(state, batch)
                 pending.append((step, metrics))
                 is_last = step == t.num_steps

@@ -1,0 +1,21 @@
+"""Function composition: tokens `[f(0)..f(n-1), x, y]`; per sequence, does `f(f(x)) = y`?
+
+Config string: `attention=tensor|standard|polynomial`, `size=16`, `smoke`.
+
+    python -m experiments.train --config=configs/function_composition.py --workdir=/tmp/fc
+    python -m experiments.train --config=configs/function_composition.py:smoke --workdir=/tmp/fc_s
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    a = common.parse_arg(arg, attention="tensor", size=16, smoke=False)
+    config = common.base_config("function_composition", {"size": a.size}, a.attention)
+    # Positions matter (the table index is the argument); read the answer at the last token.
+    config.model.positional = "learned"
+    config.model.pool = "last"
+    config.train.num_steps = 4000
+    if a.smoke:
+        common.apply_smoke(config)
+    return config

@@ -1,0 +1,123 @@
+"""Task labels against brute force, determinism, balance and the registry."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from tensorattn import tasks
+from tensorattn.tasks import match
+
+
+def brute_match(x, modulus, order):
+    n = len(x)
+    out = np.zeros(n, np.int32)
+    for i in range(n):
+        for rest in itertools.product(range(n), repeat=order - 1):
+            if (x[i] + sum(x[j] for j in rest)) % modulus == 0:
+                out[i] = 1
+                break
+    return out
+
+
+@pytest.mark.parametrize("order,length,modulus", [(2, 7, 11), (3, 9, 53), (3, 16, 181)])
+def test_match_labels_brute_force(order, length, modulus):
+    task = tasks.make(f"match{order}", length=length, modulus=modulus)
+    x, y, m = task.sample(np.random.default_rng(3), 16)
+    assert x.dtype == np.int32 and y.dtype == np.int32 and m.dtype == bool
+    assert x.shape == y.shape == m.shape == (16, length)
+    assert m.all() and x.min() >= 0 and x.max() < modulus
+    for row_x, row_y in zip(x, y):
+        np.testing.assert_array_equal(row_y, brute_match(row_x, modulus, order))
+
+
+def test_function_composition_brute_force():
+    task = tasks.make("function_composition", size=7)
+    x, y, m = task.sample(np.random.default_rng(0), 64)
+    assert x.shape == (64, 9) and y.shape == (64,) and m.shape == (64,) and m.all()
+    for row, label in zip(x, y):
+        f, q, ans = row[:7], row[7], row[8]
+        assert label == int(f[f[q]] == ans)
+    assert 0.3 < y.mean() < 0.7
+
+
+def brute_relation(r):
+    m = len(r)
+    return np.array(
+        [[any(r[i, k] and r[k, j] for k in range(m)) for j in range(m)] for i in range(m)]
+    )
+
+
+def brute_quotient(r, col):
+    m = len(r)
+    out = np.zeros((m, m), bool)
+    for i, j, k1, k2 in itertools.product(range(m), repeat=4):
+        if k1 != k2 and col[k1] == col[k2] and r[i, k1] and r[k2, j]:
+            out[i, j] = True
+    return out
+
+
+def test_relation_composition_brute_force():
+    task = tasks.make("relation_composition", size=5)
+    x, y, m = task.sample(np.random.default_rng(1), 32)
+    assert x.shape == y.shape == m.shape == (32, 25) and m.all()
+    for row, label in zip(x, y):
+        np.testing.assert_array_equal(label.reshape(5, 5), brute_relation(row.reshape(5, 5)))
+
+
+def test_quotient_relation_composition_brute_force():
+    size = 5
+    task = tasks.make("quotient_relation_composition", size=size)
+    x, y, m = task.sample(np.random.default_rng(2), 16)
+    assert x.shape == y.shape == m.shape == (16, size * size + size)
+    assert m[:, : size * size].all() and not m[:, size * size :].any()
+    for row, label in zip(x, y):
+        r, col = row[: size * size].reshape(size, size), row[size * size :] - 2
+        np.testing.assert_array_equal(
+            label[: size * size].reshape(size, size), brute_quotient(r, col)
+        )
+
+
+@pytest.mark.parametrize("name", tasks.names())
+def test_deterministic_by_seed_and_balanced(name):
+    task = tasks.make(name)
+    a = task.sample(np.random.default_rng(7), 256)
+    b = task.sample(np.random.default_rng(7), 256)
+    c = task.sample(np.random.default_rng(8), 256)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(a[0], c[0])
+    x, y, m = a
+    assert x.shape[1] == task.length and x.max() < task.vocab_size
+    assert 0.3 <= y[m].mean() <= 0.7, y[m].mean()
+
+
+def test_eval_set_fixed_and_disjoint_from_training_stream():
+    task = tasks.make("match3", length=8, modulus=53)
+    e1, e2 = tasks.eval_set(task, 5, 64), tasks.eval_set(task, 5, 64)
+    np.testing.assert_array_equal(e1.inputs, e2.inputs)
+    t1 = tasks.train_batch(task, 5, 1, 64)
+    assert not np.array_equal(e1.inputs, t1.inputs)
+    np.testing.assert_array_equal(t1.inputs, tasks.train_batch(task, 5, 1, 64).inputs)
+    assert not np.array_equal(t1.inputs, tasks.train_batch(task, 5, 2, 64).inputs)
+
+
+def test_majority_baseline():
+    labels = np.array([[1, 1, 0, 1], [0, 0, 0, 0]])
+    mask = np.array([[True, True, True, True], [True, False, False, False]])
+    assert tasks.majority_baseline(labels, mask, 2) == pytest.approx(3 / 5)
+
+
+def test_match3_balance_is_enforced():
+    with pytest.raises(ValueError, match="modulus=.*30-70%"):
+        tasks.make("match3", length=16, modulus=17)
+    auto = tasks.make("match3", length=16)
+    assert 0.3 <= tasks.positive_rate(auto) <= 0.7
+    assert auto.modulus == match.balanced_modulus(16, 3)
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.make("match4")
+    with pytest.raises(ValueError, match="bad arguments"):
+        tasks.make("match3", lenght=4)
