@@ -118,6 +118,8 @@ def train_config() -> ml_collections.ConfigDict:
     c.eval_seed = 1234
     # Devices along the `seq` mesh axis (tensor-attention queries sharded over them).
     c.sequence_shards = 1
+    # Use the first N devices (None: all).
+    c.num_devices = ml_collections.FieldReference(None, field_type=int)
     return c
 
 

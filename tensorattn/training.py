@@ -11,6 +11,7 @@ resumed run sees the same data and the same seed gives the same metrics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -76,6 +77,8 @@ class TrainOptions:
     eval_seed: int = 1234
     # Devices along the mesh's `seq` axis (queries of tensor attention sharded over them).
     sequence_shards: int = 1
+    # Use the first N devices (None: all of them).
+    num_devices: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,10 @@ def validate(options: Options, num_devices: int | None = None) -> None:
             f"{t.eval_batch_size}"
         )
     devices = jax.device_count() if num_devices is None else num_devices
+    if t.num_devices is not None:
+        if not 1 <= t.num_devices <= devices:
+            raise ConfigError(f"train.num_devices: must be in [1, {devices}], got {t.num_devices}")
+        devices = t.num_devices
     if devices % t.sequence_shards:
         raise ConfigError(
             f"train.sequence_shards: {t.sequence_shards} does not divide {devices} devices"
@@ -269,34 +276,40 @@ def masked_metrics(logits, labels, mask) -> dict[str, jax.Array]:
     return {"loss": (ce * w).sum() / count, "accuracy": (correct * w).sum() / count}
 
 
-def create_state(options: Options, seed: int) -> train_state.TrainState:
+def create_state(options: Options, seed: int, init_batch: int = 1) -> train_state.TrainState:
+    """Fresh parameters and optimizer state; `init_batch` must divide over the `data` axis."""
     model = models.Classifier(options.model)
     task = tasks.make(options.task.name, **options.task.kwargs)
-    dummy = jnp.zeros((1, task.length), jnp.int32)
+    dummy = jnp.zeros((init_batch, task.length), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(seed), dummy)["params"]
     tx = make_optimizer(options.optim, options.train.num_steps)
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _train_step(state: train_state.TrainState, batch: dict[str, jax.Array], seed: jax.Array):
+    # Module-level jit: runs with equal options share one compilation.
+    dropout_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+
+    def loss_fn(params):
+        logits = state.apply_fn(
+            {"params": params},
+            batch["inputs"],
+            deterministic=False,
+            rngs={"dropout": dropout_key},
+        )
+        metrics = masked_metrics(logits, batch["labels"], batch["mask"])
+        return metrics["loss"], metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return state.apply_gradients(grads=grads), metrics
+
+
 def make_train_step(seed: int):
-    def train_step(state: train_state.TrainState, batch: dict[str, jax.Array]):
-        dropout_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
-
-        def loss_fn(params):
-            logits = state.apply_fn(
-                {"params": params},
-                batch["inputs"],
-                deterministic=False,
-                rngs={"dropout": dropout_key},
-            )
-            metrics = masked_metrics(logits, batch["labels"], batch["mask"])
-            return metrics["loss"], metrics
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return state.apply_gradients(grads=grads), metrics
-
-    return jax.jit(train_step, donate_argnums=0)
+    """`step(state, batch) -> (state, metrics)`, jitted, donating `state`."""
+    seed_array = np.int32(seed)
+    return lambda state, batch: _train_step(state, batch, seed_array)
 
 
 @jax.jit
@@ -411,7 +424,7 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
     if jax.process_index() == 0:
         _write_config(options, workdir)
 
-    mesh = sharding.make_mesh(t.sequence_shards)
+    mesh = sharding.make_mesh(t.sequence_shards, jax.devices()[: t.num_devices])
     data_sharding = sharding.batch_sharded(mesh)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     latest = checkpoints.latest_step()
@@ -424,7 +437,7 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
         return {**(evals[-1] if evals else {"step": latest}), "complete": True}
 
     with jax.set_mesh(mesh):
-        state = create_state(options, t.seed)
+        state = create_state(options, t.seed, sharding.data_parallel_size(mesh))
         state = jax.device_put(state, sharding.replicated(mesh))
         num_params = models.count_params(state.params)
         start = 0
@@ -442,7 +455,7 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
             task.vocab_size,
             options.model.attention_kinds,
             num_params,
-            jax.device_count(),
+            mesh.size,
             dict(mesh.shape),
         )
         if start == 0:

@@ -1,0 +1,154 @@
+"""Flax layers against the float64 oracle applied to the layers' own projections."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+
+from tensorattn.layers import StandardAttention, TensorAttention, bound_entries
+
+
+def proj(x, p):
+    return np.einsum("btd,dnh->btnh", np.asarray(x, np.float64), np.asarray(p["dense"]["kernel"]))
+
+
+def out_proj(o, p):
+    return np.einsum("btnv,nvd->btd", o, np.asarray(p["kernel"], np.float64))
+
+
+def tensor_expected(
+    params, xq, xk1, xk2, scale, masks=None, causal=False, windows=None, bound=None
+):
+    def bnd(a):
+        return a if bound is None else bound * np.tanh(a / bound)
+
+    q = bnd(proj(xq, params["query"]))
+    k1, k2 = bnd(proj(xk1, params["key1"])), bnd(proj(xk2, params["key2"]))
+    v1, v2 = proj(xk1, params["value1"]), proj(xk2, params["value2"])
+    o = oracle.attention(
+        q, [k1, k2], [v1, v2], scale=scale, causal=causal, windows=windows, masks=masks
+    )
+    return out_proj(o, params["out"])
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,implementation",
+    [(4, 4, None, "blocked"), (4, 2, 8, "reference"), (2, 1, 5, "blocked")],
+)
+def test_tensor_self_attention_matches_oracle(heads, kv_heads, head_dim, implementation):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+    layer = TensorAttention(
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, implementation=implementation
+    )
+    params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
+    got = jax.jit(layer.apply, static_argnames="deterministic")({"params": params}, x)
+    assert got.shape == x.shape
+    h = head_dim or 16 // heads
+    want = tensor_expected(params, x, x, x, h**-0.5)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_tensor_cross_attention_two_modalities_with_masks():
+    kq, k1, k2 = jax.random.split(jax.random.key(2), 3)
+    xq = jax.random.normal(kq, (2, 5, 12))
+    xa = jax.random.normal(k1, (2, 6, 12))
+    xb = jax.random.normal(k2, (2, 9, 12))
+    ma = np.ones((2, 6), bool)
+    ma[0, 4:] = False
+    mb = np.ones((2, 9), bool)
+    mb[1, :7] = False
+    layer = TensorAttention(
+        num_heads=2, out_features=7, entry_bound=1.5, implementation="reference"
+    )
+    params = jax.jit(layer.init)(jax.random.key(3), xq, xa, xb)["params"]
+    got = jax.jit(layer.apply, static_argnames="deterministic")(
+        {"params": params}, xq, xa, xb, k1_mask=ma, k2_mask=mb
+    )
+    assert got.shape == (2, 5, 7)
+    want = tensor_expected(params, xq, xa, xb, 6**-0.5, masks=[ma, mb], bound=1.5)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_tensor_causal_window_and_learned_scale():
+    x = jax.random.normal(jax.random.key(4), (1, 9, 8))
+    layer = TensorAttention(
+        num_heads=2,
+        causal=True,
+        window=(3, 5),
+        learn_scale=True,
+        scale=0.7,
+        implementation="reference",
+    )
+    variables = jax.jit(layer.init)(jax.random.key(5), x)
+    params = variables["params"]
+    np.testing.assert_allclose(params["log_scale"], np.log(0.7) * np.ones(2), rtol=1e-6)
+    got = jax.jit(layer.apply, static_argnames="deterministic")(variables, x)
+    want = tensor_expected(params, x, x, x, 0.7, causal=True, windows=[3, 5])
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    grads = jax.grad(
+        lambda p: jax.jit(layer.apply, static_argnames="deterministic")({"params": p}, x).sum()
+    )(params)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    assert np.abs(grads["log_scale"]).sum() > 0
+
+
+def test_dropout_only_in_training():
+    x = jax.random.normal(jax.random.key(6), (2, 4, 8))
+    layer = TensorAttention(num_heads=2, dropout_rate=0.5, implementation="reference")
+    v = jax.jit(layer.init)(jax.random.key(7), x)
+    a = jax.jit(layer.apply, static_argnames="deterministic")(v, x)
+    np.testing.assert_array_equal(a, jax.jit(layer.apply, static_argnames="deterministic")(v, x))
+    b = jax.jit(layer.apply, static_argnames="deterministic")(
+        v, x, deterministic=False, rngs={"dropout": jax.random.key(8)}
+    )
+    assert not np.allclose(a, b)
+
+
+def test_bound_entries():
+    x = jnp.linspace(-100, 100, 11)
+    y = bound_entries(x, 2.0)
+    assert float(jnp.abs(y).max()) <= 2.0
+    np.testing.assert_allclose(bound_entries(jnp.array([1e-3]), 2.0), [1e-3], rtol=1e-5)
+    assert bound_entries(x, None) is x
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 3)])
+def test_standard_attention_matches_oracle(causal, window):
+    x = jax.random.normal(jax.random.key(9), (2, 7, 16))
+    mask = np.ones((2, 7), bool)
+    mask[1, 5:] = False
+    layer = StandardAttention(num_heads=4, num_kv_heads=2, causal=causal, window=window)
+    params = jax.jit(layer.init)(jax.random.key(10), x)["params"]
+    got = jax.jit(layer.apply, static_argnames="deterministic")({"params": params}, x, kv_mask=mask)
+    q, k, v = (proj(x, params[n]) for n in ("query", "key", "value"))
+    o = oracle.attention(q, [k], [v], scale=4**-0.5, causal=causal, windows=[window], masks=[mask])
+    np.testing.assert_allclose(got, out_proj(o, params["out"]), rtol=2e-4, atol=2e-5)
+
+
+def test_layer_errors():
+    x = jnp.zeros((1, 4, 10))
+    with pytest.raises(ValueError, match="not divisible by num_heads=3"):
+        TensorAttention(num_heads=3).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        TensorAttention(num_heads=2, num_kv_heads=3, head_dim=4).init(jax.random.key(0), x)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorattn.kernels.polynomial") is None,
+    reason="polynomial kernel not available",
+)
+def test_polynomial_implementation_passes_options_through():
+    x = 0.3 * jax.random.normal(jax.random.key(11), (1, 6, 8))
+    exact = TensorAttention(num_heads=2, implementation="reference", entry_bound=1.0)
+    approx = TensorAttention(
+        num_heads=2, implementation="polynomial", attention_options={"degree": 6}, entry_bound=1.0
+    )
+    params = jax.jit(exact.init)(jax.random.key(12), x)
+    np.testing.assert_allclose(
+        jax.jit(approx.apply, static_argnames="deterministic")(params, x),
+        jax.jit(exact.apply, static_argnames="deterministic")(params, x),
+        atol=1e-2,
+    )

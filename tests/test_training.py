@@ -1,0 +1,156 @@
+"""The training loop end to end on the smoke config: artifacts, resume, completion, determinism,
+non-finite losses, config validation and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import match3
+from tensorattn import tasks, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+    config = match3.get_config("smoke").to_dict()
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    return config
+
+
+def records(workdir):
+    """Metric records without wall-clock fields."""
+    return [
+        {k: v for k, v in r.items() if k != "steps_per_sec"} for r in training.read_metrics(workdir)
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    final = training.train_and_evaluate(smoke_config(), workdir)
+    return workdir, final
+
+
+def test_artifacts(finished):
+    workdir, final = finished
+    assert final["step"] == 20 and 0.0 <= final["eval/accuracy"] <= 1.0
+    assert "eval/majority" in final
+    recs = training.read_metrics(workdir)
+    assert all("step" in r for r in recs)
+    assert recs[0]["num_params"] > 0
+    assert {r["step"] for r in recs if "eval/accuracy" in r} == {10, 20}
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["task"]["name"] == "match3"
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(f"{workdir}/tensorboard"))
+
+
+def test_rerun_of_finished_run_trains_nothing(finished):
+    workdir, final = finished
+    before = records(workdir)
+    again = training.train_and_evaluate(smoke_config(), workdir)
+    assert again["complete"] and again["eval/accuracy"] == final["eval/accuracy"]
+    assert records(workdir) == before
+
+
+def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path, monkeypatch):
+    """Killed at step 15 (last checkpoint 10); the resumed run equals the uninterrupted one,
+    which also shows that the same seed gives the same metrics."""
+    workdir, _ = finished
+    resumed = str(tmp_path)
+    real = tasks.train_batch
+
+    def dying(task, seed, step, batch_size):
+        if step == 15:
+            raise KeyboardInterrupt("simulated kill")
+        return real(task, seed, step, batch_size)
+
+    monkeypatch.setattr(tasks, "train_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_and_evaluate(smoke_config(), resumed)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["10"]
+    monkeypatch.setattr(tasks, "train_batch", real)
+    training.train_and_evaluate(smoke_config(), resumed)
+    assert records(resumed) == records(workdir)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = training.make_train_step
+
+    def poisoned(seed):
+        step_fn = real(seed)
+
+        def wrapped(state, batch):
+            state, metrics = step_fn(state, batch)
+            if int(state.step) >= 13:
+                metrics = {**metrics, "loss": metrics["loss"] * float("nan")}
+            return state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(training, "make_train_step", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match="step 13.*checkpoint is step 10"):
+        training.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(model__num_heads=3), "model.num_heads"),
+        (dict(model__attention="cubic"), "model.attention"),
+        (dict(model__embedding="onehot"), "model.embedding"),
+        (dict(task__kwargs={"length": 10, "modulus": 7}), "task.kwargs"),
+        (dict(task__name="match5"), "task.name"),
+        (dict(model__colour="red"), "model.colour"),
+        (dict(train__batch_size=0), "train.batch_size"),
+        (dict(train__eval_size=100), "train.eval_size"),
+        (dict(optim__learning_rate=-1.0), "optim.learning_rate"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(training.ConfigError, match=field.replace(".", r"\.")):
+        training.validate(training.options_from_dict(smoke_config(**overrides)))
+
+
+def test_attention_kinds_from_tensor_every():
+    options = training.options_from_dict(smoke_config(model__num_layers=4, model__tensor_every=2))
+    assert options.model.attention_kinds == ("standard", "tensor", "standard", "tensor")
+    options = training.options_from_dict(smoke_config(model__attention="polynomial"))
+    assert options.model.implementation == "polynomial"
+
+
+def run_cli(*args, timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_smoke_run(tmp_path):
+    out = run_cli("--config=configs/match3.py:smoke", f"--workdir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "config.json").exists()
+    assert (tmp_path / "checkpoints" / "20").exists()
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("--config.model.num_heads=3", "model.num_heads"),
+        ("--config.model.num_headz=2", "num_headz"),
+    ],
+)
+def test_cli_bad_override_exits_nonzero_naming_the_field(tmp_path, override, needle):
+    out = run_cli("--config=configs/match3.py:smoke", f"--workdir={tmp_path}", override)
+    assert out.returncode != 0
+    assert needle in out.stderr + out.stdout
+    assert not (tmp_path / "checkpoints").exists()
