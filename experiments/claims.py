@@ -75,7 +75,7 @@ def scaling_config(preset: str, pass_: str) -> dict:
     config.passes = (pass_,)
     config.polynomial.gradient = "closed_form"
     if preset == "smoke":
-        config.lengths = (32, 64, 128)
+        config.lengths = (16, 32, 64)
     elif preset == "cpu":
         config.head_dim = 16
         config.polynomial.degree = 4
@@ -487,7 +487,7 @@ def claim_expressivity(workdir: str, preset: str, tasks=None, entry_bound=1.0, d
 def claim_bounded(workdir: str, preset: str, bounds=None, degree=4) -> dict:
     """Claim 5: Match3 accuracy of the polynomial model as its entry bound grows, with the
     exact tensor model as reference."""
-    bounds = bounds or ((0.5, 2.0) if preset == "smoke" else (0.5, 1.0, 2.0, 4.0))
+    bounds = bounds or ((0.5, 2.0) if preset == "smoke" else (0.25, 1.0, 4.0))
     models = [Model("tensor-1", "tensor")] + [
         Model(f"polynomial-1(B={b:g},g={degree})", "polynomial", 1, b, degree) for b in bounds
     ]

@@ -148,9 +148,9 @@ def device_memory_limit(configured: int) -> int:
     return 8 << 30
 
 
-def error_against_exact(point: Mapping[str, Any], inputs) -> float:
+def error_against_exact(point: Mapping[str, Any], inputs, compiled=None) -> float:
     """Max |approx - exact| / max |exact| (output, or all five gradients) against blocked."""
-    approx = jax.jit(make_fn(point))(*inputs)
+    approx = (compiled or jax.jit(make_fn(point)))(*inputs)
     exact = jax.jit(make_fn(point, "blocked"))(*inputs)
     leaves_a = [np.asarray(x, np.float64) for x in jax.tree.leaves(approx)]
     leaves_e = [np.asarray(x, np.float64) for x in jax.tree.leaves(exact)]
@@ -181,7 +181,7 @@ def measure(point: dict, *, repeats: int, memory_limit: int, error_max_length: i
         row["time_ms"] = seconds * 1e3
         row["flops_per_s"] = row["flops"] / seconds
         if point["implementation"] not in EXACT and point["n"] <= error_max_length:
-            row["relative_error"] = error_against_exact(point, inputs)
+            row["relative_error"] = error_against_exact(point, inputs, compiled)
         row["status"] = "ok"
     except Exception as e:  # a failed point is a row, not the end of the sweep
         row["status"] = "oom" if _is_oom(e) else "error"
@@ -367,7 +367,8 @@ def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> No
     ax_m.set(xlabel="sequence length n", ylabel="compiled memory (MiB)", title="memory")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     device = rows[0].get("device_kind", "") if rows else ""
     fig.suptitle(title or f"tensor attention sweep on {device}")
     fig.tight_layout()

@@ -1,0 +1,97 @@
+"""Smoke versions of the five claims (experiments/claims.py) and their pure pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from experiments import claims
+
+
+def _summaries(workdir):
+    with open(os.path.join(workdir, "claims.jsonl")) as f:
+        return {r["claim"]: r for r in map(json.loads, f)}
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+grad"])
+def test_scaling_claims_smoke(tmp_path, pass_):
+    figure = claims.claim_scaling(str(tmp_path), "smoke", pass_)
+    assert figure["exact_slope"] is not None and figure["polynomial_slope"] is not None
+    assert len(figure["exact_fit_lengths"]) == 3
+    assert 0 < figure["max_relative_error"] < 0.1
+    name = "claim1_forward" if pass_ == "fwd" else "claim2_gradient"
+    for ext in ("png", "md"):
+        assert os.path.getsize(os.path.join(tmp_path, f"{name}.{ext}")) > 0
+    assert name in _summaries(tmp_path)
+
+
+def test_threshold_rows_degree_rank_and_cost():
+    rows = claims.threshold_rows([3], [256], [0.25, 0.5, 1.0, 1.5, 2.0])
+    degrees = [r["degree"] for r in rows]
+    assert degrees == sorted(degrees) and degrees[0] >= 1  # more degree as B grows
+    for r in rows:
+        assert r["d"] == 8 and r["R"] == pytest.approx(r["B"] ** 3)
+        assert r["rank"] == math.comb(8 + r["degree"], r["degree"])
+        assert r["cost_ratio"] == pytest.approx(2 * r["rank"] * 9 * 3 * 256 / (4 * 256**3 * 8))
+    ratios = [r["cost_ratio"] for r in rows]
+    assert ratios == sorted(ratios)
+
+
+def test_crossing_bounds_interpolates_and_fits_c():
+    rows = [
+        {"order": 3, "n": 1024, "B": 1.0, "cost_ratio": 0.1},
+        {"order": 3, "n": 1024, "B": 2.0, "cost_ratio": 10.0},
+        {"order": 2, "n": 1024, "B": 1.0, "cost_ratio": 2.0},
+    ]
+    out = {r["order"]: r for r in claims.crossing_bounds(rows)}
+    assert out[3]["B_star"] == pytest.approx(1.5)  # log-linear: halfway between 0.1 and 10
+    assert out[3]["c"] == pytest.approx(1.5 / math.log(1024) ** (1 / 3))
+    assert out[2]["B_star"] is None  # never cheap on the grid
+
+
+def test_threshold_claim_smoke(tmp_path):
+    figure = claims.claim_threshold(str(tmp_path), "smoke")
+    for t in (2, 3, 4):
+        assert figure[f"c_order{t}"] > 0
+    assert figure["empirical_checks"] >= 1
+    assert figure["empirical_checks_holding"] == figure["empirical_checks"]
+    assert os.path.getsize(os.path.join(tmp_path, "claim3_threshold.png")) > 0
+
+
+def test_train_configs_of_every_task_and_model():
+    for task in claims.TASKS:
+        for model in claims.models_for(1.5, 3):
+            for preset in ("smoke", "cpu"):
+                c = claims.train_config(task, model, seed=2, preset=preset)
+                assert c["model"]["attention"] == model.attention
+                assert c["model"]["num_layers"] == model.num_layers
+                assert c["train"]["seed"] == 2
+        poly = claims.train_config(task, claims.models_for(1.5, 3)[-1], 0, "smoke")
+        assert poly["model"]["entry_bound"] == 1.5
+        assert poly["model"]["attention_options"] == {"degree": 3}
+
+
+def test_aggregate_median_and_spread(tmp_path):
+    rows = [
+        {"task": "m", "model": "a", "accuracy": acc, "status": "ok", "majority": 0.6}
+        for acc in (0.7, 0.9, 0.8)
+    ] + [{"task": "m", "model": "b", "accuracy": None, "status": "error", "majority": 0.6}]
+    agg = {a["model"]: a for a in claims.aggregate(rows)}
+    assert agg["a"]["median"] == 0.8 and agg["a"]["min"] == 0.7 and agg["a"]["max"] == 0.9
+    assert agg["b"]["median"] is None and agg["b"]["failed"] == 1
+    claims._plot_bars(list(agg.values()), str(tmp_path / "bars.png"))
+    assert os.path.getsize(tmp_path / "bars.png") > 0
+
+
+def test_training_claims_smoke(tmp_path):
+    """Claim 5 at smoke size (covers claim 4's machinery: runs, resume, aggregate, plot)."""
+    figure = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))
+    assert set(figure["accuracy"]) == {"tensor-1", "polynomial-1(B=1,g=4)"}
+    assert all(0 <= a <= 1 for a in figure["accuracy"].values())
+    again = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))  # resumes: no new runs
+    assert again["accuracy"] == figure["accuracy"]
+    with open(os.path.join(tmp_path, "claim5_bounded.jsonl")) as f:
+        assert len(f.readlines()) == 2
