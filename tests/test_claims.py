@@ -89,7 +89,7 @@ def test_aggregate_median_and_spread(tmp_path):
 def test_training_claims_smoke(tmp_path):
     """Claim 5 at smoke size (covers claim 4's machinery: runs, resume, aggregate, plot)."""
     figure = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))
-    assert set(figure["accuracy"]) == {"tensor-1", "polynomial-1(B=1,g=4)"}
+    assert set(figure["accuracy"]) == {"tensor-1", "polynomial-1(B=1,g=4,H=8)"}
     assert all(0 <= a <= 1 for a in figure["accuracy"].values())
     again = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))  # resumes: no new runs
     assert again["accuracy"] == figure["accuracy"]
