@@ -1,0 +1,40 @@
+r"""Re-draws a sweep's log-log plot and table from its JSON lines (matplotlib, Agg backend).
+
+    python scripts/plot_sweep.py results/cpu/claim1_forward --fit_points=5
+    python scripts/plot_sweep.py DIR --out=DIR/custom.png --title="H100, bf16"
+
+Useful to change the fitted range, or to plot rows gathered from several machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from experiments import sweep  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", help="folder holding sweep.jsonl")
+    parser.add_argument("--fit_points", type=int, default=3, help="last lengths to fit")
+    parser.add_argument("--out", default=None, help="PNG path (default WORKDIR/sweep.png)")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    rows = sweep.read_rows(os.path.join(args.workdir, "sweep.jsonl"))
+    if not rows:
+        sys.exit(f"no rows in {args.workdir}/sweep.jsonl")
+    slopes = sweep.series_slopes(rows, args.fit_points)
+    sweep.plot_sweep(rows, slopes, args.out or os.path.join(args.workdir, "sweep.png"), args.title)
+    for (impl, pass_), s in slopes.items():
+        print(
+            f"{impl:>10} {pass_:<8} time slope {s['time_slope']:.2f} "
+            f"memory slope {s['memory_slope']:.2f} on n={s['fit_lengths']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
