@@ -29,8 +29,8 @@ def get_config(arg: str | None = None):
     config.model.head_dim = 128
     config.model.num_layers = 1
     config.train.batch_size = 256
-    config.train.num_steps = 1000
-    config.train.eval_every = 250
+    config.train.num_steps = 800
+    config.train.eval_every = 200
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 200
     if a.smoke:
