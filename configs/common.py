@@ -131,6 +131,9 @@ def base_config(task: str, task_kwargs: dict, attention: str) -> ml_collections.
     # Task constructor arguments.
     config.task.kwargs = ml_collections.ConfigDict(task_kwargs)
     config.model = model_config(attention)
+    if attention == "polynomial":
+        # Degree of the polynomial replacing exp (tensorattn.kernels.polynomial options).
+        config.model.attention_options.degree = 4
     config.optim = optim_config()
     config.train = train_config()
     return config

@@ -123,6 +123,8 @@ def test_attention_kinds_from_tensor_every():
     assert options.model.attention_kinds == ("standard", "tensor", "standard", "tensor")
     options = training.options_from_dict(smoke_config(model__attention="polynomial"))
     assert options.model.implementation == "polynomial"
+    config = match3.get_config("attention=polynomial,smoke")
+    assert training.options_from_dict(config.to_dict()).model.attention_options == {"degree": 4}
 
 
 def run_cli(*args, timeout=240):
