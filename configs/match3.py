@@ -4,6 +4,8 @@ One standard attention layer of small width cannot solve it; one tensor attentio
 Default setting: length 10, modulus 53 (about 65% positives). Pairs with `j = k` or `i` among
 them are order-2 relations a standard layer can learn, but here they fall mostly on positions
 that are positive anyway, so they barely beat the majority class; the rest needs the triple.
+Measured with the default config (800 steps, batch 256; 2-core shared CPU): tensor 91.1%
+held-out accuracy in 7.5 min, standard 67.1% in 1.2 min, majority baseline 65.3%.
 Config string: comma-separated `attention=tensor|standard|polynomial`, `length=10`,
 `modulus=53`, `smoke`. Runnable commands:
 
