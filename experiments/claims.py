@@ -3,8 +3,10 @@ r"""The seed papers' five claims, each one command writing JSON lines, a plot an
     python -m experiments.claims --claim=forward --preset=cpu --workdir=results/cpu
     python -m experiments.claims --claim=gradient --preset=cpu --workdir=results/cpu
     python -m experiments.claims --claim=threshold --preset=cpu --workdir=results/cpu
-    python -m experiments.claims --claim=expressivity --preset=cpu --workdir=/work/runs/claims
-    python -m experiments.claims --claim=bounded --preset=cpu --workdir=/work/runs/claims
+    python -m experiments.claims --claim=expressivity --preset=cpu --workdir=/tmp/claims \
+        --tasks=match3,match2
+    python -m experiments.claims --claim=bounded --preset=cpu --workdir=/tmp/claims \
+        --bounds=0.25,1,4
 
 `--preset=smoke` (CI, seconds), `cpu` (this machine, minutes) or `full` (accelerators). Claim
 `X` writes `WORKDIR/claimN_X.{jsonl,png,md}` and appends its headline figure to
