@@ -170,31 +170,38 @@ class _Tile:
         return jnp.einsum("arv,av->rv", w, self.v_outer.astype(w.dtype))
 
 
-def _split_heads(q, keys, values, valid, cfg: _Config):
-    """Pads to tile multiples and lays out per-(batch, kv-head) tiles."""
-    b, t, n, h = q.shape
-    kv = keys[0].shape[2]
+def _query_tiles(x, kv: int, cfg: _Config):
+    """Pads `[B,T,N,X]` to whole query tiles -> `[B,K,nq,G*bq,X]`: a tile's rows are
+    (head in the key/value group, position)."""
+    b, t, n, d = x.shape
     g = n // kv
     bq = cfg.blocks.block_q
     nq = cfg.num_q_tiles
-    q = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
-    # [B,T,N,H] -> [B,K,nq,G*bq,H]: a tile's rows are (head in group, position).
-    q_tiles = q.reshape(b, nq, bq, kv, g, h).transpose(0, 3, 1, 4, 2, 5)
-    q_tiles = q_tiles.reshape(b, kv, nq, g * bq, h)
+    x = jnp.pad(x, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+    x = x.reshape(b, nq, bq, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, kv, nq, g * bq, d)
+
+
+def _key_tiles(x, kv: int, bk: int):
+    """Pads `[B,S,K,X]` -> `[B,K,nt,bk,X]`, or a validity `[B,S]` -> `[B,K,nt,bk]`."""
+    b, s = x.shape[:2]
+    nt = -(-s // bk)
+    x = jnp.pad(x, ((0, 0), (0, nt * bk - s)) + ((0, 0),) * (x.ndim - 2))
+    if x.ndim == 2:
+        return jnp.broadcast_to(x.reshape(b, 1, nt, bk), (b, kv, nt, bk))
+    return x.reshape(b, nt, bk, kv, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+
+
+def _split_heads(q, keys, values, valid, cfg: _Config):
+    """Pads to tile multiples and lays out per-(batch, kv-head) tiles."""
+    kv = keys[0].shape[2]
+    g = q.shape[2] // kv
+    bq, nq = cfg.blocks.block_q, cfg.num_q_tiles
     qpos = jnp.tile(jnp.arange(nq * bq).reshape(nq, 1, bq), (1, g, 1)).reshape(nq, g * bq)
-
-    def tiles(x, bk):
-        s = x.shape[1]
-        nt = -(-s // bk)
-        x = jnp.pad(x, ((0, 0), (0, nt * bk - s)) + ((0, 0),) * (x.ndim - 2))
-        if x.ndim == 2:  # validity [B, S] -> [B, K, nt, bk]
-            return jnp.broadcast_to(x.reshape(b, 1, nt, bk), (b, kv, nt, bk))
-        return x.reshape(b, nt, bk, kv, x.shape[-1]).transpose(0, 3, 1, 2, 4)
-
-    k_t = [tiles(k, bk) for k, bk in zip(keys, cfg.key_blocks)]
-    v_t = [tiles(v, bk) for v, bk in zip(values, cfg.key_blocks)]
-    valid_t = [tiles(m, bk) for m, bk in zip(valid, cfg.key_blocks)]
-    return q_tiles, qpos, k_t, v_t, valid_t
+    k_t = [_key_tiles(k, kv, bk) for k, bk in zip(keys, cfg.key_blocks)]
+    v_t = [_key_tiles(v, kv, bk) for v, bk in zip(values, cfg.key_blocks)]
+    valid_t = [_key_tiles(m, kv, bk) for m, bk in zip(valid, cfg.key_blocks)]
+    return _query_tiles(q, kv, cfg), qpos, k_t, v_t, valid_t
 
 
 def _merge_heads(x_BKnRX, cfg: _Config, n: int):
@@ -339,8 +346,9 @@ def _blocked_bwd(cfg: _Config, res, d_out):
     f32 = _acc(d_out, out)
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     # Lay dO and Delta out like q's tiles.
-    d_out_t, _, _, _, _ = _split_heads(d_out, keys, values, valid, cfg)
-    delta_t = _split_heads(delta, keys, values, valid, cfg)[0][..., 0]
+    kv = keys[0].shape[2]
+    d_out_t = _query_tiles(d_out, kv, cfg)
+    delta_t = _query_tiles(delta, kv, cfg)[..., 0]
     bwd = _per_head(
         lambda qq, kk, vv, ok, ll, dd, de: _backward_one_head(cfg, qq, qpos, kk, vv, ok, ll, dd, de)
     )
