@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 import tensorattn
@@ -33,15 +32,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median repo
 _OUT = flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
 
 GRAD_FLOP_FACTOR = 3.5  # forward (1) + backward (2.5), MATH.md section 3
-
-
-def allowed_tuples(t: int, causal: bool, window) -> float:
-    """Number of allowed (i, a, b) triples for self-attention of length t."""
-    if not causal:
-        return float(t) ** 3
-    i = np.arange(1, t + 1, dtype=np.float64)
-    w1, w2 = window if window is not None else (t, t)
-    return float(np.sum(np.minimum(i, w1) * np.minimum(i, w2)))
 
 
 def make_inputs(t: int, head_dim: int, dtype):
@@ -92,11 +82,7 @@ def measure(
         **benchlib.device_description(),
     }
     flops = (
-        4.0
-        * allowed_tuples(t, causal or window is not None, window)
-        * head_dim
-        * _BATCH.value
-        * _HEADS.value
+        4.0 * benchlib.allowed_tuples(t, causal, window) * head_dim * _BATCH.value * _HEADS.value
     )
     row["flops"] = flops * (GRAD_FLOP_FACTOR if grad else 1.0)
     if run:

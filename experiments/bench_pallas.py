@@ -12,8 +12,6 @@ for the backward. Compile time is reported apart; times are medians after a warm
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 import tensorattn
+from experiments import benchlib
 from tensorattn.kernels.pallas import PallasBlockSizes
 
 _OUT = flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
@@ -49,36 +48,10 @@ CASES = {
 }
 
 
-def allowed_pairs(t: int, window) -> float:
-    """Allowed (i, a, b) triples of self-attention of length t (window implies causal)."""
-    if window is None:
-        return float(t) ** 3
-    i = np.arange(1, t + 1, dtype=np.float64)
-    return float(np.sum(np.minimum(i, window[0]) * np.minimum(i, window[1])))
-
-
 def time_fn(fn, *args, repeats: int, budget_s: float) -> dict:
-    """Compile time, first-run time and the median of up to `repeats` timed runs."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    first = time.perf_counter() - t0
-    n = max(1, min(repeats, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "seconds": statistics.median(times), "runs": n}
-
-
-def matmul_tflops(size: int = 8192) -> float:
-    keys = jax.random.split(jax.random.key(0), 2)
-    a, b = (jax.random.normal(k, (size, size), jnp.float32).astype(jnp.bfloat16) for k in keys)
-    r = time_fn(lambda x, y: x @ y, a, b, repeats=10, budget_s=5.0)
-    return 2.0 * size**3 / r["seconds"] / 1e12
+    """Compile time and the median of up to `repeats` timed runs within `budget_s`."""
+    compile_s, seconds = benchlib.time_call(jax.jit(fn), *args, repeats=repeats, budget_s=budget_s)
+    return {"compile_s": compile_s, "seconds": seconds}
 
 
 def make_inputs(batch, t, n, kv, h, dtype=jnp.bfloat16, seed=0):
@@ -140,7 +113,7 @@ def main(argv):
     device = jax.devices()[0]
     rows = []
     print(f"jax {jax.__version__} on {device.device_kind}", flush=True)
-    peak = matmul_tflops(_MATMUL.value)
+    peak = benchlib.matmul_rate(jnp.bfloat16, _MATMUL.value) / 1e12
     emit(rows, {"kind": "matmul", "tflops": peak, "device": device.device_kind})
     print(f"bf16 matmul {_MATMUL.value}^3: {peak:.1f} TFLOP/s", flush=True)
     if _CHECK.value:
@@ -150,7 +123,7 @@ def main(argv):
         batch, t, n, kv, window = CASES[case]
         for h in map(int, _HEAD_DIMS.value):
             x, d_out = make_inputs(batch, t, n, kv, h)
-            flops = 4.0 * allowed_pairs(t, window) * h * n * batch
+            flops = 4.0 * benchlib.allowed_tuples(t, False, window) * h * n * batch
             runs = []
             for impl in _IMPLS.value:
                 pallas_variants = _VARIANTS_FULL.value if window is None else _VARIANTS_WINDOW.value

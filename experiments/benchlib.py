@@ -9,20 +9,38 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def time_call(fn, *args, repeats: int = 5) -> tuple[float, float]:
-    """(compile seconds, median run seconds) of a jitted `fn`; warm-up excluded."""
+def time_call(fn, *args, repeats: int = 5, budget_s: float | None = None) -> tuple[float, float]:
+    """(compile seconds, median run seconds) of a jitted `fn`; warm-up excluded.
+
+    With `budget_s`, fewer than `repeats` runs are timed when the warm-up run says they would
+    take longer than that (at least one run is always timed).
+    """
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - start
+    start = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    warm_s = time.perf_counter() - start
+    if budget_s is not None:
+        repeats = max(1, min(repeats, int(budget_s / max(warm_s, 1e-6))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return compile_s, statistics.median(times)
+
+
+def allowed_tuples(t: int, causal: bool, window=None) -> float:
+    """Allowed (i, a, b) triples of order-3 self-attention of length t (a window is causal)."""
+    if not causal and window is None:
+        return float(t) ** 3
+    i = np.arange(1, t + 1, dtype=np.float64)
+    w1, w2 = window if window is not None else (t, t)
+    return float(np.sum(np.minimum(i, w1) * np.minimum(i, w2)))
 
 
 def temp_bytes(fn, *args) -> int | None:

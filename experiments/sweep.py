@@ -51,15 +51,6 @@ IDENTITY = (
 # Analytic cost.
 
 
-def allowed_tuples(n: int, causal: bool, window) -> float:
-    """Number of allowed (i, a, b) triples of order-3 self-attention of length n."""
-    if not causal and window is None:
-        return float(n) ** 3
-    i = np.arange(1, n + 1, dtype=np.float64)
-    w1, w2 = window if window is not None else (n, n)
-    return float(np.sum(np.minimum(i, w1) * np.minimum(i, w2)))
-
-
 def polynomial_rank(head_dim: int, degree: int) -> int:
     """Feature rank r = C(H+g, g) of the order-3 polynomial method."""
     return math.comb(head_dim + degree, degree)
@@ -77,7 +68,7 @@ def analytic_flops(point: Mapping[str, Any]) -> float:
         if grad:
             flops += 2.0 * r * (h + 1) * (h + 1) * 5 * n
         return flops * heads
-    tuples = allowed_tuples(n, point["causal"], point["window"])
+    tuples = benchlib.allowed_tuples(n, point["causal"], point["window"])
     return 4.0 * tuples * h * heads * (GRAD_FLOP_FACTOR if grad else 1.0)
 
 

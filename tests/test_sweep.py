@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import sweep as sweep_config
-from experiments import sweep
+from experiments import benchlib, sweep
 
 
 def _config(**overrides):
@@ -41,9 +41,9 @@ def test_fit_slope_recovers_a_power_law():
 
 
 def test_allowed_tuples_and_flops():
-    assert sweep.allowed_tuples(4, False, None) == 64
-    assert sweep.allowed_tuples(3, True, None) == 1 + 4 + 9
-    assert sweep.allowed_tuples(3, True, (1, 2)) == 1 + 2 + 2
+    assert benchlib.allowed_tuples(4, False, None) == 64
+    assert benchlib.allowed_tuples(3, True, None) == 1 + 4 + 9
+    assert benchlib.allowed_tuples(3, True, (1, 2)) == 1 + 2 + 2
     point = dict(sweep.points_of(_config())[0], implementation="blocked", n=8)
     assert sweep.analytic_flops(point) == 4.0 * 8**3 * 8
 
