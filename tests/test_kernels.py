@@ -351,3 +351,18 @@ def test_higher_order_bad_input():
         tensorattn.higher_order_attention(q, keys, values[:1])
     with pytest.raises(ValueError, match="order must be"):
         tensorattn.higher_order_attention(q, keys * 2, values * 2)
+
+
+def test_default_implementation_follows_key_count(monkeypatch):
+    """Short keys go to the reference, long ones to the tiled kernel (both exact)."""
+    from tensorattn.kernels import api
+
+    chosen = []
+    real = api._module
+    monkeypatch.setattr(api, "_module", lambda name: chosen.append(name) or real(name))
+    for s, expected in ((12, "reference"), (40, "blocked")):
+        case = Case(t=5, s1=s, s2=s)
+        arrays, masks = case.inputs()
+        out = tensorattn.tensor_attention(*arrays, **case.kwargs(masks))
+        np.testing.assert_allclose(np.asarray(out), case.oracle(arrays, masks), atol=2e-5)
+        assert chosen[-1] == expected

@@ -321,6 +321,7 @@ def test_long_sequence_runs_without_quadratic_memory():
         (dict(score_range=0.0), "score_range"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(block_sizes=None), "block_sizes"),
+        (dict(degree=30), "rank"),  # C(8+30, 30) = 48.9M features
     ],
 )
 def test_invalid_options_raise(options, match):

@@ -29,6 +29,8 @@ POLYNOMIALS = ("taylor", "chebyshev")
 GRADIENTS = ("closed_form", "autodiff")
 DEFAULT_DEGREE = 4
 MAX_DEGREE = 40
+# Largest feature rank C(H+g, g) accepted (a clear error instead of an allocation failure).
+MAX_RANK = 1 << 20
 _GRID = 20001  # points at which a Chebyshev fit's relative error is evaluated
 
 
@@ -609,6 +611,12 @@ def attention(
     hv = values[0].shape[-1]
     g = q.shape[2] // keys[0].shape[2]
     r = math.comb(h + degree, degree)
+    if r > MAX_RANK:
+        raise ValueError(
+            f"polynomial features of head_dim={h} at degree={degree} have rank C(H+g, g)={r} "
+            f"> {MAX_RANK}: the state alone would need ~{r * (hv + 1) * 4 / 2**30:.3g} GiB per "
+            "batch row and head; lower the degree or the head dim (or use an exact kernel)"
+        )
     if spec.causal:
         fwd_row, bwd_row = (
             4 * len(keys) * r * (hv + 1),
