@@ -6,7 +6,7 @@ r"""The seed papers' five claims, each one command writing JSON lines, a plot an
     python -m experiments.claims --claim=expressivity --preset=cpu --workdir=/tmp/claims \
         --tasks=match3,match2
     python -m experiments.claims --claim=bounded --preset=cpu --workdir=/tmp/claims \
-        --bounds=0.25,1,4
+        --bounds=0.5,1,2
 
 `--preset=smoke` (CI, seconds), `cpu` (this machine, minutes) or `full` (accelerators). Claim
 `X` writes `WORKDIR/claimN_X.{jsonl,png,md}` and appends its headline figure to
@@ -18,8 +18,9 @@ r"""The seed papers' five claims, each one command writing JSON lines, a plot an
 3. threshold: smallest Chebyshev degree reaching output error 1/n for entry bound B, its rank
    and cost against the exact cost, for orders 2, 3, 4; fits c in `B* = c (ln n)^{1/t}`.
 4. expressivity: accuracy of 1- and 2-layer standard, 1-layer exact tensor and 1-layer
-   polynomial tensor attention on the five tasks, several seeds.
-5. bounded: Match3 accuracy of the polynomial model as its entry bound B grows.
+   polynomial tensor attention (entries bounded by B = 1) on the five tasks, three seeds.
+5. bounded: Match3 accuracy as the entry bound B grows, of the polynomial model and of the
+   exact model with the same bound, against the unbounded exact model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -83,7 +85,7 @@ def scaling_config(preset: str, pass_: str) -> dict:
         config.head_dim = 16
         config.polynomial.degree = 4
         config.lengths = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-        config.time_budget_s = 60.0 if pass_ == "fwd" else 150.0
+        config.time_budget_s = 60.0
         config.error_max_length = 512
         config.repeats = 3
     else:
@@ -342,15 +344,23 @@ class Model:
     head_dim: int | None = None
 
 
-POLY_HEAD_DIM = 8  # rank C(H+g, g): H=8, g=4 gives 495; the tasks' H=32..128 would not fit
+# The polynomial models: head dim 16 and Taylor degree 2 (rank C(18, 2) = 153), trained with
+# the autodiff gradient. At these short sequences (6-20 tokens) the closed-form gradient is the
+# slower one (fwd+grad at B=128, T=6: 227 ms closed form, 29 ms autodiff), and a degree-4 or
+# wider model costs seconds per step on a CPU (H=16, g=4: 2.2 s).
+POLY_HEAD_DIM = 16
+POLY_DEGREE = 2
+POLY_GRADIENT = "autodiff"
 
 
-def polynomial_model(entry_bound: float, degree: int, head_dim: int = POLY_HEAD_DIM) -> Model:
+def polynomial_model(
+    entry_bound: float, degree: int = POLY_DEGREE, head_dim: int = POLY_HEAD_DIM
+) -> Model:
     name = f"polynomial-1(B={entry_bound:g},g={degree},H={head_dim})"
     return Model(name, "polynomial", 1, entry_bound, degree, head_dim)
 
 
-def models_for(entry_bound: float, degree: int) -> list[Model]:
+def models_for(entry_bound: float, degree: int = POLY_DEGREE) -> list[Model]:
     return [
         Model("standard-1", "standard"),
         Model("standard-2", "standard", num_layers=2),
@@ -368,41 +378,74 @@ TASKS = (
 )
 
 
-def train_config(task: str, model: Model, seed: int, preset: str) -> dict:
-    """The task's own config (configs/TASK.py) with this model and seed; `smoke` shrinks it,
-    `cpu` caps the steps and batch so a run takes minutes on a CPU."""
-    arg = f"attention={model.attention}" + (",smoke" if preset == "smoke" else "")
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A task's training run at CPU scale: steps, batch size and task instance."""
+
+    steps: int
+    batch_size: int
+    task_arg: str = ""  # config-string arguments of configs/TASK.py, e.g. "size=4"
+
+
+# About a minute per run on a 2-core CPU, so claims 4-5 fit scripts/reproduce.sh's hour. Match3
+# shrinks to length 6 mod 19 (68% negatives; its 9 frequencies fit a head dim of 16, where
+# length 10 mod 53 needs 128), the relation tasks to 4x4 grids (16 and 20 tokens; 6x6 costs
+# ~0.8 s per step here).
+# `full` uses each task's own config (configs/TASK.py).
+CPU_BUDGET = {
+    "match2": Budget(300, 128),
+    "match3": Budget(800, 128, "length=6,modulus=19"),
+    "function_composition": Budget(600, 128),
+    "relation_composition": Budget(600, 128, "size=4"),
+    "quotient_relation_composition": Budget(600, 128, "size=4"),
+}
+
+
+def task_arg_for(task: str, preset: str) -> str:
+    return CPU_BUDGET[task].task_arg if preset == "cpu" else ""
+
+
+def train_config(task: str, model: Model, seed: int, preset: str, task_arg: str = "") -> dict:
+    """The task's own config (configs/TASK.py, with `task_arg` such as "length=6") with this
+    model and seed; `smoke` shrinks it, `cpu` sets the steps and batch of CPU_BUDGET."""
+    arg = ",".join(
+        filter(
+            None, [f"attention={model.attention}", task_arg, "smoke" if preset == "smoke" else ""]
+        )
+    )
     config = importlib.import_module(f"configs.{task}").get_config(arg)
     config.model.num_layers = model.num_layers
     if model.entry_bound is not None:
         config.model.entry_bound = model.entry_bound
     if model.degree is not None:
-        config.model.attention_options = {"degree": model.degree}
+        config.model.attention_options = {"degree": model.degree, "gradient": POLY_GRADIENT}
     if model.head_dim is not None:
         config.model.head_dim = model.head_dim
     config.train.seed = seed
     if preset == "cpu":
-        config.train.num_steps = min(config.train.num_steps, 400)
-        config.train.batch_size = min(config.train.batch_size, 64)
-        config.train.eval_every = config.train.num_steps
-        config.train.checkpoint_every = config.train.num_steps
+        steps = CPU_BUDGET[task].steps
+        config.train.num_steps = steps
+        config.train.batch_size = CPU_BUDGET[task].batch_size
+        config.train.eval_every = steps
+        config.train.checkpoint_every = steps
         config.train.log_every = 100
-        config.train.eval_size = 512
-        config.optim.warmup_steps = min(config.optim.warmup_steps, 50)
-        if config.model.head_dim is not None:
-            config.model.head_dim = min(config.model.head_dim, 32)
+        config.train.eval_size = 1024
+        config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 4)
     return config.to_dict()
 
 
-def train_point(task: str, model: Model, seed: int, preset: str, workdir: str) -> dict:
+def train_point(
+    task: str, model: Model, seed: int, preset: str, workdir: str, task_arg: str = ""
+) -> dict:
     """Trains (or resumes) one (task, model, seed); returns a result row."""
     from tensorattn import tasks as task_lib
     from tensorattn import training
 
-    config = train_config(task, model, seed, preset)
-    run_dir = os.path.join(workdir, "train", preset, task, model.name, f"seed{seed}")
+    config = train_config(task, model, seed, preset, task_arg)
+    instance = task + (f"({task_arg})" if task_arg else "")
+    run_dir = os.path.join(workdir, "train", preset, instance, model.name, f"seed{seed}")
     row = {
-        "task": task,
+        "task": instance,
         "model": model.name,
         "attention": model.attention,
         "num_layers": model.num_layers,
@@ -412,7 +455,10 @@ def train_point(task: str, model: Model, seed: int, preset: str, workdir: str) -
         "preset": preset,
         "steps": config["train"]["num_steps"],
         "width": config["model"]["width"],
+        "head_dim": config["model"]["head_dim"],
+        "batch_size": config["train"]["batch_size"],
     }
+    start = time.perf_counter()
     try:
         final = training.train_and_evaluate(config, run_dir)
         row["accuracy"] = final.get("eval/accuracy")
@@ -421,6 +467,7 @@ def train_point(task: str, model: Model, seed: int, preset: str, workdir: str) -
         row["status"] = "error"
         row["reason"] = f"{type(e).__name__}: {str(e)[:300]}"
         row["accuracy"] = None
+    row["wall_s"] = round(time.perf_counter() - start, 1)
     row["majority"] = _majority(task_lib, config)
     return row
 
@@ -443,15 +490,17 @@ def _run_points(points, workdir: str, name: str, preset: str) -> list[dict]:
             if r["status"] == "ok":  # failed runs are tried again
                 done[(r["task"], r["model"], r["seed"], r["preset"])] = r
     rows = []
-    for task, model, seed in points:
-        key = (task, model.name, seed, preset)
+    for i, (task, task_arg, model, seed) in enumerate(points):
+        instance = task + (f"({task_arg})" if task_arg else "")
+        key = (instance, model.name, seed, preset)
         if key in done:
             rows.append(done[key])
             continue
-        row = train_point(task, model, seed, preset, workdir)
+        row = train_point(task, model, seed, preset, workdir, task_arg)
         benchlib.append_jsonl(path, row)
         print(
-            f"{task:>30} {model.name:<28} seed {seed}: {row['status']} acc {row['accuracy']}",
+            f"[{i + 1}/{len(points)}] {instance} {model.name} seed {seed}: {row['status']} "
+            f"accuracy {row['accuracy']} ({row['wall_s']:.0f} s)",
             flush=True,
         )
         rows.append(row)
@@ -486,11 +535,16 @@ def _seeds(preset: str) -> list[int]:
     return [0] if preset == "smoke" else [0, 1, 2]
 
 
-def claim_expressivity(workdir: str, preset: str, tasks=None, entry_bound=1.0, degree=4) -> dict:
+def claim_expressivity(
+    workdir: str, preset: str, tasks=None, entry_bound=1.0, degree=POLY_DEGREE
+) -> dict:
     """Claim 4: accuracy per (task, model) over seeds."""
     tasks = tasks or (("match3",) if preset == "smoke" else TASKS)
     points = [
-        (t, m, s) for t in tasks for s in _seeds(preset) for m in models_for(entry_bound, degree)
+        (t, task_arg_for(t, preset), m, s)
+        for t in tasks
+        for s in _seeds(preset)
+        for m in models_for(entry_bound, degree)
     ]
     rows = _run_points(points, workdir, "claim4_expressivity", preset)
     agg = aggregate(rows)
@@ -503,17 +557,41 @@ def claim_expressivity(workdir: str, preset: str, tasks=None, entry_bound=1.0, d
     return _summary(workdir, "claim4_expressivity", figure)
 
 
-def claim_bounded(workdir: str, preset: str, bounds=None, degree=4) -> dict:
-    """Claim 5: Match3 accuracy of the polynomial model as its entry bound grows, with the
-    exact tensor model as reference."""
-    bounds = bounds or ((0.5, 2.0) if preset == "smoke" else (0.25, 1.0, 4.0))
-    models = [Model("tensor-1", "tensor")] + [polynomial_model(b, degree) for b in bounds]
-    points = [("match3", m, s) for m in models for s in _seeds(preset)]
+def score_range(head_dim: int, entry_bound: float) -> float:
+    """Largest |score| of an order-3 layer with entries <= B and scale 1/sqrt(H): sqrt(H) B^3."""
+    return math.sqrt(head_dim) * entry_bound**3
+
+
+def claim_bounded(
+    workdir: str, preset: str, bounds=None, degree=POLY_DEGREE, head_dim=POLY_HEAD_DIM
+) -> dict:
+    """Claim 5: Match3 accuracy as the entry bound B grows, of the polynomial model and of the
+    exact model with the same bound (which separates bounding from approximating), against
+    the unbounded exact model; all with the polynomial model's head dim."""
+    bounds = bounds or ((1.0,) if preset == "smoke" else (0.5, 1.0, 2.0))
+    models = [Model(f"tensor-1(H={head_dim})", "tensor", head_dim=head_dim)]
+    for b in bounds:
+        models.append(Model(f"tensor-1(B={b:g},H={head_dim})", "tensor", 1, b, None, head_dim))
+        models.append(polynomial_model(b, degree, head_dim))
+    task_arg = task_arg_for("match3", preset)
+    points = [("match3", task_arg, m, s) for m in models for s in _seeds(preset)]
     rows = _run_points(points, workdir, "claim5_bounded", preset)
-    agg = aggregate(rows, by=("model", "entry_bound"))
+    agg = aggregate(rows, by=("model", "attention", "entry_bound"))
+    for a in agg:
+        b = a["entry_bound"]
+        a["R"] = None if b is None else score_range(head_dim, b)
+        a["taylor_rel_error"] = (
+            poly.relative_error("taylor", degree, a["R"])
+            if a["attention"] == "polynomial"
+            else None
+        )
+    cols = ["model", "entry_bound", "R", "taylor_rel_error", "seeds", "median", "min", "max"]
     _write(
         os.path.join(workdir, "claim5_bounded.md"),
-        _markdown(agg, ["model", "entry_bound", "seeds", "median", "min", "max", "majority"]),
+        f"Match3 ({task_arg or 'config default'}), majority class "
+        f"{agg[0]['majority'] if agg else None}; R = sqrt(H) B^3 is the largest |score|, "
+        f"taylor_rel_error the degree-{degree} polynomial's largest relative error on [-R, R].\n\n"
+        + _markdown(agg, cols),
     )
     _plot_bounded(agg, os.path.join(workdir, "claim5_bounded.png"))
     figure = {"preset": preset, "accuracy": {a["model"]: a["median"] for a in agg}}
@@ -559,22 +637,32 @@ def _plot_bounded(agg, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    pts = sorted(
-        (a for a in agg if a["entry_bound"] is not None and a["median"] is not None),
-        key=lambda a: a["entry_bound"],
-    )
-    if pts:
-        ax.errorbar(
-            [a["entry_bound"] for a in pts],
-            [a["median"] for a in pts],
-            yerr=[[a["median"] - a["min"] for a in pts], [a["max"] - a["median"] for a in pts]],
-            marker="o",
-            capsize=3,
-            label="polynomial-1",
+    for kind, label in (
+        ("polynomial", "polynomial-1 (bounded)"),
+        ("tensor", "exact tensor-1 (bounded)"),
+    ):
+        pts = sorted(
+            (
+                a
+                for a in agg
+                if a["attention"] == kind
+                and a["entry_bound"] is not None
+                and a["median"] is not None
+            ),
+            key=lambda a: a["entry_bound"],
         )
+        if pts:
+            ax.errorbar(
+                [a["entry_bound"] for a in pts],
+                [a["median"] for a in pts],
+                yerr=[[a["median"] - a["min"] for a in pts], [a["max"] - a["median"] for a in pts]],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
     exact = next((a for a in agg if a["entry_bound"] is None and a["median"] is not None), None)
     if exact:
-        ax.axhline(exact["median"], color="g", ls="--", label="exact tensor-1 (median)")
+        ax.axhline(exact["median"], color="g", ls="--", label="exact tensor-1, unbounded")
     if agg and agg[0].get("majority"):
         ax.axhline(agg[0]["majority"], color="k", ls=":", label="majority class")
     ax.set(xlabel="entry bound B", ylabel="Match3 held-out accuracy", xscale="log")

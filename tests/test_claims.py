@@ -71,7 +71,20 @@ def test_train_configs_of_every_task_and_model():
                 assert c["train"]["seed"] == 2
         poly = claims.train_config(task, claims.models_for(1.5, 3)[-1], 0, "smoke")
         assert poly["model"]["entry_bound"] == 1.5
-        assert poly["model"]["attention_options"] == {"degree": 3}
+        assert poly["model"]["attention_options"]["degree"] == 3
+        cpu = claims.train_config(task, claims.models_for(1.0)[2], 0, "cpu", "")
+        assert cpu["train"]["num_steps"] == claims.CPU_BUDGET[task].steps
+
+
+def test_cpu_task_instances_are_valid():
+    """The smaller CPU instances (e.g. Match3 length 6 mod 19) pass the tasks' own checks."""
+    from tensorattn import tasks
+
+    for task in claims.TASKS:
+        arg = claims.task_arg_for(task, "cpu")
+        c = claims.train_config(task, claims.models_for(1.0)[0], 0, "cpu", arg)
+        tasks.make(c["task"]["name"], **c["task"]["kwargs"])
+    assert claims.task_arg_for("match3", "full") == ""
 
 
 def test_aggregate_median_and_spread(tmp_path):
@@ -89,9 +102,25 @@ def test_aggregate_median_and_spread(tmp_path):
 def test_training_claims_smoke(tmp_path):
     """Claim 5 at smoke size (covers claim 4's machinery: runs, resume, aggregate, plot)."""
     figure = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))
-    assert set(figure["accuracy"]) == {"tensor-1", "polynomial-1(B=1,g=4,H=8)"}
+    assert set(figure["accuracy"]) == {
+        "tensor-1(H=16)",
+        "tensor-1(B=1,H=16)",
+        "polynomial-1(B=1,g=2,H=16)",
+    }
     assert all(0 <= a <= 1 for a in figure["accuracy"].values())
     again = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))  # resumes: no new runs
     assert again["accuracy"] == figure["accuracy"]
     with open(os.path.join(tmp_path, "claim5_bounded.jsonl")) as f:
-        assert len(f.readlines()) == 2
+        assert len(f.readlines()) == 3
+    table = open(os.path.join(tmp_path, "claim5_bounded.md")).read()
+    assert "| polynomial-1(B=1,g=2,H=16) | 1 | 4 |" in table  # R = sqrt(16) * 1^3
+
+
+def test_expressivity_claim_smoke(tmp_path):
+    """Claim 4 at smoke size: Match3, the four models, one seed each; a table and a plot."""
+    figure = claims.claim_expressivity(str(tmp_path), "smoke")
+    assert len(figure["accuracy"]) == 4
+    assert all(0 <= a <= 1 for a in figure["accuracy"].values())
+    table = open(os.path.join(tmp_path, "claim4_expressivity.md")).read()
+    assert "standard-2" in table and "polynomial-1(B=1,g=2,H=16)" in table
+    assert os.path.getsize(os.path.join(tmp_path, "claim4_expressivity.png")) > 0
