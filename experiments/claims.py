@@ -443,7 +443,8 @@ def train_point(
 
     config = train_config(task, model, seed, preset, task_arg)
     instance = task + (f"({task_arg})" if task_arg else "")
-    run_dir = os.path.join(workdir, "train", preset, instance, model.name, f"seed{seed}")
+    budget = f"steps{config['train']['num_steps']}_batch{config['train']['batch_size']}"
+    run_dir = os.path.join(workdir, "train", preset, instance, model.name, budget, f"seed{seed}")
     row = {
         "task": instance,
         "model": model.name,
@@ -481,6 +482,10 @@ def _majority(task_lib, config) -> float | None:
     return base.majority_baseline(data.labels, data.mask, task.num_classes)
 
 
+# A finished row is reused only for the same task instance, model, seed and budget.
+POINT_KEY = ("task", "model", "seed", "preset", "steps", "batch_size")
+
+
 def _run_points(points, workdir: str, name: str, preset: str) -> list[dict]:
     path = os.path.join(workdir, f"{name}.jsonl")
     done = {}
@@ -488,11 +493,12 @@ def _run_points(points, workdir: str, name: str, preset: str) -> list[dict]:
         for line in open(path):
             r = json.loads(line)
             if r["status"] == "ok":  # failed runs are tried again
-                done[(r["task"], r["model"], r["seed"], r["preset"])] = r
+                done[tuple(r.get(k) for k in POINT_KEY)] = r
     rows = []
     for i, (task, task_arg, model, seed) in enumerate(points):
         instance = task + (f"({task_arg})" if task_arg else "")
-        key = (instance, model.name, seed, preset)
+        train = train_config(task, model, seed, preset, task_arg)["train"]
+        key = (instance, model.name, seed, preset, train["num_steps"], train["batch_size"])
         if key in done:
             rows.append(done[key])
             continue
