@@ -531,13 +531,32 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
     return final
 
 
+def _changed_fields(old, new, prefix="") -> list[str]:
+    """Dotted names of the fields that differ between two nested dicts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix.rstrip(".")]
+    out = []
+    for key in sorted(set(old) | set(new)):
+        out += _changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")
+    return out
+
+
 def _write_config(options: Options, workdir: str) -> None:
+    """Saves config.json. A workdir that already holds checkpoints of another task or model
+    is refused (resuming it would restore, or report complete, the wrong run)."""
     path = os.path.join(workdir, "config.json")
-    new = options.to_dict()
+    new = json.loads(json.dumps(options.to_dict(), default=str))
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if json.loads(json.dumps(new)) != old:
-            log.warning("config differs from the one saved in %s; overwriting", path)
+        changed = _changed_fields(old, new)
+        fixed = [c for c in changed if c.split(".")[0] in ("task", "model")]
+        if fixed and os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise ConfigError(
+                f"{fixed[0]}: {workdir} holds a run with a different task/model "
+                f"({', '.join(fixed)}); use a new --workdir"
+            )
+        if changed:
+            log.warning("config differs from %s (%s); overwriting", path, ", ".join(changed))
     with open(path, "w") as f:
         json.dump(new, f, indent=2, sort_keys=True, default=str)

@@ -58,6 +58,15 @@ def test_rerun_of_finished_run_trains_nothing(finished):
     assert records(workdir) == before
 
 
+def test_workdir_of_another_model_is_refused(finished):
+    """A finished run of another model is not reported complete nor restored into."""
+    workdir, _ = finished
+    before = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(training.ConfigError, match="model.width"):
+        training.train_and_evaluate(smoke_config(model__width=32), workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == before
+
+
 def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path, monkeypatch):
     """Killed at step 15 (last checkpoint 10); the resumed run equals the uninterrupted one,
     which also shows that the same seed gives the same metrics."""
