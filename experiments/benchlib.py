@@ -76,15 +76,23 @@ def append_jsonl(path: str | None, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def format_cell(v) -> str:
+    """A table cell: floats to 3 significant digits, None as "-"."""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "-" if v is None else str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """`rows` as a markdown table over `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """Prints `rows` as a fixed-width table over `columns`."""
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return "-" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[format_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:

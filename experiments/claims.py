@@ -49,17 +49,6 @@ def _summary(workdir: str, claim: str, figure: dict) -> dict:
     return row
 
 
-def _markdown(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return "-" if v is None else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _write(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -132,7 +121,10 @@ def claim_scaling(workdir: str, preset: str, pass_: str) -> dict:
         "max_relative_error": max(errors) if errors else None,
     }
     table = open(os.path.join(workdir, name, "sweep.md")).read()
-    _write(os.path.join(workdir, f"{name}.md"), _markdown([figure], list(figure)) + "\n" + table)
+    _write(
+        os.path.join(workdir, f"{name}.md"),
+        benchlib.markdown_table([figure], list(figure)) + "\n" + table,
+    )
     return _summary(workdir, name, figure)
 
 
@@ -271,13 +263,16 @@ def claim_threshold(workdir: str, preset: str) -> dict:
         "Crossing bound B* (polynomial cost = exact cost) and c = B* / (ln n)^(1/t):\n\n"
         + "(capped: the degree needed passed polynomial.MAX_DEGREE=40 before the cost crossed,\n"
         + "so B* is where the search stopped; capped rows are left out of the fitted c.)\n\n"
-        + _markdown(crossings, ["order", "n", "B_star", "c", "capped"])
+        + benchlib.markdown_table(crossings, ["order", "n", "B_star", "c", "capped"])
         + "\nEmpirical check (order 3, measured max error vs blocked; target 1/n):\n\n"
-        + _markdown(
+        + benchlib.markdown_table(
             checks, ["n", "d", "B", "degree", "rank", "tolerance", "measured_error", "holds"]
         )
     )
-    _write(os.path.join(workdir, f"{name}.md"), _markdown([figure], list(figure)) + "\n" + text)
+    _write(
+        os.path.join(workdir, f"{name}.md"),
+        benchlib.markdown_table([figure], list(figure)) + "\n" + text,
+    )
     return _summary(workdir, name, figure)
 
 
@@ -548,7 +543,9 @@ def claim_expressivity(
     _plot_bars(agg, os.path.join(workdir, "claim4_expressivity.png"))
     _write(
         os.path.join(workdir, "claim4_expressivity.md"),
-        _markdown(agg, ["task", "model", "seeds", "median", "min", "max", "majority", "failed"]),
+        benchlib.markdown_table(
+            agg, ["task", "model", "seeds", "median", "min", "max", "majority", "failed"]
+        ),
     )
     figure = {"preset": preset, "accuracy": {f"{a['task']}/{a['model']}": a["median"] for a in agg}}
     return _summary(workdir, "claim4_expressivity", figure)
@@ -588,7 +585,7 @@ def claim_bounded(
         f"Match3 ({task_arg or 'config default'}), majority class "
         f"{agg[0]['majority'] if agg else None}; R = sqrt(H) B^3 is the largest |score|, "
         f"taylor_rel_error the degree-{degree} polynomial's largest relative error on [-R, R].\n\n"
-        + _markdown(agg, cols),
+        + benchlib.markdown_table(agg, cols),
     )
     _plot_bounded(agg, os.path.join(workdir, "claim5_bounded.png"))
     figure = {"preset": preset, "accuracy": {a["model"]: a["median"] for a in agg}}

@@ -379,27 +379,20 @@ def write_table(rows: list[dict], slopes: dict, path: str) -> None:
         "flops_per_s",
         "relative_error",
     ]
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return "-" if v is None else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in sorted(rows, key=lambda r: (r["pass"], r["implementation"], r["n"])):
-        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-    lines += [
-        "",
-        "| implementation | pass | time slope | memory slope | fitted on n |",
-        "|---|---|---|---|---|",
+    ordered = sorted(rows, key=lambda r: (r["pass"], r["implementation"], r["n"]))
+    fits = [
+        {
+            "implementation": impl,
+            "pass": pass_,
+            "time slope": s["time_slope"],
+            "memory slope": s["memory_slope"],
+            "fitted on n": s["fit_lengths"],
+        }
+        for (impl, pass_), s in slopes.items()
     ]
-    for (impl, pass_), s in slopes.items():
-        lines.append(
-            f"| {impl} | {pass_} | {fmt(s['time_slope'])} | {fmt(s['memory_slope'])} "
-            f"| {s['fit_lengths']} |"
-        )
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(benchlib.markdown_table(ordered, cols) + "\n")
+        f.write(benchlib.markdown_table(fits, list(fits[0]) if fits else []))
 
 
 def main(argv):
