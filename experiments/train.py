@@ -1,7 +1,8 @@
 """Trains one config: `python -m experiments.train --config=configs/match3.py --workdir=DIR`.
 
 Overrides: `--config.model.num_heads=4`, `--config.train.num_steps=1000`, ... A finished run
-in DIR is reported complete; an interrupted one resumes from its last checkpoint.
+in DIR is reported complete; an interrupted one resumes from its newest intact checkpoint.
+One run per DIR at a time (a second exits naming the first).
 """
 
 import logging
@@ -11,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from tensorattn import training
+from tensorattn import checkpoints, training, workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
@@ -35,8 +36,12 @@ def main(argv):
         sys.exit(f"invalid config: {e}")
     try:
         training.train_and_evaluate(options, _WORKDIR.value)
-    except training.NonFiniteLossError as e:
+    except workdir.WorkdirLockedError as e:
+        sys.exit(f"workdir busy: {e}")
+    except (training.NonFiniteLossError, checkpoints.CheckpointError) as e:
         sys.exit(f"training stopped: {e}")
+    except (training.ConfigError, workdir.CorruptFileError) as e:
+        sys.exit(f"cannot resume: {e}")
 
 
 if __name__ == "__main__":

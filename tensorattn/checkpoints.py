@@ -1,11 +1,39 @@
-"""Orbax checkpoints of a train-state pytree under `DIR/checkpoints` (save, latest, restore)."""
+"""Orbax checkpoints of a train-state pytree under `DIR/checkpoints`.
+
+Saves are synchronous: `save` returns once the step is on disk, and a save that cannot be
+written raises `CheckpointError` at once (the folder is probed first), never hangs. Only finite
+states are saved. `restore_latest` falls back to the newest checkpoint that restores: each one
+that does not is moved to `DIR/checkpoints_corrupt/` and named in a warning.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
+import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the message names the folder and the cause)."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
+
+
+def all_finite(tree) -> bool:
+    """True when every floating-point leaf of `tree` is finite."""
+    return bool(_all_finite(tree))
 
 
 class Checkpoints:
@@ -13,24 +41,81 @@ class Checkpoints:
 
     def __init__(self, directory: str, keep: int = 2):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
+        self.corrupt_directory = self.directory.rstrip(os.sep) + "_corrupt"
+        self._keep = keep
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=self._keep, create=True, enable_async_checkpointing=False
+            ),
         )
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def _probe(self) -> None:
+        try:
+            fd, path = tempfile.mkstemp(dir=self.directory, prefix=".probe")
+            os.close(fd)
+            os.unlink(path)
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoints to {self.directory}: {e}") from e
+
     def save(self, step: int, state) -> None:
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        """Writes `state` as step `step`; raises CheckpointError if it is not finite or the
+        folder cannot be written."""
+        if not all_finite(state):
+            raise CheckpointError(f"refusing to save step {step}: the state holds NaN/inf")
+        self._probe()
+        try:
+            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self._manager.wait_until_finished()
+        except Exception as e:  # orbax raises many types; name the folder and step
+            raise CheckpointError(
+                f"saving step {step} to {self.directory} failed: {type(e).__name__}: {e}"
+            ) from e
 
     def restore(self, step: int, target):
         """Restores into `target`'s structure, dtypes and shardings."""
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def restore_latest(self, target):
+        """`(step, state)` from the newest checkpoint that restores and is finite, or
+        `(None, target)` when there is none; unusable checkpoints are moved aside."""
+        for step in reversed(self.steps()):
+            try:
+                state = self.restore(step, target)
+                if not all_finite(state):
+                    raise ValueError("the state holds NaN/inf")
+                return step, state
+            except Exception as e:  # noqa: BLE001 - any failure means: try an older one
+                moved = self._quarantine(step)
+                log.warning(
+                    "checkpoint step %d in %s cannot be restored (%s: %s); moved it to %s and "
+                    "falling back to the previous one",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:300] if str(e) else "",
+                    moved,
+                )
+        return None, target
+
+    def _quarantine(self, step: int) -> str:
+        os.makedirs(self.corrupt_directory, exist_ok=True)
+        destination = os.path.join(self.corrupt_directory, f"{step}-{int(time.time())}")
+        shutil.move(os.path.join(self.directory, str(step)), destination)
+        # A failed restore can leave the manager's item layout wrong: start a fresh one.
+        self._manager.close()
+        self._manager = self._open()
+        return destination
 
     def close(self) -> None:
         self._manager.wait_until_finished()

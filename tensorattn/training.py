@@ -26,7 +26,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from tensorattn import checkpoints as checkpoints_lib
 from tensorattn import models, sharding, tasks
+from tensorattn import workdir as workdir_files
 from tensorattn.checkpoints import Checkpoints
 
 log = logging.getLogger(__name__)
@@ -358,19 +360,24 @@ def evaluate(state, eval_data: tasks.Batch, batch_size: int, data_sharding) -> d
 
 
 class MetricsWriter:
-    """`metrics.jsonl` plus TensorBoard events; a no-op on processes other than 0."""
+    """`metrics.jsonl` (append-only, one fsynced line per record) plus TensorBoard events;
+    a no-op on processes other than 0."""
 
-    def __init__(self, workdir: str, resume_step: int):
+    def __init__(self, workdir: str, resume_step: int | None):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if not self.enabled:
             return
-        # Drop records past the checkpoint we resume from: they will be written again.
+        # Records past the checkpoint we resume from (all of them on a fresh start) will be
+        # written again: drop them, and a torn last line, in one atomic rewrite.
         if os.path.exists(self.path):
-            kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            records = read_metrics(workdir)
+            kept = [] if resume_step is None else [r for r in records if r["step"] <= resume_step]
+            dropped = len(records) - len(kept)
+            if dropped:
+                log.info("dropping %d metrics records past step %s", dropped, resume_step or 0)
+            workdir_files.rewrite_jsonl(self.path, kept)
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -378,8 +385,7 @@ class MetricsWriter:
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        workdir_files.append_jsonl(self.path, {"step": int(step), **values})
         for k, v in values.items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 self._tb.add_scalar(k, v, step)
@@ -391,11 +397,15 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of `DIR/metrics.jsonl`; a torn last line (a kill mid-write) is dropped
+    with a warning naming the file and line."""
+    records = workdir_files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    for number, r in enumerate(records, start=1):
+        if not isinstance(r.get("step"), int):
+            raise workdir_files.CorruptFileError(
+                f"{os.path.join(workdir, 'metrics.jsonl')} record {number}: no integer 'step'"
+            )
+    return records
 
 
 def _fmt_time(seconds: float) -> str:
@@ -412,40 +422,51 @@ def _fmt_time(seconds: float) -> str:
 def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`; returns the final evaluation metrics.
 
-    Raises ConfigError for bad options (before any compilation) and NonFiniteLossError when
-    the loss or gradient norm becomes NaN/inf (the last good checkpoint is kept).
+    Raises ConfigError for bad options (before any compilation), WorkdirLockedError when
+    another process holds `workdir`, NonFiniteLossError when the loss, gradient norm or
+    parameters become NaN/inf (nothing non-finite is saved), and CheckpointError when a
+    checkpoint cannot be written. Resumes from the newest checkpoint that restores.
     """
     if not isinstance(options, Options):
         options = options_from_dict(options)
     validate(options)
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_files.lock(workdir) if jax.process_index() == 0 else None
+    try:
+        return _train_locked(options, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(options: Options, workdir: str) -> dict[str, Any]:
     t = options.train
     task = tasks.make(options.task.name, **options.task.kwargs)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        _write_config(options, workdir)
-
     mesh = sharding.make_mesh(t.sequence_shards, jax.devices()[: t.num_devices])
     data_sharding = sharding.batch_sharded(mesh)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is not None and latest >= t.num_steps:
-        log.info(
-            "run in %s is complete (step %d of %d); nothing to train", workdir, latest, t.num_steps
-        )
-        checkpoints.close()
-        evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
-        return {**(evals[-1] if evals else {"step": latest}), "complete": True}
+    if jax.process_index() == 0:
+        _write_config(options, workdir, has_checkpoints=bool(checkpoints.steps()))
 
     with jax.set_mesh(mesh):
         state = create_state(options, t.seed, sharding.data_parallel_size(mesh))
         state = jax.device_put(state, sharding.replicated(mesh))
         num_params = models.count_params(state.params)
-        start = 0
+        latest, state = checkpoints.restore_latest(state)
+        start = 0 if latest is None else int(state.step)
+        if latest is not None and start >= t.num_steps:
+            log.info(
+                "run in %s is complete (step %d of %d); nothing to train",
+                workdir,
+                start,
+                t.num_steps,
+            )
+            checkpoints.close()
+            evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
+            return {**(evals[-1] if evals else {"step": start}), "complete": True}
         if latest is not None:
-            state = checkpoints.restore(latest, state)
-            start = int(state.step)
             log.info("resuming from checkpoint step %d in %s", start, workdir)
-        writer = MetricsWriter(workdir, start)
+        writer = MetricsWriter(workdir, latest)
         eval_data = tasks.eval_set(task, t.eval_seed, t.eval_size)
         majority = tasks.majority_baseline(eval_data.labels, eval_data.mask, task.num_classes)
         log.info(
@@ -523,6 +544,12 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
                     final = run_eval(step)
                 if step % t.checkpoint_every == 0 or is_last:
                     check_pending()
+                    if not checkpoints_lib.all_finite(state):
+                        raise NonFiniteLossError(
+                            f"parameters or optimizer state became NaN/inf by step {step}; "
+                            f"stopping without saving. The last good checkpoint is step "
+                            f"{last_good} in {checkpoints.directory}"
+                        )
                     checkpoints.save(step, state)
                     last_good = step
         finally:
@@ -541,22 +568,29 @@ def _changed_fields(old, new, prefix="") -> list[str]:
     return out
 
 
-def _write_config(options: Options, workdir: str) -> None:
-    """Saves config.json. A workdir that already holds checkpoints of another task or model
-    is refused (resuming it would restore, or report complete, the wrong run)."""
+def _write_config(options: Options, workdir: str, has_checkpoints: bool) -> None:
+    """Saves config.json (atomically). A workdir that already holds checkpoints of another
+    task or model is refused (resuming it would restore, or report complete, the wrong run);
+    without checkpoints (e.g. a run that failed at start) the new config simply replaces it."""
     path = os.path.join(workdir, "config.json")
     new = json.loads(json.dumps(options.to_dict(), default=str))
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except ValueError as e:
+            if has_checkpoints:
+                raise workdir_files.CorruptFileError(
+                    f"{path}: not JSON ({e}); cannot tell which run the checkpoints belong to"
+                ) from e
+            old = {}
         changed = _changed_fields(old, new)
         fixed = [c for c in changed if c.split(".")[0] in ("task", "model")]
-        if fixed and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        if fixed and has_checkpoints:
             raise ConfigError(
                 f"{fixed[0]}: {workdir} holds a run with a different task/model "
                 f"({', '.join(fixed)}); use a new --workdir"
             )
         if changed:
             log.warning("config differs from %s (%s); overwriting", path, ", ".join(changed))
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True, default=str)
+    workdir_files.write_atomic(path, json.dumps(new, indent=2, sort_keys=True, default=str))
