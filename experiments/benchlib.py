@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tensorattn import workdir
 
 
 def time_call(fn, *args, repeats: int = 5, budget_s: float | None = None) -> tuple[float, float]:
@@ -69,11 +69,10 @@ def device_description() -> dict:
 
 
 def append_jsonl(path: str | None, row: dict) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Appends `row` as one fsynced line (`tensorattn.workdir.append_jsonl`); no-op without a
+    path."""
+    if path:
+        workdir.append_jsonl(path, row)
 
 
 def format_cell(v) -> str:

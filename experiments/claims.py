@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import benchlib, sweep
+from tensorattn import workdir as workdir_files
 from tensorattn.kernels import polynomial as poly
 
 PRESETS = ("smoke", "cpu", "full")
@@ -51,8 +52,7 @@ def _summary(workdir: str, claim: str, figure: dict) -> dict:
 
 def _write(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    workdir_files.write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +319,8 @@ def _plot_threshold(rows, crossings, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with workdir_files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -474,11 +475,10 @@ POINT_KEY = ("task", "model", "seed", "preset", "steps", "batch_size")
 def _run_points(points, workdir: str, name: str, preset: str) -> list[dict]:
     path = os.path.join(workdir, f"{name}.jsonl")
     done = {}
-    if os.path.exists(path):
-        for line in open(path):
-            r = json.loads(line)
-            if r["status"] == "ok":  # failed runs are tried again
-                done[tuple(r.get(k) for k in POINT_KEY)] = r
+    workdir_files.repair_jsonl(path)  # a torn last line (a kill mid-append) is cut off
+    for r in workdir_files.read_jsonl(path):
+        if r.get("status") == "ok":  # failed runs are tried again
+            done[tuple(r.get(k) for k in POINT_KEY)] = r
     rows = []
     for i, (task, task_arg, model, seed) in enumerate(points):
         instance = task + (f"({task_arg})" if task_arg else "")
@@ -620,7 +620,8 @@ def _plot_bars(agg, path):
     ax.set(ylabel="held-out accuracy (median, min-max over seeds)", ylim=(0.4, 1.0))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with workdir_files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -662,7 +663,8 @@ def _plot_bounded(agg, path):
     ax.set(xlabel="entry bound B", ylabel="Match3 held-out accuracy", xscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with workdir_files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -686,8 +688,9 @@ def main(argv):
     for name in names:
         if name not in CLAIMS:
             raise app.UsageError(f"--claim: unknown claim {name!r}; choose {sorted(CLAIMS)}, all")
-    for name in names:
-        print(json.dumps(CLAIMS[name](_WORKDIR.value, _PRESET.value)), flush=True)
+    with workdir_files.lock(_WORKDIR.value):
+        for name in names:
+            print(json.dumps(CLAIMS[name](_WORKDIR.value, _PRESET.value)), flush=True)
 
 
 if __name__ == "__main__":  # flags only for the command line: tests import this module

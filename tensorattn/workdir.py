@@ -5,6 +5,7 @@
   lock when its holder dies (kill -9 included), so a stale lock never blocks the next run.
 - `write_atomic(path, text)`: write a temporary file beside `path`, fsync, rename over it.
   A reader sees the old content or the new one, never a mix or an empty file.
+  `atomic_path(path)` does the same for writers that want a file name (plots).
 - `read_jsonl(path)` / `append_jsonl(path, record)`: append-only JSON lines. A torn last line
   (a kill mid-append) is reported with its file and line number and dropped; `repair_jsonl`
   cuts it off before the next append. A bad line elsewhere raises `CorruptFileError`.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -90,6 +92,23 @@ def write_atomic(path: str, text: str) -> None:
     _fsync_dir(directory)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path beside `path` (same extension) to write to, e.g. with
+    `savefig`; renames it over `path` when the block succeeds, removes it otherwise."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    root, ext = os.path.splitext(name)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{root}.", suffix=f".tmp{ext}")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -153,6 +172,7 @@ def repair_jsonl(path: str) -> None:
 def append_jsonl(path: str, record: Mapping) -> None:
     """Appends one record as one line, flushed and fsynced."""
     line = json.dumps(dict(record)) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(line)
         f.flush()
