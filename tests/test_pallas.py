@@ -1,7 +1,8 @@
-"""The Pallas kernels in interpret mode against the float64 oracle, forward and gradient.
+"""The Pallas kernels against the float64 oracle, forward and gradient.
 
-Small shapes with small tiles, so every case spans several query, first-key and second-key
-tiles, lengths that are not tile multiples, and grouped heads (4 query heads, 2 kv heads).
+Every case runs twice: in interpret mode (any machine; small tiles, so it spans several query,
+first-key and second-key tiles) and compiled on a GPU with the default tiles (skipped without
+one). Lengths are not tile multiples; grouped heads (4 query heads, 2 kv heads).
 """
 
 import jax
@@ -16,6 +17,17 @@ from tensorattn.kernels.pallas import PallasBlockSizes
 
 BLOCKS = PallasBlockSizes(block_rows=8, block_k1=4, block_k2=8)
 B, N, K, H, HV = 2, 4, 2, 8, 16
+INTERPRET = {"interpret": True}
+
+
+@pytest.fixture(params=["interpret", "gpu"], autouse=True)
+def mode(request):
+    """Sets how `_pallas` runs: interpret mode, or the compiled kernel on a GPU."""
+    if request.param == "gpu" and jax.default_backend() != "gpu":
+        pytest.skip("compiled Pallas kernels need a GPU")
+    INTERPRET["interpret"] = request.param == "interpret"
+    yield request.param
+    INTERPRET["interpret"] = True
 
 
 def _inputs(seed, t, s1, s2, dtype=np.float32):
@@ -36,9 +48,10 @@ def _inputs(seed, t, s1, s2, dtype=np.float32):
 
 
 def _pallas(x, blocks=BLOCKS, **kw):
+    interpret = INTERPRET["interpret"]
     return tensorattn.tensor_attention(
-        x["q"], x["k1"], x["k2"], x["v1"], x["v2"],
-        implementation="pallas", interpret=True, block_sizes=blocks, **kw,
+        x["q"], x["k1"], x["k2"], x["v1"], x["v2"], implementation="pallas",
+        interpret=interpret, block_sizes=blocks if interpret else PallasBlockSizes(), **kw,
     )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """Data and sequence parallelism on 4 CPU devices give the results of one device.
 
 Each test runs a script in a subprocess with XLA_FLAGS set before jax starts, so the rest of
-the suite keeps its single-device jax.
+the suite keeps its single-device jax. The subprocess is pinned to the CPU platform
+(JAX_PLATFORMS=cpu): on a GPU machine JAX would otherwise default to the one GPU.
 """
 
 import json
@@ -14,7 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_with_4_devices(script: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],

@@ -60,7 +60,8 @@ def assert_same_run(path, reference):
 RUN = textwrap.dedent(
     """
     import json, os, random, signal, sys, threading
-    sys.path.insert(0, {tests!r})
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")  # as conftest.py
     from tensorattn import checkpoints, training
     real_save = checkpoints.Checkpoints.save
     kill_at = os.environ.get("KILL_IN_SAVE")
@@ -72,12 +73,11 @@ RUN = textwrap.dedent(
     checkpoints.Checkpoints.save = save
     training.train_and_evaluate(json.loads(sys.argv[1]), sys.argv[2])
     """
-).format(tests=os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 def launch(path, kill_in_save=None):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env["JAX_PLATFORMS"] = "cpu"
     if kill_in_save is not None:
         env["KILL_IN_SAVE"] = str(kill_in_save)
     return subprocess.Popen(
