@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from tensorattn.kernels import validation
 
@@ -55,10 +56,63 @@ def _default_implementation(q, keys, spec, options) -> str:
     return "blocked"
 
 
+def _row_counts(x, causal: bool, window: int | None):
+    """Per key position `x [B,S,...]` (int) -> sums over the keys each query row may see:
+    `[B,1,...]` without a causal mask (every row sees every key), else `[B,T,...]` (`S = T`)
+    over `a <= i`, or `i-w < a <= i` with a window: prefix sums, `O(T)` work and memory."""
+    if not causal:
+        return jnp.sum(x, axis=1, keepdims=True)
+    c = jnp.cumsum(x, axis=1)
+    if window is None or window >= x.shape[1]:
+        return c
+    lagged = jnp.pad(c, ((0, 0), (window, 0)) + ((0, 0),) * (x.ndim - 2))[:, : x.shape[1]]
+    return c - lagged
+
+
+def _sanitize(keys, values, spec):
+    """Makes masked positions harmless whatever they hold.
+
+    Returns keys and values with non-finite entries and padding-masked positions set to 0,
+    and `poisoned [B,T|1,K]`: the query rows (per key/value head) with an allowed key tuple
+    that touches a non-finite entry of a valid key or value; the caller sets those whole rows
+    to NaN (their exact result is not finite). Rows that cannot see such an entry (causal future,
+    outside a window, other batch rows or heads) keep their exact, finite result and
+    gradients. Cost: one elementwise pass over keys and values, `O(B·T·K)` prefix sums.
+    """
+    clean_keys, clean_values = [], []
+    has_pair = True  # row has an allowed tuple: every key set has an allowed position
+    touched = False  # some key set has an allowed position holding a non-finite entry
+    for k, v, mask, window in zip(keys, values, spec.key_masks, spec.windows):
+        finite_k, finite_v = jnp.isfinite(k), jnp.isfinite(v)
+        bad = ~(jnp.all(finite_k, axis=-1) & jnp.all(finite_v, axis=-1))  # [B,S,K]
+        if mask is not None:
+            bad = bad & mask[:, :, None]
+            finite_k = finite_k & mask[:, :, None, None]
+            finite_v = finite_v & mask[:, :, None, None]
+            valid = mask.astype(jnp.int32)
+        else:
+            valid = jnp.ones(k.shape[:2], jnp.int32)
+        clean_keys.append(jnp.where(finite_k, k, jnp.zeros((), k.dtype)))
+        clean_values.append(jnp.where(finite_v, v, jnp.zeros((), v.dtype)))
+        has_pair = has_pair & (_row_counts(valid, spec.causal, window) > 0)[..., None]
+        touched = touched | (_row_counts(bad.astype(jnp.int32), spec.causal, window) > 0)
+    return tuple(clean_keys), tuple(clean_values), has_pair & touched
+
+
 def _dispatch(q, keys, values, spec, implementation, options):
+    b, t, n, _ = q.shape
+    hv = values[0].shape[-1]
+    if min(b, t, hv, *(k.shape[1] for k in keys)) == 0:
+        # Nothing to compute (or no key at all: every row has no allowed tuple): zeros.
+        if implementation is not None:
+            _module(implementation)
+        return jnp.zeros((b, t, n, hv), jnp.result_type(q))
+    keys, values, poisoned = _sanitize(keys, values, spec)
     if implementation is None:
         implementation = _default_implementation(q, keys, spec, options)
-    return _module(implementation).attention(q, tuple(keys), tuple(values), spec, **options)
+    out = _module(implementation).attention(q, keys, values, spec, **options)
+    rows = jnp.repeat(poisoned, n // keys[0].shape[2], axis=2)  # kv head -> its query heads
+    return jnp.where(rows[..., None], jnp.array(jnp.nan, out.dtype), out)
 
 
 def tensor_attention(
@@ -80,11 +134,24 @@ def tensor_attention(
 
     Shapes: `q [B,T,N,H]`, `k1 [B,S1,K,H]`, `k2 [B,S2,K,H]`, `v1 [B,S1,K,Hv]`, `v2 [B,S2,K,Hv]`
     with `N % K == 0` (query head `n` uses key/value head `n // (N // K)`); returns `[B,T,N,Hv]`
-    in `q`'s dtype. `scale` defaults to `1/sqrt(H)`. `k1_mask [B,S1]`/`k2_mask [B,S2]`: True
-    marks a valid key. `causal` allows pair `(a,b)` iff `a <= i` and `b <= i`; `window=(w1,w2)`
-    further requires `i-w1 < a` and `i-w2 < b`. `implementation`: "reference", "blocked",
+    in `q`'s dtype. `N`, `K` and `H` must be at least 1. `scale` (a finite Python float)
+    defaults to `1/sqrt(H)`. `k1_mask [B,S1]`/`k2_mask [B,S2]`: boolean arrays, True marks a
+    valid key (other dtypes, e.g. additive 0/-inf float masks, raise ValueError). `causal`
+    allows pair `(a,b)` iff `a <= i` and `b <= i`. `window=(w1,w2)` implies causal and further
+    requires `i-w1 < a` and `i-w2 < b`; an entry None leaves that key set unbounded, so
+    `window=(None, None)` is `causal=True`. `implementation`: "reference", "blocked",
     "polynomial", "pallas", or None for the best exact one available. `options` go to the
     implementation (e.g. `block_sizes=BlockSizes(...)` for "blocked").
+
+    Edge cases, the same for every implementation:
+    - A query with no allowed pair returns zeros, with zero gradients. Zero-size inputs
+      (`B`, `T`, `S1`, `S2` or `Hv` = 0) return zeros of shape `[B,T,N,Hv]` without calling
+      the implementation (its `options` are then not checked).
+    - Masked positions never contribute, whatever they hold: NaN/inf in keys or values that a
+      query cannot see (padding, causal future, outside its window) leave its output and
+      gradients exact. A non-finite entry in a key or value a query can see (an allowed pair
+      touches it) makes that query's output row NaN (for the query heads of that key/value
+      head); its gradient contributions are zero.
     """
     if window is not None:
         if not isinstance(window, Sequence) or len(window) != 2:
@@ -118,7 +185,8 @@ def higher_order_attention(
     """Order `t = len(keys) + 1` attention (t = 2, 3, 4): one softmax over all key tuples.
 
     `keys[j] [B,S_j,K,H]`, `values[j] [B,S_j,K,Hv]`, `key_masks[j] [B,S_j]` or None.
-    Order 2 is ordinary softmax attention.
+    Order 2 is ordinary softmax attention. Masks, `scale`, `causal` and the edge cases (empty
+    inputs, non-finite keys or values) behave as in `tensor_attention`.
     """
     keys, values = tuple(keys), tuple(values)
     m = len(keys)

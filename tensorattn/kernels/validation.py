@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -81,7 +82,12 @@ def validate(
             raise ValueError(
                 f"{name} value dim {_shape(v)[3]} differs from {value_names[0]}'s {hv}"
             )
-    if kv_heads == 0 or n % kv_heads != 0:
+    if n == 0 or kv_heads == 0 or h == 0:
+        raise ValueError(
+            f"query heads N, key/value heads K and head dim H must be positive, got q shape "
+            f"{_shape(q)} (N={n}, H={h}) and {key_names[0]} shape {_shape(keys[0])} (K={kv_heads})"
+        )
+    if n % kv_heads != 0:
         raise ValueError(
             f"query heads N={n} (q shape {_shape(q)}) must be a multiple of key/value heads "
             f"K={kv_heads} ({key_names[0]} shape {_shape(keys[0])})"
@@ -90,7 +96,8 @@ def validate(
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise ValueError(f"{name} must be floating point, got dtype {jnp.result_type(x)}")
     lengths = [_shape(k)[1] for k in keys]
-    if windows is not None and any(w is not None for w in windows):
+    if windows is not None:
+        # Any window tuple implies causal: `(None, ..., None)` is exactly causal=True.
         if len(windows) != len(keys):
             raise ValueError(f"window must have {len(keys)} entries, got {tuple(windows)}")
         for w in windows:
@@ -117,11 +124,19 @@ def validate(
             raise ValueError(
                 f"{name} must have shape [B,S]=({b}, {s}) to match {kname}, got {_shape(m)}"
             )
-        masks.append(jnp.asarray(m).astype(bool))
+        dtype = jnp.result_type(m)
+        if dtype != jnp.bool_:
+            raise ValueError(
+                f"{name} must be a boolean mask (True = valid key), got dtype {dtype}; an "
+                "additive float mask (0 / -inf) is not accepted: pass `additive == 0` instead"
+            )
+        masks.append(jnp.asarray(m))
     if scale is None:
         scale = h**-0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a Python float, got {scale!r}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     return AttentionSpec(
         scale=float(scale),
         causal=bool(causal or causal_needed),
