@@ -8,14 +8,18 @@ does not expose attention probabilities, so dropout applies to the attention out
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import Scope
 
 from tensorattn.kernels import api
+from tensorattn.kernels.polynomial import PolynomialAccuracyWarning
 
 Array = jax.Array
 
@@ -61,6 +65,33 @@ def _heads(num_heads: int, num_kv_heads: int | None, head_dim: int | None, width
     return kv, head_dim
 
 
+def _check_fields(module: nn.Module, ints: tuple[str, ...], optional: tuple[str, ...]):
+    """Raises ValueError naming the first invalid field: `ints` positive ints, `optional`
+    positive ints or None; `entry_bound`, `scale` positive finite or None; `dropout_rate` in
+    [0, 1]."""
+    name = type(module).__name__
+    for field in ints + optional:
+        v = getattr(module, field)
+        if v is None and field in optional:
+            continue
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            what = "a positive int" + (" or None" if field in optional else "")
+            raise ValueError(f"{name}.{field} must be {what}, got {v!r}")
+    for field in ("entry_bound", "scale"):
+        v = getattr(module, field)
+        ok = v is None or (
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf
+        )
+        if not ok:
+            raise ValueError(f"{name}.{field} must be a positive finite number or None, got {v!r}")
+    rate = module.dropout_rate
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0 <= rate <= 1:
+        raise ValueError(f"{name}.dropout_rate must be in [0, 1], got {rate!r}")
+    kv = module.num_kv_heads
+    if kv is not None and module.num_heads % kv:
+        raise ValueError(f"num_heads={module.num_heads} must be a multiple of num_kv_heads={kv}")
+
+
 def _scaled_queries(module: nn.Module, q: Array, scale: float, learn_scale: bool) -> Array:
     """Folds the score scale into `q`; a learned scale starts at `scale` (log-parametrised)."""
     if not learn_scale:
@@ -77,10 +108,13 @@ class TensorAttention(nn.Module):
     Self-attention: `layer(x)`. Cross-attention over two key sequences (e.g. two modalities):
     `layer(x_q, x_k1, x_k2)`; `x_k2` defaults to `x_k1`, which defaults to `x_q`.
     `entry_bound` B maps q, k1, k2 through `B tanh(./B)` so every entry is below B, the
-    polynomial method's hypothesis (MATH.md section 4). `implementation` and
-    `attention_options` go to `tensorattn.tensor_attention`. `sequence_axis`: the name of a
-    mesh axis to shard queries over (`tensorattn.sharding`); requires a mesh set with
-    `jax.set_mesh`.
+    polynomial method's hypothesis (MATH.md section 4); with `implementation="polynomial"` and
+    no `entry_bound`, construction warns (`PolynomialAccuracyWarning`) unless
+    `attention_options={"on_uncertified": "ignore"}` (a polynomial layer trained as an
+    attention of its own). `implementation` and `attention_options` go to
+    `tensorattn.tensor_attention`. `sequence_axis`: the name of a mesh axis to shard queries
+    over (`tensorattn.sharding`); requires a mesh set with `jax.set_mesh`. Invalid fields
+    raise ValueError at construction.
     """
 
     num_heads: int
@@ -100,6 +134,30 @@ class TensorAttention(nn.Module):
     sequence_axis: str | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        _check_fields(
+            self, ("num_heads",), ("num_kv_heads", "head_dim", "value_dim", "out_features")
+        )
+        options = dict(self.attention_options or {})
+        # A Scope parent is init/apply binding a clone: warn once, for the user's construction.
+        if (
+            self.implementation == "polynomial"
+            and self.entry_bound is None
+            and options.get("on_uncertified", "warn") != "ignore"
+            and not isinstance(self.parent, Scope)
+        ):
+            warnings.warn(
+                "TensorAttention(implementation='polynomial') without entry_bound: q, k1, k2 "
+                "are unbounded projections, so the scores are unbounded and the polynomial "
+                "method's error is not controlled (each call warns when its certified error "
+                "exceeds the tolerance). Set entry_bound=B (|score| <= scale·head_dim·B³), or "
+                "attention_options={'on_uncertified': 'ignore'} to train the polynomial layer "
+                "as an attention of its own.",
+                PolynomialAccuracyWarning,
+                stacklevel=4,  # user <- flax init wrapper <- __init__ <- here
+            )
+        super().__post_init__()
 
     @nn.compact
     def __call__(
@@ -170,7 +228,8 @@ class StandardAttention(nn.Module):
 
     Same fields and call convention as `TensorAttention` with one key sequence:
     `layer(x_q, x_kv=None, *, kv_mask=None, deterministic=True)`. `window` is `(w, w)` or an
-    int (a causal window of `w` keys, `i-w < j <= i`).
+    int (a causal window of `w` keys, `i-w < j <= i`). Invalid fields raise ValueError at
+    construction.
     """
 
     num_heads: int
@@ -186,6 +245,10 @@ class StandardAttention(nn.Module):
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        _check_fields(self, ("num_heads",), ("num_kv_heads", "head_dim", "out_features"))
+        super().__post_init__()
 
     @nn.compact
     def __call__(

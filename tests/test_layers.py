@@ -1,6 +1,7 @@
 """Flax layers against the float64 oracle applied to the layers' own projections."""
 
 import importlib.util
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import oracle
 import pytest
 
+from tensorattn import PolynomialAccuracyWarning
 from tensorattn.layers import StandardAttention, TensorAttention, bound_entries
 
 
@@ -134,6 +136,39 @@ def test_layer_errors():
         TensorAttention(num_heads=3).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         TensorAttention(num_heads=2, num_kv_heads=3, head_dim=4).init(jax.random.key(0), x)
+
+
+FIELDS = [("num_heads", 0), ("num_heads", -4), ("num_kv_heads", 0), ("head_dim", 0)]
+FIELDS += [("head_dim", -4), ("out_features", 0), ("entry_bound", 0.0), ("entry_bound", -1.0)]
+FIELDS += [("scale", 0.0), ("dropout_rate", 1.5), ("num_heads", 2.0)]
+
+
+@pytest.mark.parametrize("cls", [TensorAttention, StandardAttention])
+@pytest.mark.parametrize("field,value", FIELDS + [("value_dim", 0)])
+def test_invalid_fields_raise_at_construction(cls, field, value):
+    if field not in cls.__dataclass_fields__:
+        pytest.skip(f"{cls.__name__} has no {field}")
+    kw = {"num_heads": 2, field: value}
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field} must be"):
+        cls(**kw)
+
+
+def test_polynomial_layer_without_entry_bound_warns_at_construction():
+    with pytest.warns(PolynomialAccuracyWarning, match="without entry_bound"):
+        layer = TensorAttention(num_heads=2, implementation="polynomial")
+    x = 1e-3 * jax.random.normal(jax.random.key(13), (1, 4, 8))  # tiny: the calls are certified
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolynomialAccuracyWarning)
+        layer.apply(layer.init(jax.random.key(14), x), x)  # no second construction warning
+        TensorAttention(num_heads=2, implementation="polynomial", entry_bound=1.0)
+        TensorAttention(num_heads=2, implementation="blocked")
+        ignore = TensorAttention(
+            num_heads=2,
+            implementation="polynomial",
+            attention_options={"on_uncertified": "ignore"},
+        )
+        x = 10.0 * x / 1e-3  # unbounded scores, but checked by nobody
+        ignore.apply(ignore.init(jax.random.key(14), x), x)
 
 
 @pytest.mark.skipif(

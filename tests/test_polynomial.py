@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,13 @@ import numpy as np
 import oracle
 import pytest
 
-from tensorattn import higher_order_attention, tensor_attention
+import tensorattn
+from tensorattn import (
+    PolynomialAccuracyError,
+    PolynomialAccuracyWarning,
+    higher_order_attention,
+    tensor_attention,
+)
 from tensorattn.kernels import features, polynomial
 
 
@@ -105,7 +112,8 @@ def test_degree4_relative_error_at_most_1e5():
 def test_error_falls_with_degree(x64):
     q, keys, values = _inputs(3, h=4, bound=1.2, dtype=np.float64)
     ref = oracle.attention(q, keys, values, scale=0.5)
-    errs = [_rel(_poly(q, keys, values, degree=g, scale=0.5), ref) for g in (1, 2, 4, 6, 8)]
+    kw = dict(scale=0.5, on_uncertified="ignore")  # degrees 1 and 2 are out of range here
+    errs = [_rel(_poly(q, keys, values, degree=g, **kw), ref) for g in (1, 2, 4, 6, 8)]
     assert all(a > 2 * b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-5
 
@@ -174,7 +182,7 @@ def _grads(q, keys, values, api, d_out, **kw):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, list(keys), list(values))
 
 
-def _grad_errors(name, degree, gradient, seed=6, dtype=np.float32, bound=1.0, scale=1 / 8):
+def _grad_errors(name, degree, gradient, seed=6, dtype=np.float32, bound=1.0, scale=1 / 8, **kw):
     q, keys, values, api, ref_kw = _case(name, seed, dtype)
     if bound != 1.0:
         q = q * bound
@@ -191,6 +199,7 @@ def _grad_errors(name, degree, gradient, seed=6, dtype=np.float32, bound=1.0, sc
         scale=scale,
         gradient=gradient,
         chunk_size=8,
+        **kw,
     )
     got = [gq, *gks, *gvs]
     assert all(np.all(np.isfinite(np.asarray(g))) for g in got)
@@ -207,7 +216,7 @@ def test_gradients_match_exact_at_degree8(name, gradient):
 def test_closed_form_more_accurate_than_autodiff(x64):
     """At equal low degree the closed form keeps degree-g accuracy; autodiff uses p' (degree
     g-1), so its q/k gradients are several times worse once scores are not tiny."""
-    kw = dict(degree=2, dtype=np.float64)
+    kw = dict(degree=2, dtype=np.float64, on_uncertified="ignore")  # degree 2: uncertified
     closed = _grad_errors("causal_window", gradient="closed_form", **kw)
     auto = _grad_errors("causal_window", gradient="autodiff", **kw)
     assert max(closed[:3]) < 0.5 * min(auto[:3]), (closed, auto)
@@ -227,7 +236,7 @@ def test_certified_bound_never_exceeded(poly, x64):
     keys = [rng.uniform(-1, 1, (b, t, 1, h)) * bound for _ in range(2)]
     values = [rng.uniform(-1, 1, (b, t, 1, 3)) * rng.uniform(0.5, 2, (b, 1, 1, 1)) for _ in keys]
     scale, degree = 8**-0.5, 4
-    kw = dict(degree=degree, scale=scale, polynomial=poly)
+    kw = dict(degree=degree, scale=scale, polynomial=poly, on_uncertified="ignore")
     if poly == "chebyshev":
         kw["score_range"] = 1.5  # inputs whose score bound exceeds it get an infinite bound
     out = np.asarray(_poly(q, keys, values, **kw))
@@ -249,6 +258,112 @@ def test_certified_bound_never_exceeded(poly, x64):
     assert np.max((observed / certified)[np.isfinite(certified)]) > 1e-5  # not vacuous
 
 
+def _unbounded(seed=15, t=8, h=8):
+    """The README's former example, small: standard normal q, k1, k2 at scale 1/sqrt(H)."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(1, t, 2, h)).astype(np.float32)
+    keys = [rng.normal(size=(1, t, 1, h)).astype(np.float32) for _ in range(2)]
+    values = [rng.normal(size=(1, t, 1, 4)).astype(np.float32) for _ in range(2)]
+    return q, keys, values
+
+
+def _attend(q, keys, values, **kw):
+    return tensor_attention(q, *keys, *values, implementation="polynomial", **kw)
+
+
+def test_unbounded_inputs_warn_eagerly_and_under_jit():
+    q, keys, values = _unbounded()
+    cert = tensorattn.polynomial_certificate(q, *keys, *values, degree=4)
+    assert not cert.certified and cert.certified_error == np.inf
+    ref = oracle.attention(q, keys, values)
+    for fn in (_attend, jax.jit(_attend)):
+        with pytest.warns(PolynomialAccuracyWarning) as record:
+            out = jax.block_until_ready(fn(q, keys, values))
+        msg = str(record[0].message)
+        assert f"score bound R={cert.score_bound:.2g}" in msg, msg
+        assert "taylor degree 4" in msg and "max|output error| <= inf" in msg, msg
+        assert _rel(out, ref) > 0.05  # the warning is deserved
+        assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_on_uncertified_error_and_ignore():
+    q, keys, values = _unbounded()
+    with pytest.raises(PolynomialAccuracyError, match="score bound R="):
+        _attend(q, keys, values, on_uncertified="error")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="not certified"):
+        jax.block_until_ready(
+            jax.jit(lambda *a: _attend(*a, on_uncertified="error"))(q, keys, values)
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolynomialAccuracyWarning)
+        _poly(q, keys, values, on_uncertified="ignore")
+        b = _inputs(17, t=8, s=(8, 8))  # bounded entries, scale 1/H: certified, silent
+        _poly(*b, degree=4, scale=1 / 8)
+        _poly(*b, degree=4, scale=1 / 8, on_uncertified="error")
+
+
+def test_tolerance_is_the_check_threshold():
+    q, keys, values = _inputs(18, t=8, s=(8, 8))
+    cert = polynomial.certificate(q, keys, values, degree=3, scale=1 / 8)
+    assert 1e-6 < cert.relative_error < polynomial.DEFAULT_TOLERANCE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolynomialAccuracyWarning)
+        _poly(q, keys, values, degree=3, scale=1 / 8, tolerance=2 * cert.relative_error)
+    with pytest.warns(PolynomialAccuracyWarning, match="above the tolerance"):
+        _poly(q, keys, values, degree=3, scale=1 / 8, tolerance=cert.relative_error / 2)
+
+
+def test_certificate_bounds_the_error_and_skips_masked_keys():
+    q, keys, values = _inputs(19, t=10, s=(10, 7), bound=1.2)
+    big = [k.copy() for k in keys]
+    big[0][:, 7:] = 50.0  # masked out below: no allowed tuple uses them
+    masks = [np.arange(10)[None].repeat(2, 0) < 7, np.ones((2, 7), bool)]
+    kw = dict(degree=6, scale=1 / 8)
+    cert = tensorattn.polynomial_certificate(q, *big, *values, k1_mask=masks[0], **kw)
+    valid = [k[:, :7] for k in keys], [values[0][:, :7], values[1]]
+    assert cert == polynomial.certificate(q, *valid, **kw)
+    assert cert.certified
+    out = np.asarray(_poly(q, big, values, key_masks=masks, **kw))
+    ref = oracle.attention(q, big, values, scale=1 / 8, masks=masks)
+    observed = np.abs(out - ref).max()
+    assert 1e-4 * cert.certified_error < observed <= cert.certified_error, (observed, cert)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_certificate_includes_rounding(dtype):
+    """Entries +-0.25, degree 8: p is exact to 1e-16, the error is all rounding."""
+    q, keys, values = (
+        jnp.asarray(x, dtype) if not isinstance(x, list) else [jnp.asarray(a, dtype) for a in x]
+        for x in _inputs(20, t=16, s=(16, 16), bound=0.25)
+    )
+    cert = polynomial.certificate(q, keys, values, degree=8, scale=1 / 8)
+    assert cert.polynomial_error < 1e-12
+    ref = oracle.attention(q, keys, values, scale=1 / 8)  # of the inputs as given
+    observed = np.abs(np.asarray(_poly(q, keys, values, degree=8, scale=1 / 8), np.float64) - ref)
+    eps = float(jnp.finfo(dtype).eps)
+    assert observed.max() <= cert.certified_error < 50 * eps
+    assert cert.relative_error >= eps / 2
+    if dtype == jnp.bfloat16:  # a tolerance below bfloat16's half ulp cannot be certified
+        with pytest.warns(PolynomialAccuracyWarning, match="bfloat16 rounding"):
+            _poly(q, keys, values, degree=8, scale=1 / 8, tolerance=1e-3)
+
+
+def test_far_out_of_range_is_finite_and_reported():
+    """Issue 12 item 15: sums that overflow give zero rows (no NaN), and the check says so."""
+    q, keys, values = _inputs(21, b=1, t=6, s=(6, 6), h=4, bound=1e5)
+    for kw in (dict(degree=3), dict(polynomial="chebyshev", score_range=60.0)):
+        kw = dict(kw, scale=1 / 4)
+        with pytest.warns(PolynomialAccuracyWarning):
+            out = np.asarray(_poly(q, keys, values, **kw))
+        assert np.all(np.isfinite(out))
+
+        def loss(q, keys, values, kw=kw):
+            return jnp.sum(_call(q, keys, values, {}, on_uncertified="ignore", **kw))
+
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, keys, values)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
 def test_tolerance_picks_degree():
     q, keys, values = _inputs(8, t=16, s=(16, 16))
     R = 1 / 8 * 8 * 1.0**3
@@ -264,8 +379,8 @@ def test_tolerance_picks_degree():
 def test_no_nan_for_large_entries_and_odd_degree():
     q, keys, values = _inputs(10, bound=4.0)
     for degree in (1, 3, 4):
-        out = np.asarray(_poly(q, keys, values, degree=degree, scale=1 / 8))
-        assert np.all(np.isfinite(out))
+        out = _poly(q, keys, values, degree=degree, scale=1 / 8, on_uncertified="ignore")
+        assert np.all(np.isfinite(np.asarray(out)))
 
 
 def test_bfloat16_inputs():
@@ -315,7 +430,8 @@ def test_long_sequence_runs_without_quadratic_memory():
         (dict(gradient="numerical"), "gradient"),
         (dict(polynomial="chebyshev"), "chebyshev"),
         (dict(tolerance=1e-3), "tolerance"),
-        (dict(tolerance=1e-3, bound=1.0, degree=3), "degree or tolerance"),
+        (dict(on_uncertified="loud"), "on_uncertified"),
+        (dict(polynomial="chebyshev", score_range=500.0), "cannot be evaluated"),
         (dict(tolerance=2.0, bound=1.0), "tolerance"),
         (dict(bound=-1.0), "bound"),
         (dict(score_range=0.0), "score_range"),

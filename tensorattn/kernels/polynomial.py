@@ -10,6 +10,9 @@ Error control: if every allowed score lies in `[-R, R]` and `p` has relative err
 `eps = relative_error(polynomial, degree, R)` there, then every output entry satisfies
 `|O~ - O| <= eps / (1 - eps) · (max - min over key tuples of the value product)`
 `<= 2 eps / (1 - eps) · prod_j max|V_j|` (`output_error_bound`, `certified_error`).
+Every call measures `R` from its inputs (`O(T·H)` max-norm reductions) and, by default, warns
+(`PolynomialAccuracyWarning`) when `eps` exceeds a tolerance: see `attention(on_uncertified=)`
+and `polynomial_certificate`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tensorattn.kernels import causal_scan, features
+from tensorattn.kernels import causal_scan, features, validation
 from tensorattn.kernels.validation import AttentionSpec
 
 POLYNOMIALS = ("taylor", "chebyshev")
@@ -32,6 +36,26 @@ MAX_DEGREE = 40
 # Largest feature rank C(H+g, g) accepted (a clear error instead of an allocation failure).
 MAX_RANK = 1 << 20
 _GRID = 20001  # points at which a Chebyshev fit's relative error is evaluated
+ON_UNCERTIFIED = ("warn", "error", "ignore")
+# Default largest certified relative error `eps` of the attention weights: the output error is
+# then at most ~1% of the value range (`eps/(1-eps)·(max - min)`). The certificate is a
+# worst case (Hölder bound on the scores), often orders of magnitude above the measured error,
+# so a tighter default would flag inputs whose real error is fine; 1e-2 flags the grossly wrong.
+DEFAULT_TOLERANCE = 1e-2
+# Rounding: summing `p(s)` through the monomial features cancels terms as large as
+# `sum_t |c_t| R^t` (= e^R for Taylor) down to `p(s) >= e^-R`, so the computed sums carry a
+# relative error of up to about `ROUNDING_FACTOR · machine_epsilon · sum_t |c_t| R^t · e^R`
+# (the factor covers the chained products and chunked sums). Measured float32 errors, T = 64 to
+# 8192, H = 1 to 16, degree 4 to 36, stayed below 1/10 of this term (0.06 at most).
+ROUNDING_FACTOR = 8
+
+
+class PolynomialAccuracyWarning(UserWarning):
+    """The polynomial method ran on inputs where its certified error exceeds the tolerance."""
+
+
+class PolynomialAccuracyError(ValueError):
+    """`on_uncertified="error"`: the certified error of the call exceeds the tolerance."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,17 +89,24 @@ def relative_error(polynomial: str, degree: int, R: float) -> float:
     R = float(R)
     if R < 0:
         raise ValueError(f"R must be >= 0, got {R}")
-    if polynomial == "taylor":
-        c = coefficients("taylor", degree)
-        s = np.array([-R, R])
-        return float(np.max(np.abs(np.polyval(c[::-1], s) * np.exp(-s) - 1.0)))
-    c = coefficients("chebyshev", degree, R)
-    s = np.linspace(-R, R, _GRID)
-    p = np.polyval(c[::-1], s)
-    dp = np.polyval(np.polyder(c[::-1]), s) if degree > 0 else np.zeros_like(s)
-    h = np.abs(p * np.exp(-s) - 1.0)
-    dh = np.abs((dp - p) * np.exp(-s))
-    return float(np.max(h) + (s[1] - s[0]) / 2 * np.max(dh))
+    return _error_on(coefficients(polynomial, degree, R), R, polynomial == "taylor")
+
+
+def _error_on(c, R: float, taylor: bool) -> float:
+    """`max_{|s| <= R} |p(s) e^-s - 1|` of the polynomial with coefficients `c` (inf if it
+    overflows); `taylor`: the coefficients are Taylor's, whose error peaks at `±R`."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if taylor:
+            s = np.array([-R, R])
+            err = np.max(np.abs(np.polyval(c[::-1], s) * np.exp(-s) - 1.0))
+        else:
+            s = np.linspace(-R, R, _GRID)
+            p = np.polyval(c[::-1], s)
+            dp = np.polyval(np.polyder(c[::-1]), s) if len(c) > 1 else np.zeros_like(s)
+            h = np.abs(p * np.exp(-s) - 1.0)
+            dh = np.abs((dp - p) * np.exp(-s))
+            err = np.max(h) + (s[1] - s[0]) / 2 * np.max(dh)
+    return float(err) if np.isfinite(err) else math.inf
 
 
 def select_degree(R: float, eps: float, polynomial: str = "taylor") -> int:
@@ -109,7 +140,7 @@ def score_bound(q, *keys, scale: float | None = None, per_batch: bool = False):
     def top(x, norm):
         x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
         n = jnp.sqrt(jnp.sum(x * x, -1)) if norm == 2 else jnp.max(jnp.abs(x), -1)
-        return jnp.max(n, axis=axes)
+        return jnp.max(n, axis=axes, initial=0.0)  # initial: zero-size inputs
 
     bound = abs(scale) * top(q, 2) * top(keys[-1], 2)
     for k in keys[:-1]:
@@ -150,24 +181,288 @@ def certified_error(
     score_range: float | None = None,
     per_batch: bool = False,
 ):
-    """Certified bound on `max|O~ - O|` of `attention` with these options on these inputs.
+    """Certified bound on `max|O~ - O|` of `attention` with these options on these inputs,
+    rounding in the inputs' dtype included (`certificate(...).certified_error`)."""
+    if polynomial == "chebyshev" and score_range is None:
+        raise ValueError("polynomial='chebyshev' needs score_range")
+    cert = certificate(
+        q,
+        keys,
+        values,
+        degree=degree,
+        scale=scale,
+        polynomial=polynomial,
+        score_range=score_range,
+        per_batch=per_batch,
+    )
+    return cert.certified_error
 
-    The data's score bound `R = score_bound(q, *keys)` must lie inside the fitted range (for
-    Chebyshev, `score_range`); if it does not, the bound is `inf`.
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """What the polynomial method guarantees for one call (`polynomial_certificate`).
+
+    score_bound: `R >= |score|` for every key tuple (`score_bound`, masked keys left out).
+    polynomial_error: `eps_p`, p's relative error on `[-R, R]` (`relative_error`).
+    relative_error: `eps`, the certified relative error of every attention weight: `eps_p`
+      plus rounding (`ROUNDING_FACTOR · machine epsilon` of the compute dtype times the
+      cancellation `sum_t |c_t| R^t · e^R`, and half an ulp of the output dtype). The check
+      in `attention` compares it with `tolerance`.
+    certified_error: bound on `max|O~ - O|` over the output entries:
+      `eps_p/(1-eps_p) · (max - min of the value products)` plus the rounding terms times
+      `max|value product|` (inf once the polynomial's `eps_p >= 1`).
+    Floats, or `[B]` arrays with `per_batch=True`.
     """
-    R = np.asarray(score_bound(q, *keys, scale=scale, per_batch=per_batch), np.float64)
-    if polynomial == "chebyshev":
-        if score_range is None:
-            raise ValueError("polynomial='chebyshev' needs score_range")
-        eps = relative_error("chebyshev", degree, score_range)
-        eps = np.where(R <= score_range * (1 + 1e-6), eps, np.inf)
+
+    score_bound: float | np.ndarray
+    polynomial_error: float | np.ndarray
+    relative_error: float | np.ndarray
+    certified_error: float | np.ndarray
+    degree: int
+    polynomial: str
+    tolerance: float
+
+    @property
+    def certified(self) -> bool:
+        """Whether `relative_error <= tolerance` (for every batch row)."""
+        return bool(np.all(np.asarray(self.relative_error) <= self.tolerance))
+
+    def __str__(self) -> str:
+        def fmt(x):
+            x = np.asarray(x)
+            return f"{float(x):.2g}" if x.ndim == 0 else f"max {float(np.max(x)):.2g}"
+
+        return (
+            f"score bound R={fmt(self.score_bound)}, {self.polynomial} degree {self.degree}: "
+            f"relative error <= {fmt(self.relative_error)} "
+            f"({'within' if self.certified else 'above'} tolerance {self.tolerance:g}), "
+            f"max|output error| <= {fmt(self.certified_error)}"
+        )
+
+
+def _data_stats(q, keys, values, masks, scale: float, per_batch: bool):
+    """`(R, lo, hi)`: the score bound over valid keys and, per value set, the min and max of
+    each value column over valid keys (`[m, Hv]`, or `[m, B, Hv]` with `per_batch`). Costs
+    one pass of max/sum reductions over the inputs."""
+    axes = (1, 2) if per_batch else (0, 1, 2)
+    ct = _compute_dtype(jnp.result_type(q))
+
+    def valid(x, m, fill):
+        x = jnp.asarray(x, ct)
+        return x if m is None else jnp.where(jnp.asarray(m)[:, :, None, None], x, fill)
+
+    masks = (None,) * len(keys) if masks is None else masks
+    keys = [valid(k, m, 0) for k, m in zip(keys, masks)]
+    R = score_bound(jnp.asarray(q, ct), *keys, scale=scale, per_batch=per_batch)
+    lo = [jnp.min(valid(v, m, jnp.inf), axes, initial=jnp.inf) for v, m in zip(values, masks)]
+    hi = [jnp.max(valid(v, m, -jnp.inf), axes, initial=-jnp.inf) for v, m in zip(values, masks)]
+    return R, jnp.stack(lo), jnp.stack(hi)
+
+
+def _relative(R, c, taylor: bool, compute_dtype, out_dtype):
+    """`(eps_p, arith, out_round, eps)` at score bound `R` (array): p's relative error, the
+    compute dtype's rounding (see `ROUNDING_FACTOR`), the output dtype's half ulp, their sum."""
+    R = np.asarray(R, np.float64)
+    eps_p = np.vectorize(lambda r: _error_on(c, float(r), taylor), otypes=[np.float64])(R)
+    out_round = float(jnp.finfo(out_dtype).eps) / 2
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        mass = np.polyval(np.abs(c)[::-1], R)  # sum_t |c_t| R^t >= the summed terms / tuple
+        arith = ROUNDING_FACTOR * float(jnp.finfo(compute_dtype).eps) * mass * np.exp(R)
+        arith = np.where(eps_p < 1, arith / (1 - eps_p), arith)  # err is inf anyway then
+        rel = eps_p + arith + out_round
+    return eps_p, arith, out_round, np.where(np.isnan(rel), np.inf, rel)
+
+
+def _certify(R, lo, hi, *, coeffs, polynomial, compute_dtype, out_dtype, tolerance):
+    """The `Certificate` (NumPy, float64) from `_data_stats`' `(R, lo, hi)`."""
+    R = np.asarray(R, np.float64)
+    c = np.asarray(coeffs, np.float64)
+    eps_p, arith, out_round, rel = _relative(R, c, polynomial == "taylor", compute_dtype, out_dtype)
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    empty = lo > hi  # a value column with no valid key
+    lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
+    vlo, vhi = lo[0], hi[0]  # range of the products prod_j V_j[a_j, l]
+    for a, b in zip(lo[1:], hi[1:]):
+        corners = np.stack([vlo * a, vlo * b, vhi * a, vhi * b])
+        vlo, vhi = corners.min(0), corners.max(0)
+    spread = np.max(vhi - vlo, axis=-1, initial=0.0)
+    top = np.max(np.maximum(np.abs(vlo), np.abs(vhi)), axis=-1, initial=0.0)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        err = (
+            np.where(eps_p < 1, eps_p / (1 - eps_p) * spread, np.inf)
+            + np.where(arith < 1, 2 * arith / (1 - arith) * top, np.inf)
+            + out_round * top
+        )
+
+    def out(x):
+        return float(x) if R.ndim == 0 else x
+
+    return Certificate(
+        score_bound=out(R),
+        polynomial_error=out(eps_p),
+        relative_error=out(rel),
+        certified_error=out(err),
+        degree=len(c) - 1,
+        polynomial=polynomial,
+        tolerance=tolerance,
+    )
+
+
+def certificate(
+    q,
+    keys,
+    values,
+    *,
+    scale: float | None = None,
+    key_masks=None,
+    per_batch: bool = False,
+    degree: int | None = None,
+    polynomial: str = "taylor",
+    bound: float | None = None,
+    score_range: float | None = None,
+    tolerance: float | None = None,
+    **options,
+) -> Certificate:
+    """The `Certificate` of `higher_order_attention(q, keys, values,
+    implementation="polynomial", ...)` with the same options, computed from these inputs
+    (concrete arrays; under `jit` the call itself checks and warns). The bound holds for every
+    key tuple, so causal and window masks (accepted, ignored) only make it looser."""
+    unknown = set(options) - {"gradient", "chunk_size", "on_uncertified", "causal", "window"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for a polynomial certificate")
+    keys, values = tuple(keys), tuple(values)
+    m = len(keys)
+    spec = validation.validate(
+        q,
+        keys,
+        values,
+        causal=False,
+        windows=None,
+        key_masks=None if key_masks is None else tuple(key_masks),
+        scale=scale,
+        key_names=tuple(f"keys[{j}]" for j in range(m)),
+        value_names=tuple(f"values[{j}]" for j in range(m)),
+        mask_names=tuple(f"key_masks[{j}]" for j in range(m)),
+    )
+    degree, R_fit, tol = _resolve(
+        spec, q.shape[-1], m + 1, degree, polynomial, bound, score_range, tolerance
+    )
+    dtype = jnp.result_type(q)
+    stats = _data_stats(q, keys, values, spec.key_masks, spec.scale, per_batch)
+    return _certify(
+        *stats,
+        coeffs=coefficients(polynomial, degree, R_fit),
+        polynomial=polynomial,
+        compute_dtype=_compute_dtype(dtype),
+        out_dtype=dtype,
+        tolerance=tol,
+    )
+
+
+def polynomial_certificate(
+    q, k1, k2, v1, v2, *, scale=None, k1_mask=None, k2_mask=None, per_batch=False, **options
+) -> Certificate:
+    """`tensor_attention(q, k1, k2, v1, v2, implementation="polynomial", **options)`'s
+    certificate on these inputs: score bound, certified relative and output error.
+
+        cert = tensorattn.polynomial_certificate(q, k1, k2, v1, v2, degree=4)
+        print(cert)  # score bound R=0.42, taylor degree 4: relative error <= 1.6e-05 ...
+    """
+    return certificate(
+        q,
+        (k1, k2),
+        (v1, v2),
+        scale=scale,
+        key_masks=(k1_mask, k2_mask),
+        per_batch=per_batch,
+        **options,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Check:
+    """Static part of one call's accuracy check."""
+
+    coeffs: tuple
+    polynomial: str
+    compute_dtype: object
+    out_dtype: object
+    tolerance: float
+    mode: str
+
+
+def _report(check: _Check, R, lo, hi, stacklevel: int = 2):
+    """Warns (or raises) when the certificate of one call is above its tolerance."""
+    cert = _certify(
+        R,
+        lo,
+        hi,
+        coeffs=check.coeffs,
+        polynomial=check.polynomial,
+        compute_dtype=check.compute_dtype,
+        out_dtype=check.out_dtype,
+        tolerance=check.tolerance,
+    )
+    if cert.certified:
+        return
+    r_max = _certified_range(check)
+    dtype = jnp.dtype(check.out_dtype).name
+    if r_max > 0:
+        reach = f"which this degree certifies for score bounds up to R={r_max:.2g} in {dtype}"
     else:
-        eps = np.vectorize(lambda r: relative_error(polynomial, degree, r))(R)
-    bound = output_error_bound(0.0, values, per_batch)  # shape only
-    spread = output_error_bound(0.5, values, per_batch)  # = max range (eps/(1-eps) = 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where(eps < 1, eps / (1 - eps), np.inf)
-    return bound + factor * spread
+        reach = f"which no score bound reaches at this degree in {dtype}"
+    if cert.polynomial_error <= check.tolerance:
+        why = f"{dtype} rounding: raise the tolerance or compute in a wider dtype"
+    else:
+        why = (
+            "the scores are too large for this degree: bound the entries of q and the keys "
+            "(e.g. TensorAttention(entry_bound=1.0)), raise the degree, or use an exact "
+            "implementation"
+        )
+    # Two significant digits and no relative error: as R drifts in a training loop the text
+    # repeats, and Python shows each distinct warning text once per location.
+    msg = (
+        f"polynomial attention is not certified on these inputs: score bound "
+        f"R={cert.score_bound:.2g}, {check.polynomial} degree {cert.degree}, certified "
+        f"max|output error| <= {cert.certified_error:.2g}; its relative error is above the "
+        f"tolerance {check.tolerance:g}, {reach}. Cause: {why}. on_uncertified='ignore' "
+        "silences this check, 'error' raises."
+    )
+    if check.mode == "error":
+        raise PolynomialAccuracyError(msg)
+    warnings.warn(msg, PolynomialAccuracyWarning, stacklevel=stacklevel)
+
+
+@functools.lru_cache(maxsize=64)
+def _certified_range(check: _Check) -> float:
+    """Largest score bound `R` whose certified relative error is within the tolerance (0 if
+    none; bisection, the error grows with R)."""
+    c = np.asarray(check.coeffs, np.float64)
+
+    def ok(r):
+        rel = _relative(r, c, check.polynomial == "taylor", check.compute_dtype, check.out_dtype)
+        return rel[-1] <= check.tolerance
+
+    if not ok(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while ok(hi) and hi < 1e6:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _verify(check: _Check, q, keys, values, spec: AttentionSpec):
+    """Measures the score bound and reports: at once on concrete inputs (an error then comes
+    before any work), through `jax.debug.callback` under tracing."""
+    stats = _data_stats(q, keys, values, spec.key_masks, spec.scale, per_batch=False)
+    if any(isinstance(x, jax.core.Tracer) for x in stats):
+        jax.debug.callback(functools.partial(_report, check), *stats)
+    else:
+        # _report <- _verify <- attention <- api._dispatch <- api entry point <- caller
+        _report(check, *stats, stacklevel=6)
 
 
 def _check_polynomial(polynomial):
@@ -244,9 +539,12 @@ def _key_sums(cfg: _Config, k, v, ok, with_keys: bool):
 def _normalise(y, count):
     """`y [.., Hv+1]` (numerator, denominator) -> output and `1/den` (0 for empty rows)."""
     den = y[..., -1]
-    ok = (count > 0.5) & (den > 0)
+    # A denominator that is not positive (p < 0 somewhere) or sums that overflowed (scores far
+    # outside the polynomial's range) give a zero row instead of NaN/inf; the accuracy check
+    # reports such inputs (their certified error is inf).
+    ok = (count > 0.5) & (den > 0) & jnp.isfinite(den) & jnp.all(jnp.isfinite(y), axis=-1)
     inv_den = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
-    return y[..., :-1] * inv_den[..., None], inv_den
+    return jnp.where(ok[..., None], y[..., :-1], 0.0) * inv_den[..., None], inv_den
 
 
 def _forward_global(cfg: _Config, q, keys, values, valid):
@@ -326,6 +624,7 @@ def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
         phi = features.features(qc, cfg.mono, weights) * ic[..., None]  # [C, G, r]
         tmp = _dot(phi, pn, (2, 0)).reshape(ch, g, x, y)
         dq = cfg.scale * _ein("cgx,cgxy->cgy", dc, tmp[..., :h])
+        dq = jnp.where(ic[..., None] > 0, dq, 0.0)  # zero rows (overflowed sums: inf * 0)
         rhs = (dc[..., :, None] * _augment(qc)[..., None, :]).reshape(ch * g, x * y)
         return rq + _dot(phi.reshape(ch * g, r), rhs, (0, 0)), dq
 
@@ -398,6 +697,7 @@ def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
         phi = features.features(qc, cfg.mono, weights) * ic[..., None]  # [C, G, r]
         tmp = _ein("cgr,crz->cgz", phi, math.prod(n_rows)).reshape(ch, g, x, y)
         dq = cfg.scale * _ein("cgx,cgxy->cgy", dc, tmp[..., :h])
+        dq = jnp.where(ic[..., None] > 0, dq, 0.0)
         rhs = (dc[..., :, None] * _augment(qc)[..., None, :]).reshape(ch, g, x * y)
         row = _ein("cgr,cgz->crz", phi, rhs)
         new_pw, ys = [], []
@@ -546,6 +846,35 @@ def _positive_float(name, value):
     return float(value)
 
 
+def _resolve(spec: AttentionSpec, h, order, degree, polynomial, bound, score_range, tolerance):
+    """Checks the error options: `(degree, R, tolerance)` with `R` the static score range
+    (from `bound` or `score_range`; None without) and the check's tolerance."""
+    _check_polynomial(polynomial)
+    R = None
+    if bound is not None:
+        R = abs(spec.scale) * h * _positive_float("bound", bound) ** order
+    if score_range is not None:
+        R = _positive_float("score_range", score_range)
+    if tolerance is not None:
+        if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+        if degree is None:
+            if R is None:
+                raise ValueError(
+                    "tolerance picks the degree from bound (largest |entry|) or score_range; "
+                    "give one of them, or a degree"
+                )
+            degree = select_degree(R, float(tolerance), polynomial)
+    if degree is None:
+        degree = DEFAULT_DEGREE
+    _positive_int("degree", degree, allow_zero=True)
+    if degree > MAX_DEGREE:
+        raise ValueError(f"degree must be <= {MAX_DEGREE}, got {degree}")
+    if polynomial == "chebyshev" and R is None:
+        raise ValueError("polynomial='chebyshev' needs bound or score_range (the fit interval)")
+    return degree, R, DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+
+
 def attention(
     q,
     keys,
@@ -557,6 +886,7 @@ def attention(
     bound: float | None = None,
     score_range: float | None = None,
     tolerance: float | None = None,
+    on_uncertified: str = "warn",
     gradient: str = "closed_form",
     chunk_size: int | None = None,
     **unknown,
@@ -568,8 +898,17 @@ def attention(
       (fit of exp on `[-R, R]`; needs `score_range=R` or `bound`).
     bound: largest `|entry|` of q and the keys (static); gives `R = scale·H·bound^order`.
     score_range: `R` directly (overrides the one from `bound`).
-    tolerance: target relative error of `p` on `[-R, R]`; picks the smallest degree
-      (`select_degree`); needs `bound` or `score_range`, and excludes `degree`.
+    tolerance: largest certified relative error `eps` of the attention weights (so
+      `|O~ - O| <= eps/(1-eps)` times the value range). Without `degree`, picks the smallest
+      degree reaching it on `[-R, R]` (`select_degree`; needs `bound` or `score_range`).
+      It is also the threshold of the accuracy check (default `DEFAULT_TOLERANCE` = 1e-2).
+    on_uncertified: what a call does when the certificate measured on its inputs
+      (`certificate`: score bound `R`, p's relative error on `[-R, R]` plus rounding) is above
+      the tolerance. "warn" (default): `PolynomialAccuracyWarning` naming the score bound,
+      degree and certified error; "error": `PolynomialAccuracyError` before any work on
+      concrete inputs, and under `jit` a runtime error (`JaxRuntimeError` carrying the same
+      message) when the call executes; "ignore": no check (e.g. a polynomial layer trained as
+      an attention of its own). The check costs `O(T·H)` reductions and one host callback.
     gradient: "closed_form" (MATH.md section 5 as a custom_vjp, all masks) or "autodiff"
       (gradient of the approximation).
     chunk_size: sequence positions per scan step (default: sized to ~8 MB of features).
@@ -577,33 +916,16 @@ def attention(
     if unknown:
         raise ValueError(
             f"unknown option(s) {sorted(unknown)} for implementation='polynomial'; expected "
-            "degree, polynomial, bound, score_range, tolerance, gradient, chunk_size"
+            "degree, polynomial, bound, score_range, tolerance, on_uncertified, gradient, "
+            "chunk_size"
         )
-    _check_polynomial(polynomial)
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if on_uncertified not in ON_UNCERTIFIED:
+        raise ValueError(f"on_uncertified must be one of {ON_UNCERTIFIED}, got {on_uncertified!r}")
     order = len(keys) + 1
     h = q.shape[-1]
-    R = None
-    if bound is not None:
-        R = abs(spec.scale) * h * _positive_float("bound", bound) ** order
-    if score_range is not None:
-        R = _positive_float("score_range", score_range)
-    if tolerance is not None:
-        if degree is not None:
-            raise ValueError("give degree or tolerance, not both")
-        if R is None:
-            raise ValueError("tolerance needs bound (largest |entry|) or score_range")
-        if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
-            raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
-        degree = select_degree(R, float(tolerance), polynomial)
-    if degree is None:
-        degree = DEFAULT_DEGREE
-    _positive_int("degree", degree, allow_zero=True)
-    if degree > MAX_DEGREE:
-        raise ValueError(f"degree must be <= {MAX_DEGREE}, got {degree}")
-    if polynomial == "chebyshev" and R is None:
-        raise ValueError("polynomial='chebyshev' needs bound or score_range (the fit interval)")
+    degree, R, tol = _resolve(spec, h, order, degree, polynomial, bound, score_range, tolerance)
     if chunk_size is not None:
         _positive_int("chunk_size", chunk_size)
     t = q.shape[1]
@@ -625,6 +947,7 @@ def attention(
     else:
         fwd_row, bwd_row = r * g, r * g + g * (hv + 1) * (h + 1)
     longest = max((t,) + lengths)
+    coeffs = tuple(float(c) for c in coefficients(polynomial, degree, R))
     cfg = _Config(
         scale=spec.scale,
         causal=spec.causal,
@@ -632,10 +955,23 @@ def attention(
         t=t,
         lengths=lengths,
         dim=h,
-        coeffs=tuple(float(c) for c in coefficients(polynomial, degree, R)),
+        coeffs=coeffs,
         chunk=chunk_size or _pow2_chunk(fwd_row, longest),
         bwd_chunk=chunk_size or _pow2_chunk(bwd_row, longest),
     )
+    dtype = jnp.result_type(q)
+    ct = _compute_dtype(dtype)
+    largest = float(np.max(np.abs(cfg.query_weights())))
+    if not largest <= float(jnp.finfo(ct).max):
+        raise ValueError(
+            f"the {polynomial} polynomial of degree {degree} on [-{R:g}, {R:g}] has feature "
+            f"weights up to {largest:.3g}, beyond {jnp.dtype(ct).name} (max "
+            f"{float(jnp.finfo(ct).max):.3g}): it cannot be evaluated at all; lower "
+            "score_range/bound or use an exact kernel"
+        )
+    if on_uncertified != "ignore":
+        check = _Check(coeffs, polynomial, ct, dtype, tol, on_uncertified)
+        _verify(check, q, keys, values, spec)
     b = q.shape[0]
     valid = tuple(
         jnp.ones((b, s), bool) if m is None else m for s, m in zip(lengths, spec.key_masks)
