@@ -1,7 +1,9 @@
 """Sequence-length sweep of the tensor-attention implementations (experiments/sweep.py).
 
 Config string: comma-separated `preset=cpu|gpu`, `smoke`. Every field below can be overridden
-on the command line. Runnable commands:
+on the command line; list fields take comma-separated values (`--config.lengths=256,512`,
+`--config.implementations=blocked,polynomial`). The sweep checks every field before any point
+runs (experiments/sweep.py `validate_config`) and exits naming a bad one. Runnable commands:
 
     python -m experiments.sweep --config=configs/sweep.py:smoke --workdir=/tmp/sweep_smoke
     python -m experiments.sweep --config=configs/sweep.py --workdir=/tmp/sweep_cpu
@@ -22,25 +24,26 @@ def get_config(arg: str | None = None):
     if a.preset not in ("cpu", "gpu"):
         raise ValueError(f"preset must be cpu or gpu, got {a.preset!r}")
     c = ml_collections.ConfigDict()
-    # Implementations to sweep: "reference", "blocked", "polynomial", "pallas".
+    # Implementations to sweep: any of "reference", "blocked", "polynomial", "pallas".
     c.implementations = ("reference", "blocked", "polynomial")
-    # Sequence lengths n (= T = S1 = S2, self-attention shapes).
+    # Sequence lengths n (= T = S1 = S2, self-attention shapes): positive ints.
     c.lengths = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     # "fwd" (forward only) and/or "fwd+grad" (forward and the gradient w.r.t. all inputs).
     c.passes = ("fwd", "fwd+grad")
-    # Shapes: batch B, query heads N, key/value heads K, head dim H (value dim = H).
+    # Shapes: batch B, query heads N, key/value heads K dividing N, head dim H (value dim = H).
     c.batch = 1
     c.heads = 1
     c.kv_heads = 1
     c.head_dim = 16
-    # Input dtype: "float32" or "bfloat16".
+    # Input dtype: "float32", "bfloat16" or "float16".
     c.dtype = "float32"
-    # Causal mask, and a causal sliding window "w1,w2" (None: no window).
+    # Causal mask, and a causal sliding window "w1,w2" of positive ints (None: no window).
     c.causal = False
     c.window = ml_collections.FieldReference(None, field_type=tuple)
     # Inputs are uniform in [-entry_bound, entry_bound] (the polynomial method's hypothesis).
     c.entry_bound = 1.0
-    # Options for implementation="polynomial" (see tensorattn/kernels/polynomial.py).
+    # Options for implementation="polynomial" (see tensorattn/kernels/polynomial.py); the
+    # sweep needs an int degree (the feature rank and FLOPs are computed from it).
     c.polynomial = ml_collections.ConfigDict()
     c.polynomial.degree = 4
     c.polynomial.polynomial = "taylor"

@@ -4,11 +4,19 @@ r"""Sequence-length sweep: time, compiled memory and achieved rate of each imple
     python -m experiments.sweep --config=configs/sweep.py:preset=gpu --workdir=DIR \
         --config.dtype=bfloat16 --config.implementations=blocked,polynomial
 
-Writes one JSON line per (implementation, pass, n) to `DIR/sweep.jsonl` (status "ok", "oom",
-"timeout", "skipped" or "error"; failures do not stop the sweep), skips points already in the
-file, then draws `DIR/sweep.png` (log-log time and memory vs n, fitted slope per series) and
-`DIR/sweep.md`. The same command runs on CPU, GPU and TPU (jax picks the default backend);
-GPU/TPU runs are untested by the author.
+The whole config is checked before any point runs (`validate_config`: a bad field exits
+non-zero naming it); list fields take a tuple or a comma-separated string. Writes one JSON
+line per (implementation, pass, n) to `DIR/sweep.jsonl` with its status: "ok", "oom",
+"timeout", "skipped" or "error" (failures do not stop the sweep). On a re-run, "ok", "oom"
+and "timeout" rows are final (delete them, or use another DIR, to measure them again, e.g.
+after raising time_budget_s or memory_limit_bytes); "error" rows (and rows without a known
+status) are measured again, since the failure may have been the environment; "skipped" rows
+are decided again from the current `max_length`. The newest row of a point supersedes older
+ones. Then draws `DIR/sweep.png` (log-log time and memory vs n, fitted slope per series) and
+`DIR/sweep.md`. One sweep per DIR at a time (a second exits naming the first); a torn last
+line of sweep.jsonl (a kill mid-append) is reported and cut off; the plot and table are
+replaced atomically. The same command runs on CPU, GPU and TPU (jax picks the default
+backend); GPU/TPU runs are untested by the author.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,8 +37,16 @@ from ml_collections import config_flags
 
 import tensorattn
 from experiments import benchlib
+from tensorattn import models
+from tensorattn import workdir as workdir_files
+from tensorattn.kernels import api
 
 EXACT = ("reference", "blocked", "pallas")
+IMPLEMENTATIONS = tuple(api.IMPLEMENTATIONS)
+PASSES = ("fwd", "fwd+grad")
+DTYPES = ("float32", "bfloat16", "float16")
+# Statuses a re-run keeps; "error" and unknown statuses are retried, "skipped" re-decided.
+FINAL = ("ok", "oom", "timeout")
 GRAD_FLOP_FACTOR = 3.5  # exact forward (1) + backward (2.5), MATH.md section 3
 IDENTITY = (
     "implementation",
@@ -45,6 +62,187 @@ IDENTITY = (
     "entry_bound",
     "options",
 )
+
+
+class SweepConfigError(ValueError):
+    """A bad sweep config; the message starts with the field's name."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The config.
+
+# Optional fields and their defaults; every other field of configs/sweep.py is required.
+OPTIONAL = {
+    "window": None,
+    "memory_limit_bytes": 0,
+    "max_length": {},
+    "fit_points": 3,
+    "error_max_length": 0,
+}
+REQUIRED = (
+    "implementations",
+    "lengths",
+    "passes",
+    "batch",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "dtype",
+    "causal",
+    "entry_bound",
+    "polynomial",
+    "repeats",
+    "time_budget_s",
+)
+
+
+def _names(field: str, value, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A tuple of names from a tuple/list or a comma-separated string; on the command line
+    `--config.implementations=blocked,polynomial` arrives as ('blocked,polynomial',)."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise SweepConfigError(
+            f"{field}: must be a tuple or a comma-separated string, got {value!r}"
+        )
+    names: list[str] = []
+    for entry in value:
+        if not isinstance(entry, str):
+            raise SweepConfigError(f"{field}: entries must be names {allowed}, got {entry!r}")
+        for name in (part.strip() for part in entry.split(",")):
+            if name and name not in allowed:
+                raise SweepConfigError(f"{field}: unknown {name!r}; choose from {allowed}")
+            if name and name not in names:
+                names.append(name)
+    if not names:
+        raise SweepConfigError(f"{field}: empty; choose from {allowed}")
+    return tuple(names)
+
+
+def _lengths(value) -> tuple[int, ...]:
+    parts = value.split(",") if isinstance(value, str) else value
+    if isinstance(parts, int) and not isinstance(parts, bool):
+        parts = (parts,)
+    if not isinstance(parts, (list, tuple)):
+        raise SweepConfigError(f"lengths: must be a tuple of positive ints, got {value!r}")
+    lengths = []
+    for part in parts:
+        if isinstance(part, str) and part.strip().isdigit():
+            part = int(part)
+        elif isinstance(part, str) and not part.strip():
+            continue
+        if not models.is_int(part) or part < 1:
+            raise SweepConfigError(f"lengths: every length must be a positive int, got {part!r}")
+        lengths.append(int(part))
+    if not lengths:
+        raise SweepConfigError("lengths: empty")
+    return tuple(sorted(set(lengths)))
+
+
+def _int(field: str, value, low: int) -> int:
+    if not models.is_int(value) or value < low:
+        raise SweepConfigError(f"{field}: must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _positive(field: str, value) -> float:
+    if not (models.is_real(value) and 0 < value < math.inf):
+        raise SweepConfigError(f"{field}: must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def validate_config(config: Mapping[str, Any]) -> dict:
+    """The normalised sweep config (a new dict), or SweepConfigError naming the bad field.
+
+    Allowed: implementations: names from IMPLEMENTATIONS (tuple or "a,b"; duplicates dropped);
+    lengths: positive ints (tuple or "128,256"); passes: "fwd" and/or "fwd+grad"; batch, heads,
+    kv_heads, head_dim, repeats: positive ints, kv_heads dividing heads; dtype: float32,
+    bfloat16 or float16; causal: a bool; window: None or a pair of positive ints (implies a
+    causal mask); entry_bound, time_budget_s: positive finite numbers; polynomial: options of
+    implementation="polynomial" (`models.check_attention_options`) with an int `degree`;
+    memory_limit_bytes, error_max_length: ints >= 0; max_length: {implementation: positive
+    int}; fit_points: an int >= 2.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise SweepConfigError(f"config: must be a mapping, got {config!r}")
+    for key in config:
+        if key not in REQUIRED and key not in OPTIONAL:
+            raise SweepConfigError(
+                f"{key}: unknown field; known: {sorted(REQUIRED + tuple(OPTIONAL))}"
+            )
+    for key in REQUIRED:
+        if key not in config:
+            raise SweepConfigError(f"{key}: required")
+    c = {**OPTIONAL, **config}
+    out = {
+        "implementations": _names("implementations", c["implementations"], IMPLEMENTATIONS),
+        "lengths": _lengths(c["lengths"]),
+        "passes": _names("passes", c["passes"], PASSES),
+    }
+    for key in ("batch", "heads", "kv_heads", "head_dim", "repeats"):
+        out[key] = _int(key, c[key], 1)
+    if out["heads"] % out["kv_heads"]:
+        raise SweepConfigError(f"kv_heads: {out['kv_heads']} does not divide heads {out['heads']}")
+    if not isinstance(c["dtype"], str) or c["dtype"] not in DTYPES:
+        raise SweepConfigError(f"dtype: must be one of {DTYPES}, got {c['dtype']!r}")
+    out["dtype"] = c["dtype"]
+    if not isinstance(c["causal"], bool):
+        raise SweepConfigError(f"causal: must be a bool, got {c['causal']!r}")
+    out["causal"] = c["causal"]
+    window = c["window"]
+    if window is not None:
+        if isinstance(window, str):
+            window = window.split(",")
+        ok = isinstance(window, (list, tuple)) and len(window) == 2
+        if ok:
+            window = [int(w) if isinstance(w, str) and w.strip().isdigit() else w for w in window]
+            ok = all(models.is_int(w) and w >= 1 for w in window)
+        if not ok:
+            raise SweepConfigError(
+                f"window: must be None or a pair of positive ints, got {c['window']!r}"
+            )
+        window = tuple(int(w) for w in window)
+    out["window"] = window
+    out["entry_bound"] = _positive("entry_bound", c["entry_bound"])
+    out["time_budget_s"] = _positive("time_budget_s", c["time_budget_s"])
+    polynomial = c["polynomial"]
+    if not isinstance(polynomial, Mapping):
+        raise SweepConfigError(f"polynomial: must be a mapping of options, got {polynomial!r}")
+    if "polynomial" in out["implementations"]:
+        if not models.is_int(polynomial.get("degree")):
+            raise SweepConfigError(
+                f"polynomial.degree: the sweep needs an int degree (rank and FLOPs), got "
+                f"{polynomial.get('degree')!r}"
+            )
+        try:
+            models.check_attention_options(
+                "polynomial",
+                polynomial,
+                head_dim=out["head_dim"],
+                scale=out["head_dim"] ** -0.5,
+                prefix="polynomial",
+            )
+        except ValueError as e:
+            raise SweepConfigError(str(e)) from e
+    out["polynomial"] = dict(polynomial)
+    out["memory_limit_bytes"] = _int("memory_limit_bytes", c["memory_limit_bytes"], 0)
+    out["error_max_length"] = _int("error_max_length", c["error_max_length"], 0)
+    out["fit_points"] = _int("fit_points", c["fit_points"], 2)
+    max_length = c["max_length"] or {}
+    if not isinstance(max_length, Mapping):
+        raise SweepConfigError(
+            f"max_length: must be a mapping implementation -> n, got {max_length!r}"
+        )
+    for impl, n in max_length.items():
+        if impl not in IMPLEMENTATIONS:
+            raise SweepConfigError(
+                f"max_length.{impl}: unknown implementation; choose from {IMPLEMENTATIONS}"
+            )
+        _int(f"max_length.{impl}", n, 1)
+    out["max_length"] = dict(max_length)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,24 +384,23 @@ def measure(point: dict, *, repeats: int, memory_limit: int, error_max_length: i
 
 def points_of(config: Mapping[str, Any]) -> list[dict]:
     """Every (pass, implementation, n) point of a sweep config, shortest lengths first."""
-    window = config.get("window")
+    config = validate_config(config)
+    window = config["window"]
     base = {
-        "head_dim": int(config["head_dim"]),
-        "batch": int(config["batch"]),
-        "heads": int(config["heads"]),
-        "kv_heads": int(config["kv_heads"]),
-        "dtype": str(config["dtype"]),
-        "causal": bool(config["causal"]),
-        "window": None if window is None else [int(w) for w in window],
-        "entry_bound": float(config["entry_bound"]),
+        "head_dim": config["head_dim"],
+        "batch": config["batch"],
+        "heads": config["heads"],
+        "kv_heads": config["kv_heads"],
+        "dtype": config["dtype"],
+        "causal": config["causal"],
+        "window": None if window is None else list(window),
+        "entry_bound": config["entry_bound"],
     }
     points = []
     for pass_ in config["passes"]:
-        if pass_ not in ("fwd", "fwd+grad"):
-            raise ValueError(f"passes: unknown pass {pass_!r}; choose fwd, fwd+grad")
         for impl in config["implementations"]:
             options = dict(config["polynomial"]) if impl == "polynomial" else {}
-            for n in sorted(int(n) for n in config["lengths"]):
+            for n in config["lengths"]:
                 points.append(
                     dict(base, implementation=impl, n=n, options=options, **{"pass": pass_})
                 )
@@ -215,15 +412,19 @@ def identity(row: Mapping[str, Any]) -> str:
 
 
 def read_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every row of a sweep.jsonl, oldest first ([] if absent); a torn last line is dropped
+    (and reported); any other bad line raises `tensorattn.workdir.CorruptFileError`."""
+    return workdir_files.read_jsonl(path)
+
+
+def latest_rows(rows: list[dict]) -> dict[str, dict]:
+    """identity -> the newest row of each point (a retried point supersedes its old row)."""
+    return {identity(r): r for r in rows}
 
 
 def _predicted_seconds(done: list[dict], n: int, repeats: int) -> float | None:
     """Wall time of a point at length n extrapolated from the series' completed points."""
-    ok = [r for r in done if r.get("status") == "ok" and r["n"] < n]
+    ok = sorted((r for r in done if r.get("status") == "ok" and r["n"] < n), key=lambda r: r["n"])
     if not ok:
         return None
     last = ok[-1]
@@ -234,29 +435,48 @@ def _predicted_seconds(done: list[dict], n: int, repeats: int) -> float | None:
 
 
 def run_sweep(config: Mapping[str, Any], workdir: str, log=print) -> list[dict]:
-    """Runs (or resumes) a sweep in `workdir`; returns all its rows, old and new."""
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    """Runs (or resumes) a sweep in `workdir`; returns the newest row of each of its points.
+
+    Raises SweepConfigError (before anything runs), `tensorattn.workdir.WorkdirLockedError`
+    when another process holds `workdir`, and `CorruptFileError` for a bad line of sweep.jsonl
+    that is not its last.
+    """
+    config = validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    with workdir_files.lock(workdir):
+        return _run_locked(config, workdir, log)
+
+
+def _run_locked(config: dict, workdir: str, log) -> list[dict]:
     path = os.path.join(workdir, "sweep.jsonl")
-    rows = read_rows(path)
-    done = {identity(r) for r in rows}
-    limit = device_memory_limit(config.get("memory_limit_bytes", 0))
-    max_length = dict(config.get("max_length") or {})
-    budget = float(config["time_budget_s"])
-    repeats = int(config["repeats"])
-    for point in points_of(config):
-        if identity(point) in done:
+    latest = latest_rows(read_rows(path))
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    workdir_files.repair_jsonl(path)
+    if os.path.exists(path) and os.path.getsize(path) < size:
+        log(f"{path}: cut off a torn last line (a kill mid-append); that point runs again")
+    limit = device_memory_limit(config["memory_limit_bytes"])
+    max_length = config["max_length"]
+    budget = config["time_budget_s"]
+    repeats = config["repeats"]
+    points = points_of(config)
+    for point in points:
+        key = identity(point)
+        old = latest.get(key, {})
+        above = point["n"] > max_length.get(point["implementation"], math.inf)
+        if old.get("status") in FINAL or (old.get("status") == "skipped" and above):
             continue
         series = [
             r
-            for r in rows
-            if all(r.get(k) == point[k] for k in IDENTITY if k != "n") and r["n"] < point["n"]
+            for r in latest.values()
+            if all(r.get(k) == point[k] for k in IDENTITY if k != "n")
+            and isinstance(r.get("n"), int)
+            and r["n"] < point["n"]
         ]
         predicted = _predicted_seconds(series, point["n"], repeats)
         over_budget = any(
-            r.get("status") in ("timeout", "oom") or r.get("wall_s", 0) > budget for r in series
+            r.get("status") in ("timeout", "oom") or (r.get("wall_s") or 0) > budget for r in series
         )
-        if point["n"] > max_length.get(point["implementation"], math.inf):
+        if above:
             row = dict(point, status="skipped", reason="above max_length")
         elif over_budget or (predicted is not None and predicted > budget):
             row = dict(point, status="timeout", predicted_s=predicted)
@@ -270,22 +490,22 @@ def run_sweep(config: Mapping[str, Any], workdir: str, log=print) -> list[dict]:
                 point,
                 repeats=repeats,
                 memory_limit=limit,
-                error_max_length=int(config.get("error_max_length", 0)),
+                error_max_length=config["error_max_length"],
             )
         row.setdefault("time_ms", None)
         row.update(benchlib.device_description())
-        benchlib.append_jsonl(path, row)
-        rows.append(row)
-        done.add(identity(row))
+        if old.get("status") is not None:
+            row["previous_status"] = old["status"]
+        workdir_files.append_jsonl(path, row)
+        latest[key] = row
         err = row.get("relative_error")
         log(
             f"{row['implementation']:>10} {row['pass']:<8} n={row['n']:<6} {row['status']:<7} "
             + (f"{row['time_ms']:10.2f} ms" if row["time_ms"] is not None else " " * 13)
             + (f"  err {err:.2e}" if err is not None else "")
         )
-    selected = {identity(p) for p in points_of(config)}
-    rows = [r for r in rows if identity(r) in selected]
-    slopes = series_slopes(rows, int(config.get("fit_points", 3)))
+    rows = [latest[identity(p)] for p in points]
+    slopes = series_slopes(rows, config["fit_points"])
     plot_sweep(rows, slopes, os.path.join(workdir, "sweep.png"))
     write_table(rows, slopes, os.path.join(workdir, "sweep.md"))
     return rows
@@ -301,14 +521,24 @@ def fit_slope(ns, values) -> float:
     return float(np.polyfit(x, y, 1)[0]) if len(x) >= 2 else float("nan")
 
 
+def _ok_rows(rows: list[dict], key: tuple[str, str]) -> list[dict]:
+    """The "ok" rows of series `key` = (implementation, pass), by length."""
+    return sorted(
+        (
+            r
+            for r in rows
+            if (r.get("implementation"), r.get("pass")) == key and r.get("status") == "ok"
+        ),
+        key=lambda r: r["n"],
+    )
+
+
 def series_slopes(rows: list[dict], fit_points: int = 3) -> dict[tuple[str, str], dict]:
     """(implementation, pass) -> fitted time and memory slopes over the last completed lengths."""
     out = {}
+    rows = [r for r in rows if all(k in r for k in ("implementation", "pass", "n"))]
     for key in sorted({(r["implementation"], r["pass"]) for r in rows}):
-        ok = sorted(
-            (r for r in rows if (r["implementation"], r["pass"]) == key and r["status"] == "ok"),
-            key=lambda r: r["n"],
-        )[-fit_points:]
+        ok = _ok_rows(rows, key)[-fit_points:]
         mem = [r for r in ok if r.get("memory_bytes")]
         out[key] = {
             "time_slope": fit_slope([r["n"] for r in ok], [r["time_ms"] for r in ok]),
@@ -319,7 +549,8 @@ def series_slopes(rows: list[dict], fit_points: int = 3) -> dict[tuple[str, str]
 
 
 def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> None:
-    """Log-log time and compiled memory vs n, one line per (implementation, pass)."""
+    """Log-log time and compiled memory vs n, one line per (implementation, pass); replaces
+    `path` atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,10 +558,7 @@ def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> No
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, fit in slopes.items():
-        ok = sorted(
-            (r for r in rows if (r["implementation"], r["pass"]) == key and r["status"] == "ok"),
-            key=lambda r: r["n"],
-        )
+        ok = _ok_rows(rows, key)
         if not ok:
             continue
         label = f"{key[0]} {key[1]}"
@@ -363,12 +591,15 @@ def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> No
     device = rows[0].get("device_kind", "") if rows else ""
     fig.suptitle(title or f"tensor attention sweep on {device}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with workdir_files.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def write_table(rows: list[dict], slopes: dict, path: str) -> None:
-    """Markdown: one row per point, then the fitted slopes."""
+    """Markdown: one row per point, then the fitted slopes; replaces `path` atomically."""
     cols = [
         "implementation",
         "pass",
@@ -379,7 +610,9 @@ def write_table(rows: list[dict], slopes: dict, path: str) -> None:
         "flops_per_s",
         "relative_error",
     ]
-    ordered = sorted(rows, key=lambda r: (r["pass"], r["implementation"], r["n"]))
+    ordered = sorted(
+        rows, key=lambda r: (str(r.get("pass")), str(r.get("implementation")), r.get("n") or 0)
+    )
     fits = [
         {
             "implementation": impl,
@@ -390,21 +623,55 @@ def write_table(rows: list[dict], slopes: dict, path: str) -> None:
         }
         for (impl, pass_), s in slopes.items()
     ]
-    with open(path, "w") as f:
-        f.write(benchlib.markdown_table(ordered, cols) + "\n")
-        f.write(benchlib.markdown_table(fits, list(fits[0]) if fits else []))
+    text = benchlib.markdown_table(ordered, cols) + "\n"
+    text += benchlib.markdown_table(fits, list(fits[0]) if fits else [])
+    workdir_files.write_atomic(path, text)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line.
+
+# Set by `define_flags()`, which only the command line calls: tests import this module, and
+# experiments.train defines flags of the same names.
+_CONFIG = None
+_WORKDIR = None
+
+
+def define_flags() -> None:
+    """Defines --config and --workdir (once)."""
+    global _CONFIG, _WORKDIR
+    if _CONFIG is None:
+        _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.")
+        _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for sweep.jsonl and plots.")
+        flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_command(config, workdir: str, out=print) -> list[dict]:
+    """What the command line does, callable from Python: checks the config, runs (or resumes)
+    the sweep, prints the table. Raises what `run_sweep` raises."""
+    config = validate_config(config)
+    out(f"device: {benchlib.device_description()}")
+    rows = run_sweep(config, workdir, log=out)
+    with open(os.path.join(workdir, "sweep.md")) as f:
+        out(f.read())
+    return rows
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    print(f"device: {benchlib.device_description()}")
-    run_sweep(_CONFIG.value, _WORKDIR.value)
-    print(open(os.path.join(_WORKDIR.value, "sweep.md")).read())
+    if _CONFIG is None:
+        raise app.UsageError("flags are not defined: call define_flags() before app.run(main)")
+    try:
+        run_command(_CONFIG.value, _WORKDIR.value)
+    except SweepConfigError as e:
+        sys.exit(f"invalid sweep config: {e}")
+    except workdir_files.WorkdirLockedError as e:
+        sys.exit(f"workdir busy: {e}")
+    except workdir_files.CorruptFileError as e:
+        sys.exit(f"cannot resume: {e}")
 
 
-if __name__ == "__main__":  # flags only for the command line: tests import this module
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for sweep.jsonl and plots.")
-    flags.mark_flags_as_required(["config", "workdir"])
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

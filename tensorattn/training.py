@@ -109,37 +109,56 @@ def _attention_kinds(attention: str, num_layers: int, tensor_every: int) -> tupl
     return tuple("tensor" if (i + 1) % tensor_every == 0 else "standard" for i in range(num_layers))
 
 
+SECTIONS = ("task", "model", "optim", "train")
+# Largest accepted peak learning rate: AdamW steps are about learning_rate per parameter, so
+# anything above this diverges at once (and 1e39 overflows float32).
+MAX_LEARNING_RATE = 10.0
+# The dropout stream folds in seed + 1 as an int32.
+MAX_SEED = 2**31 - 2
+
+
+def _section(config: Mapping[str, Any], name: str) -> dict:
+    value = config.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: must be a mapping of fields, got {value!r}")
+    return dict(value)
+
+
 def options_from_dict(config: Mapping[str, Any]) -> Options:
     """Typed `Options` from a nested dict with sections task, model, optim, train.
 
-    `model.attention` ("tensor", "standard", "polynomial") and `model.tensor_every` become
-    per-layer attention kinds; vocabulary, classes, head and length come from the task.
-    Raises ConfigError naming the field.
+    `model.attention` ("tensor", "standard", "polynomial") and `model.tensor_every` (a positive
+    int) become per-layer attention kinds; vocabulary, classes, head and length come from the
+    task; `model.attention_options.block_sizes` may be a mapping of the implementation's
+    `BlockSizes` fields. Raises ConfigError naming the field for unknown sections and fields,
+    a bad task and values the conversion needs; `validate` checks the rest.
     """
-    config = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config: must be a mapping with sections {SECTIONS}, got {config!r}")
     for key in config:
-        if key not in ("task", "model", "optim", "train"):
+        if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section; expected task, model, optim, train")
-    task_cfg = dict(config.get("task", {}))
+    task_cfg = _section(config, "task")
     if "name" not in task_cfg:
         raise ConfigError("task.name: required")
-    task_options = TaskOptions(
-        name=task_cfg.pop("name"), kwargs=dict(task_cfg.pop("kwargs", {}) or {})
-    )
+    name, kwargs = task_cfg.pop("name"), task_cfg.pop("kwargs", None) or {}
     if task_cfg:
         raise ConfigError(f"task.{next(iter(task_cfg))}: unknown field; known: name, kwargs")
-    try:
-        task = tasks.make(task_options.name, **task_options.kwargs)
-    except ValueError as e:
-        field = "task.name" if task_options.name not in tasks.REGISTRY else "task.kwargs"
-        raise ConfigError(f"{field}: {e}") from e
+    if not isinstance(name, str):
+        raise ConfigError(f"task.name: must be a str; choose one of {tasks.names()}, got {name!r}")
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"task.kwargs: must be a mapping, got {kwargs!r}")
+    task_options = TaskOptions(name=name, kwargs=dict(kwargs))
+    task = _make_task(task_options)
 
-    model_cfg = dict(config.get("model", {}))
+    model_cfg = _section(config, "model")
     attention = model_cfg.pop("attention", "tensor")
     tensor_every = model_cfg.pop("tensor_every", 1)
-    if attention not in ATTENTION:
+    if not isinstance(attention, str) or attention not in ATTENTION:
         raise ConfigError(f"model.attention: unknown attention {attention!r}; choose {ATTENTION}")
-    if not isinstance(tensor_every, int) or tensor_every < 1:
+    if not models.is_int(tensor_every) or tensor_every < 1:
         raise ConfigError(f"model.tensor_every: must be a positive int, got {tensor_every!r}")
     if attention == "polynomial":
         if model_cfg.get("implementation") not in (None, "polynomial"):
@@ -147,17 +166,46 @@ def options_from_dict(config: Mapping[str, Any]) -> Options:
                 "model.implementation: attention=polynomial needs implementation=polynomial"
             )
         model_cfg["implementation"] = "polynomial"
-    num_layers = model_cfg.get("num_layers", 1)
-    model_cfg["attention_kinds"] = _attention_kinds(attention, num_layers, tensor_every)
-    model_cfg["attention_options"] = dict(model_cfg.get("attention_options") or {})
-    if model_cfg.get("window") is not None:
-        model_cfg["window"] = tuple(model_cfg["window"])
-    train_cfg = dict(config.get("train", {}))
-    if train_cfg.get("sequence_shards", 1) > 1:
-        model_cfg["sequence_axis"] = sharding.SEQ_AXIS
     for key in ("vocab_size", "num_classes", "head", "max_len"):
         if key in model_cfg:
             raise ConfigError(f"model.{key}: set by the task, not configurable")
+    if "attention_kinds" in model_cfg:
+        raise ConfigError(
+            "model.attention_kinds: set from model.attention and model.tensor_every, not "
+            "configurable"
+        )
+    if "sequence_axis" in model_cfg:
+        raise ConfigError("model.sequence_axis: set from train.sequence_shards, not configurable")
+    num_layers = model_cfg.get("num_layers", 1)
+    if not models.is_int(num_layers) or num_layers < 1:
+        raise ConfigError(f"model.num_layers: must be a positive int, got {num_layers!r}")
+    model_cfg["attention_kinds"] = _attention_kinds(attention, num_layers, tensor_every)
+    attention_options = model_cfg.get("attention_options") or {}
+    if not isinstance(attention_options, Mapping):
+        raise ConfigError(
+            f"model.attention_options: must be a mapping of kernel options, got "
+            f"{attention_options!r}"
+        )
+    attention_options = dict(attention_options)
+    if isinstance(attention_options.get("block_sizes"), Mapping):
+        try:
+            cls = models.block_sizes_class(model_cfg.get("implementation"))
+            attention_options["block_sizes"] = cls(**attention_options["block_sizes"])
+        except (ImportError, TypeError, ValueError) as e:
+            raise ConfigError(f"model.attention_options.block_sizes: {e}") from e
+    model_cfg["attention_options"] = attention_options
+    window = model_cfg.get("window")
+    if window is not None:
+        if not isinstance(window, (list, tuple)) or len(window) != 2:
+            raise ConfigError(
+                f"model.window: must be None or a pair (w1, w2) of positive ints or None, got "
+                f"{window!r}"
+            )
+        model_cfg["window"] = tuple(window)
+    train_cfg = _section(config, "train")
+    shards = train_cfg.get("sequence_shards", 1)
+    if models.is_int(shards) and shards > 1:
+        model_cfg["sequence_axis"] = sharding.SEQ_AXIS
     try:
         model = _build(
             models.ModelOptions,
@@ -168,29 +216,71 @@ def options_from_dict(config: Mapping[str, Any]) -> Options:
             head=task.label_kind,
             max_len=task.length,
         )
-        optim = _build(OptimOptions, "optim", config.get("optim", {}))
+        optim = _build(OptimOptions, "optim", _section(config, "optim"))
         train = _build(TrainOptions, "train", train_cfg)
     except TypeError as e:
         raise ConfigError(f"config: {e}") from e
     return Options(task=task_options, model=model, optim=optim, train=train)
 
 
+def _make_task(task_options: TaskOptions):
+    try:
+        return tasks.make(task_options.name, **task_options.kwargs)
+    except ValueError as e:
+        field = "task.name" if task_options.name not in tasks.REGISTRY else "task.kwargs"
+        raise ConfigError(f"{field}: {e}") from e
+
+
+def _check_number(field: str, value, low: float, high: float, closed=(True, True)) -> None:
+    """`value` must be a finite real number within `[low, high]` (ends open per `closed`)."""
+    ok = models.is_real(value) and math.isfinite(value)
+    ok = ok and (low <= value if closed[0] else low < value)
+    ok = ok and (value <= high if closed[1] else value < high)
+    if not ok:
+        interval = f"{'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
+        raise ConfigError(f"{field}: must be a finite number in {interval}, got {value!r}")
+
+
 def validate(options: Options, num_devices: int | None = None) -> None:
-    """Checks every option before anything expensive; raises ConfigError naming the field."""
+    """Checks every option before anything compiles; raises ConfigError naming the field.
+
+    Allowed values (model fields: `models.validate`; task: any registered task and its
+    constructor's arguments):
+    - optim.learning_rate: a finite number in (0, 10]. optim.warmup_steps: an int >= 0.
+      optim.end_lr_fraction: a number in [0, 1]. optim.b1, optim.b2: numbers in [0, 1).
+      optim.weight_decay: a finite number >= 0 with learning_rate·weight_decay < 1 (the
+      fraction of each weight decayed per step). optim.grad_clip: a finite number >= 0 (0: off).
+    - train.seed: an int in [0, 2^31 - 2] (parameters, dropout (seed + 1 as int32), batches);
+      train.eval_seed: an int >= 0. train.batch_size, num_steps, log_every, eval_every,
+      checkpoint_every, keep_checkpoints, eval_size, eval_batch_size, sequence_shards:
+      positive ints; eval_size a multiple of eval_batch_size. train.num_devices: None (all)
+      or an int in [1, available devices]; sequence_shards must divide the devices and the
+      task length; batch_size and eval_batch_size must divide over the data-parallel devices.
+    """
     try:
         models.validate(options.model)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    task = _make_task(options.task)
     o, t = options.optim, options.train
-    if not o.learning_rate > 0:
-        raise ConfigError(f"optim.learning_rate: must be positive, got {o.learning_rate}")
-    for name in ("warmup_steps",):
-        if getattr(o, name) < 0:
-            raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(o, name)}")
-    if not 0 <= o.end_lr_fraction <= 1:
-        raise ConfigError(f"optim.end_lr_fraction: must be in [0, 1], got {o.end_lr_fraction}")
-    if o.weight_decay < 0 or o.grad_clip < 0:
-        raise ConfigError("optim.weight_decay / optim.grad_clip: must be >= 0")
+    _check_number("optim.learning_rate", o.learning_rate, 0.0, MAX_LEARNING_RATE, (False, True))
+    if not models.is_int(o.warmup_steps) or o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must be an int >= 0, got {o.warmup_steps!r}")
+    _check_number("optim.end_lr_fraction", o.end_lr_fraction, 0.0, 1.0)
+    _check_number("optim.b1", o.b1, 0.0, 1.0, (True, False))
+    _check_number("optim.b2", o.b2, 0.0, 1.0, (True, False))
+    _check_number("optim.weight_decay", o.weight_decay, 0.0, math.inf, (True, False))
+    if o.learning_rate * o.weight_decay >= 1:
+        raise ConfigError(
+            f"optim.weight_decay: learning_rate·weight_decay = "
+            f"{o.learning_rate * o.weight_decay:g} must be < 1 (each step would decay the "
+            "weights past zero)"
+        )
+    _check_number("optim.grad_clip", o.grad_clip, 0.0, math.inf, (True, False))
+    if not models.is_int(t.seed) or not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"train.seed: must be an int in [0, {MAX_SEED}], got {t.seed!r}")
+    if not models.is_int(t.eval_seed) or t.eval_seed < 0:
+        raise ConfigError(f"train.eval_seed: must be an int >= 0, got {t.eval_seed!r}")
     for name in (
         "batch_size",
         "num_steps",
@@ -203,7 +293,7 @@ def validate(options: Options, num_devices: int | None = None) -> None:
         "sequence_shards",
     ):
         value = getattr(t, name)
-        if not isinstance(value, int) or value < 1:
+        if not models.is_int(value) or value < 1:
             raise ConfigError(f"train.{name}: must be a positive int, got {value!r}")
     if t.eval_size % t.eval_batch_size:
         raise ConfigError(
@@ -212,8 +302,11 @@ def validate(options: Options, num_devices: int | None = None) -> None:
         )
     devices = jax.device_count() if num_devices is None else num_devices
     if t.num_devices is not None:
-        if not 1 <= t.num_devices <= devices:
-            raise ConfigError(f"train.num_devices: must be in [1, {devices}], got {t.num_devices}")
+        if not models.is_int(t.num_devices) or not 1 <= t.num_devices <= devices:
+            raise ConfigError(
+                f"train.num_devices: must be None or an int in [1, {devices}], got "
+                f"{t.num_devices!r}"
+            )
         devices = t.num_devices
     if devices % t.sequence_shards:
         raise ConfigError(
@@ -226,13 +319,11 @@ def validate(options: Options, num_devices: int | None = None) -> None:
                 f"train.{name}: {getattr(t, name)} is not divisible by the {data} data-parallel "
                 "devices"
             )
-    if t.sequence_shards > 1:
-        length = tasks.make(options.task.name, **options.task.kwargs).length
-        if length % t.sequence_shards:
-            raise ConfigError(
-                f"train.sequence_shards: sequence length {length} is not divisible by "
-                f"{t.sequence_shards}"
-            )
+    if t.sequence_shards > 1 and task.length % t.sequence_shards:
+        raise ConfigError(
+            f"train.sequence_shards: sequence length {task.length} is not divisible by "
+            f"{t.sequence_shards}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

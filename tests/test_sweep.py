@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from configs import sweep as sweep_config
 from experiments import benchlib, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -100,3 +104,238 @@ def test_gradient_point_with_error_against_exact():
     assert row["status"] == "ok", row
     assert 0 < row["relative_error"] < 0.1
     assert np.isfinite(row["time_ms"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12, item 10: config normalisation and validation, retries, a safe workdir.
+
+
+def _raw(**overrides):
+    """`_config()` as a plain dict with `overrides` taken as they are (no ConfigDict casts)."""
+    return {**_config(), **overrides}
+
+
+def _fake_measure(monkeypatch, status_of=lambda point: "ok"):
+    """Replaces `sweep.measure` (no compilation); returns the list of measured points."""
+    calls = []
+
+    def measure(point, *, repeats, memory_limit, error_max_length=0):
+        calls.append((point["implementation"], point["pass"], point["n"]))
+        row = dict(point, status=status_of(point))
+        if row["status"] == "ok":
+            row.update(time_ms=0.01 * point["n"], wall_s=1e-3, memory_bytes=100 * point["n"])
+        else:
+            row["reason"] = "RuntimeError: simulated failure"
+        return row
+
+    monkeypatch.setattr(sweep, "measure", measure)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "blocked,polynomial",
+        ("blocked,polynomial",),
+        ("blocked", " polynomial", "blocked"),
+        ["blocked,", "polynomial"],
+    ],
+)
+def test_implementations_accept_a_comma_separated_string(value):
+    """`--config.implementations=blocked,polynomial` arrives as ('blocked,polynomial',)."""
+    config = sweep.validate_config(_raw(implementations=value))
+    assert config["implementations"] == ("blocked", "polynomial")
+    assert {p["implementation"] for p in sweep.points_of(_raw(implementations=value))} == {
+        "blocked",
+        "polynomial",
+    }
+    assert sweep.validate_config(_raw(passes="fwd,fwd+grad"))["passes"] == ("fwd", "fwd+grad")
+    assert sweep.validate_config(_raw(lengths="32,16,16"))["lengths"] == (16, 32)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(implementations=("blocked", "flash")), "implementations"),
+        (dict(implementations="blocked,flash"), "implementations"),
+        (dict(implementations=""), "implementations"),
+        (dict(lengths=(0,)), "lengths"),
+        (dict(lengths=(16, -32)), "lengths"),
+        (dict(lengths=()), "lengths"),
+        (dict(lengths=(16.0,)), "lengths"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(passes=("fwd,bwd",)), "passes"),
+        (dict(window=(0, 2)), "window"),
+        (dict(window=(2,)), "window"),
+        (dict(causal="yes"), "causal"),
+        (dict(batch=0), "batch"),
+        (dict(kv_heads=3, heads=2), "kv_heads"),
+        (dict(head_dim="8"), "head_dim"),
+        (dict(entry_bound=float("inf")), "entry_bound"),
+        (dict(time_budget_s=0.0), "time_budget_s"),
+        (dict(repeats=0), "repeats"),
+        (dict(memory_limit_bytes=-1), "memory_limit_bytes"),
+        (dict(fit_points=1), "fit_points"),
+        (dict(error_max_length=None), "error_max_length"),
+        (dict(max_length={"flash": 64}), "max_length.flash"),
+        (dict(max_length={"reference": 0}), "max_length.reference"),
+        (dict(polynomial={"degree": -1}), "polynomial.degree"),
+        (dict(polynomial={"degree": 2, "gradient": "exact"}), "polynomial.gradient"),
+        (dict(polynomial={"degree": None, "tolerance": 1e-2, "bound": 1.0}), "polynomial.degree"),
+        (dict(lenghts=(16,)), "lenghts"),
+    ],
+)
+def test_bad_sweep_config_is_refused_before_anything_runs(tmp_path, overrides, field):
+    workdir = tmp_path / "sweep"
+    with pytest.raises(sweep.SweepConfigError, match="^" + field.replace(".", r"\.")):
+        sweep.run_sweep(_raw(**overrides), str(workdir), log=lambda _: None)
+    assert not workdir.exists()
+
+
+def test_missing_field_is_named():
+    config = _raw()
+    del config["repeats"]
+    with pytest.raises(sweep.SweepConfigError, match="^repeats: required"):
+        sweep.validate_config(config)
+
+
+def test_error_rows_are_retried_final_rows_kept(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    config = _raw(implementations="blocked,polynomial", lengths=(16, 24))
+    _fake_measure(monkeypatch, lambda p: "error" if p["implementation"] == "blocked" else "ok")
+    rows = sweep.run_sweep(config, workdir, log=lambda _: None)
+    assert [r["status"] for r in rows] == ["error", "error", "ok", "ok"]
+    # A row without a status (an older writer) is not a finished point, and does not crash.
+    lines = _lines(workdir)
+    del lines[2]["status"]
+    with open(os.path.join(workdir, "sweep.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
+    calls = _fake_measure(monkeypatch)  # the environment is fixed
+    rows = sweep.run_sweep(config, workdir, log=lambda _: None)
+    assert sorted(calls) == [
+        ("blocked", "fwd", 16),
+        ("blocked", "fwd", 24),
+        ("polynomial", "fwd", 16),
+    ]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert rows[0]["previous_status"] == "error"
+    assert len(_lines(workdir)) == 4 + 3  # append-only; the newest row of a point wins
+    calls.clear()
+    again = sweep.run_sweep(config, workdir, log=lambda _: None)
+    assert calls == [] and again == rows  # ok rows are final
+    table = open(os.path.join(workdir, "sweep.md")).read()
+    assert "| error |" not in table
+
+
+def test_oom_and_timeout_rows_are_final_skipped_rows_redecided(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    calls = _fake_measure(monkeypatch, lambda p: "oom")
+    config = _raw(implementations="blocked", lengths=(16, 24, 32), max_length={"blocked": 16})
+    rows = sweep.run_sweep(config, workdir, log=lambda _: None)
+    assert [r["status"] for r in rows] == ["oom", "skipped", "skipped"]
+    calls = _fake_measure(monkeypatch)
+    sweep.run_sweep(config, workdir, log=lambda _: None)
+    assert calls == [] and len(_lines(workdir)) == 3  # nothing new: oom final, still skipped
+    rows = sweep.run_sweep(dict(config, max_length={}), workdir, log=lambda _: None)
+    assert [r["status"] for r in rows] == ["oom", "timeout", "timeout"]  # 16 ran out of memory
+    assert calls == []
+    sweep.run_sweep(dict(config, max_length={}), workdir, log=lambda _: None)
+    assert len(_lines(workdir)) == 5  # timeout rows are final too
+
+
+def test_torn_last_line_is_reported_and_cut_bad_middle_line_refused(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    path = os.path.join(workdir, "sweep.jsonl")
+    _fake_measure(monkeypatch)
+    config = _raw(implementations="blocked", lengths=(16, 24))
+    sweep.run_sweep(config, workdir, log=lambda _: None)
+    with open(path, "a") as f:
+        f.write('{"implementation": "blocked", "n": 3')  # a kill mid-append
+    messages = []
+    rows = sweep.run_sweep(dict(config, lengths=(16, 24, 32)), workdir, log=messages.append)
+    assert any("torn" in m for m in messages)
+    assert [r["n"] for r in rows] == [16, 24, 32]
+    assert [r["n"] for r in _lines(workdir)] == [16, 24, 32]  # cut, then appended cleanly
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write("not json\n" + text)
+    with pytest.raises(sweep.workdir_files.CorruptFileError, match="line 1"):
+        sweep.run_sweep(config, workdir, log=lambda _: None)
+
+
+def test_one_sweep_per_workdir(tmp_path, monkeypatch):
+    calls = _fake_measure(monkeypatch)
+    with sweep.workdir_files.lock(str(tmp_path)):
+        with pytest.raises(sweep.workdir_files.WorkdirLockedError, match="in use"):
+            sweep.run_sweep(_raw(), str(tmp_path), log=lambda _: None)
+    assert calls == [] and not os.path.exists(tmp_path / "sweep.jsonl")
+    sweep.run_sweep(_raw(), str(tmp_path), log=lambda _: None)  # released
+
+
+def test_plot_and_table_are_replaced_atomically(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    workdir = str(tmp_path)
+    _fake_measure(monkeypatch)
+    rows = sweep.run_sweep(_raw(), workdir, log=lambda _: None)
+    before = open(os.path.join(workdir, "sweep.png"), "rb").read()
+
+    def dying_savefig(self, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a png")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dying_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.plot_sweep(rows, sweep.series_slopes(rows), os.path.join(workdir, "sweep.png"))
+    assert open(os.path.join(workdir, "sweep.png"), "rb").read() == before
+    assert sorted(os.listdir(workdir)) == [".lock", "sweep.jsonl", "sweep.md", "sweep.png"]
+
+
+def test_module_is_callable_without_its_main(tmp_path, monkeypatch):
+    from absl import app
+
+    with pytest.raises(app.UsageError, match="define_flags"):
+        sweep.main(["sweep"])
+    _fake_measure(monkeypatch)
+    out = []
+    rows = sweep.run_command(_raw(implementations="blocked"), str(tmp_path), out=out.append)
+    assert len(rows) == 3 and "| blocked | fwd | 16 | ok |" in out[-1]
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--config=configs/sweep.py:smoke", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_command_line_comma_separated_implementations(tmp_path):
+    out = _cli(
+        f"--workdir={tmp_path}",
+        "--config.implementations=blocked,polynomial",
+        "--config.lengths=16",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert {(r["implementation"], r["status"]) for r in _lines(tmp_path)} == {
+        ("blocked", "ok"),
+        ("polynomial", "ok"),
+    }
+
+
+@pytest.mark.parametrize(
+    "arg,field",
+    [
+        ("--config.implementations=blocked,flash", "implementations"),
+        ("--config.lengths=0", "lengths"),
+    ],
+)
+def test_command_line_bad_config_exits_nonzero(tmp_path, arg, field):
+    out = _cli(f"--workdir={tmp_path / 'sweep'}", arg)
+    assert out.returncode != 0
+    assert f"invalid sweep config: {field}" in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "sweep").exists()
