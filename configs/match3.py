@@ -1,4 +1,4 @@
-"""Match3 (mod M): is x_i part of a triple summing to 0 mod M? (MATH.md section 6)
+"""Match3 (mod M): is x_i part of a triple summing to 0 mod M? (docs/math.md §6)
 
 One standard attention layer of small width cannot solve it; one tensor attention layer can.
 Default setting: length 10, modulus 53 (about 65% positives). Pairs with `j = k` or `i` among

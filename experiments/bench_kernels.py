@@ -31,7 +31,7 @@ _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims (preset=gp
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
 _OUT = flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
 
-GRAD_FLOP_FACTOR = 3.5  # forward (1) + backward (2.5), MATH.md section 3
+GRAD_FLOP_FACTOR = 3.5  # forward (1) + backward (2.5), docs/math.md §3
 
 
 def make_inputs(t: int, head_dim: int, dtype):

@@ -38,7 +38,7 @@ _CHECK = flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
 _BWD_IMPLS = flags.DEFINE_list("bwd_impls", ["pallas", "blocked"], "Implementations timed fwd+bwd.")
 
-BWD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (MATH.md section 3)
+BWD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (docs/math.md §3)
 
 # name -> (batch, T, heads N, kv heads K, window)
 CASES = {

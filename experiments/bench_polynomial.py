@@ -1,4 +1,4 @@
-r"""Benchmark of the polynomial method (MATH.md sections 4-5) against the blocked exact kernel.
+r"""Benchmark of the polynomial method (docs/math.md §4-§5) against the blocked exact kernel.
 
   python -m experiments.bench_polynomial                      # T = 2^10 .. 2^16
   python -m experiments.bench_polynomial --quick              # small sizes, a fast check

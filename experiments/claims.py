@@ -139,7 +139,7 @@ def threshold_rows(
 
     Convention of the papers: scale `1/d`, `|entries| <= B`, so `R = B^t`; `d = ceil(log2 n)`.
     Output error 1/n needs relative error `eps <= 1/(2n+1)` (values in [-1, 1], polynomial.py
-    `output_error_bound`). Exact cost `4 n^t d`; polynomial `2 r (d+1) t n` (MATH.md 3-4).
+    `output_error_bound`). Exact cost `4 n^t d`; polynomial `2 r (d+1) t n` (docs/math.md §3-§4).
     """
     rows = []
     for t in orders:

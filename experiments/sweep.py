@@ -47,7 +47,7 @@ PASSES = ("fwd", "fwd+grad")
 DTYPES = ("float32", "bfloat16", "float16")
 # Statuses a re-run keeps; "error" and unknown statuses are retried, "skipped" re-decided.
 FINAL = ("ok", "oom", "timeout")
-GRAD_FLOP_FACTOR = 3.5  # exact forward (1) + backward (2.5), MATH.md section 3
+GRAD_FLOP_FACTOR = 3.5  # exact forward (1) + backward (2.5), docs/math.md §3
 IDENTITY = (
     "implementation",
     "n",
@@ -255,9 +255,9 @@ def polynomial_rank(head_dim: int, degree: int) -> int:
 
 
 def analytic_flops(point: Mapping[str, Any]) -> float:
-    """Multiply-adds x2 of one point: exact `4·tuples·H` (x3.5 with the gradient, MATH.md
-    section 3); polynomial `2·r·(Hv+1)·3n` forward, plus `2·r·(Hv+1)·(H+1)·5n` backward
-    (MATH.md sections 4-5; an estimate that ignores feature construction)."""
+    """Multiply-adds x2 of one point: exact `4·tuples·H` (x3.5 with the gradient, docs/math.md
+    §3); polynomial `2·r·(Hv+1)·3n` forward, plus `2·r·(Hv+1)·(H+1)·5n` backward
+    (docs/math.md §4-§5; an estimate that ignores feature construction)."""
     n, h, heads = point["n"], point["head_dim"], point["batch"] * point["heads"]
     grad = point["pass"] == "fwd+grad"
     if point["implementation"] == "polynomial":

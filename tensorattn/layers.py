@@ -103,12 +103,12 @@ def _scaled_queries(module: nn.Module, q: Array, scale: float, learn_scale: bool
 
 
 class TensorAttention(nn.Module):
-    """Multi-head order-3 tensor attention (MATH.md section 1) with input/output projections.
+    """Multi-head order-3 tensor attention (docs/math.md §1) with input/output projections.
 
     Self-attention: `layer(x)`. Cross-attention over two key sequences (e.g. two modalities):
     `layer(x_q, x_k1, x_k2)`; `x_k2` defaults to `x_k1`, which defaults to `x_q`.
     `entry_bound` B maps q, k1, k2 through `B tanh(./B)` so every entry is below B, the
-    polynomial method's hypothesis (MATH.md section 4); with `implementation="polynomial"` and
+    polynomial method's hypothesis (docs/math.md §4); with `implementation="polynomial"` and
     no `entry_bound`, construction warns (`PolynomialAccuracyWarning`) unless
     `attention_options={"on_uncertified": "ignore"}` (a polynomial layer trained as an
     attention of its own). `implementation` and `attention_options` go to

@@ -1,4 +1,4 @@
-"""Float64 NumPy oracle for tensor attention (MATH.md sections 1-3).
+"""Float64 NumPy oracle for tensor attention (docs/math.md §1-§3).
 
 Shares no code with `tensorattn`: it is the independent definition every kernel is tested
 against. Orders 2-4, grouped heads, key masks, causal and window masks, forward and gradient.
@@ -65,7 +65,7 @@ def attention(q, keys, values, *, scale=None, causal=False, windows=None, masks=
 
 
 def attention_grads(q, keys, values, d_out, *, scale=None, causal=False, windows=None, masks=None):
-    """Gradients (dq, dkeys, dvalues) of `sum(attention(...) * d_out)` by MATH.md section 3."""
+    """Gradients (dq, dkeys, dvalues) of `sum(attention(...) * d_out)` by docs/math.md §3."""
     q = np.asarray(q, np.float64)
     keys = [np.asarray(k, np.float64) for k in keys]
     values = [np.asarray(v, np.float64) for v in values]

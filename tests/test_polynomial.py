@@ -1,4 +1,4 @@
-"""Polynomial-method attention (MATH.md sections 4-5) against the float64 oracle."""
+"""Polynomial-method attention (docs/math.md §4-§5) against the float64 oracle."""
 
 from __future__ import annotations
 

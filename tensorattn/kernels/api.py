@@ -130,7 +130,7 @@ def tensor_attention(
     scale: float | None = None,
     **options,
 ):
-    """Order-3 tensor attention (MATH.md section 1): each query softmaxes over all key pairs.
+    """Order-3 tensor attention (docs/math.md §1): each query softmaxes over all key pairs.
 
     Shapes: `q [B,T,N,H]`, `k1 [B,S1,K,H]`, `k2 [B,S2,K,H]`, `v1 [B,S1,K,Hv]`, `v2 [B,S2,K,Hv]`
     with `N % K == 0` (query head `n` uses key/value head `n // (N // K)`); returns `[B,T,N,Hv]`

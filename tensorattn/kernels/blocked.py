@@ -1,4 +1,4 @@
-"""Exact streaming tensor attention in plain JAX (MATH.md section 3), any order 2-4.
+"""Exact streaming tensor attention in plain JAX (docs/math.md §3), any order 2-4.
 
 Tiles: a query tile (all query heads of a key/value group packed into its rows), a small
 tile of each *outer* key set (all but the last) and a tile of the *inner* (last) key set.
@@ -246,7 +246,7 @@ def _forward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid):
 
 
 def _backward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid, lse, do_tiles, delta):
-    """Gradients by recomputing each live tile from the saved log-sum-exp (MATH.md 3)."""
+    """Gradients by recomputing each live tile from the saved log-sum-exp (docs/math.md §3)."""
     live = jnp.asarray(cfg.live_tiles())
 
     def step(carry, idx):

@@ -1,4 +1,4 @@
-"""Monomial feature maps of the polynomial method (MATH.md section 4).
+"""Monomial feature maps of the polynomial method (docs/math.md §4).
 
 All monomials `x^α` of degree `<= g` in `d` variables (rank `r = C(d+g, g)`), ordered by
 degree, each degree-`t` monomial built as (its degree-`t-1` parent) × (one coordinate): two

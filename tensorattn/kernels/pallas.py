@@ -1,4 +1,4 @@
-"""Exact order-3 tensor attention as Pallas kernels, forward and backward (MATH.md 1-3).
+"""Exact order-3 tensor attention as Pallas kernels, forward and backward (docs/math.md §1-§3).
 
 One program owns a tile of `R = G·block_q` rows: the `G` query heads of a key/value group
 times `block_q` query positions. For each tile of second keys `b` and each first key `a` it

@@ -1,4 +1,4 @@
-"""Approximate tensor attention by the polynomial method (MATH.md sections 4-5).
+"""Approximate tensor attention by the polynomial method (docs/math.md §4-§5).
 
 `exp` is replaced by a degree-`g` polynomial `p` (Taylor, or a Chebyshev fit on `[-R, R]`), so
 `p(score)` factorises through monomial features and attention costs
@@ -123,7 +123,7 @@ def select_degree(R: float, eps: float, polynomial: str = "taylor") -> int:
 
 
 def score_bound(q, *keys, scale: float | None = None, per_batch: bool = False):
-    """A data-dependent bound on `|score|` (MATH.md section 4, generalised Hölder):
+    """A data-dependent bound on `|score|` (docs/math.md §4, generalised Hölder):
     `scale · max||q||_2 · prod_{j<m} max||k_j||_inf · max||k_m||_2`.
 
     Call as `score_bound(q, k1, k2, scale)` or `score_bound(q, *keys, scale=...)`. Maxima run
@@ -608,7 +608,7 @@ def _to_grads(x, v_aug, scale, h):
 
 
 def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
-    """MATH.md section 5 without causal masks: every sum factorises through the features."""
+    """docs/math.md §5 without causal masks: every sum factorises through the features."""
     t, g, h = q.shape
     r, ch = cfg.mono.rank, cfg.bwd_chunk
     n_full = [_key_sums(cfg, k, v, ok, with_keys=True) for k, v, ok in zip(keys, values, valid)]
@@ -649,7 +649,7 @@ def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
 
 
 def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
-    """MATH.md section 5 under causal/window masks, in one chunked scan.
+    """docs/math.md §5 under causal/window masks, in one chunked scan.
 
     Per row `i`: `N_j(i) = sum_{a allowed} φ(k_a) ⊗ [v_a,1] ⊗ [k_a,1]` (windowed prefix sums),
     `W_j(i) = (φ0(q_i)/den_i) ⊗ dO_aug_i ⊗ [q_i,1] ∘ prod_{j'!=j} N_j'(i)`. Key `a` of set `j`
@@ -909,7 +909,7 @@ def attention(
       concrete inputs, and under `jit` a runtime error (`JaxRuntimeError` carrying the same
       message) when the call executes; "ignore": no check (e.g. a polynomial layer trained as
       an attention of its own). The check costs `O(T·H)` reductions and one host callback.
-    gradient: "closed_form" (MATH.md section 5 as a custom_vjp, all masks) or "autodiff"
+    gradient: "closed_form" (docs/math.md §5 as a custom_vjp, all masks) or "autodiff"
       (gradient of the approximation).
     chunk_size: sequence positions per scan step (default: sized to ~8 MB of features).
     """

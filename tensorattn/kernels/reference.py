@@ -1,4 +1,4 @@
-"""Reference tensor attention: materialises every score with einsum (MATH.md section 1).
+"""Reference tensor attention: materialises every score with einsum (docs/math.md §1).
 
 Readable definition for small sizes and tests: memory is `O(B·N·T·S1·...·Sm)`.
 """

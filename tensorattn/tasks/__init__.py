@@ -1,4 +1,4 @@
-"""Synthetic higher-order tasks (MATH.md section 6) behind one registry: `make(name, **kwargs)`.
+"""Synthetic higher-order tasks (docs/math.md §6) behind one registry: `make(name, **kwargs)`.
 
 task = tensorattn.tasks.make("match3", length=16, modulus=181)
 inputs, labels, mask = task.sample(numpy.random.default_rng(0), batch_size=32)

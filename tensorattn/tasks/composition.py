@@ -1,4 +1,4 @@
-"""Composition tasks, MATH.md section 6: function, relation and quotient-relation composition.
+"""Composition tasks, docs/math.md §6: function, relation and quotient-relation composition.
 
 - `function_composition`: tokens `[f(0) .. f(n-1), x, y]` (values in `[0, n)`); one label per
   sequence: does `f(f(x)) = y`? Half the sequences are positive by construction.

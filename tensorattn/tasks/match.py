@@ -1,4 +1,4 @@
-"""MatchK (mod M) tasks, MATH.md section 6: is `x_i` part of a K-tuple summing to 0 mod M?
+"""MatchK (mod M) tasks, docs/math.md §6: is `x_i` part of a K-tuple summing to 0 mod M?
 
 Match2: `y_i = 1` iff some `j` has `x_i + x_j = 0 (mod M)`; Match3: iff some `j, k` have
 `x_i + x_j + x_k = 0 (mod M)` (`j = i`, `j = k` allowed). Inputs are uniform on `[0, M)`;

@@ -1,0 +1,216 @@
+"""Typed, frozen, validated options of each implementation (one class per kernel).
+
+`tensor_attention(..., implementation=name, config=<config>)`; keyword options are a shorthand
+that builds the same config (`config_for`). Every config is plain data: `to_dict()` and
+`from_mapping()` round-trip it through a JSON file or an ml_collections config
+(`--config.kernel.pallas.fwd_block_rows=64`). A field left at None is chosen by the library
+for the call's shapes and device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+POLYNOMIALS = ("taylor", "chebyshev")
+GRADIENTS = ("closed_form", "autodiff")
+ON_UNCERTIFIED = ("warn", "error", "ignore")
+MAX_DEGREE = 40
+
+
+def _fail(cls, field: str, what: str, value) -> None:
+    raise ValueError(f"{cls.__name__}.{field} must be {what}, got {value!r}")
+
+
+def _positive_int(cfg, field: str, optional: bool = False, zero: bool = False) -> None:
+    v = getattr(cfg, field)
+    if v is None and optional:
+        return
+    low = 0 if zero else 1
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+        what = ("a non-negative int" if zero else "a positive int") + (" or None" * optional)
+        _fail(type(cfg), field, what, v)
+
+
+def _positive_float(cfg, field: str) -> None:
+    v = getattr(cfg, field)
+    if v is None:
+        return
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not 0 < v < math.inf:
+        _fail(type(cfg), field, "a positive finite number or None", v)
+
+
+def _choice(cfg, field: str, choices: tuple) -> None:
+    v = getattr(cfg, field)
+    if v not in choices:
+        _fail(type(cfg), field, f"one of {choices}", v)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Base class: `implementation` names the kernel that takes this config."""
+
+    implementation: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None, prefix: str | None = None):
+        """Builds the config from a mapping of its fields; ValueError names an unknown field
+        (`prefix.field`, prefix defaulting to the implementation) and lists the known ones."""
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in options:
+            if name not in known:
+                where = f"{prefix}.{name}" if prefix else repr(name)
+                raise ValueError(
+                    f"implementation={cls.implementation!r} takes no option {where}; its "
+                    f"{cls.__name__} has {known or 'no options'}"
+                )
+        return cls(**options)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig(KernelConfig):
+    """The reference kernel (scores materialised, `[B,T,N,S1,S2]`) takes no options."""
+
+    implementation: ClassVar[str] = "reference"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedConfig(KernelConfig):
+    """Tiles of the blocked XLA kernel.
+
+    block_q: query positions per tile (times the grouped query heads gives the rows).
+    block_outer: positions per tile of each outer key set (order 3: k1; order 4: k1 and k2).
+    block_inner: positions per tile of the inner (last) key set: the matmul's columns.
+    """
+
+    implementation: ClassVar[str] = "blocked"
+    block_q: int = 64
+    block_outer: int = 32
+    block_inner: int = 128
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _positive_int(self, f.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig(KernelConfig):
+    """Tiles and launch settings of the Pallas kernels (order 3); None: chosen by the library
+    for the call's shapes.
+
+    fwd_block_rows: rows per forward tile, `G·block_q` (query heads of a group times positions).
+    fwd_block_k2: second-key positions per forward tile (the columns of each score product).
+    bwd_block_rows, bwd_block_k2: the same for the backward kernels.
+    bwd_block_k1: first-key positions per program of the dK1/dV1 backward kernel.
+    num_warps, num_stages: GPU launch settings.
+    interpret: run in Pallas interpret mode (any backend; slow, for tests). None: the
+      environment variable TENSORATTN_PALLAS_INTERPRET.
+    """
+
+    implementation: ClassVar[str] = "pallas"
+    fwd_block_rows: int | None = None
+    fwd_block_k2: int | None = None
+    bwd_block_rows: int | None = None
+    bwd_block_k1: int | None = None
+    bwd_block_k2: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name != "interpret":
+                _positive_int(self, f.name, optional=True)
+        if self.interpret not in (None, True, False):
+            _fail(type(self), "interpret", "a bool or None", self.interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialConfig(KernelConfig):
+    """The polynomial method (docs/math.md §4-§5).
+
+    degree: polynomial degree `g`; None: 4, or the smallest reaching `tolerance`.
+    polynomial: "taylor" or "chebyshev" (a fit of exp on `[-R, R]`: needs bound or score_range).
+    bound: largest `|entry|` of q and the keys; gives `R = scale·H·bound^(order)`.
+    score_range: `R` directly (overrides the one from `bound`).
+    tolerance: largest certified relative error of the attention weights; picks the degree
+      when `degree` is None (needs bound or score_range) and is the check's threshold
+      (None: 1e-2).
+    on_uncertified: "warn", "error" or "ignore" when a call's certified error exceeds it.
+    gradient: "closed_form" (docs/math.md §5) or "autodiff".
+    chunk_size: sequence positions per scan step; None: sized to the feature rank.
+    """
+
+    implementation: ClassVar[str] = "polynomial"
+    degree: int | None = None
+    polynomial: str = "taylor"
+    bound: float | None = None
+    score_range: float | None = None
+    tolerance: float | None = None
+    on_uncertified: str = "warn"
+    gradient: str = "closed_form"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        _positive_int(self, "degree", optional=True, zero=True)
+        if self.degree is not None and self.degree > MAX_DEGREE:
+            _fail(type(self), "degree", f"at most {MAX_DEGREE}", self.degree)
+        _choice(self, "polynomial", POLYNOMIALS)
+        _positive_float(self, "bound")
+        _positive_float(self, "score_range")
+        t = self.tolerance
+        if t is not None and (
+            not isinstance(t, numbers.Real) or isinstance(t, bool) or not 0 < t < 1
+        ):
+            _fail(type(self), "tolerance", "a number in (0, 1) or None", t)
+        _choice(self, "on_uncertified", ON_UNCERTIFIED)
+        _choice(self, "gradient", GRADIENTS)
+        _positive_int(self, "chunk_size", optional=True)
+        if self.polynomial == "chebyshev" and self.bound is None and self.score_range is None:
+            raise ValueError(
+                "PolynomialConfig.polynomial='chebyshev' needs bound or score_range (the "
+                "interval it fits exp on)"
+            )
+        if self.tolerance is not None and self.degree is None:
+            if self.bound is None and self.score_range is None:
+                raise ValueError(
+                    "PolynomialConfig.tolerance picks the degree from bound or score_range; "
+                    "give one of them, or a degree"
+                )
+
+
+CONFIGS: dict[str, type[KernelConfig]] = {
+    c.implementation: c for c in (ReferenceConfig, BlockedConfig, PallasConfig, PolynomialConfig)
+}
+
+
+def config_for(
+    implementation: str, config: KernelConfig | None = None, options: Mapping | None = None
+) -> KernelConfig:
+    """The typed config of one call: `config` (checked to belong to `implementation`) or one
+    built from keyword `options`; ValueError names a mismatch or an option it does not take."""
+    if implementation not in CONFIGS:
+        raise ValueError(
+            f"unknown implementation={implementation!r}; choose one of {sorted(CONFIGS)} or None"
+        )
+    cls = CONFIGS[implementation]
+    if config is not None:
+        if options:
+            raise ValueError(
+                f"give either config= or keyword options, not both (got config and "
+                f"{sorted(options)})"
+            )
+        if not isinstance(config, cls):
+            raise ValueError(
+                f"implementation={implementation!r} takes a {cls.__name__}, got "
+                f"{type(config).__name__}"
+            )
+        return config
+    return cls.from_mapping(options)
