@@ -34,7 +34,7 @@ class Impl:
     config: tensorattn.KernelConfig
     orders: tuple = (2, 3, 4)
     dtypes: tuple = (F32, BF16)
-    gradients: bool = True  # run the gradient cases
+    gradients: bool = True  # checks the gradients too
     head_dims: tuple | None = None  # (H, Hv) it needs (compiled Pallas: powers of two >= 16)
     entries: float = 1.0  # inputs uniform in [-entries, entries]
     needs_gpu: bool = False
@@ -51,7 +51,7 @@ PALLAS_SMALL = PallasConfig(
 )
 IMPLS = {
     "reference": Impl("reference", ReferenceConfig()),
-    # Default tiles: forward cases (the gradient code is the same as with small tiles).
+    # Default tiles: outputs only (the gradient code is the one run with small tiles).
     "blocked": Impl("blocked", BlockedConfig(), gradients=False),
     "blocked-small-tiles": Impl("blocked", BlockedConfig(block_q=4, block_outer=3, block_inner=4)),
     "pallas-interpret": Impl("pallas", PALLAS_SMALL, orders=(3,)),
@@ -81,18 +81,13 @@ class Case:
     masked: bool = False
     scale: object = None  # None, a float, "array" (shape ()) or "per-head" (shape [N])
     dtype: np.dtype = F32
-    grad: bool = False
 
     @property
     def order(self) -> int:
         return len(self.lengths) + 1
 
     def runs_on(self, impl: Impl) -> bool:
-        return (
-            self.order in impl.orders
-            and self.dtype in impl.dtypes
-            and (impl.gradients or not self.grad)
-        )
+        return self.order in impl.orders and self.dtype in impl.dtypes
 
     def inputs(self, impl: Impl, seed=0):
         rng = np.random.default_rng(seed)
@@ -141,30 +136,20 @@ class Case:
         )
 
 
+# Every case checks the output and (where the implementation runs gradients) the gradient of
+# every input, in one compiled call.
 CASES = {
-    "cross-lengths": Case(),
-    "one-head": Case(heads=1, kv_heads=1, t=7, lengths=(5, 6)),
+    "masked-per-head-scale": Case(masked=True, scale="per-head"),
+    "one-head-float-scale": Case(heads=1, kv_heads=1, t=7, lengths=(5, 6), scale=1 / 5),
     "grouped-6-per-kv": Case(heads=6, kv_heads=1, t=9, lengths=(10, 4)),
-    "masked": Case(masked=True),
-    "causal": Case(t=14, lengths=(14, 14), causal=True),
     "causal-masked": Case(t=14, lengths=(14, 14), causal=True, masked=True),
+    "causal-array-scale": Case(t=10, lengths=(10, 10), causal=True, scale="array"),
     "window": Case(t=19, lengths=(19, 19), window=(6, 3)),
     "window-masked": Case(t=19, lengths=(19, 19), window=(2, 9), masked=True),
-    "papers-scale": Case(scale=1 / 5),
-    "bfloat16": Case(masked=True, dtype=BF16),
+    "bfloat16-causal": Case(t=17, lengths=(17, 17), causal=True, dtype=BF16),
     "order-2": Case(lengths=(7,), t=6),
     "order-4": Case(lengths=(7, 6, 5), t=6),
     "order-4-causal-masked": Case(lengths=(8, 8, 8), t=8, causal=True, masked=True),
-    # gradients
-    "grad-grouped-6-per-kv": Case(heads=6, kv_heads=1, t=9, lengths=(10, 4), grad=True),
-    "grad-causal-masked": Case(t=14, lengths=(14, 14), causal=True, masked=True, grad=True),
-    "grad-window-masked": Case(t=19, lengths=(19, 19), window=(2, 9), masked=True, grad=True),
-    "grad-bfloat16-causal": Case(t=17, lengths=(17, 17), causal=True, dtype=BF16, grad=True),
-    "grad-order-2": Case(lengths=(7,), t=6, grad=True),
-    "grad-order-4": Case(lengths=(7, 6, 5), t=6, grad=True),
-    # a learned scale: an array, gradients flow into it
-    "grad-array-scale": Case(t=10, lengths=(10, 10), causal=True, scale="array", grad=True),
-    "grad-per-head-scale": Case(masked=True, scale="per-head", grad=True),
 }
 
 PARAMS = [
@@ -202,22 +187,24 @@ def test_matches_oracle(impl_name, case_name):
     f64 = [np.asarray(x, np.float64) for x in (q, *keys, *values)]
     q64, keys64, values64 = f64[0], f64[1 : case.order], f64[case.order :]
     atol, grad_rtol = _tolerance(impl, case, q, keys, values, masks, scale)
-    if not case.grad:
-        out = jax.jit(lambda q, k, v: case.attention(impl, q, k, v, masks, scale))(q, keys, values)
-        assert out.shape == q.shape[:3] + (values[0].shape[-1],) and out.dtype == q.dtype
-        want = oracle.attention(q64, keys64, values64, **okw)
-        np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=atol, rtol=atol)
-        if case.masked:  # batch row 0 has no allowed tuple: zeros, not NaN
-            np.testing.assert_array_equal(np.asarray(out[0], np.float64), 0.0)
-        return
     array_scale = scale is not None and not isinstance(scale, float)
 
     def loss(q, keys, values, scale):
         out = case.attention(impl, q, keys, values, masks, scale)
-        return jnp.sum(out.astype(jnp.float32) * d_out)
+        return jnp.sum(out.astype(jnp.float32) * d_out), out
 
-    argnums = (0, 1, 2, 3) if array_scale else (0, 1, 2)
-    grads = jax.jit(jax.grad(loss, argnums=argnums))(q, keys, values, scale)
+    if impl.gradients:
+        argnums = (0, 1, 2, 3) if array_scale else (0, 1, 2)
+        grads, out = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, keys, values, scale)
+    else:
+        out = jax.jit(lambda *a: loss(*a)[1])(q, keys, values, scale)
+    assert out.shape == q.shape[:3] + (values[0].shape[-1],) and out.dtype == q.dtype
+    want = oracle.attention(q64, keys64, values64, **okw)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=atol, rtol=atol)
+    if case.masked:  # batch row 0 has no allowed tuple: zeros, not NaN
+        np.testing.assert_array_equal(np.asarray(out[0], np.float64), 0.0)
+    if not impl.gradients:
+        return
     want_q, want_k, want_v = oracle.attention_grads(q64, keys64, values64, d_out, **okw)
     got = [grads[0], *grads[1], *grads[2]]
     for g, want, x in zip(got, [want_q, *want_k, *want_v], [q, *keys, *values]):

@@ -2,7 +2,8 @@
 
 For query row `i`, `sum_{a allowed} φ(k_a) ⊗ rhs_a` over `a <= i` (causal) or `i-w < a <= i`
 (window: the difference of the prefix sum at `i` and the prefix sum at `i-w`, the latter a
-prefix sum of the keys shifted by `w`). Memory is `O(chunk · r · |rhs|)`.
+prefix sum of the keys shifted by `w`): the spine's mask rule (`spine.allowed`) as prefix
+sums. Memory is `O(chunk · r · |rhs|)`.
 """
 
 from __future__ import annotations
