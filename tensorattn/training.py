@@ -297,6 +297,13 @@ def validate(options: Options, num_devices: int | None = None) -> None:
         value = getattr(t, name)
         if not models.is_int(value) or value < 1:
             raise ConfigError(f"train.{name}: must be a positive int, got {value!r}")
+    m = options.model
+    tensor_layers = any(kind != "standard" for kind in m.attention_kinds)
+    if t.sequence_shards > 1 and tensor_layers and (m.causal or m.window is not None):
+        raise ConfigError(
+            f"train.sequence_shards: {t.sequence_shards} shards the queries of tensor layers, "
+            "which supports only non-causal attention (model.causal, model.window)"
+        )
     if t.eval_size % t.eval_batch_size:
         raise ConfigError(
             f"train.eval_size: {t.eval_size} is not a multiple of eval_batch_size "
@@ -325,13 +332,6 @@ def validate(options: Options, num_devices: int | None = None) -> None:
         raise ConfigError(
             f"train.sequence_shards: sequence length {task.length} is not divisible by "
             f"{t.sequence_shards}"
-        )
-    m = options.model
-    tensor_layers = any(kind != "standard" for kind in m.attention_kinds)
-    if t.sequence_shards > 1 and tensor_layers and (m.causal or m.window is not None):
-        raise ConfigError(
-            f"train.sequence_shards: {t.sequence_shards} shards the queries of tensor layers, "
-            "which supports only non-causal attention (model.causal, model.window)"
         )
     if options.kernel.implementation is not None and "tensor" in m.attention_kinds:
         _check_kernel_runs(options, task.length // t.sequence_shards)
