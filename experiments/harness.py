@@ -325,22 +325,24 @@ def oracle(point: Mapping[str, Any], inputs) -> np.ndarray:
     return np.einsum("binac,bane,bcne->bine", p, v1, v2)
 
 
-def relative_errors(point: Mapping[str, Any], inputs, against: str = "blocked") -> list[float]:
-    """Max |x - exact| / max |exact| of each result leaf of the point (the output, or the five
-    gradients) against `against`: an implementation name, or "oracle" (float64 NumPy, forward
-    only)."""
+def result_errors(
+    point: Mapping[str, Any], inputs, against: str = "blocked", *, relative: bool = True
+) -> list[float]:
+    """Max |x - exact| of each result leaf of the point (the output, or the five gradients)
+    against `against`: an implementation name, or "oracle" (float64 NumPy, forward only);
+    divided by max |exact| when `relative`."""
     approx = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.jit(make_fn(point))(*inputs))]
     if against == "oracle":
         if point["pass"] != "fwd":
-            raise ValueError("relative_errors: against='oracle' checks the forward pass only")
+            raise ValueError("result_errors: against='oracle' checks the forward pass only")
         exact = [oracle(point, inputs)]
     else:
         result = jax.jit(make_fn(point, against))(*inputs)
         exact = [np.asarray(x, np.float64) for x in jax.tree.leaves(result)]
-    return [
-        float(np.max(np.abs(a - e))) / max(float(np.max(np.abs(e))), 1e-30)
-        for a, e in zip(approx, exact)
-    ]
+    errors = [float(np.max(np.abs(a - e))) for a, e in zip(approx, exact)]
+    if relative:
+        errors = [err / max(float(np.max(np.abs(e))), 1e-30) for err, e in zip(errors, exact)]
+    return errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +400,7 @@ def measure(
             row["median_ms"] = seconds * 1e3
             row["tflops"] = row["flops"] / seconds / 1e12
         if error_against is not None:
-            row["relative_error"] = max(relative_errors(point, inputs, error_against))
+            row["relative_error"] = max(result_errors(point, inputs, error_against))
         row["status"] = "ok"
     except Exception as e:  # a failed point is a row, not the end of the benchmark
         row["status"] = "oom" if _is_oom(e) else "error"
