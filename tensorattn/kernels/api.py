@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
+
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from tensorattn.kernels import validation
+from tensorattn.kernels import blocked, configs, pallas, polynomial, reference, spine
+from tensorattn.kernels.configs import KernelConfig
+from tensorattn.kernels.spine import Unsupported
 
-# Implementation name -> module exposing `attention(q, keys, values, spec, **options)`.
+# Implementation name -> module exposing `attention(q, keys, values, spec, config)`.
 IMPLEMENTATIONS = {
-    "reference": "tensorattn.kernels.reference",
-    "blocked": "tensorattn.kernels.blocked",
-    "polynomial": "tensorattn.kernels.polynomial",
-    "pallas": "tensorattn.kernels.pallas",
+    "reference": reference,
+    "blocked": blocked,
+    "polynomial": polynomial,
+    "pallas": pallas,
 }
-EXACT_PREFERENCE = ("pallas", "blocked")
 # Without an accelerator kernel, short key sequences go to "reference": with at most this many
 # key tuples per query and this many scores in all, materialising the scores beats the tiled
 # scan (measured fwd+grad, order 3, 2-core CPU: 2.5-3x faster at S1=S2=10..16, equal at 32,
@@ -27,33 +29,62 @@ REFERENCE_MAX_TUPLES = 32 * 32
 REFERENCE_MAX_SCORES = 1 << 24
 
 
-def _module(name: str):
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown implementation={name!r}; choose one of {sorted(IMPLEMENTATIONS)} or None"
-        )
-    try:
-        return importlib.import_module(IMPLEMENTATIONS[name])
-    except ModuleNotFoundError as e:
-        raise ValueError(f"implementation={name!r} is not available in this build: {e}") from e
-
-
-def _default_implementation(q, keys, spec, options) -> str:
-    """Best exact implementation that supports this call on the default backend: pallas on
-    GPU/TPU where it supports the call, else reference for short keys, else blocked."""
-    if jax.default_backend() in ("gpu", "tpu"):
-        try:
-            pallas = _module("pallas")
-        except ValueError:
-            pallas = None
-        if pallas is not None and pallas.supports(q, keys, spec, **options):
-            return "pallas"
+def _candidates(q, keys) -> list[str]:
+    """The exact implementations `implementation=None` tries, in order: pallas on GPU/TPU,
+    the reference for short keys, blocked (runs every call)."""
+    order = ["pallas"] if jax.default_backend() in ("gpu", "tpu") else []
     tuples = math.prod(k.shape[1] for k in keys)
-    if not options and tuples <= REFERENCE_MAX_TUPLES:
-        b, t, n, _ = q.shape
-        if b * t * n * tuples <= REFERENCE_MAX_SCORES:
-            return "reference"
-    return "blocked"
+    b, t, n, _ = q.shape
+    if tuples <= REFERENCE_MAX_TUPLES and b * t * n * tuples <= REFERENCE_MAX_SCORES:
+        order.append("reference")
+    return order + ["blocked"]
+
+
+def resolve(implementation: str | None, config: KernelConfig | None, options: Mapping):
+    """`(implementation, config)` of one call; `(None, None)` lets the default choose.
+    ValueError names an unknown implementation, a config of another implementation, or
+    keyword options without an implementation that takes them."""
+    if implementation is None:
+        if options:
+            takers = {
+                name: sorted(set(options) & {f.name for f in dataclasses.fields(cls)})
+                for name, cls in configs.CONFIGS.items()
+            }
+            hint = "; ".join(
+                f"{', '.join(found)} {'is an option' if len(found) == 1 else 'are options'} "
+                f"of implementation={name!r}"
+                for name, found in takers.items()
+                if found
+            )
+            raise ValueError(
+                f"keyword options {sorted(options)} need an implementation: "
+                f"{hint or 'no implementation takes them'}. Pass implementation=... (or a "
+                "config=...) naming the kernel they configure"
+            )
+        if config is None:
+            return None, None
+        if not isinstance(config, KernelConfig):
+            raise ValueError(f"config must be a KernelConfig, got {type(config).__name__}")
+        implementation = config.implementation
+    return implementation, configs.config_for(implementation, config, options)
+
+
+def _run(name: str, q, keys, values, spec, config):
+    return IMPLEMENTATIONS[name].attention(q, keys, values, spec, config)
+
+
+def _attend(q, keys, values, spec, implementation, config):
+    if implementation is not None:
+        try:
+            return _run(implementation, q, keys, values, spec, config)
+        except Unsupported as e:
+            raise ValueError(f"implementation={implementation!r} cannot run this call: {e}") from e
+    for name in _candidates(q, keys):
+        try:
+            return _run(name, q, keys, values, spec, configs.CONFIGS[name]())
+        except Unsupported:
+            continue
+    raise AssertionError("the blocked kernel runs every call")  # pragma: no cover
 
 
 def _row_counts(x, causal: bool, window: int | None):
@@ -99,18 +130,14 @@ def _sanitize(keys, values, spec):
     return tuple(clean_keys), tuple(clean_values), has_pair & touched
 
 
-def _dispatch(q, keys, values, spec, implementation, options):
+def _dispatch(q, keys, values, spec, implementation, config):
     b, t, n, _ = q.shape
     hv = values[0].shape[-1]
     if min(b, t, hv, *(k.shape[1] for k in keys)) == 0:
         # Nothing to compute (or no key at all: every row has no allowed tuple): zeros.
-        if implementation is not None:
-            _module(implementation)
         return jnp.zeros((b, t, n, hv), jnp.result_type(q))
     keys, values, poisoned = _sanitize(keys, values, spec)
-    if implementation is None:
-        implementation = _default_implementation(q, keys, spec, options)
-    out = _module(implementation).attention(q, keys, values, spec, **options)
+    out = _attend(q, keys, values, spec, implementation, config)
     rows = jnp.repeat(poisoned, n // keys[0].shape[2], axis=2)  # kv head -> its query heads
     return jnp.where(rows[..., None], jnp.array(jnp.nan, out.dtype), out)
 
@@ -123,40 +150,49 @@ def tensor_attention(
     v2,
     *,
     implementation: str | None = None,
+    config: KernelConfig | None = None,
     causal: bool = False,
     window: tuple[int, int] | None = None,
     k1_mask=None,
     k2_mask=None,
-    scale: float | None = None,
+    scale=None,
     **options,
 ):
     """Order-3 tensor attention (docs/math.md §1): each query softmaxes over all key pairs.
 
     Shapes: `q [B,T,N,H]`, `k1 [B,S1,K,H]`, `k2 [B,S2,K,H]`, `v1 [B,S1,K,Hv]`, `v2 [B,S2,K,Hv]`
     with `N % K == 0` (query head `n` uses key/value head `n // (N // K)`); returns `[B,T,N,Hv]`
-    in `q`'s dtype. `N`, `K` and `H` must be at least 1. `scale` (a finite Python float)
-    defaults to `1/sqrt(H)`. `k1_mask [B,S1]`/`k2_mask [B,S2]`: boolean arrays, True marks a
+    in `q`'s dtype. `N`, `K` and `H` must be at least 1. `scale`: a finite Python float
+    (default `1/sqrt(H)`), or a JAX array of shape `()` or `[N]` (per query head, e.g. learned:
+    gradients flow into it). `k1_mask [B,S1]`/`k2_mask [B,S2]`: boolean arrays, True marks a
     valid key (other dtypes, e.g. additive 0/-inf float masks, raise ValueError). `causal`
     allows pair `(a,b)` iff `a <= i` and `b <= i`. `window=(w1,w2)` implies causal and further
     requires `i-w1 < a` and `i-w2 < b`; an entry None leaves that key set unbounded, so
-    `window=(None, None)` is `causal=True`. `implementation`: "reference", "blocked",
-    "polynomial", "pallas", or None for the best exact one available. `options` go to the
-    implementation (e.g. `block_sizes=BlockSizes(...)` for "blocked").
+    `window=(None, None)` is `causal=True`.
+
+    `implementation`: "reference", "blocked", "polynomial", "pallas", or None: the config's
+    implementation if `config` is given, else the best exact one that runs the call (pallas
+    on GPU/TPU, the reference for short keys, blocked). `config`: the implementation's typed
+    config (`BlockedConfig`, `PallasConfig`, `PolynomialConfig`, `ReferenceConfig`);
+    `options`: its fields as keywords, a shorthand for the same config (they need an
+    `implementation`). An option the implementation does not take, or an implementation that
+    cannot run the call (e.g. pallas at order 2 or without a GPU), raises ValueError saying so.
 
     Edge cases, the same for every implementation:
     - A query with no allowed pair returns zeros, with zero gradients. Zero-size inputs
       (`B`, `T`, `S1`, `S2` or `Hv` = 0) return zeros of shape `[B,T,N,Hv]` without calling
-      the implementation (its `options` are then not checked).
+      the implementation.
     - Masked positions never contribute, whatever they hold: NaN/inf in keys or values that a
       query cannot see (padding, causal future, outside its window) leave its output and
       gradients exact. A non-finite entry in a key or value a query can see (an allowed pair
       touches it) makes that query's output row NaN (for the query heads of that key/value
       head); its gradient contributions are zero.
     """
+    implementation, config = resolve(implementation, config, options)
     if window is not None:
         if not isinstance(window, Sequence) or len(window) != 2:
             raise ValueError(f"window must be a pair (w1, w2) of positive ints, got {window!r}")
-    spec = validation.validate(
+    q, spec = spine.prepare(
         q,
         (k1, k2),
         (v1, v2),
@@ -168,7 +204,7 @@ def tensor_attention(
         value_names=("v1", "v2"),
         mask_names=("k1_mask", "k2_mask"),
     )
-    return _dispatch(q, (k1, k2), (v1, v2), spec, implementation, options)
+    return _dispatch(q, (k1, k2), (v1, v2), spec, implementation, config)
 
 
 def higher_order_attention(
@@ -177,20 +213,23 @@ def higher_order_attention(
     values: Sequence,
     *,
     implementation: str | None = None,
+    config: KernelConfig | None = None,
     causal: bool = False,
     key_masks: Sequence | None = None,
-    scale: float | None = None,
+    scale=None,
     **options,
 ):
     """Order `t = len(keys) + 1` attention (t = 2, 3, 4): one softmax over all key tuples.
 
     `keys[j] [B,S_j,K,H]`, `values[j] [B,S_j,K,Hv]`, `key_masks[j] [B,S_j]` or None.
-    Order 2 is ordinary softmax attention. Masks, `scale`, `causal` and the edge cases (empty
-    inputs, non-finite keys or values) behave as in `tensor_attention`.
+    Order 2 is ordinary softmax attention. `implementation`, `config`, `options`, masks,
+    `scale`, `causal` and the edge cases (empty inputs, non-finite keys or values) behave as
+    in `tensor_attention`.
     """
+    implementation, config = resolve(implementation, config, options)
     keys, values = tuple(keys), tuple(values)
     m = len(keys)
-    spec = validation.validate(
+    q, spec = spine.prepare(
         q,
         keys,
         values,
@@ -202,4 +241,4 @@ def higher_order_attention(
         value_names=tuple(f"values[{j}]" for j in range(m)),
         mask_names=tuple(f"key_masks[{j}]" for j in range(m)),
     )
-    return _dispatch(q, keys, values, spec, implementation, options)
+    return _dispatch(q, keys, values, spec, implementation, config)

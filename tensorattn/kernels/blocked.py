@@ -21,50 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tensorattn.kernels.validation import AttentionSpec
+from tensorattn.kernels import spine
+from tensorattn.kernels.configs import BlockedConfig
+from tensorattn.kernels.spine import AttentionSpec
 
 
 def _acc(*arrays):
     """Accumulation dtype: float32, or float64 for float64 inputs."""
-    return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the blocked kernel.
-
-    block_q: query positions per tile (times the grouped query heads gives the rows).
-    block_k1: positions per tile of each outer key set (order 3: k1; order 4: k1 and k2).
-    block_k2: positions per tile of the inner (last) key set: the matmul's columns.
-    """
-
-    block_q: int = 64
-    block_k1: int = 32
-    block_k2: int = 128
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
-
-    def fitted(self, t: int, lengths, windows) -> BlockSizes:
-        """Clamps tiles to the (8-rounded) lengths and to the windows, keeping work minimal."""
-
-        def clamp(block, n, window=None):
-            limit = _round_up(n, 8)
-            if window is not None:
-                limit = min(limit, _round_up(window, 8))
-            return max(1, min(block, limit))
-
-        w_inner = windows[-1]
-        w_outer = min((w for w in windows[:-1] if w is not None), default=None)
-        block_q = clamp(self.block_q, t, w_inner)
-        return BlockSizes(
-            block_q=block_q,
-            block_k1=clamp(self.block_k1, min(lengths[:-1], default=1), w_outer),
-            block_k2=clamp(self.block_k2, lengths[-1], w_inner),
-        )
+    return spine.accumulation_dtype(*(x.dtype for x in arrays))
 
 
 def _round_up(n: int, k: int) -> int:
@@ -73,48 +37,64 @@ def _round_up(n: int, k: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    """Static (hashable) description of one blocked call."""
+    """Static (hashable) description of one blocked call: the call and its fitted tiles."""
 
-    scale: float
-    causal: bool
-    windows: tuple
-    t: int
-    lengths: tuple
-    blocks: BlockSizes
+    call: spine.Call
+    block_q: int
+    block_outer: int
+    block_inner: int
+
+    @classmethod
+    def fitted(cls, call: spine.Call, config: BlockedConfig) -> _Config:
+        """Tiles of `config` (None: the defaults) clamped to the (8-rounded) lengths and to
+        the windows, keeping work minimal."""
+        # Under a causal mask narrower inner tiles follow the diagonal more closely
+        # (T=512, H=64 on 2 CPU cores: 0.41 of the full time instead of 0.43).
+        block_q = config.block_q or 64
+        block_outer = config.block_outer or 32
+        block_inner = config.block_inner or (64 if call.causal else 128)
+
+        def clamp(block, n, window=None):
+            limit = _round_up(n, 8)
+            if window is not None:
+                limit = min(limit, _round_up(window, 8))
+            return max(1, min(block, limit))
+
+        windows, lengths = call.windows, call.lengths
+        w_inner = windows[-1]
+        w_outer = min((w for w in windows[:-1] if w is not None), default=None)
+        return cls(
+            call=call,
+            block_q=clamp(block_q, call.t, w_inner),
+            block_outer=clamp(block_outer, min(lengths[:-1], default=1), w_outer),
+            block_inner=clamp(block_inner, lengths[-1], w_inner),
+        )
 
     @property
     def key_blocks(self) -> tuple[int, ...]:
-        m = len(self.lengths)
-        return (self.blocks.block_k1,) * (m - 1) + (self.blocks.block_k2,)
+        m = len(self.call.lengths)
+        return (self.block_outer,) * (m - 1) + (self.block_inner,)
 
     @property
     def num_q_tiles(self) -> int:
-        return -(-self.t // self.blocks.block_q)
+        return -(-self.call.t // self.block_q)
 
     def live_tiles(self) -> np.ndarray:
         """`[num_live, 1 + m]` int32 tile indices (query tile, one per key set) with any
         allowed tuple under the causal/window masks."""
-        bq = self.blocks.block_q
+        bq, c = self.block_q, self.call
         rows = []
         for qi in range(self.num_q_tiles):
-            first, last = qi * bq, min(self.t, (qi + 1) * bq) - 1
-            ranges = []
-            for s, bk, w in zip(self.lengths, self.key_blocks, self.windows):
-                lo, hi = 0, -(-s // bk)
-                if self.causal:
-                    hi = min(hi, last // bk + 1)
-                if w is not None:
-                    lo = max(lo, (first - w + 1) // bk)
-                ranges.append(range(lo, hi))
+            first, last = qi * bq, min(c.t, (qi + 1) * bq) - 1
+            ranges = [
+                range(*spine.tile_range(first, last, s, bk, c.causal, w))
+                for s, bk, w in zip(c.lengths, self.key_blocks, c.windows)
+            ]
             rows.extend((qi, *combo) for combo in itertools.product(*ranges))
-        return np.asarray(rows, np.int32).reshape(-1, 1 + len(self.lengths))
+        return np.asarray(rows, np.int32).reshape(-1, 1 + len(c.lengths))
 
 
-def _dot(a, b, contract):
-    """Matrix product with float32 accumulation; `contract` = (a_axis, b_axis)."""
-    return jax.lax.dot_general(
-        a, b, ((contract[0], contract[1]), ((), ())), preferred_element_type=_acc(a, b)
-    )
+_dot = spine.dot
 
 
 def _outer_product(rows_list):
@@ -138,12 +118,10 @@ class _Tile:
         for j in range(m):
             bk = cfg.key_blocks[j]
             kpos = idx[j + 1] * bk + jnp.arange(bk)
-            ok = jnp.broadcast_to(valid[j][idx[j + 1]][None, :], (qpos.shape[0], bk))
-            if cfg.causal:
-                ok = ok & (kpos[None, :] <= qpos[:, None])
-            if cfg.windows[j] is not None:
-                ok = ok & (kpos[None, :] > qpos[:, None] - cfg.windows[j])
-            oks.append(ok)  # [rows, bk_j]
+            ok = valid[j][idx[j + 1]][None, :] & spine.allowed(
+                qpos[:, None], kpos[None, :], cfg.call.causal, cfg.call.windows[j]
+            )
+            oks.append(jnp.broadcast_to(ok, (qpos.shape[0], bk)))  # [rows, bk_j]
         if m > 1:
             self.k_outer = _outer_product(self.k[:-1])  # [A, H]
             self.v_outer = _outer_product(self.v[:-1])  # [A, Hv]
@@ -167,50 +145,27 @@ class _Tile:
         w = w.reshape(a, rows, -1)
         if self.v_outer is None:
             return w[0]
-        return jnp.einsum("arv,av->rv", w, self.v_outer.astype(w.dtype))
-
-
-def _query_tiles(x, kv: int, cfg: _Config):
-    """Pads `[B,T,N,X]` to whole query tiles -> `[B,K,nq,G*bq,X]`: a tile's rows are
-    (head in the key/value group, position)."""
-    b, t, n, d = x.shape
-    g = n // kv
-    bq = cfg.blocks.block_q
-    nq = cfg.num_q_tiles
-    x = jnp.pad(x, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
-    x = x.reshape(b, nq, bq, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, kv, nq, g * bq, d)
-
-
-def _key_tiles(x, kv: int, bk: int):
-    """Pads `[B,S,K,X]` -> `[B,K,nt,bk,X]`, or a validity `[B,S]` -> `[B,K,nt,bk]`."""
-    b, s = x.shape[:2]
-    nt = -(-s // bk)
-    x = jnp.pad(x, ((0, 0), (0, nt * bk - s)) + ((0, 0),) * (x.ndim - 2))
-    if x.ndim == 2:
-        return jnp.broadcast_to(x.reshape(b, 1, nt, bk), (b, kv, nt, bk))
-    return x.reshape(b, nt, bk, kv, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+        return spine.einsum("arv,av->rv", w, self.v_outer.astype(w.dtype))
 
 
 def _split_heads(q, keys, values, valid, cfg: _Config):
     """Pads to tile multiples and lays out per-(batch, kv-head) tiles."""
     kv = keys[0].shape[2]
     g = q.shape[2] // kv
-    bq, nq = cfg.blocks.block_q, cfg.num_q_tiles
+    bq, nq = cfg.block_q, cfg.num_q_tiles
     qpos = jnp.tile(jnp.arange(nq * bq).reshape(nq, 1, bq), (1, g, 1)).reshape(nq, g * bq)
-    k_t = [_key_tiles(k, kv, bk) for k, bk in zip(keys, cfg.key_blocks)]
-    v_t = [_key_tiles(v, kv, bk) for v, bk in zip(values, cfg.key_blocks)]
-    valid_t = [_key_tiles(m, kv, bk) for m, bk in zip(valid, cfg.key_blocks)]
-    return _query_tiles(q, kv, cfg), qpos, k_t, v_t, valid_t
+    k_t = [spine.key_tiles(k, bk) for k, bk in zip(keys, cfg.key_blocks)]
+    v_t = [spine.key_tiles(v, bk) for v, bk in zip(values, cfg.key_blocks)]
+    valid_t = [_valid_tiles(m, kv, bk) for m, bk in zip(valid, cfg.key_blocks)]
+    return spine.row_tiles(q, kv, bq), qpos, k_t, v_t, valid_t
 
 
-def _merge_heads(x_BKnRX, cfg: _Config, n: int):
-    """`[B,K,nq,G*bq,X]` -> `[B,T,N,X]`."""
-    b, kv, nq, rows, x = x_BKnRX.shape
-    bq = cfg.blocks.block_q
-    g = rows // bq
-    out = x_BKnRX.reshape(b, kv, nq, g, bq, x).transpose(0, 2, 4, 1, 3, 5)
-    return out.reshape(b, nq * bq, n, x)[:, : cfg.t]
+def _valid_tiles(valid, kv: int, bk: int):
+    """Pads a validity `[B,S]` -> `[B,K,nt,bk]`."""
+    b, s = valid.shape
+    nt = -(-s // bk)
+    x = jnp.pad(valid, ((0, 0), (0, nt * bk - s)))
+    return jnp.broadcast_to(x.reshape(b, 1, nt, bk), (b, kv, nt, bk))
 
 
 def _forward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid):
@@ -321,7 +276,7 @@ def _per_head(fn):
 
 
 def _prepare(cfg: _Config, q, keys, values, valid):
-    q_scaled = (q.astype(_acc(q)) * cfg.scale).astype(q.dtype)
+    q_scaled = (q.astype(_acc(q)) * cfg.call.scale).astype(q.dtype)
     return _split_heads(q_scaled, keys, values, valid, cfg)
 
 
@@ -335,61 +290,37 @@ def _blocked_fwd(cfg: _Config, q, keys, values, valid):
     q_t, qpos, k_t, v_t, valid_t = _prepare(cfg, q, keys, values, valid)
     fwd = _per_head(lambda qq, kk, vv, ok: _forward_one_head(cfg, qq, qpos, kk, vv, ok))
     out_t, lse_t = fwd(q_t, k_t, v_t, valid_t)
-    out = _merge_heads(out_t, cfg, q.shape[2]).astype(q.dtype)
+    out = spine.merge_row_tiles(out_t, cfg.call.t, cfg.block_q).astype(q.dtype)
     return out, (q, keys, values, valid, out, lse_t)
 
 
 def _blocked_bwd(cfg: _Config, res, d_out):
     q, keys, values, valid, out, lse_t = res
-    n = q.shape[2]
     q_t, qpos, k_t, v_t, valid_t = _prepare(cfg, q, keys, values, valid)
     f32 = _acc(d_out, out)
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     # Lay dO and Delta out like q's tiles.
     kv = keys[0].shape[2]
-    d_out_t = _query_tiles(d_out, kv, cfg)
-    delta_t = _query_tiles(delta, kv, cfg)[..., 0]
+    d_out_t = spine.row_tiles(d_out, kv, cfg.block_q)
+    delta_t = spine.row_tiles(delta, kv, cfg.block_q)[..., 0]
     bwd = _per_head(
         lambda qq, kk, vv, ok, ll, dd, de: _backward_one_head(cfg, qq, qpos, kk, vv, ok, ll, dd, de)
     )
     dq_t, dk_t, dv_t = bwd(q_t, k_t, v_t, valid_t, lse_t, d_out_t, delta_t)
-    dq = (_merge_heads(dq_t, cfg, n) * cfg.scale).astype(q.dtype)
-
-    def merge_keys(d_BKnbX, like):
-        b, kv, nt, bk, x = d_BKnbX.shape
-        merged = d_BKnbX.transpose(0, 2, 3, 1, 4).reshape(b, nt * bk, kv, x)
-        return merged[:, : like.shape[1]].astype(like.dtype)
-
-    dk = tuple(merge_keys(d, k) for d, k in zip(dk_t, keys))
-    dv = tuple(merge_keys(d, v) for d, v in zip(dv_t, values))
+    dq = spine.merge_row_tiles(dq_t, cfg.call.t, cfg.block_q) * cfg.call.scale
+    dq = dq.astype(q.dtype)
+    dk = tuple(spine.merge_key_tiles(d, k) for d, k in zip(dk_t, keys))
+    dv = tuple(spine.merge_key_tiles(d, v) for d, v in zip(dv_t, values))
     return dq, dk, dv, tuple(None for _ in valid)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def attention(q, keys, values, spec: AttentionSpec, *, block_sizes: BlockSizes | None = None):
-    """Exact blocked attention; `block_sizes` defaults to `BlockSizes()` fitted to the call."""
-    if block_sizes is None:
-        # Under a causal mask narrower second-key tiles follow the diagonal more closely
-        # (T=512, H=64 on 2 CPU cores: 0.41 of the full time instead of 0.43).
-        block_sizes = BlockSizes(block_k2=64) if spec.causal else BlockSizes()
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
-    t = q.shape[1]
-    lengths = tuple(k.shape[1] for k in keys)
-    cfg = _Config(
-        scale=spec.scale,
-        causal=spec.causal,
-        windows=spec.windows,
-        t=t,
-        lengths=lengths,
-        blocks=block_sizes.fitted(t, lengths, spec.windows),
-    )
-    b = q.shape[0]
-    valid = tuple(
-        jnp.ones((b, s), bool) if mask is None else mask for s, mask in zip(lengths, spec.key_masks)
-    )
+def attention(q, keys, values, spec: AttentionSpec, config: BlockedConfig | None = None):
+    """Exact blocked attention (docs/math.md §3) with `config`'s tiles fitted to the call."""
+    cfg = _Config.fitted(spec.call(q, keys), config or BlockedConfig())
+    valid = spec.valid(q.shape[0], cfg.call.lengths)
     return _blocked(cfg, q, tuple(keys), tuple(values), valid)
 
 

@@ -83,7 +83,8 @@ class ReferenceConfig(KernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class BlockedConfig(KernelConfig):
-    """Tiles of the blocked XLA kernel.
+    """Tiles of the blocked XLA kernel; None: chosen by the library (64, 32, and 128, or 64
+    under a causal mask), then clamped to the call's lengths and windows.
 
     block_q: query positions per tile (times the grouped query heads gives the rows).
     block_outer: positions per tile of each outer key set (order 3: k1; order 4: k1 and k2).
@@ -91,13 +92,13 @@ class BlockedConfig(KernelConfig):
     """
 
     implementation: ClassVar[str] = "blocked"
-    block_q: int = 64
-    block_outer: int = 32
-    block_inner: int = 128
+    block_q: int | None = None
+    block_outer: int | None = None
+    block_inner: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            _positive_int(self, f.name)
+            _positive_int(self, f.name, optional=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tensorattn.kernels.validation import AttentionSpec
+from tensorattn.kernels import spine
+from tensorattn.kernels.configs import PallasConfig
+from tensorattn.kernels.spine import AttentionSpec
 
 _F32 = jnp.float32
 _LOG2E = math.log2(math.e)
@@ -46,54 +48,11 @@ def _next_pow2(n: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasBlockSizes:
-    """Tile sizes and launch settings of the Pallas kernels.
-
-    block_rows: target rows per tile, `G·block_q` (query heads of a group times positions).
-    block_q: query positions per tile; None derives it from `block_rows // G`.
-    block_k1: first-key positions per program of the dK1/dV1 backward kernel.
-    block_k2: second-key positions per tile: the columns of each score product.
-    num_warps, num_stages: GPU (Triton) launch settings; None picks from the tile size.
-    """
-
-    block_rows: int = 128
-    block_q: int | None = None
-    block_k1: int = 16
-    block_k2: int = 64
-    num_warps: int | None = None
-    num_stages: int = 2
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None and field.name in ("block_q", "num_warps"):
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"PallasBlockSizes.{field.name} must be a positive int, got {value!r}"
-                )
-
-    def resolve(self, t: int, group: int, s2: int) -> tuple[int, int, int]:
-        """(block_q, block_k1, block_k2) for `t` queries, `group` heads, `s2` second keys."""
-        bq = self.block_q or max(1, self.block_rows // group)
-        bq = min(bq, _next_pow2(t))
-        bk2 = min(self.block_k2, max(16, _next_pow2(s2)))
-        return bq, self.block_k1, bk2
-
-
-@dataclasses.dataclass(frozen=True)
 class _Config:
-    """Static (hashable) description of one call."""
+    """Static (hashable) description of one pass (forward or backward) of one call: the
+    call and the pass's tiles."""
 
-    scale: float
-    causal: bool
-    w1: int | None
-    w2: int | None
-    t: int
-    s1: int
-    s2: int
-    heads: int
-    kv_heads: int
+    call: spine.Call
     bq: int
     bk1: int
     bk2: int
@@ -101,9 +60,15 @@ class _Config:
     num_stages: int
     interpret: bool
 
-    @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
+    scale = property(lambda self: self.call.scale)
+    causal = property(lambda self: self.call.causal)
+    w1 = property(lambda self: self.call.windows[0])
+    w2 = property(lambda self: self.call.windows[1])
+    t = property(lambda self: self.call.t)
+    s1 = property(lambda self: self.call.lengths[0])
+    s2 = property(lambda self: self.call.lengths[1])
+    kv_heads = property(lambda self: self.call.kv_heads)
+    group = property(lambda self: self.call.group)
 
     @property
     def rows(self) -> int:
@@ -122,42 +87,87 @@ class _Config:
         return -(-self.s2 // self.bk2)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The forward and backward passes of one call."""
+
+    fwd: _Config
+    bwd: _Config
+
+
+# Default tiles (PallasConfig fields left at None).
+DEFAULT_ROWS = 128
+DEFAULT_BLOCK_K2 = 64
+DEFAULT_BWD_BLOCK_K1 = 16
+DEFAULT_NUM_STAGES = 2
+# With G = 64 query heads per key/value head (D = 128), forward tiles of 64 rows (one query
+# position per tile) and 4 warps ran 1.3x faster than 128 rows (measured on an H100, issue 10).
+LARGE_GROUP = 64
+LARGE_GROUP_FWD_ROWS = 64
+
+
+def _pass(call: spine.Call, rows: int, bk1: int, bk2: int, config: PallasConfig, interpret):
+    """One pass's tiles: `rows // G` query positions (at least 1, at most T rounded up to a
+    power of two), `bk2` at most S2 rounded up to a power of two (at least 16)."""
+    bq = min(max(1, rows // call.group), _next_pow2(call.t))
+    bk2 = min(bk2, max(16, _next_pow2(call.lengths[1])))
+    num_warps = config.num_warps or (4 if call.group * bq * bk2 <= 64 * 64 else 8)
+    return _Config(
+        call=call,
+        bq=bq,
+        bk1=bk1,
+        bk2=bk2,
+        num_warps=num_warps,
+        num_stages=config.num_stages or DEFAULT_NUM_STAGES,
+        interpret=interpret,
+    )
+
+
+def _plan(call: spine.Call, config: PallasConfig) -> _Plan:
+    """Tiles of both passes: `config`'s fields, None ones chosen here."""
+    interpret = _default_interpret() if config.interpret is None else config.interpret
+    fwd_rows = LARGE_GROUP_FWD_ROWS if call.group >= LARGE_GROUP else DEFAULT_ROWS
+    bk1 = config.bwd_block_k1 or DEFAULT_BWD_BLOCK_K1
+    fwd = _pass(
+        call,
+        config.fwd_block_rows or fwd_rows,
+        bk1,
+        config.fwd_block_k2 or DEFAULT_BLOCK_K2,
+        config,
+        interpret,
+    )
+    bwd = _pass(
+        call,
+        config.bwd_block_rows or DEFAULT_ROWS,
+        bk1,
+        config.bwd_block_k2 or DEFAULT_BLOCK_K2,
+        config,
+        interpret,
+    )
+    return _Plan(fwd, bwd)
+
+
 # ---------------------------------------------------------------------------------------------
-# Loop bounds and masks (traced inside the kernels; all bounds are int32 scalars).
-
-
-def _cdiv(a, b: int):
-    return (a + (b - 1)) // b
+# Loop bounds and masks (traced inside the kernels; all bounds are int32 scalars), from the
+# spine's one mask rule.
 
 
 def _k2_tiles(cfg: _Config, p0, p1):
     """Second-key tiles `[lo, hi)` that can hold an allowed key for positions `p0..p1`."""
-    lo, hi = jnp.int32(0), jnp.int32(cfg.n2)
-    if cfg.causal:
-        hi = jnp.minimum(hi, p1 // cfg.bk2 + 1)
-    if cfg.w2 is not None:
-        lo = jnp.maximum(lo, (p0 - cfg.w2 + 1) // cfg.bk2)
-    return lo, hi
+    lo, hi = spine.tile_range(p0, p1, cfg.s2, cfg.bk2, cfg.causal, cfg.w2)
+    return jnp.int32(lo), jnp.int32(hi)
 
 
 def _k1_keys(cfg: _Config, p0, p1):
     """First keys `[lo, hi)` that can be allowed for positions `p0..p1`."""
-    lo, hi = jnp.int32(0), jnp.int32(cfg.s1)
-    if cfg.causal:
-        hi = jnp.minimum(hi, p1 + 1)
-    if cfg.w1 is not None:
-        lo = jnp.maximum(lo, p0 - cfg.w1 + 1)
-    return lo, hi
+    lo, hi = spine.key_range(p0, p1, cfg.s1, cfg.causal, cfg.w1)
+    return jnp.int32(lo), jnp.int32(hi)
 
 
 def _q_tiles(cfg: _Config, k0, k1, window):
     """Query tiles `[lo, hi)` whose positions can see a key in `k0..k1` (`window` of that set)."""
-    lo, hi = jnp.int32(0), jnp.int32(cfg.nq)
-    if cfg.causal:
-        lo = jnp.maximum(lo, k0 // cfg.bq)
-    if window is not None:
-        hi = jnp.minimum(hi, (k1 + window - 1) // cfg.bq + 1)
-    return lo, hi
+    lo, hi = spine.query_tile_range(k0, k1, cfg.nq, cfg.bq, cfg.causal, window)
+    return jnp.int32(lo), jnp.int32(hi)
 
 
 def _positions(cfg: _Config, qi):
@@ -169,36 +179,17 @@ def _positions(cfg: _Config, qi):
 def _col_ok(cfg: _Config, valid2, pos, b0):
     """`[R, bk2]` allowed second keys `b0..b0+bk2` for rows at `pos`."""
     b = b0 + lax.broadcasted_iota(jnp.int32, (1, cfg.bk2), 1)
-    ok = valid2 > 0  # [1, bk2]
-    if cfg.causal:
-        ok = ok & (b <= pos)
-    else:
-        ok = jnp.broadcast_to(ok, (cfg.rows, cfg.bk2))
-    if cfg.w2 is not None:
-        ok = ok & (b > pos - cfg.w2)
-    return ok
+    ok = (valid2 > 0) & spine.allowed(pos, b, cfg.causal, cfg.w2)
+    return jnp.broadcast_to(ok, (cfg.rows, cfg.bk2))
 
 
 def _row_ok(cfg: _Config, valid1, pos, a):
     """`[R, 1]` whether first key `a` is allowed for rows at `pos`."""
-    ok = jnp.broadcast_to(valid1 > 0, (cfg.rows, 1))
-    if cfg.causal:
-        ok = ok & (a <= pos)
-    if cfg.w1 is not None:
-        ok = ok & (a > pos - cfg.w1)
-    return ok
+    ok = (valid1 > 0) & spine.allowed(pos, a, cfg.causal, cfg.w1)
+    return jnp.broadcast_to(ok, (cfg.rows, 1))
 
 
-def _dot(a, b, contract):
-    """`dot_general` with float32 accumulation; `contract` = (a_axis, b_axis)."""
-    precision = lax.Precision.HIGHEST if a.dtype == _F32 else None
-    return lax.dot_general(
-        a,
-        b,
-        (((contract[0],), (contract[1],)), ((), ())),
-        precision=precision,
-        preferred_element_type=_F32,
-    )
+_dot = spine.dot
 
 
 def _scores(cfg: _Config, q, k1a, k2, ok):
@@ -391,30 +382,21 @@ def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
 
 
 def _rows_layout(x, cfg: _Config):
-    b, t, n, d = x.shape
-    g, kv, nq, bq = cfg.group, cfg.kv_heads, cfg.nq, cfg.bq
-    x = jnp.pad(x, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
-    x = x.reshape(b, nq, bq, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
-    return x.reshape(b * kv, nq * g * bq, d)
+    b, _, _, d = x.shape
+    return spine.row_tiles(x, cfg.kv_heads, cfg.bq).reshape(b * cfg.kv_heads, -1, d)
 
 
 def _rows_merge(x, cfg: _Config, b: int):
-    d = x.shape[-1]
-    g, kv, nq, bq = cfg.group, cfg.kv_heads, cfg.nq, cfg.bq
-    x = x.reshape(b, kv, nq, g, bq, d).transpose(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, nq * bq, kv * g, d)[:, : cfg.t]
+    x = x.reshape(b, cfg.kv_heads, cfg.nq, cfg.rows, x.shape[-1])
+    return spine.merge_row_tiles(x, cfg.t, cfg.bq)
 
 
-def _keys_layout(x, padded: int):
-    b, s, kv, d = x.shape
-    x = jnp.pad(x, ((0, 0), (0, padded - s), (0, 0), (0, 0)))
-    return x.transpose(0, 2, 1, 3).reshape(b * kv, padded, d)
+def _keys_layout(x, block: int):
+    b, _, kv, d = x.shape
+    return spine.key_tiles(x, block).reshape(b * kv, -1, d)
 
 
-def _keys_merge(x, like):
-    b, s, kv, d = like.shape
-    x = x.reshape(b, kv, -1, d).transpose(0, 2, 1, 3)[:, :s]
-    return x.astype(like.dtype)
+_keys_merge = spine.merge_key_tiles
 
 
 def _valid_layout(valid, padded: int):
@@ -440,10 +422,7 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
             dimension_semantics=("parallel", "parallel")
         )
     else:
-        raise ValueError(
-            f"implementation='pallas' needs a GPU or TPU (default backend is "
-            f"{jax.default_backend()!r}); pass interpret=True or set TENSORATTN_PALLAS_INTERPRET=1"
-        )
+        raise spine.Unsupported(_no_backend())
     return pl.pallas_call(
         functools.partial(kernel, cfg),
         grid=grid,
@@ -481,10 +460,10 @@ def _prepare(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
     s1p, s2p = cfg.n1 * cfg.bk1, cfg.n2 * cfg.bk2
     return (
         _rows_layout(q_s, cfg),
-        _keys_layout(k1.astype(dtype), s1p),
-        _keys_layout(k2.astype(dtype), s2p),
-        _keys_layout(v1.astype(dtype), s1p),
-        _keys_layout(v2.astype(dtype), s2p),
+        _keys_layout(k1.astype(dtype), cfg.bk1),
+        _keys_layout(k2.astype(dtype), cfg.bk2),
+        _keys_layout(v1.astype(dtype), cfg.bk1),
+        _keys_layout(v2.astype(dtype), cfg.bk2),
         _valid_layout(valid1, s1p),
         _valid_layout(valid2, s2p),
     )
@@ -517,12 +496,14 @@ def _forward(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
     return _rows_merge(out_t, cfg, q.shape[0]), lse_t
 
 
-def _backward(cfg: _Config, res, d_out):
-    q, k1, k2, v1, v2, valid1, valid2, out, lse_t = res
+def _backward(plan: _Plan, res, d_out):
+    cfg = plan.bwd
+    q, k1, k2, v1, v2, valid1, valid2, out, lse = res
     q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
     delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
     do_t = _rows_layout(d_out.astype(v1_t.dtype), cfg)
     delta_t = _rows_layout(delta, cfg)
+    lse_t = _rows_layout(lse, cfg)
     bk, rows_total, h = q_t.shape
     hv = v1_t.shape[-1]
     sp = _Specs(cfg)
@@ -584,13 +565,14 @@ def _backward(cfg: _Config, res, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
-    return _forward(cfg, q, k1, k2, v1, v2, valid1, valid2)[0]
+def _attend(plan: _Plan, q, k1, k2, v1, v2, valid1, valid2):
+    return _forward(plan.fwd, q, k1, k2, v1, v2, valid1, valid2)[0]
 
 
-def _attend_fwd(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
-    out, lse_t = _forward(cfg, q, k1, k2, v1, v2, valid1, valid2)
-    return out, (q, k1, k2, v1, v2, valid1, valid2, out, lse_t)
+def _attend_fwd(plan: _Plan, q, k1, k2, v1, v2, valid1, valid2):
+    out, lse_t = _forward(plan.fwd, q, k1, k2, v1, v2, valid1, valid2)
+    lse = _rows_merge(lse_t, plan.fwd, q.shape[0])  # [B,T,N,1]: the backward's tiles may differ
+    return out, (q, k1, k2, v1, v2, valid1, valid2, out, lse)
 
 
 _attend.defvjp(_attend_fwd, _backward)
@@ -604,110 +586,61 @@ def _default_interpret() -> bool:
     return os.environ.get("TENSORATTN_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
 
 
-def _resolve_options(block_sizes, interpret):
-    if block_sizes is None:
-        block_sizes = PallasBlockSizes()
-    elif not isinstance(block_sizes, PallasBlockSizes):
-        raise ValueError(
-            f"block_sizes must be a PallasBlockSizes, got {type(block_sizes).__name__}"
-        )
-    if interpret is None:
-        interpret = _default_interpret()
-    return block_sizes, bool(interpret)
-
-
-def _config(q, keys, values, spec: AttentionSpec, block_sizes, interpret) -> _Config:
-    b, t, n, h = q.shape
-    kv = keys[0].shape[2]
-    s1, s2 = keys[0].shape[1], keys[1].shape[1]
-    bq, bk1, bk2 = block_sizes.resolve(t, n // kv, s2)
-    rows = (n // kv) * bq
-    num_warps = block_sizes.num_warps or (4 if rows * bk2 <= 64 * 64 else 8)
-    return _Config(
-        scale=spec.scale,
-        causal=spec.causal,
-        w1=spec.windows[0],
-        w2=spec.windows[1],
-        t=t,
-        s1=s1,
-        s2=s2,
-        heads=n,
-        kv_heads=kv,
-        bq=bq,
-        bk1=bk1,
-        bk2=bk2,
-        num_warps=num_warps,
-        num_stages=block_sizes.num_stages,
-        interpret=interpret,
+def _no_backend() -> str:
+    return (
+        f"the Pallas kernels need a GPU or TPU (default backend is {jax.default_backend()!r}); "
+        "pass PallasConfig(interpret=True) (interpret=True) or set TENSORATTN_PALLAS_INTERPRET=1"
     )
 
 
-def _unsupported(q, keys, values, spec: AttentionSpec, block_sizes, interpret) -> str | None:
-    """Why this call cannot run here, or None."""
-    if len(keys) != 2:
-        return f"order {len(keys) + 1} (the Pallas kernels implement order 3: two key sets)"
+def _check(q, keys, values, plan: _Plan) -> None:
+    """Raises `Unsupported` saying why this call cannot run here."""
     for x in (q, *keys, *values):
         if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
-            return f"dtype {jnp.result_type(x)} (supported: bfloat16, float16, float32)"
-    if interpret:
-        return None
+            raise spine.Unsupported(
+                f"dtype {jnp.result_type(x)} (supported: bfloat16, float16, float32)"
+            )
+    if plan.fwd.interpret:
+        return
     backend = jax.default_backend()
     if backend == "gpu":
-        cfg = _config(q, keys, values, spec, block_sizes, interpret)
         h, hv = q.shape[-1], values[0].shape[-1]
-        for name, size in [("H", h), ("Hv", hv), ("rows", cfg.rows), ("block_k2", cfg.bk2)]:
+        sizes = [("H", h), ("Hv", hv)]
+        for name, cfg in (("fwd", plan.fwd), ("bwd", plan.bwd)):
+            sizes += [(f"{name} rows", cfg.rows), (f"{name}_block_k2", cfg.bk2)]
+        for name, size in sizes:
             if not _is_pow2(size) or size < 16:
-                return f"{name}={size} (the GPU kernels need powers of two >= 16)"
-        if not _is_pow2(cfg.bk1):
-            return f"block_k1={cfg.bk1} (must be a power of two on GPU)"
-        return None
+                raise spine.Unsupported(f"{name}={size} (the GPU kernels need powers of two >= 16)")
+        if not _is_pow2(plan.bwd.bk1):
+            raise spine.Unsupported(f"bwd_block_k1={plan.bwd.bk1} (must be a power of two on GPU)")
+        return
     if backend == "tpu":
-        return "TPU: the kernels are not yet validated on a TPU (use implementation='pallas')"
-    return f"backend {backend!r} (needs GPU/TPU or interpret=True)"
+        raise spine.Unsupported("the kernels are not yet validated on a TPU")
+    raise spine.Unsupported(_no_backend())
 
 
-def supports(q, keys, spec: AttentionSpec, *, block_sizes=None, interpret=None, **options) -> bool:
-    """Whether `attention` runs this call on the default backend (used by `implementation=None`).
-
-    On TPU this is False for now (not validated on hardware), so the default falls back to the
-    blocked kernel; `implementation="pallas"` still runs the kernels there.
-    """
-    if options:
-        return False
-    try:
-        block_sizes, interpret = _resolve_options(block_sizes, interpret)
-    except ValueError:
-        return False
-    values = [jax.ShapeDtypeStruct(k.shape, k.dtype) for k in keys]
-    return _unsupported(q, keys, values, spec, block_sizes, interpret) is None
+def _wider(w1, w2) -> bool:
+    """Whether window `w1` is wider than `w2` (None: unbounded)."""
+    return w1 != w2 and (w1 is None or (w2 is not None and w1 > w2))
 
 
-def attention(
-    q,
-    keys,
-    values,
-    spec: AttentionSpec,
-    *,
-    block_sizes: PallasBlockSizes | None = None,
-    interpret: bool | None = None,
-):
+def attention(q, keys, values, spec: AttentionSpec, config: PallasConfig | None = None):
     """Exact order-3 attention with the Pallas kernels (custom_vjp: forward and backward).
 
-    `block_sizes`: tiles (default `PallasBlockSizes()`); `interpret`: run in Pallas interpret
-    mode (default: the environment variable `TENSORATTN_PALLAS_INTERPRET`).
+    Raises `Unsupported` (before any work) when the call cannot run here: order other than 3,
+    dtype, GPU tile constraints, no GPU/TPU without interpret mode, TPU (not yet validated).
+    With `w1 > w2` the two key/value sets are swapped (the attention is symmetric in them) so
+    that the per-key loop runs over the smaller window.
     """
     keys, values = tuple(keys), tuple(values)
-    block_sizes, interpret = _resolve_options(block_sizes, interpret)
     if len(keys) != 2:
-        raise ValueError(
-            f"implementation='pallas' supports order 3 (two key sets), got {len(keys)} key sets"
+        raise spine.Unsupported(
+            f"order {len(keys) + 1} (the Pallas kernels implement order 3: two key sets)"
         )
-    why = _unsupported(q, keys, values, spec, block_sizes, interpret)
-    if why is not None and not (why.startswith("TPU") and jax.default_backend() == "tpu"):
-        raise ValueError(f"implementation='pallas' does not support this call: {why}")
-    cfg = _config(q, keys, values, spec, block_sizes, interpret)
-    b = q.shape[0]
-    valid = tuple(
-        jnp.ones((b, k.shape[1]), bool) if m is None else m for k, m in zip(keys, spec.key_masks)
-    )
-    return _attend(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
+    valid = spec.valid(q.shape[0], [k.shape[1] for k in keys])
+    if _wider(*spec.windows):
+        keys, values, valid = keys[::-1], values[::-1], valid[::-1]
+        spec = dataclasses.replace(spec, windows=spec.windows[::-1])
+    plan = _plan(spec.call(q, keys), config or PallasConfig())
+    _check(q, keys, values, plan)
+    return _attend(plan, q, keys[0], keys[1], values[0], values[1], *valid)

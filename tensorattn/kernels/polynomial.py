@@ -26,17 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tensorattn.kernels import causal_scan, features, validation
-from tensorattn.kernels.validation import AttentionSpec
+from tensorattn.kernels import causal_scan, features, spine
+from tensorattn.kernels.configs import (
+    GRADIENTS,
+    MAX_DEGREE,
+    ON_UNCERTIFIED,
+    POLYNOMIALS,
+    PolynomialConfig,
+)
+from tensorattn.kernels.spine import AttentionSpec
 
-POLYNOMIALS = ("taylor", "chebyshev")
-GRADIENTS = ("closed_form", "autodiff")
+__all__ = ["GRADIENTS", "MAX_DEGREE", "ON_UNCERTIFIED", "POLYNOMIALS", "PolynomialConfig"]
 DEFAULT_DEGREE = 4
-MAX_DEGREE = 40
 # Largest feature rank C(H+g, g) accepted (a clear error instead of an allocation failure).
 MAX_RANK = 1 << 20
 _GRID = 20001  # points at which a Chebyshev fit's relative error is evaluated
-ON_UNCERTIFIED = ("warn", "error", "ignore")
 # Default largest certified relative error `eps` of the attention weights: the output error is
 # then at most ~1% of the value range (`eps/(1-eps)·(max - min)`). The certificate is a
 # worst case (Hölder bound on the scores), often orders of magnitude above the measured error,
@@ -313,26 +317,24 @@ def certificate(
     keys,
     values,
     *,
-    scale: float | None = None,
+    scale=None,
     key_masks=None,
     per_batch: bool = False,
-    degree: int | None = None,
-    polynomial: str = "taylor",
-    bound: float | None = None,
-    score_range: float | None = None,
-    tolerance: float | None = None,
+    config: PolynomialConfig | None = None,
+    causal: bool = False,
+    window=None,
     **options,
 ) -> Certificate:
     """The `Certificate` of `higher_order_attention(q, keys, values,
-    implementation="polynomial", ...)` with the same options, computed from these inputs
-    (concrete arrays; under `jit` the call itself checks and warns). The bound holds for every
-    key tuple, so causal and window masks (accepted, ignored) only make it looser."""
-    unknown = set(options) - {"gradient", "chunk_size", "on_uncertified", "causal", "window"}
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for a polynomial certificate")
+    implementation="polynomial", ...)` with the same config (or `PolynomialConfig` fields as
+    keyword `options`), computed from these inputs (concrete arrays; under `jit` the call
+    itself checks and warns). The bound holds for every key tuple, so causal and window masks
+    (accepted, ignored) only make it looser. `scale` may be an array, as in the call."""
+    del causal, window
+    cfg = _config(config, options)
     keys, values = tuple(keys), tuple(values)
     m = len(keys)
-    spec = validation.validate(
+    q, spec = spine.prepare(
         q,
         keys,
         values,
@@ -344,23 +346,44 @@ def certificate(
         value_names=tuple(f"values[{j}]" for j in range(m)),
         mask_names=tuple(f"key_masks[{j}]" for j in range(m)),
     )
-    degree, R_fit, tol = _resolve(
-        spec, q.shape[-1], m + 1, degree, polynomial, bound, score_range, tolerance
-    )
+    degree, R_fit, tol = _resolve(spec, q.shape[-1], m + 1, cfg)
     dtype = jnp.result_type(q)
     stats = _data_stats(q, keys, values, spec.key_masks, spec.scale, per_batch)
     return _certify(
         *stats,
-        coeffs=coefficients(polynomial, degree, R_fit),
-        polynomial=polynomial,
+        coeffs=coefficients(cfg.polynomial, degree, R_fit),
+        polynomial=cfg.polynomial,
         compute_dtype=_compute_dtype(dtype),
         out_dtype=dtype,
         tolerance=tol,
     )
 
 
+def _config(config: PolynomialConfig | None, options) -> PolynomialConfig:
+    if config is None:
+        return PolynomialConfig.from_mapping(options)
+    if options:
+        raise ValueError(
+            f"give either config= or keyword options, not both (got {sorted(options)})"
+        )
+    if not isinstance(config, PolynomialConfig):
+        raise ValueError(f"config must be a PolynomialConfig, got {type(config).__name__}")
+    return config
+
+
 def polynomial_certificate(
-    q, k1, k2, v1, v2, *, scale=None, k1_mask=None, k2_mask=None, per_batch=False, **options
+    q,
+    k1,
+    k2,
+    v1,
+    v2,
+    *,
+    scale=None,
+    k1_mask=None,
+    k2_mask=None,
+    per_batch=False,
+    config: PolynomialConfig | None = None,
+    **options,
 ) -> Certificate:
     """`tensor_attention(q, k1, k2, v1, v2, implementation="polynomial", **options)`'s
     certificate on these inputs: score bound, certified relative and output error.
@@ -375,6 +398,7 @@ def polynomial_certificate(
         scale=scale,
         key_masks=(k1_mask, k2_mask),
         per_batch=per_batch,
+        config=config,
         **options,
     )
 
@@ -461,8 +485,9 @@ def _verify(check: _Check, q, keys, values, spec: AttentionSpec):
     if any(isinstance(x, jax.core.Tracer) for x in stats):
         jax.debug.callback(functools.partial(_report, check), *stats)
     else:
-        # _report <- _verify <- attention <- api._dispatch <- api entry point <- caller
-        _report(check, *stats, stacklevel=6)
+        # _report <- _verify <- attention <- api._run <- api._attend <- api._dispatch <- api
+        # entry point <- caller
+        _report(check, *stats, stacklevel=8)
 
 
 def _check_polynomial(polynomial):
@@ -478,15 +503,15 @@ def _check_polynomial(polynomial):
 class _Config:
     """Static description of one call (hashable: a `custom_vjp` non-differentiable arg)."""
 
-    scale: float
-    causal: bool
-    windows: tuple
-    t: int
-    lengths: tuple
+    call: spine.Call
     dim: int
     coeffs: tuple
     chunk: int
     bwd_chunk: int
+
+    scale = property(lambda self: self.call.scale)
+    causal = property(lambda self: self.call.causal)
+    windows = property(lambda self: self.call.windows)
 
     @property
     def degree(self) -> int:
@@ -500,15 +525,8 @@ class _Config:
         return features.feature_weights(self.mono, self.coeffs, self.scale)
 
 
-def _dot(a, b, contract):
-    """`dot_general` at full precision (the approximation's error budget is not TF32's)."""
-    return jax.lax.dot_general(
-        a, b, ((contract[0], contract[1]), ((), ())), precision=jax.lax.Precision.HIGHEST
-    )
-
-
-def _ein(expr, *xs):
-    return jnp.einsum(expr, *xs, precision=jax.lax.Precision.HIGHEST)
+_dot = spine.dot  # full precision: the approximation's error budget is not TF32's
+_ein = spine.einsum
 
 
 def _augment(x):
@@ -761,19 +779,18 @@ def _compute_dtype(dtype):
 
 def _split(q, keys, values, valid):
     """`[B,T,N,H]` -> `[B,K,T,G,H]`; keys/values `[B,S,K,X]` -> `[B,K,S,X]`; masks `[B,K,S]`."""
-    b, t, n, h = q.shape
     kv = keys[0].shape[2]
     ct = _compute_dtype(q.dtype)
-    q5 = q.astype(ct).reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
-    keys = tuple(k.astype(ct).transpose(0, 2, 1, 3) for k in keys)
-    values = tuple(v.astype(ct).transpose(0, 2, 1, 3) for v in values)
-    valid = tuple(jnp.broadcast_to(m[:, None, :], (b, kv, m.shape[1])).astype(ct) for m in valid)
+    q5 = spine.split_heads(q.astype(ct), kv)
+    keys = tuple(spine.split_keys(k.astype(ct)) for k in keys)
+    values = tuple(spine.split_keys(v.astype(ct)) for v in values)
+    valid = tuple(
+        jnp.broadcast_to(m[:, None, :], (m.shape[0], kv, m.shape[1])).astype(ct) for m in valid
+    )
     return q5, keys, values, valid
 
 
-def _merge(x_BKTGX):
-    b, kv, t, g, x = x_BKTGX.shape
-    return x_BKTGX.transpose(0, 2, 1, 3, 4).reshape(b, t, kv * g, x)
+_merge = spine.merge_heads
 
 
 def _per_head(fn):
@@ -802,17 +819,16 @@ def _closed_form_fwd(cfg: _Config, q, keys, values, valid):
 
 def _closed_form_bwd(cfg: _Config, res, d_out):
     q, keys, values, valid, out, inv_den = res
-    b, t, n, h = q.shape
     kv = keys[0].shape[2]
     q5, keys5, values5, valid5 = _split(q, keys, values, valid)
-    do5 = d_out.astype(out.dtype).reshape(b, t, kv, n // kv, -1).transpose(0, 2, 1, 3, 4)
+    do5 = spine.split_heads(d_out.astype(out.dtype), kv)
     bwd = _backward_causal if cfg.causal else _backward_global
     dq, dks, dvs = _per_head(functools.partial(bwd, cfg))(
         q5, keys5, values5, valid5, out, inv_den, do5
     )
 
     def unsplit(d, like):
-        return d.transpose(0, 2, 1, 3).astype(like.dtype)
+        return spine.split_keys(d).astype(like.dtype)
 
     return (
         _merge(dq).astype(q.dtype),
@@ -834,100 +850,49 @@ def _pow2_chunk(per_row: int, t: int, budget: int = 1 << 21) -> int:
     return chunk
 
 
-def _positive_int(name, value, allow_zero=False):
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} int, got {value!r}")
-
-
-def _positive_float(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _resolve(spec: AttentionSpec, h, order, degree, polynomial, bound, score_range, tolerance):
-    """Checks the error options: `(degree, R, tolerance)` with `R` the static score range
-    (from `bound` or `score_range`; None without) and the check's tolerance."""
-    _check_polynomial(polynomial)
+def _resolve(spec: AttentionSpec, h: int, order: int, config: PolynomialConfig):
+    """`(degree, R, tolerance)`: the degree, the static score range `R` (from `bound` or
+    `score_range`; None without) and the check's tolerance. `bound` needs a static scale."""
     R = None
-    if bound is not None:
-        R = abs(spec.scale) * h * _positive_float("bound", bound) ** order
-    if score_range is not None:
-        R = _positive_float("score_range", score_range)
-    if tolerance is not None:
-        if not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
-            raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
-        if degree is None:
-            if R is None:
-                raise ValueError(
-                    "tolerance picks the degree from bound (largest |entry|) or score_range; "
-                    "give one of them, or a degree"
-                )
-            degree = select_degree(R, float(tolerance), polynomial)
+    if config.score_range is not None:
+        R = float(config.score_range)
+    elif config.bound is not None:
+        if not spec.static_scale:
+            raise ValueError(
+                "PolynomialConfig.bound needs a static scale (a Python float) to give the score "
+                "range R = scale·H·bound^order; with an array scale give score_range (or a "
+                "degree and no bound: every call still checks its certificate)"
+            )
+        R = abs(spec.scale) * h * float(config.bound) ** order
+    degree = config.degree
     if degree is None:
         degree = DEFAULT_DEGREE
-    _positive_int("degree", degree, allow_zero=True)
-    if degree > MAX_DEGREE:
-        raise ValueError(f"degree must be <= {MAX_DEGREE}, got {degree}")
-    if polynomial == "chebyshev" and R is None:
-        raise ValueError("polynomial='chebyshev' needs bound or score_range (the fit interval)")
-    return degree, R, DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+        if config.tolerance is not None:
+            degree = select_degree(R, float(config.tolerance), config.polynomial)
+    tol = DEFAULT_TOLERANCE if config.tolerance is None else float(config.tolerance)
+    return degree, R, tol
 
 
-def attention(
-    q,
-    keys,
-    values,
-    spec: AttentionSpec,
-    *,
-    degree: int | None = None,
-    polynomial: str = "taylor",
-    bound: float | None = None,
-    score_range: float | None = None,
-    tolerance: float | None = None,
-    on_uncertified: str = "warn",
-    gradient: str = "closed_form",
-    chunk_size: int | None = None,
-    **unknown,
-):
+def attention(q, keys, values, spec: AttentionSpec, config: PolynomialConfig | None = None):
     """Polynomial-method attention; same shapes and masks as the exact kernels.
 
-    degree: polynomial degree `g` (default 4, or chosen by `tolerance`).
-    polynomial: "taylor" (default; even degrees are positive on all of R) or "chebyshev"
-      (fit of exp on `[-R, R]`; needs `score_range=R` or `bound`).
-    bound: largest `|entry|` of q and the keys (static); gives `R = scale·H·bound^order`.
-    score_range: `R` directly (overrides the one from `bound`).
-    tolerance: largest certified relative error `eps` of the attention weights (so
-      `|O~ - O| <= eps/(1-eps)` times the value range). Without `degree`, picks the smallest
-      degree reaching it on `[-R, R]` (`select_degree`; needs `bound` or `score_range`).
-      It is also the threshold of the accuracy check (default `DEFAULT_TOLERANCE` = 1e-2).
+    `config` (`PolynomialConfig`, docs/math.md §4-§5): the polynomial and its degree (or a
+    tolerance with a bound/score range choosing it), the accuracy check and the gradient.
     on_uncertified: what a call does when the certificate measured on its inputs
-      (`certificate`: score bound `R`, p's relative error on `[-R, R]` plus rounding) is above
-      the tolerance. "warn" (default): `PolynomialAccuracyWarning` naming the score bound,
-      degree and certified error; "error": `PolynomialAccuracyError` before any work on
-      concrete inputs, and under `jit` a runtime error (`JaxRuntimeError` carrying the same
-      message) when the call executes; "ignore": no check (e.g. a polynomial layer trained as
-      an attention of its own). The check costs `O(T·H)` reductions and one host callback.
-    gradient: "closed_form" (docs/math.md §5 as a custom_vjp, all masks) or "autodiff"
-      (gradient of the approximation).
-    chunk_size: sequence positions per scan step (default: sized to ~8 MB of features).
+    (`certificate`: score bound `R`, p's relative error on `[-R, R]` plus rounding) is above
+    the tolerance. "warn" (default): `PolynomialAccuracyWarning` naming the score bound,
+    degree and certified error; "error": `PolynomialAccuracyError` before any work on
+    concrete inputs, and under `jit` a runtime error (`JaxRuntimeError` carrying the same
+    message) when the call executes; "ignore": no check (e.g. a polynomial layer trained as
+    an attention of its own). The check costs `O(T·H)` reductions and one host callback. With
+    an array scale (folded into `q`) the check measures the scaled queries, so it stays true;
+    `bound` (a static score range from the scale) then raises ValueError.
     """
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {sorted(unknown)} for implementation='polynomial'; expected "
-            "degree, polynomial, bound, score_range, tolerance, on_uncertified, gradient, "
-            "chunk_size"
-        )
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    if on_uncertified not in ON_UNCERTIFIED:
-        raise ValueError(f"on_uncertified must be one of {ON_UNCERTIFIED}, got {on_uncertified!r}")
+    config = config or PolynomialConfig()
     order = len(keys) + 1
     h = q.shape[-1]
-    degree, R, tol = _resolve(spec, h, order, degree, polynomial, bound, score_range, tolerance)
-    if chunk_size is not None:
-        _positive_int("chunk_size", chunk_size)
+    degree, R, tol = _resolve(spec, h, order, config)
+    polynomial = config.polynomial
     t = q.shape[1]
     lengths = tuple(k.shape[1] for k in keys)
     hv = values[0].shape[-1]
@@ -948,12 +913,9 @@ def attention(
         fwd_row, bwd_row = r * g, r * g + g * (hv + 1) * (h + 1)
     longest = max((t,) + lengths)
     coeffs = tuple(float(c) for c in coefficients(polynomial, degree, R))
+    chunk_size = config.chunk_size
     cfg = _Config(
-        scale=spec.scale,
-        causal=spec.causal,
-        windows=tuple(None if w is None or w >= t else w for w in spec.windows),
-        t=t,
-        lengths=lengths,
+        call=spec.call(q, keys),
         dim=h,
         coeffs=coeffs,
         chunk=chunk_size or _pow2_chunk(fwd_row, longest),
@@ -969,12 +931,9 @@ def attention(
             f"{float(jnp.finfo(ct).max):.3g}): it cannot be evaluated at all; lower "
             "score_range/bound or use an exact kernel"
         )
-    if on_uncertified != "ignore":
-        check = _Check(coeffs, polynomial, ct, dtype, tol, on_uncertified)
+    if config.on_uncertified != "ignore":
+        check = _Check(coeffs, polynomial, ct, dtype, tol, config.on_uncertified)
         _verify(check, q, keys, values, spec)
-    b = q.shape[0]
-    valid = tuple(
-        jnp.ones((b, s), bool) if m is None else m for s, m in zip(lengths, spec.key_masks)
-    )
-    fn = _closed_form if gradient == "closed_form" else _autodiff
+    valid = spec.valid(q.shape[0], lengths)
+    fn = _closed_form if config.gradient == "closed_form" else _autodiff
     return fn(cfg, q, tuple(keys), tuple(values), valid)

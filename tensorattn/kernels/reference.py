@@ -8,7 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tensorattn.kernels.validation import AttentionSpec
+from tensorattn.kernels import spine
+from tensorattn.kernels.configs import ReferenceConfig
+from tensorattn.kernels.spine import AttentionSpec
 
 _KEY_LETTERS = "xyz"  # one letter per key set in the einsum strings
 
@@ -20,33 +22,29 @@ def allowed_pairs(spec: AttentionSpec, batch: int, t: int, lengths) -> jax.Array
     allowed = jnp.ones((batch, t) + (1,) * m, bool)
     i = jnp.arange(t)
     for j, (s, window, mask) in enumerate(zip(lengths, spec.windows, spec.key_masks)):
-        shape = [1, 1] + [1] * m
+        shape = [1, t] + [1] * m
         shape[2 + j] = s
-        a = jnp.arange(s)
-        ok = jnp.ones((t, s), bool)
-        if spec.causal:
-            ok = a[None, :] <= i[:, None]
-        if window is not None:
-            ok = ok & (a[None, :] > i[:, None] - window)
-        ok = ok.reshape([1, t] + shape[2:])
+        ok = spine.allowed(i[:, None], jnp.arange(s)[None, :], spec.causal, window)
+        ok = jnp.broadcast_to(ok, (t, s)).reshape(shape)
         if mask is not None:
-            ok = ok & mask.reshape([batch, 1] + shape[2:])
+            mshape = [batch, 1] + [1] * m
+            mshape[2 + j] = s
+            ok = ok & mask.reshape(mshape)
         allowed = allowed & ok
     return allowed
 
 
-def attention(q, keys, values, spec: AttentionSpec):
+def attention(q, keys, values, spec: AttentionSpec, config: ReferenceConfig | None = None):
     """`q [B,T,N,H]`, `keys[j] [B,S_j,K,H]`, `values[j] [B,S_j,K,Hv]` -> `[B,T,N,Hv]`."""
     b, t, n, h = q.shape
     kv = keys[0].shape[2]
-    g = n // kv
     m = len(keys)
     letters = _KEY_LETTERS[:m]
-    f32 = jnp.promote_types(q.dtype, jnp.float32)
-    q_BTKGH = q.astype(f32).reshape(b, t, kv, g, h)
+    f32 = spine.accumulation_dtype(q.dtype)
+    q_BKTGH = spine.split_heads(q.astype(f32), kv)
     operands = [k.astype(f32) for k in keys]
     key_terms = ",".join(f"b{c}kh" for c in letters)
-    s = jnp.einsum(f"btkgh,{key_terms}->bkgt{letters}", q_BTKGH, *operands) * spec.scale
+    s = spine.einsum(f"bktgh,{key_terms}->bkgt{letters}", q_BKTGH, *operands) * spec.scale
     allowed = allowed_pairs(spec, b, t, [k.shape[1] for k in keys])[:, None, None]
     s = jnp.where(allowed, s, -jnp.inf)
     axes = tuple(range(4, 4 + m))
@@ -56,5 +54,5 @@ def attention(q, keys, values, spec: AttentionSpec):
     denom = jnp.sum(p, axis=axes, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
     value_terms = ",".join(f"b{c}kv" for c in letters)
-    out = jnp.einsum(f"bkgt{letters},{value_terms}->btkgv", p, *[v.astype(f32) for v in values])
-    return out.reshape(b, t, n, -1).astype(q.dtype)
+    out = spine.einsum(f"bkgt{letters},{value_terms}->bktgv", p, *[v.astype(f32) for v in values])
+    return spine.merge_heads(out).astype(q.dtype)
