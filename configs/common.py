@@ -1,9 +1,22 @@
-"""Shared config pieces: the config-string parser, the default model/optim/train sections and
-the `smoke` switch that shrinks any config so CI runs the real code path in seconds."""
+"""Shared config pieces: the config-string parser, the default model/kernel/optim/train
+sections and the `smoke` switch that shrinks any config so CI runs the real code path in
+seconds.
+
+Sections: `model` the architecture (`tensorattn.models.ModelOptions`, with
+`model.polynomial` the `PolynomialConfig` of attention="polynomial" layers), `kernel` the run
+options of the tensor layers (`implementation`, `blocked`, `pallas`: every `BlockedConfig` /
+`PallasConfig` field), `optim`, `train`. All settable from the command line, e.g.
+`--config.kernel.implementation=blocked --config.kernel.blocked.block_q=32`,
+`--config.kernel.pallas.fwd_block_rows=64`, `--config.model.polynomial.degree=3`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from tensorattn.kernels.configs import BlockedConfig, PallasConfig, PolynomialConfig
 
 ATTENTION = ("tensor", "standard", "polynomial")
 
@@ -53,10 +66,9 @@ def model_config(attention: str = "tensor") -> ml_collections.ConfigDict:
     c.mlp_dim = 256
     # Dropout on attention and MLP outputs.
     c.dropout_rate = 0.0
-    # Kernel for tensor layers: None (best exact), "reference", "blocked", "polynomial", "pallas".
-    c.implementation = ml_collections.FieldReference(None, field_type=str)
-    # Extra kernel options, e.g. {"degree": 4} for polynomial.
-    c.attention_options = ml_collections.ConfigDict()
+    # attention="polynomial" layers: PolynomialConfig fields (degree None: 4; on_uncertified
+    # "warn", "error" or "ignore"; ...). Left at the defaults for exact attention.
+    c.polynomial = typed_section(PolynomialConfig)
     # Bound B on q, k1, k2 entries via B*tanh(x/B) (polynomial method hypothesis); None: off.
     c.entry_bound = ml_collections.FieldReference(None, field_type=float)
     # Score scale; None: 1/sqrt(head_dim).
@@ -74,6 +86,35 @@ def model_config(attention: str = "tensor") -> ml_collections.ConfigDict:
     c.positional = "none"
     # Per-sequence heads pool with "mean", "last" or "first".
     c.pool = "mean"
+    return c
+
+
+def typed_section(cls) -> ml_collections.ConfigDict:
+    """A section with every field of the frozen config class `cls` at its default; a None
+    default keeps the field's type (from its annotation) so the command line can set it."""
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    c = ml_collections.ConfigDict()
+    for f in dataclasses.fields(cls):
+        if f.default is None:
+            kind = types[str(f.type).split("|")[0].strip()]
+            c[f.name] = ml_collections.FieldReference(None, field_type=kind)
+        else:
+            c[f.name] = f.default
+    return c
+
+
+def kernel_config() -> ml_collections.ConfigDict:
+    """Run options of the tensor layers: not part of the model's identity (a workdir resumes
+    under another kernel or tiles)."""
+    c = ml_collections.ConfigDict()
+    # Exact kernel: None (the best one for each call), "reference", "blocked" or "pallas".
+    c.implementation = ml_collections.FieldReference(None, field_type=str)
+    # Tiles of implementation="blocked" (BlockedConfig: block_q, block_outer, block_inner).
+    c.blocked = typed_section(BlockedConfig)
+    # Tiles and launch settings of implementation="pallas" (PallasConfig; None: picked for
+    # the shapes): fwd_block_rows, fwd_block_k2, bwd_block_rows, bwd_block_k1, bwd_block_k2,
+    # num_warps, num_stages, interpret.
+    c.pallas = typed_section(PallasConfig)
     return c
 
 
@@ -131,9 +172,7 @@ def base_config(task: str, task_kwargs: dict, attention: str) -> ml_collections.
     # Task constructor arguments.
     config.task.kwargs = ml_collections.ConfigDict(task_kwargs)
     config.model = model_config(attention)
-    if attention == "polynomial":
-        # Degree of the polynomial replacing exp (tensorattn.kernels.polynomial options).
-        config.model.attention_options.degree = 4
+    config.kernel = kernel_config()
     config.optim = optim_config()
     config.train = train_config()
     return config

@@ -29,6 +29,11 @@ def get_config(arg: str | None = None):
     config.model.num_heads = 2
     # Wider heads than width // num_heads: the trilinear score needs many frequencies.
     config.model.head_dim = 128
+    if a.attention == "polynomial":
+        # The polynomial method's state has rank C(head_dim + degree, degree) per key/value
+        # head: C(132, 4) ~ 1.2e7 is beyond the 2^20 limit (and memory); head_dim 16 at the
+        # default degree 4 gives C(20, 4) = 4845.
+        config.model.head_dim = 16
     config.model.num_layers = 1
     config.train.batch_size = 256
     config.train.num_steps = 800

@@ -3,14 +3,21 @@
 Both layers take `[B, T, D]` inputs and return `[B, T, D_out]`; projections are `DenseGeneral`
 to per-head shapes (`q_BxTxNxH`, `k1_BxSxKxH`, ...), `N % K == 0` grouped heads. The kernel
 does not expose attention probabilities, so dropout applies to the attention output.
+
+A tensor layer computes its attention with an *attend function*, any callable with
+`tensorattn.tensor_attention`'s signature `(q, k1, k2, v1, v2, *, causal, window, k1_mask,
+k2_mask, scale)`: by default `Kernel(implementation, kernel_config)`, or one given as `attend`
+(e.g. the trainer's sequence-sharded kernel, `tensorattn.sharding.shard_queries`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,10 +25,93 @@ import jax
 import jax.numpy as jnp
 from flax.core import Scope
 
-from tensorattn.kernels import api
+from tensorattn.kernels import api, configs
+from tensorattn.kernels.configs import KernelConfig, PolynomialConfig
 from tensorattn.kernels.polynomial import PolynomialAccuracyWarning
 
 Array = jax.Array
+# An attend function: `(q, k1, k2, v1, v2, *, causal, window, k1_mask, k2_mask, scale) -> out`.
+Attend = Callable[..., Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """`tensorattn.tensor_attention` with a fixed implementation and typed config, as an
+    attend function. Frozen and compared by value, so equal kernels share jit compilations.
+
+    implementation: None (the best exact kernel for the call, or the config's implementation
+      when `config` is given), "reference", "blocked", "pallas" or "polynomial".
+    config: that implementation's `KernelConfig` (`BlockedConfig`, `PallasConfig`,
+      `PolynomialConfig`, ...) or None (the library picks). A mismatch raises ValueError.
+    """
+
+    implementation: str | None = None
+    config: KernelConfig | None = None
+
+    def __post_init__(self):
+        if self.config is not None and not isinstance(self.config, KernelConfig):
+            raise ValueError(
+                f"Kernel.config must be a KernelConfig (e.g. BlockedConfig) or None, got "
+                f"{self.config!r}"
+            )
+        if self.implementation is not None:
+            configs.config_for(self.implementation, self.config)
+
+    @property
+    def name(self) -> str | None:
+        """The implementation that runs: the given one, else the config's (None: the default)."""
+        if self.implementation is None and self.config is not None:
+            return self.config.implementation
+        return self.implementation
+
+    def __call__(
+        self,
+        q,
+        k1,
+        k2,
+        v1,
+        v2,
+        *,
+        causal=False,
+        window=None,
+        k1_mask=None,
+        k2_mask=None,
+        scale=None,
+    ):
+        common = dict(causal=causal, window=window, k1_mask=k1_mask, k2_mask=k2_mask)
+        if not _KERNEL_TAKES_CONFIG:
+            return _legacy_call(self, q, k1, k2, v1, v2, scale=scale, **common)
+        return api.tensor_attention(
+            q, k1, k2, v1, v2, implementation=self.implementation, config=self.config,
+            scale=scale, **common
+        )  # fmt: skip
+
+
+# --- ADAPTER (temporary, remove when the kernel API with `config=` lands from branch spine):
+# the pre-spine `tensor_attention` takes keyword options and a float scale only.
+_KERNEL_TAKES_CONFIG = "config" in inspect.signature(api.tensor_attention).parameters
+
+
+def _legacy_call(kernel: Kernel, q, k1, k2, v1, v2, *, scale, **common):
+    options, cfg = {}, kernel.config
+    if isinstance(cfg, configs.BlockedConfig):
+        from tensorattn.kernels import blocked
+
+        options["block_sizes"] = blocked.BlockSizes(cfg.block_q, cfg.block_outer, cfg.block_inner)
+    elif isinstance(cfg, configs.PallasConfig):
+        options["interpret"] = cfg.interpret
+    elif isinstance(cfg, PolynomialConfig):
+        options = cfg.to_dict()
+    if scale is not None and not isinstance(scale, float | int):
+        scale = jnp.asarray(scale)
+        q = q * scale.reshape((-1, 1)).astype(q.dtype)
+        scale = 1.0
+    return api.tensor_attention(
+        q, k1, k2, v1, v2, implementation=kernel.name, scale=scale, **common, **options
+    )
+
+
+# --- end of ADAPTER
 
 
 def bound_entries(x: Array, bound: float | None) -> Array:
@@ -92,14 +182,21 @@ def _check_fields(module: nn.Module, ints: tuple[str, ...], optional: tuple[str,
         raise ValueError(f"num_heads={module.num_heads} must be a multiple of num_kv_heads={kv}")
 
 
-def _scaled_queries(module: nn.Module, q: Array, scale: float, learn_scale: bool) -> Array:
-    """Folds the score scale into `q`; a learned scale starts at `scale` (log-parametrised)."""
+def _score_scale(module: nn.Module, scale: float, learn_scale: bool, heads: int):
+    """The score scale: `scale`, or with `learn_scale` the learned per-head scale `[N]`
+    (`exp(log_scale)`, float32, initialised at `scale`)."""
     if not learn_scale:
-        return q * jnp.asarray(scale, q.dtype)
+        return scale
     log_scale = module.param(
-        "log_scale", lambda _, n: jnp.full((n,), math.log(scale), jnp.float32), q.shape[2]
+        "log_scale", lambda _, n: jnp.full((n,), math.log(scale), jnp.float32), heads
     )
-    return q * jnp.exp(log_scale).astype(q.dtype)[:, None]
+    return jnp.exp(log_scale)
+
+
+def _scaled_queries(module: nn.Module, q: Array, scale: float, learn_scale: bool) -> Array:
+    """Folds the score scale into `q` (per head with `learn_scale`)."""
+    s = _score_scale(module, scale, learn_scale, q.shape[2])
+    return q * jnp.asarray(s, q.dtype)[..., None] if learn_scale else q * jnp.asarray(s, q.dtype)
 
 
 class TensorAttention(nn.Module):
@@ -107,14 +204,20 @@ class TensorAttention(nn.Module):
 
     Self-attention: `layer(x)`. Cross-attention over two key sequences (e.g. two modalities):
     `layer(x_q, x_k1, x_k2)`; `x_k2` defaults to `x_k1`, which defaults to `x_q`.
+
+    The attention runs `Kernel(implementation, kernel_config)` (`tensorattn.tensor_attention`
+    with that implementation and typed config), or `attend` when given: a function with
+    `tensor_attention`'s signature used instead of the kernel (e.g. the trainer's
+    sequence-sharded kernel); `implementation`/`kernel_config` then only describe it (for the
+    warning below). The score scale reaches the kernel as its `scale`: the float (`scale`,
+    default `1/sqrt(head_dim)`), or with `learn_scale` the learned per-head scale `[N]`
+    (`exp(log_scale)`), so a polynomial kernel's certificate sees the true scores.
     `entry_bound` B maps q, k1, k2 through `B tanh(./B)` so every entry is below B, the
-    polynomial method's hypothesis (docs/math.md §4); with `implementation="polynomial"` and
-    no `entry_bound`, construction warns (`PolynomialAccuracyWarning`) unless
-    `attention_options={"on_uncertified": "ignore"}` (a polynomial layer trained as an
-    attention of its own). `implementation` and `attention_options` go to
-    `tensorattn.tensor_attention`. `sequence_axis`: the name of a mesh axis to shard queries
-    over (`tensorattn.sharding`); requires a mesh set with `jax.set_mesh`. Invalid fields
-    raise ValueError at construction.
+    polynomial method's hypothesis (docs/math.md §4). A polynomial layer (implementation
+    "polynomial" or a `PolynomialConfig`) without `entry_bound` warns at construction
+    (`PolynomialAccuracyWarning`) unless `kernel_config.on_uncertified == "ignore"` (a
+    polynomial layer trained as an attention of its own). Invalid fields raise ValueError at
+    construction.
     """
 
     num_heads: int
@@ -126,12 +229,12 @@ class TensorAttention(nn.Module):
     causal: bool = False
     window: tuple[int, int] | None = None
     implementation: str | None = None
-    attention_options: Mapping[str, Any] | None = None
+    kernel_config: KernelConfig | None = None
+    attend: Attend | None = None
     entry_bound: float | None = None
     scale: float | None = None
     learn_scale: bool = False
     use_bias: bool = False
-    sequence_axis: str | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -139,12 +242,17 @@ class TensorAttention(nn.Module):
         _check_fields(
             self, ("num_heads",), ("num_kv_heads", "head_dim", "value_dim", "out_features")
         )
-        options = dict(self.attention_options or {})
+        kernel = Kernel(self.implementation, self.kernel_config)  # checks the pair
+        if self.attend is not None and not callable(self.attend):
+            raise ValueError(
+                f"TensorAttention.attend must be callable or None, got {self.attend!r}"
+            )
+        cfg = self.kernel_config
         # A Scope parent is init/apply binding a clone: warn once, for the user's construction.
         if (
-            self.implementation == "polynomial"
+            kernel.name == "polynomial"
             and self.entry_bound is None
-            and options.get("on_uncertified", "warn") != "ignore"
+            and (cfg is None or cfg.on_uncertified != "ignore")
             and not isinstance(self.parent, Scope)
         ):
             warnings.warn(
@@ -152,8 +260,8 @@ class TensorAttention(nn.Module):
                 "are unbounded projections, so the scores are unbounded and the polynomial "
                 "method's error is not controlled (each call warns when its certified error "
                 "exceeds the tolerance). Set entry_bound=B (|score| <= scale·head_dim·B³), or "
-                "attention_options={'on_uncertified': 'ignore'} to train the polynomial layer "
-                "as an attention of its own.",
+                "kernel_config=PolynomialConfig(on_uncertified='ignore') to train the "
+                "polynomial layer as an attention of its own.",
                 PolynomialAccuracyWarning,
                 stacklevel=4,  # user <- flax init wrapper <- __init__ <- here
             )
@@ -184,34 +292,21 @@ class TensorAttention(nn.Module):
         q_BxTxNxH = bound_entries(q_BxTxNxH, self.entry_bound)
         k1_BxSxKxH = bound_entries(k1_BxSxKxH, self.entry_bound)
         k2_BxSxKxH = bound_entries(k2_BxSxKxH, self.entry_bound)
-        scale = 1.0 / math.sqrt(h) if self.scale is None else self.scale
-        q_BxTxNxH = _scaled_queries(self, q_BxTxNxH, scale, self.learn_scale)
-
-        def attend(q, k1, k2, v1, v2, m1, m2):
-            return api.tensor_attention(
-                q,
-                k1,
-                k2,
-                v1,
-                v2,
-                implementation=self.implementation,
-                causal=self.causal,
-                window=self.window,
-                k1_mask=m1,
-                k2_mask=m2,
-                scale=1.0,
-                **dict(self.attention_options or {}),
-            )
-
-        args = (q_BxTxNxH, k1_BxSxKxH, k2_BxSxKxH, v1_BxSxKxV, v2_BxSxKxV, k1_mask, k2_mask)
-        if self.sequence_axis is None:
-            o_BxTxNxV = attend(*args)
-        else:
-            from tensorattn import sharding
-
-            if self.causal or self.window is not None:
-                raise ValueError("sequence_axis does not support causal or window masks")
-            o_BxTxNxV = sharding.shard_queries(attend, self.sequence_axis)(*args)
+        scale = 1.0 / math.sqrt(h) if self.scale is None else float(self.scale)
+        scale_N = _score_scale(self, scale, self.learn_scale, self.num_heads)
+        attend = self.attend or Kernel(self.implementation, self.kernel_config)
+        o_BxTxNxV = attend(
+            q_BxTxNxH,
+            k1_BxSxKxH,
+            k2_BxSxKxH,
+            v1_BxSxKxV,
+            v2_BxSxKxV,
+            causal=self.causal,
+            window=self.window,
+            k1_mask=k1_mask,
+            k2_mask=k2_mask,
+            scale=scale_N,
+        )
         o_BxTxNxV = nn.Dropout(self.dropout_rate)(o_BxTxNxV, deterministic=deterministic)
         return nn.DenseGeneral(
             self.out_features or width,

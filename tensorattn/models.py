@@ -1,15 +1,20 @@
 """Encoders and classifiers built from the attention layers (pre-LayerNorm transformer).
 
-`ModelOptions` is the typed, frozen description of a model; `Classifier(options)` maps int32
-tokens `[B, T]` to logits `[B, T, C]` (per-position head) or `[B, C]` (per-sequence head).
+`ModelOptions` is the typed, frozen description of a model's architecture (what its
+parameters mean); `Classifier(options, kernel=..., wrap_attend=...)` maps int32 tokens
+`[B, T]` to logits `[B, T, C]` (per-position head) or `[B, C]` (per-sequence head). How it
+runs (the exact kernel of its tensor layers, sequence sharding) is given separately and is
+not part of its identity: a checkpoint restores under any of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -17,20 +22,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tensorattn.layers import StandardAttention, TensorAttention
+from tensorattn.kernels.configs import KernelConfig, PolynomialConfig
+from tensorattn.layers import Attend, Kernel, StandardAttention, TensorAttention
 
 Array = jax.Array
 
-ATTENTION_KINDS = ("tensor", "standard")
+ATTENTION = ("tensor", "standard", "polynomial")
 EMBEDDINGS = ("learned", "fourier")
 POSITIONAL = ("none", "learned")
 HEADS = ("token", "sequence")
 POOLS = ("mean", "last", "first")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def typed_config(cls: type[KernelConfig], values, prefix: str) -> KernelConfig:
+    """`cls` (a `KernelConfig` class) built from a mapping of its fields (or an instance),
+    validated by the class itself; ValueError starts with the dotted field (`prefix.field:`)."""
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix}: must be a mapping of {cls.__name__} fields, got {values!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for name in values:
+        if name not in known:
+            raise ValueError(f"{prefix}.{name}: unknown field; {cls.__name__} has {known}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        field = re.match(rf"{cls.__name__}\.(\w+)", str(e))
+        raise ValueError(f"{prefix}{'.' + field.group(1) if field else ''}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """Everything that defines a `Classifier`; see `validate` for the allowed values."""
+    """A `Classifier`'s architecture; see `validate` for the allowed values.
+
+    `attention` ("tensor", "standard" or "polynomial") and `tensor_every` give each layer's
+    kind (`attention_kinds`); `polynomial` (a `PolynomialConfig` or a mapping of its fields)
+    configures the polynomial layers: None for attention="polynomial" means
+    `PolynomialConfig()`; for the exact kinds it must be None or the defaults (kept as None).
+    """
 
     vocab_size: int
     num_classes: int = 2
@@ -41,10 +80,10 @@ class ModelOptions:
     head_dim: int | None = None
     mlp_dim: int = 256
     dropout_rate: float = 0.0
-    # One entry per layer, each "tensor" or "standard".
-    attention_kinds: tuple[str, ...] = ("tensor",)
-    implementation: str | None = None
-    attention_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    attention: str = "tensor"
+    # With several layers: layer i is a tensor layer iff (i + 1) % tensor_every == 0.
+    tensor_every: int = 1
+    polynomial: PolynomialConfig | None = None
     entry_bound: float | None = None
     scale: float | None = None
     learn_scale: bool = False
@@ -57,167 +96,88 @@ class ModelOptions:
     max_len: int = 512
     head: str = "token"
     pool: str = "mean"
-    sequence_axis: str | None = None
     dtype: Any = None
 
     def __post_init__(self):
-        object.__setattr__(self, "attention_kinds", tuple(self.attention_kinds))
-        if self.window is not None:
+        if isinstance(self.window, list | tuple):
             object.__setattr__(self, "window", tuple(self.window))
+        poly = self.polynomial
+        if poly is not None:
+            poly = typed_config(PolynomialConfig, poly, "model.polynomial")
+        if self.attention == "polynomial" and poly is None:
+            poly = PolynomialConfig()
+        elif self.attention != "polynomial" and poly == PolynomialConfig():
+            poly = None  # the defaults of an unused section: one canonical form
+        object.__setattr__(self, "polynomial", poly)
 
-    def __hash__(self):  # attention_options is a dict; hash by value.
-        fields = dataclasses.asdict(self)
-        fields["attention_options"] = tuple(sorted(self.attention_options.items()))
-        return hash(tuple(sorted((k, repr(v)) for k, v in fields.items())))
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """One kind per layer: `attention` ("tensor" or "polynomial") where
+        `(i + 1) % tensor_every == 0`, else "standard"; all "standard" for attention="standard"."""
+        every = self.tensor_every
+        return tuple(
+            self.attention if (i + 1) % every == 0 else "standard" for i in range(self.num_layers)
+        )
 
-
-def is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-# The options each implementation's kernel accepts (`tensorattn.tensor_attention(**options)`);
-# implementation=None (the best exact kernel) runs "blocked" whenever options are given.
-ATTENTION_OPTIONS: dict[str | None, tuple[str, ...]] = {
-    None: ("block_sizes",),
-    "reference": (),
-    "blocked": ("block_sizes",),
-    "pallas": ("block_sizes", "interpret"),
-    "polynomial": (
-        "degree",
-        "polynomial",
-        "bound",
-        "score_range",
-        "tolerance",
-        "on_uncertified",
-        "gradient",
-        "chunk_size",
-    ),
-}
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the parameters and the function they compute (`identity`)."""
+        return identity(dataclasses.asdict(self))
 
 
-def block_sizes_class(implementation: str | None):
-    """The tile-size dataclass of `implementation`'s `block_sizes` option (blocked's for None)."""
-    if implementation == "pallas":
-        from tensorattn.kernels import pallas
-
-        return pallas.PallasBlockSizes
-    from tensorattn.kernels import blocked
-
-    return blocked.BlockSizes
+# Polynomial options that change how the function is computed, not which: a checkpoint
+# resumes under other values.
+POLYNOMIAL_RUN_OPTIONS = ("gradient", "chunk_size", "on_uncertified")
 
 
-def check_attention_options(
-    implementation: str | None,
-    options: Mapping[str, Any],
-    *,
-    head_dim: int | None = None,
-    scale: float = 1.0,
-    prefix: str = "model.attention_options",
-) -> None:
-    """Checks the names, types and ranges of a kernel's `options` without calling the kernel;
-    raises ValueError naming `prefix.option`. Allowed:
+def json_ready(value):
+    """`value` as it reads back from JSON (tuples as lists, dtypes as strings)."""
+    return json.loads(json.dumps(value, default=str))
 
-    - "reference": no options.
-    - "blocked" and None: `block_sizes`: None or a `BlockSizes` (positive ints).
-    - "pallas": `block_sizes`: None or a `PallasBlockSizes`; `interpret`: None or a bool.
-    - "polynomial": `degree`: None (4) or an int in [0, 40] whose feature rank
-      C(head_dim + degree, degree) is at most 2^20; `polynomial`: "taylor" or "chebyshev"
-      (needs `bound` or `score_range`); `bound`, `score_range`: None or a positive finite
-      number; `tolerance`: None or a number in (0, 1) (without `degree` it picks the degree:
-      needs `bound` or `score_range`, and some degree <= 40 must reach it); `on_uncertified`:
-      "warn", "error" or "ignore"; `gradient`: "closed_form" or "autodiff"; `chunk_size`: None
-      or a positive int.
 
-    `scale` is the score scale the kernel sees (the layers fold theirs into q and pass 1.0);
-    with `head_dim` it turns `bound` into the score range `scale·head_dim·bound³`.
-    """
+def identity(model: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The identity of a model given as a dict (`ModelOptions` fields, e.g. from a saved
+    config.json): every field but `POLYNOMIAL_RUN_OPTIONS`. Equal identities share
+    checkpoints; the kernel, sequence sharding and device count are not part of it."""
+    if not isinstance(model, Mapping):
+        return model
+    out = json_ready(dict(model))
+    if isinstance(out.get("polynomial"), dict):
+        for name in POLYNOMIAL_RUN_OPTIONS:
+            out["polynomial"].pop(name, None)
+    return out
 
-    def fail(key, msg):
-        raise ValueError(f"{prefix}.{key}: {msg}")
 
-    if not isinstance(options, Mapping):
-        raise ValueError(f"{prefix}: must be a mapping of kernel options, got {options!r}")
-    if implementation not in ATTENTION_OPTIONS:
-        return  # an unknown implementation is the caller's error to report
-    known = ATTENTION_OPTIONS[implementation]
-    for key in options:
-        if key not in known:
-            fail(
-                key,
-                f"unknown option for implementation={implementation!r}; known: "
-                + (", ".join(known) if known else "none"),
-            )
-    o = dict(options)
-    if o.get("block_sizes") is not None:
-        cls = block_sizes_class(implementation)
-        if not isinstance(o["block_sizes"], cls):
-            fail(
-                "block_sizes",
-                f"must be a {cls.__name__} (in a config file: a mapping of its fields), got "
-                f"{o['block_sizes']!r}",
-            )
-    if o.get("interpret") is not None and not isinstance(o["interpret"], bool):
-        fail("interpret", f"must be None or a bool, got {o['interpret']!r}")
-    if implementation != "polynomial":
-        return
+def _check_polynomial(o: ModelOptions, head_dim: int, fail) -> None:
+    """The polynomial layers' feature rank `C(head_dim + g, g)` must be at most 2^20 (the
+    kernel's `MAX_RANK`), with `g` the degree, or the one `tolerance` picks at the initial
+    score range `scale·head_dim·bound³` (docs/math.md §4)."""
     from tensorattn.kernels import polynomial as poly
 
-    for key, allowed, default in (
-        ("polynomial", poly.POLYNOMIALS, "taylor"),
-        ("on_uncertified", poly.ON_UNCERTIFIED, "warn"),
-        ("gradient", poly.GRADIENTS, "closed_form"),
-    ):
-        value = o.get(key, default)
-        if not isinstance(value, str) or value not in allowed:
-            fail(key, f"must be one of {allowed}, got {value!r}")
-    for key in ("bound", "score_range"):
-        value = o.get(key)
-        if value is not None and not (is_real(value) and 0 < value < math.inf):
-            fail(key, f"must be None or a positive finite number, got {value!r}")
-    tolerance = o.get("tolerance")
-    if tolerance is not None and not (is_real(tolerance) and 0 < tolerance < 1):
-        fail("tolerance", f"must be None or a number in (0, 1), got {tolerance!r}")
-    chunk = o.get("chunk_size")
-    if chunk is not None and not (is_int(chunk) and chunk >= 1):
-        fail("chunk_size", f"must be None or a positive int, got {chunk!r}")
-    degree = o.get("degree")
-    if degree is not None and not (is_int(degree) and 0 <= degree <= poly.MAX_DEGREE):
-        fail("degree", f"must be None or an int in [0, {poly.MAX_DEGREE}], got {degree!r}")
-    kind, bound, score_range = o.get("polynomial", "taylor"), o.get("bound"), o.get("score_range")
-    if kind == "chebyshev" and bound is None and score_range is None:
-        fail("polynomial", "'chebyshev' needs bound or score_range (the fit interval)")
-    picked = ""
-    if degree is None and tolerance is not None:
-        if bound is None and score_range is None:
-            fail("tolerance", "without a degree it needs bound or score_range to pick one")
-        R = score_range
-        if R is None and head_dim is not None:
-            R = abs(scale) * head_dim * bound**3
-        if R is not None:
-            try:
-                degree = poly.select_degree(float(R), float(tolerance), kind)
-            except ValueError as e:
-                fail("tolerance", str(e))
-            picked = f"tolerance={tolerance} picks degree {degree}, which "
-    if head_dim is not None:
-        g = poly.DEFAULT_DEGREE if degree is None else degree
-        rank = math.comb(head_dim + g, g)
-        if rank > poly.MAX_RANK:
-            fail(
-                "tolerance" if picked else "degree",
-                f"{picked or f'degree {g} '}at head_dim {head_dim} gives feature rank "
-                f"C(H+g, g) = {rank} > {poly.MAX_RANK}; "
-                + (
-                    "raise the tolerance, lower bound/score_range or the head dim"
-                    if picked
-                    else "lower the degree or the head dim"
-                ),
-            )
+    p = o.polynomial
+    degree, picked = p.degree, ""
+    if degree is None and p.tolerance is not None:
+        R = p.score_range
+        if R is None:
+            scale = o.scale if o.scale is not None else head_dim**-0.5
+            R = scale * head_dim * p.bound**3
+        try:
+            degree = poly.select_degree(float(R), float(p.tolerance), p.polynomial)
+        except ValueError as e:
+            fail("polynomial.tolerance", str(e))
+        picked = f"tolerance={p.tolerance} picks degree {degree}, which "
+    g = poly.DEFAULT_DEGREE if degree is None else degree
+    rank = math.comb(head_dim + g, g)
+    if rank > poly.MAX_RANK:
+        fail(
+            "polynomial.tolerance" if picked else "polynomial.degree",
+            f"{picked or f'degree {g} '}at head_dim {head_dim} gives feature rank "
+            f"C(H+g, g) = {rank} > {poly.MAX_RANK}; "
+            + (
+                "raise the tolerance, lower bound/score_range or the head dim"
+                if picked
+                else "lower the degree or the head dim"
+            ),
+        )
 
 
 def validate(options: ModelOptions, prefix: str = "model") -> None:
@@ -227,10 +187,10 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
       >= 2; mlp_dim: an int >= 0 (0: no MLP); dropout_rate: a number in [0, 1).
     - num_kv_heads: None or a positive int dividing num_heads.
     - head_dim: None (width // num_heads: num_heads must divide width) or a positive int.
-    - attention_kinds: one entry per layer, each "tensor" or "standard".
-    - implementation: None (the best exact kernel), "reference", "blocked", "polynomial" or
-      "pallas" (only where it supports the model: a GPU, or attention_options.interpret=True).
-    - attention_options: the implementation's options (`check_attention_options`).
+    - attention: "tensor", "standard" or "polynomial"; tensor_every: a positive int.
+    - polynomial: `PolynomialConfig` fields (checked by the class), only with
+      attention="polynomial"; its feature rank C(head_dim + degree, degree) (degree 4 by
+      default, or the one `tolerance` picks) must be at most 2^20.
     - entry_bound, scale: None or a positive finite number; learn_scale, causal: bools.
     - window: None or a pair (w1, w2), each a positive int or None (unbounded), only with
       causal=True; standard layers use w1 alone, which must then be an int.
@@ -238,7 +198,6 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
       needs vocab_size >= 3 with "fourier") or an int in [1, vocab_size // 2].
     - positional: "none" or "learned"; head: "token" or "sequence"; pool: "mean", "last" or
       "first".
-    - sequence_axis: None or a mesh axis name (str), only without causal masks or windows.
     - dtype: None (float32) or one of float32, bfloat16, float16, float64 (name or dtype).
     """
 
@@ -263,30 +222,26 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
         fail("mlp_dim", f"must be an int >= 0 (0: no MLP), got {o.mlp_dim!r}")
     if not (is_real(o.dropout_rate) and 0.0 <= o.dropout_rate < 1.0):
         fail("dropout_rate", f"must be a number in [0, 1), got {o.dropout_rate!r}")
-    if len(o.attention_kinds) != o.num_layers:
-        fail(
-            "attention_kinds",
-            f"needs one entry per layer ({o.num_layers}), got {o.attention_kinds}",
-        )
-    for kind in o.attention_kinds:
-        if not isinstance(kind, str) or kind not in ATTENTION_KINDS:
-            fail("attention_kinds", f"unknown attention kind {kind!r}; choose {ATTENTION_KINDS}")
-    implementations = tuple(k for k in ATTENTION_OPTIONS if k is not None)
-    if o.implementation is not None and (
-        not isinstance(o.implementation, str) or o.implementation not in implementations
-    ):
-        fail(
-            "implementation",
-            f"unknown implementation {o.implementation!r}; choose None (the best exact kernel) "
-            f"or one of {implementations}",
-        )
+    if not isinstance(o.attention, str) or o.attention not in ATTENTION:
+        fail("attention", f"unknown attention {o.attention!r}; choose {ATTENTION}")
+    if not is_int(o.tensor_every) or o.tensor_every < 1:
+        fail("tensor_every", f"must be a positive int, got {o.tensor_every!r}")
     head_dim = o.head_dim or o.width // o.num_heads
-    check_attention_options(
-        o.implementation,
-        o.attention_options,
-        head_dim=head_dim,
-        prefix=f"{prefix}.attention_options",
-    )
+    if o.polynomial is not None:
+        if not isinstance(o.polynomial, PolynomialConfig):
+            fail("polynomial", f"must be a PolynomialConfig, got {o.polynomial!r}")
+        if o.attention != "polynomial":
+            changed = [
+                f.name
+                for f in dataclasses.fields(PolynomialConfig)
+                if getattr(o.polynomial, f.name) != f.default
+            ]
+            fail(
+                f"polynomial.{changed[0]}" if changed else "polynomial",
+                f"set, but attention={o.attention!r}: polynomial options configure "
+                "attention='polynomial' layers only",
+            )
+        _check_polynomial(o, head_dim, fail)
     for name, allowed in (
         ("embedding", EMBEDDINGS),
         ("positional", POSITIONAL),
@@ -305,7 +260,11 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
             fail(name, f"must be a bool, got {getattr(o, name)!r}")
     if o.window is not None:
         w = o.window
-        if len(w) != 2 or not all(x is None or (is_int(x) and x >= 1) for x in w):
+        if (
+            not isinstance(w, tuple)
+            or len(w) != 2
+            or not all(x is None or (is_int(x) and x >= 1) for x in w)
+        ):
             fail("window", f"must be None or a pair (w1, w2) of positive ints or None, got {w!r}")
         if not o.causal:
             fail("window", "a sliding window requires causal=True")
@@ -320,11 +279,6 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
         )
     if o.embedding == "fourier" and f is None and (o.vocab_size - 1) // 2 < 1:
         fail("fourier_frequencies", f"vocab_size {o.vocab_size} leaves no frequency; set it to 1")
-    if o.sequence_axis is not None:
-        if not isinstance(o.sequence_axis, str):
-            fail("sequence_axis", f"must be None or a mesh axis name, got {o.sequence_axis!r}")
-        if o.causal or o.window is not None:
-            fail("sequence_axis", "sequence parallelism supports only non-causal attention")
     if o.dtype is not None:
         try:
             name = jnp.dtype(o.dtype).name
@@ -332,35 +286,6 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
             name = None
         if name not in DTYPES:
             fail("dtype", f"must be None (float32) or one of {DTYPES}, got {o.dtype!r}")
-    if o.implementation == "pallas" and "tensor" in o.attention_kinds:
-        _check_pallas(o, head_dim, fail)
-
-
-def _check_pallas(o: ModelOptions, head_dim: int, fail) -> None:
-    """implementation="pallas" must run this model's tensor layers on the default backend
-    (TPU: always allowed, as in the kernel; under sequence sharding: not checked here)."""
-    backend = jax.default_backend()
-    if backend == "tpu" or o.sequence_axis is not None:
-        return
-    try:
-        from tensorattn.kernels import pallas, validation
-    except ImportError as e:
-        fail("implementation", f"'pallas' is not available in this build: {e}")
-    dtype = jnp.dtype(o.dtype or jnp.float32)
-    kv = o.num_kv_heads or o.num_heads
-    q = jax.ShapeDtypeStruct((1, o.max_len, o.num_heads, head_dim), dtype)
-    k = jax.ShapeDtypeStruct((1, o.max_len, kv, head_dim), dtype)
-    windows = (None, None) if o.window is None else tuple(o.window)
-    spec = validation.AttentionSpec(
-        scale=1.0, causal=o.causal, windows=windows, key_masks=(None, None)
-    )
-    if not pallas.supports(q, (k, k), spec, **dict(o.attention_options)):
-        fail(
-            "implementation",
-            f"'pallas' does not run this model on the {backend!r} backend (it needs a GPU with "
-            "power-of-two head_dim and tiles >= 16, or attention_options.interpret=True); "
-            "use implementation=None or 'blocked'",
-        )
 
 
 def fourier_features(tokens: Array, modulus: int, frequencies: int | None = None) -> Array:
@@ -395,6 +320,8 @@ class Block(nn.Module):
 
     options: ModelOptions
     kind: str
+    kernel: Kernel = Kernel()
+    wrap_attend: Callable[[Attend], Attend] | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, mask_BxT: Array | None, deterministic: bool) -> Array:
@@ -412,18 +339,20 @@ class Block(nn.Module):
             name="attention",
         )
         h_BxTxD = nn.LayerNorm(name="ln_attention")(x_BxTxD)
-        if self.kind == "tensor":
-            h_BxTxD = TensorAttention(
-                window=o.window,
-                implementation=o.implementation,
-                attention_options=dict(o.attention_options),
-                sequence_axis=o.sequence_axis,
-                **common,
-            )(h_BxTxD, k1_mask=mask_BxT, k2_mask=mask_BxT, deterministic=deterministic)
-        else:
+        if self.kind == "standard":
             h_BxTxD = StandardAttention(window=o.window, **common)(
                 h_BxTxD, kv_mask=mask_BxT, deterministic=deterministic
             )
+        else:
+            kernel = self.kernel if self.kind == "tensor" else Kernel("polynomial", o.polynomial)
+            attend = None if self.wrap_attend is None else self.wrap_attend(kernel)
+            h_BxTxD = TensorAttention(
+                window=o.window,
+                implementation=kernel.implementation,
+                kernel_config=kernel.config,
+                attend=attend,
+                **common,
+            )(h_BxTxD, k1_mask=mask_BxT, k2_mask=mask_BxT, deterministic=deterministic)
         x_BxTxD = x_BxTxD + h_BxTxD
         if o.mlp_dim:
             h_BxTxD = nn.LayerNorm(name="ln_mlp")(x_BxTxD)
@@ -438,6 +367,8 @@ class Encoder(nn.Module):
     """Embedding, `num_layers` blocks (attention kind per layer), final LayerNorm."""
 
     options: ModelOptions
+    kernel: Kernel = Kernel()
+    wrap_attend: Callable[[Attend], Attend] | None = None
 
     @nn.compact
     def __call__(
@@ -445,24 +376,47 @@ class Encoder(nn.Module):
     ) -> Array:
         x_BxTxD = Embedding(self.options, name="embedding")(tokens_BxT)
         for i, kind in enumerate(self.options.attention_kinds):
-            x_BxTxD = Block(self.options, kind, name=f"block_{i}")(x_BxTxD, mask_BxT, deterministic)
+            block = Block(self.options, kind, self.kernel, self.wrap_attend, name=f"block_{i}")
+            x_BxTxD = block(x_BxTxD, mask_BxT, deterministic)
         return nn.LayerNorm(name="ln_final")(x_BxTxD)
 
 
 class Classifier(nn.Module):
     """Encoder plus a per-position (`head="token"`) or per-sequence (`"sequence"`) head.
 
+    `options`: the architecture. Run options, not part of the identity:
+    - `kernel`: the exact kernel of the "tensor" layers, a `tensorattn.layers.Kernel`
+      (implementation None|"reference"|"blocked"|"pallas" and its typed config); polynomial
+      layers run `Kernel("polynomial", options.polynomial)`.
+    - `wrap_attend`: None, or a function `attend -> attend` applied to every tensor or
+      polynomial layer's kernel (the trainer's sequence sharding: `sharding.shard_queries`).
+      It should compare by value (e.g. a module-level function) so jit caches by it.
+
     `mask_BxT` marks valid input positions (key padding); None means all valid.
     """
 
     options: ModelOptions
+    kernel: Kernel = Kernel()
+    wrap_attend: Callable[[Attend], Attend] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.kernel, Kernel):
+            raise ValueError(f"Classifier.kernel must be a layers.Kernel, got {self.kernel!r}")
+        if self.kernel.name == "polynomial":
+            raise ValueError(
+                "Classifier.kernel is the exact kernel of tensor layers; polynomial attention "
+                "is an architecture: ModelOptions(attention='polynomial', polynomial=...)"
+            )
+        super().__post_init__()
 
     @nn.compact
     def __call__(
         self, tokens_BxT: Array, mask_BxT: Array | None = None, *, deterministic: bool = True
     ) -> Array:
         o = self.options
-        x_BxTxD = Encoder(o, name="encoder")(tokens_BxT, mask_BxT, deterministic=deterministic)
+        x_BxTxD = Encoder(o, self.kernel, self.wrap_attend, name="encoder")(
+            tokens_BxT, mask_BxT, deterministic=deterministic
+        )
         if o.head == "sequence":
             if o.pool == "last":
                 x_BxD = x_BxTxD[:, -1]

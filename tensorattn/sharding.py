@@ -7,6 +7,7 @@ values (they are gathered); each query row's softmax is local, so no cross-devic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -42,14 +43,35 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape[DATA_AXIS]
 
 
-def shard_queries(attend: Callable, seq_axis: str = SEQ_AXIS) -> Callable:
-    """Wraps `attend(q, k1, k2, v1, v2, k1_mask, k2_mask)` to shard `q`'s time axis.
+@dataclasses.dataclass(frozen=True)
+class ShardedQueries:
+    """An attend function (`tensorattn.tensor_attention`'s signature) that runs `attend` with
+    the queries' time axis sharded over the mesh axis `seq_axis` (`jax.shard_map`); see
+    `shard_queries`. Frozen and compared by value, so equal ones share jit compilations."""
 
-    Uses the mesh set by `jax.set_mesh`; the batch axis follows `data` when the mesh has it.
-    Keys, values and masks are gathered (replicated along `seq_axis`).
-    """
+    attend: Callable
+    seq_axis: str = SEQ_AXIS
 
-    def wrapped(q, k1, k2, v1, v2, k1_mask, k2_mask):
+    def __call__(
+        self,
+        q,
+        k1,
+        k2,
+        v1,
+        v2,
+        *,
+        causal=False,
+        window=None,
+        k1_mask=None,
+        k2_mask=None,
+        scale=None,
+    ):
+        seq_axis = self.seq_axis
+        if causal or window is not None:
+            raise ValueError(
+                "sequence sharding supports only non-causal attention (causal and window masks "
+                "need each query's global position)"
+            )
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or seq_axis not in mesh.axis_names:
             raise ValueError(
@@ -61,19 +83,32 @@ def shard_queries(attend: Callable, seq_axis: str = SEQ_AXIS) -> Callable:
                 f"query length {q.shape[1]} is not divisible by the {mesh.shape[seq_axis]} "
                 f"devices of mesh axis {seq_axis!r}"
             )
+        # Optional operands (masks, an array scale) enter shard_map only when given.
         masks = (k1_mask, k2_mask)
+        array_scale = scale is not None and not isinstance(scale, int | float)
+        extra = [m for m in masks if m is not None] + ([scale] if array_scale else [])
         present = tuple(m is not None for m in masks)
 
         def local(q, k1, k2, v1, v2, *given):
             it = iter(given)
             m1, m2 = (next(it) if p else None for p in present)
-            return attend(q, k1, k2, v1, v2, m1, m2)
+            s = next(it) if array_scale else scale
+            return self.attend(q, k1, k2, v1, v2, k1_mask=m1, k2_mask=m2, scale=s)
 
         kv_spec = P(batch)
-        in_specs = (P(batch, seq_axis), kv_spec, kv_spec, kv_spec, kv_spec) + tuple(
-            kv_spec for p in present if p
-        )
+        in_specs = (P(batch, seq_axis),) + (kv_spec,) * 4 + (kv_spec,) * sum(present)
+        in_specs += (P(),) * array_scale  # a per-head scale is replicated
         fn = jax.shard_map(local, in_specs=in_specs, out_specs=P(batch, seq_axis))
-        return fn(q, k1, k2, v1, v2, *(m for m in masks if m is not None))
+        return fn(q, k1, k2, v1, v2, *extra)
 
-    return wrapped
+
+def shard_queries(attend: Callable, seq_axis: str = SEQ_AXIS) -> ShardedQueries:
+    """Wraps an attend function (`tensorattn.tensor_attention`'s signature, e.g.
+    `tensorattn.layers.Kernel(...)`) to shard the queries' time axis over `seq_axis`.
+
+    Uses the mesh set by `jax.set_mesh`; the batch axis follows `data` when the mesh has it.
+    Keys, values, masks and a per-head scale are gathered (replicated along `seq_axis`); each
+    query row's softmax is local. Causal and window masks raise ValueError (they need global
+    query positions).
+    """
+    return ShardedQueries(attend, seq_axis)

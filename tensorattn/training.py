@@ -1,11 +1,15 @@
 """`train_and_evaluate(options, workdir)`: the training loop, evaluation, metrics, checkpoints.
 
 Typed options (`Options`) come from a plain nested dict via `options_from_dict`, which is where
-a config file's ConfigDict (converted with `.to_dict()`) enters the library. The loop writes
-`DIR/config.json`, `DIR/metrics.jsonl` (one JSON object per line, each with "step"),
-TensorBoard events under `DIR/tensorboard` and orbax checkpoints under `DIR/checkpoints`, and
-resumes from the newest checkpoint. Training batch `s` is a pure function of `(seed, s)`, so a
-resumed run sees the same data and the same seed gives the same metrics.
+a config file's ConfigDict (converted with `.to_dict()`) enters the library: sections task,
+model (the architecture, `models.ModelOptions`), kernel (the exact kernel of the tensor
+layers, `KernelOptions`), optim and train. The loop writes `DIR/config.json` (the whole
+config), `DIR/metrics.jsonl` (one JSON object per line, each with "step"), TensorBoard events
+under `DIR/tensorboard` and orbax checkpoints under `DIR/checkpoints`, and resumes from the
+newest checkpoint of the same task and model architecture (`models.identity`); another kernel,
+device count or sequence sharding resumes, logging what changed. Training batch `s` is a pure
+function of `(seed, s)`, so a resumed run sees the same data and the same seed gives the same
+metrics.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ import optax
 from flax.training import train_state
 
 from tensorattn import checkpoints as checkpoints_lib
-from tensorattn import models, sharding, tasks
+from tensorattn import layers, models, sharding, tasks
 from tensorattn import workdir as workdir_files
 from tensorattn.checkpoints import Checkpoints
+from tensorattn.kernels.configs import BlockedConfig, PallasConfig
 
 log = logging.getLogger(__name__)
 
-ATTENTION = ("tensor", "standard", "polynomial")
+# The exact kernels `kernel.implementation` may name (None: the best one for each call).
+EXACT = ("reference", "blocked", "pallas")
 
 
 class ConfigError(ValueError):
@@ -50,6 +56,25 @@ class TaskOptions:
     name: str
     # Keyword arguments of the task constructor.
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Run options: the exact kernel of the model's tensor layers. Not part of the model's
+    identity (a checkpoint resumes under another kernel or tiles).
+
+    implementation: None (the best exact kernel for each call), "reference", "blocked" or
+      "pallas". blocked, pallas: that implementation's tiles (`BlockedConfig`,
+      `PallasConfig`), used when it is the chosen implementation.
+    """
+
+    implementation: str | None = None
+    blocked: BlockedConfig = BlockedConfig()
+    pallas: PallasConfig = PallasConfig()
+
+    def kernel(self) -> layers.Kernel:
+        config = {"blocked": self.blocked, "pallas": self.pallas}.get(self.implementation)
+        return layers.Kernel(self.implementation, config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +114,7 @@ class Options:
     model: models.ModelOptions
     optim: OptimOptions
     train: TrainOptions
+    kernel: KernelOptions = KernelOptions()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,14 +128,14 @@ def _build(cls, section: str, values: Mapping[str, Any], **extra):
     return cls(**dict(values), **extra)
 
 
-def _attention_kinds(attention: str, num_layers: int, tensor_every: int) -> tuple[str, ...]:
-    if attention == "standard":
-        return ("standard",) * num_layers
-    # Layer i is a tensor layer iff (i + 1) % tensor_every == 0: tensor_every=1 means all.
-    return tuple("tensor" if (i + 1) % tensor_every == 0 else "standard" for i in range(num_layers))
-
-
-SECTIONS = ("task", "model", "optim", "train")
+SECTIONS = ("task", "model", "kernel", "optim", "train")
+# Former model fields and where they went.
+MOVED = {
+    "implementation": "kernel.implementation (the exact kernel) or model.attention='polynomial'",
+    "attention_options": "kernel.blocked / kernel.pallas (tiles) or model.polynomial",
+    "attention_kinds": "model.attention and model.tensor_every",
+    "sequence_axis": "train.sequence_shards",
+}
 # Largest accepted peak learning rate: AdamW steps are about learning_rate per parameter, so
 # anything above this diverges at once (and 1e39 overflows float32).
 MAX_LEARNING_RATE = 10.0
@@ -127,19 +153,19 @@ def _section(config: Mapping[str, Any], name: str) -> dict:
 
 
 def options_from_dict(config: Mapping[str, Any]) -> Options:
-    """Typed `Options` from a nested dict with sections task, model, optim, train.
+    """Typed `Options` from a nested dict with sections task, model, kernel, optim, train.
 
-    `model.attention` ("tensor", "standard", "polynomial") and `model.tensor_every` (a positive
-    int) become per-layer attention kinds; vocabulary, classes, head and length come from the
-    task; `model.attention_options.block_sizes` may be a mapping of the implementation's
-    `BlockSizes` fields. Raises ConfigError naming the field for unknown sections and fields,
-    a bad task and values the conversion needs; `validate` checks the rest.
+    The model section holds `models.ModelOptions` fields (vocabulary, classes, head and length
+    come from the task); `model.polynomial` a mapping of `PolynomialConfig` fields. The kernel
+    section: `implementation`, and `blocked`/`pallas` mappings of `BlockedConfig`/
+    `PallasConfig` fields. Raises ConfigError naming the field for unknown sections and fields,
+    a bad task and values a typed config refuses; `validate` checks the rest.
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"config: must be a mapping with sections {SECTIONS}, got {config!r}")
     for key in config:
         if key not in SECTIONS:
-            raise ConfigError(f"{key}: unknown section; expected task, model, optim, train")
+            raise ConfigError(f"{key}: unknown section; expected {', '.join(SECTIONS)}")
     task_cfg = _section(config, "task")
     if "name" not in task_cfg:
         raise ConfigError("task.name: required")
@@ -154,58 +180,13 @@ def options_from_dict(config: Mapping[str, Any]) -> Options:
     task = _make_task(task_options)
 
     model_cfg = _section(config, "model")
-    attention = model_cfg.pop("attention", "tensor")
-    tensor_every = model_cfg.pop("tensor_every", 1)
-    if not isinstance(attention, str) or attention not in ATTENTION:
-        raise ConfigError(f"model.attention: unknown attention {attention!r}; choose {ATTENTION}")
-    if not models.is_int(tensor_every) or tensor_every < 1:
-        raise ConfigError(f"model.tensor_every: must be a positive int, got {tensor_every!r}")
-    if attention == "polynomial":
-        if model_cfg.get("implementation") not in (None, "polynomial"):
-            raise ConfigError(
-                "model.implementation: attention=polynomial needs implementation=polynomial"
-            )
-        model_cfg["implementation"] = "polynomial"
     for key in ("vocab_size", "num_classes", "head", "max_len"):
         if key in model_cfg:
             raise ConfigError(f"model.{key}: set by the task, not configurable")
-    if "attention_kinds" in model_cfg:
-        raise ConfigError(
-            "model.attention_kinds: set from model.attention and model.tensor_every, not "
-            "configurable"
-        )
-    if "sequence_axis" in model_cfg:
-        raise ConfigError("model.sequence_axis: set from train.sequence_shards, not configurable")
-    num_layers = model_cfg.get("num_layers", 1)
-    if not models.is_int(num_layers) or num_layers < 1:
-        raise ConfigError(f"model.num_layers: must be a positive int, got {num_layers!r}")
-    model_cfg["attention_kinds"] = _attention_kinds(attention, num_layers, tensor_every)
-    attention_options = model_cfg.get("attention_options") or {}
-    if not isinstance(attention_options, Mapping):
-        raise ConfigError(
-            f"model.attention_options: must be a mapping of kernel options, got "
-            f"{attention_options!r}"
-        )
-    attention_options = dict(attention_options)
-    if isinstance(attention_options.get("block_sizes"), Mapping):
-        try:
-            cls = models.block_sizes_class(model_cfg.get("implementation"))
-            attention_options["block_sizes"] = cls(**attention_options["block_sizes"])
-        except (ImportError, TypeError, ValueError) as e:
-            raise ConfigError(f"model.attention_options.block_sizes: {e}") from e
-    model_cfg["attention_options"] = attention_options
-    window = model_cfg.get("window")
-    if window is not None:
-        if not isinstance(window, (list, tuple)) or len(window) != 2:
-            raise ConfigError(
-                f"model.window: must be None or a pair (w1, w2) of positive ints or None, got "
-                f"{window!r}"
-            )
-        model_cfg["window"] = tuple(window)
-    train_cfg = _section(config, "train")
-    shards = train_cfg.get("sequence_shards", 1)
-    if models.is_int(shards) and shards > 1:
-        model_cfg["sequence_axis"] = sharding.SEQ_AXIS
+    for key, where in MOVED.items():
+        if key in model_cfg:
+            raise ConfigError(f"model.{key}: unknown field; it is now {where}")
+    kernel_cfg = _section(config, "kernel")
     try:
         model = _build(
             models.ModelOptions,
@@ -216,11 +197,25 @@ def options_from_dict(config: Mapping[str, Any]) -> Options:
             head=task.label_kind,
             max_len=task.length,
         )
+        kernel = _build(
+            KernelOptions,
+            "kernel",
+            {
+                **kernel_cfg,
+                **{
+                    name: models.typed_config(cls, kernel_cfg[name], f"kernel.{name}")
+                    for name, cls in (("blocked", BlockedConfig), ("pallas", PallasConfig))
+                    if name in kernel_cfg
+                },
+            },
+        )
         optim = _build(OptimOptions, "optim", _section(config, "optim"))
-        train = _build(TrainOptions, "train", train_cfg)
+        train = _build(TrainOptions, "train", _section(config, "train"))
     except TypeError as e:
         raise ConfigError(f"config: {e}") from e
-    return Options(task=task_options, model=model, optim=optim, train=train)
+    except ValueError as e:  # a typed config's own check, already naming the field
+        raise ConfigError(str(e)) from e
+    return Options(task=task_options, model=model, kernel=kernel, optim=optim, train=train)
 
 
 def _make_task(task_options: TaskOptions):
@@ -255,12 +250,19 @@ def validate(options: Options, num_devices: int | None = None) -> None:
       checkpoint_every, keep_checkpoints, eval_size, eval_batch_size, sequence_shards:
       positive ints; eval_size a multiple of eval_batch_size. train.num_devices: None (all)
       or an int in [1, available devices]; sequence_shards must divide the devices and the
-      task length; batch_size and eval_batch_size must divide over the data-parallel devices.
+      task length, and the model's tensor layers must be non-causal when it is above 1;
+      batch_size and eval_batch_size must divide over the data-parallel devices.
+    - kernel.implementation: None (the best exact kernel for each call), "reference",
+      "blocked" or "pallas", and it must run the model's tensor layers here (e.g. "pallas"
+      needs a GPU, or kernel.pallas.interpret=True). kernel.blocked, kernel.pallas: the
+      `BlockedConfig` / `PallasConfig` fields (checked by the classes), left at their defaults
+      unless that implementation is chosen.
     """
     try:
         models.validate(options.model)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    _check_kernel_options(options.kernel)
     task = _make_task(options.task)
     o, t = options.optim, options.train
     _check_number("optim.learning_rate", o.learning_rate, 0.0, MAX_LEARNING_RATE, (False, True))
@@ -295,6 +297,13 @@ def validate(options: Options, num_devices: int | None = None) -> None:
         value = getattr(t, name)
         if not models.is_int(value) or value < 1:
             raise ConfigError(f"train.{name}: must be a positive int, got {value!r}")
+    m = options.model
+    tensor_layers = any(kind != "standard" for kind in m.attention_kinds)
+    if t.sequence_shards > 1 and tensor_layers and (m.causal or m.window is not None):
+        raise ConfigError(
+            f"train.sequence_shards: {t.sequence_shards} shards the queries of tensor layers, "
+            "which supports only non-causal attention (model.causal, model.window)"
+        )
     if t.eval_size % t.eval_batch_size:
         raise ConfigError(
             f"train.eval_size: {t.eval_size} is not a multiple of eval_batch_size "
@@ -324,6 +333,63 @@ def validate(options: Options, num_devices: int | None = None) -> None:
             f"train.sequence_shards: sequence length {task.length} is not divisible by "
             f"{t.sequence_shards}"
         )
+    if options.kernel.implementation is not None and "tensor" in m.attention_kinds:
+        _check_kernel_runs(options, task.length // t.sequence_shards)
+
+
+def _check_kernel_options(k: KernelOptions) -> None:
+    if k.implementation is not None and k.implementation not in EXACT:
+        hint = (
+            "; polynomial attention is an architecture: set model.attention='polynomial'"
+            if k.implementation == "polynomial"
+            else ""
+        )
+        raise ConfigError(
+            f"kernel.implementation: unknown exact kernel {k.implementation!r}; choose None "
+            f"(the best one for each call) or one of {EXACT}{hint}"
+        )
+    for name, cls in (("blocked", BlockedConfig), ("pallas", PallasConfig)):
+        config = getattr(k, name)
+        if not isinstance(config, cls):
+            raise ConfigError(f"kernel.{name}: must be a {cls.__name__}, got {config!r}")
+        if name != k.implementation and config != cls():
+            field = next(
+                f.name for f in dataclasses.fields(cls) if getattr(config, f.name) != f.default
+            )
+            raise ConfigError(
+                f"kernel.{name}.{field}: set, but kernel.implementation is "
+                f"{k.implementation!r}; these tiles apply to implementation={name!r} only"
+            )
+
+
+def _check_kernel_runs(options: Options, query_length: int) -> None:
+    """Traces (does not compile) one call of the chosen kernel at the model's shapes: an
+    implementation that cannot run them (e.g. "pallas" without a GPU) refuses here, from the
+    code that would run it, as a ConfigError naming kernel.implementation."""
+    m = options.model
+    head_dim = m.head_dim or m.width // m.num_heads
+    kv = m.num_kv_heads or m.num_heads
+    dtype = jnp.dtype(m.dtype or jnp.float32)
+    q = jax.ShapeDtypeStruct((1, query_length, m.num_heads, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((1, m.max_len, kv, head_dim), dtype)
+    scale = m.scale if m.scale is not None else head_dim**-0.5
+    if m.learn_scale:
+        scale = jax.ShapeDtypeStruct((m.num_heads,), jnp.float32)
+    kernel = options.kernel.kernel()
+
+    def call(q, k, scale):
+        return kernel(q, k, k, k, k, causal=m.causal, window=m.window, scale=scale)
+
+    try:
+        if m.learn_scale:
+            jax.eval_shape(call, q, k, scale)
+        else:
+            jax.eval_shape(lambda q, k: call(q, k, scale), q, k)
+    except ValueError as e:
+        raise ConfigError(
+            f"kernel.implementation: {options.kernel.implementation!r} does not run this "
+            f"model's tensor layers on the {jax.default_backend()!r} backend: {e}"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,9 +435,17 @@ def masked_metrics(logits, labels, mask) -> dict[str, jax.Array]:
     return {"loss": (ce * w).sum() / count, "accuracy": (correct * w).sum() / count}
 
 
+def make_model(options: Options) -> models.Classifier:
+    """The model of `options`: its architecture, its tensor layers on the chosen exact kernel,
+    their queries sharded over the mesh's `seq` axis when train.sequence_shards > 1."""
+    shard = sharding.shard_queries if options.train.sequence_shards > 1 else None
+    return models.Classifier(options.model, kernel=options.kernel.kernel(), wrap_attend=shard)
+
+
 def create_state(options: Options, seed: int, init_batch: int = 1) -> train_state.TrainState:
-    """Fresh parameters and optimizer state; `init_batch` must divide over the `data` axis."""
-    model = models.Classifier(options.model)
+    """Fresh parameters and optimizer state; `init_batch` must divide over the `data` axis
+    (and, with sequence sharding, run under the mesh of `sharding.make_mesh`)."""
+    model = make_model(options)
     task = tasks.make(options.task.name, **options.task.kwargs)
     dummy = jnp.zeros((init_batch, task.length), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(seed), dummy)["params"]
@@ -659,12 +733,27 @@ def _changed_fields(old, new, prefix="") -> list[str]:
     return out
 
 
+def _lookup(config, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(config, dict):
+            return None
+        config = config.get(part)
+    return config
+
+
+def _identity(config: Mapping[str, Any]) -> dict:
+    """What a workdir's checkpoints belong to: the task and the model architecture."""
+    return {"task": config.get("task"), "model": models.identity(config.get("model"))}
+
+
 def _write_config(options: Options, workdir: str, has_checkpoints: bool) -> None:
-    """Saves config.json (atomically). A workdir that already holds checkpoints of another
-    task or model is refused (resuming it would restore, or report complete, the wrong run);
-    without checkpoints (e.g. a run that failed at start) the new config simply replaces it."""
+    """Saves config.json (the whole config, atomically). A workdir that already holds
+    checkpoints of another task or model architecture is refused (resuming it would restore,
+    or report complete, the wrong run); other changes (the kernel, sequence sharding, device
+    count, optimizer, steps) resume, logging one line with what changed. Without checkpoints
+    (e.g. a run that failed at start) the new config simply replaces the old one."""
     path = os.path.join(workdir, "config.json")
-    new = json.loads(json.dumps(options.to_dict(), default=str))
+    new = models.json_ready(options.to_dict())
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -675,13 +764,17 @@ def _write_config(options: Options, workdir: str, has_checkpoints: bool) -> None
                     f"{path}: not JSON ({e}); cannot tell which run the checkpoints belong to"
                 ) from e
             old = {}
-        changed = _changed_fields(old, new)
-        fixed = [c for c in changed if c.split(".")[0] in ("task", "model")]
+        if not isinstance(old, dict):
+            old = {}
+        fixed = _changed_fields(_identity(old), _identity(new))
         if fixed and has_checkpoints:
             raise ConfigError(
                 f"{fixed[0]}: {workdir} holds a run with a different task/model "
                 f"({', '.join(fixed)}); use a new --workdir"
             )
+        changed = _changed_fields(old, new)
         if changed:
-            log.warning("config differs from %s (%s); overwriting", path, ", ".join(changed))
+            what = ", ".join(f"{c} {_lookup(old, c)!r} -> {_lookup(new, c)!r}" for c in changed)
+            verb = "resuming with" if has_checkpoints else "overwriting it with"
+            log.warning("config differs from %s; %s %s", path, verb, what)
     workdir_files.write_atomic(path, json.dumps(new, indent=2, sort_keys=True, default=str))

@@ -2,7 +2,6 @@
 (`training.options_from_dict` + `training.validate`, `models.validate`, the command line)."""
 
 import dataclasses
-import inspect
 import json
 import os
 import subprocess
@@ -11,9 +10,9 @@ import sys
 import jax
 import pytest
 
-from configs import match3
+from configs import common, match3
 from tensorattn import models, training
-from tensorattn.kernels import blocked, polynomial
+from tensorattn.kernels.configs import BlockedConfig, PallasConfig, PolynomialConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,8 +41,8 @@ BAD = [
     ("smoke", dict(model__head_dim=0), "model.head_dim"),
     ("smoke", dict(model__head_dim=-4), "model.head_dim"),
     ("smoke", dict(model__fourier_frequencies=0), "model.fourier_frequencies"),
-    ("smoke", dict(model__implementation="flash"), "model.implementation"),
-    (POLY, dict(model__attention_options__degree=-1), "model.attention_options.degree"),
+    ("smoke", dict(kernel__implementation="flash"), "kernel.implementation"),
+    (POLY, dict(model__polynomial__degree=-1), "model.polynomial.degree"),
     ("smoke", dict(model__causal=True, model__window=(-1, 2)), "model.window"),
     ("smoke", dict(train__seed=-1), "train.seed"),
     ("smoke", dict(optim__b1=2.0), "optim.b1"),
@@ -56,7 +55,10 @@ BAD = [
     ("smoke", dict(model__causal="yes"), "model.causal"),
     ("smoke", dict(model__learn_scale=1), "model.learn_scale"),
     ("smoke", dict(model__dropout_rate="0.1"), "model.dropout_rate"),
-    ("smoke", dict(model__attention_options="degree=4"), "model.attention_options"),
+    ("smoke", dict(model__polynomial="degree=4"), "model.polynomial"),
+    ("smoke", dict(kernel__blocked="block_q=4"), "kernel.blocked"),
+    ("smoke", dict(kernel__pallas__interpret="yes"), "kernel.pallas.interpret"),
+    ("smoke", dict(kernel__blocked__block_q=8.0), "kernel.blocked.block_q"),
     ("smoke", dict(train__batch_size="16"), "train.batch_size"),
     ("smoke", dict(train__num_steps=20.0), "train.num_steps"),
     ("smoke", dict(train__seed="0"), "train.seed"),
@@ -84,70 +86,65 @@ BAD = [
     ("smoke", dict(model__positional="sinusoid"), "model.positional"),
     ("smoke", dict(model__dtype="float8_e4m3fn"), "model.dtype"),
     ("smoke", dict(model__dtype="int32"), "model.dtype"),
+    ("smoke", dict(model__tensor_every=0), "model.tensor_every"),
+    # Former model fields: named, with where they went.
     ("smoke", dict(model__attention_kinds=("tensor",)), "model.attention_kinds"),
     ("smoke", dict(model__sequence_axis="seq"), "model.sequence_axis"),
-    # Ranges: kernel options.
-    ("smoke", dict(model__attention_options={"degree": 4}), "model.attention_options.degree"),
-    (
+    ("smoke", dict(model__implementation="blocked"), "model.implementation"),
+    ("smoke", dict(model__attention_options={}), "model.attention_options"),
+    # Kernel run options (config.kernel).
+    ("smoke", dict(kernel__implementation="polynomial"), "kernel.implementation"),
+    ("smoke", dict(kernel__implementation=3), "kernel.implementation"),
+    ("smoke", dict(kernel__colour=1), "kernel.colour"),
+    ("smoke", dict(kernel__blocked={"q": 8}), "kernel.blocked.q"),
+    ("smoke", dict(kernel__blocked__block_q=0), "kernel.blocked.block_q"),
+    ("smoke", dict(kernel__blocked__block_inner=-1), "kernel.blocked.block_inner"),
+    ("smoke", dict(kernel__pallas__fwd_block_rows=0), "kernel.pallas.fwd_block_rows"),
+    ("smoke", dict(kernel__pallas__num_warps="4"), "kernel.pallas.num_warps"),
+    ("smoke", dict(kernel__pallas={"block_k1": 16}), "kernel.pallas.block_k1"),
+    (  # tiles of an implementation that is not chosen
         "smoke",
-        dict(model__implementation="reference", model__attention_options={"block_sizes": {}}),
-        "model.attention_options.block_sizes",
+        dict(kernel__implementation="reference", kernel__blocked__block_q=8),
+        "kernel.blocked.block_q",
     ),
-    (
-        "smoke",
-        dict(model__implementation="blocked", model__attention_options={"block_sizes": {"q": 8}}),
-        "model.attention_options.block_sizes",
-    ),
-    (
-        "smoke",
-        dict(model__attention_options={"block_sizes": {"block_q": 0}}),
-        "model.attention_options.block_sizes",
-    ),
-    (
-        "smoke",
-        dict(model__implementation="blocked", model__attention_options={"block_sizes": 64}),
-        "model.attention_options.block_sizes",
-    ),
-    (POLY, dict(model__attention_options__degree=41), "model.attention_options.degree"),
-    (POLY, dict(model__attention_options__degree=4.0), "model.attention_options.degree"),
-    (POLY, dict(model__attention_options__degree="4"), "model.attention_options.degree"),
+    ("smoke", dict(kernel__pallas__bwd_block_k1=16), "kernel.pallas.bwd_block_k1"),
+    # Polynomial layers (model.polynomial).
+    ("smoke", dict(model__polynomial__degree=4), "model.polynomial.degree"),  # not polynomial
+    (POLY, dict(model__polynomial__degree=41), "model.polynomial.degree"),
+    (POLY, dict(model__polynomial__degree=4.0), "model.polynomial.degree"),
+    (POLY, dict(model__polynomial__degree="4"), "model.polynomial.degree"),
     (
         POLY,
-        dict(model__head_dim=128, model__attention_options__degree=4),
-        "model.attention_options.degree",  # feature rank C(132, 4) > 2^20
+        dict(model__head_dim=128, model__polynomial__degree=4),
+        "model.polynomial.degree",  # feature rank C(132, 4) > 2^20
     ),
+    (POLY, dict(model__head_dim=128), "model.polynomial.degree"),  # the default degree 4
+    (POLY, dict(model__polynomial__polynomial="legendre"), "model.polynomial.polynomial"),
+    (POLY, dict(model__polynomial__polynomial="chebyshev"), "model.polynomial.polynomial"),
+    (POLY, dict(model__polynomial__gradient="exact"), "model.polynomial.gradient"),
+    (POLY, dict(model__polynomial__on_uncertified="raise"), "model.polynomial.on_uncertified"),
+    (POLY, dict(model__polynomial__bound=-1.0), "model.polynomial.bound"),
+    (POLY, dict(model__polynomial__score_range=0), "model.polynomial.score_range"),
+    (POLY, dict(model__polynomial__tolerance=1.0), "model.polynomial.tolerance"),
+    (POLY, dict(model__polynomial__chunk_size=0), "model.polynomial.chunk_size"),
+    (POLY, dict(model__polynomial={"block_q": 8}), "model.polynomial.block_q"),
     (
         POLY,
-        dict(model__attention_options__polynomial="legendre"),
-        "model.attention_options.polynomial",
+        dict(model__polynomial={"tolerance": 1e-3}),  # no degree, no bound to pick one
+        "model.polynomial.tolerance",
     ),
     (
         POLY,
-        dict(model__attention_options__polynomial="chebyshev"),
-        "model.attention_options.polynomial",
-    ),
-    (POLY, dict(model__attention_options__gradient="exact"), "model.attention_options.gradient"),
-    (
-        POLY,
-        dict(model__attention_options__on_uncertified="raise"),
-        "model.attention_options.on_uncertified",
-    ),
-    (POLY, dict(model__attention_options__bound=-1.0), "model.attention_options.bound"),
-    (POLY, dict(model__attention_options__score_range=0), "model.attention_options.score_range"),
-    (POLY, dict(model__attention_options__tolerance=1.0), "model.attention_options.tolerance"),
-    (POLY, dict(model__attention_options__chunk_size=0), "model.attention_options.chunk_size"),
-    (POLY, dict(model__attention_options__block_q=8), "model.attention_options.block_q"),
-    (
-        POLY,
-        dict(model__attention_options={"tolerance": 1e-3}),  # no degree, no bound to pick one
-        "model.attention_options.tolerance",
+        dict(model__polynomial={"tolerance": 1e-9, "score_range": 200.0}),
+        "model.polynomial.tolerance",  # no degree <= 40 reaches it
     ),
     (
         POLY,
-        dict(model__attention_options={"tolerance": 1e-9, "score_range": 200.0}),
-        "model.attention_options.tolerance",  # no degree <= 40 reaches it
+        dict(model__head_dim=64, model__polynomial={"tolerance": 1e-6, "score_range": 8.0}),
+        "model.polynomial.tolerance",  # the degree it picks has too large a feature rank
     ),
-    (POLY, dict(model__implementation="blocked"), "model.implementation"),
+    # Sequence sharding needs global query positions for causal masks.
+    ("smoke", dict(model__causal=True, train__sequence_shards=2), "train.sequence_shards"),
     # Ranges: optim and train.
     ("smoke", dict(optim__learning_rate=0.0), "optim.learning_rate"),
     ("smoke", dict(optim__learning_rate=11.0), "optim.learning_rate"),
@@ -192,10 +189,10 @@ def test_bad_section_names_it():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="pallas may run on an accelerator")
 def test_pallas_where_it_cannot_run_is_a_config_error():
-    with pytest.raises(training.ConfigError, match=r"^model\.implementation: 'pallas'"):
-        check(config(model__implementation="pallas"))
+    with pytest.raises(training.ConfigError, match=r"^kernel\.implementation: 'pallas'"):
+        check(config(kernel__implementation="pallas"))
     # Interpret mode runs anywhere.
-    check(config(model__implementation="pallas", model__attention_options={"interpret": True}))
+    check(config(kernel__implementation="pallas", kernel__pallas__interpret=True))
 
 
 @pytest.mark.parametrize(
@@ -205,8 +202,13 @@ def test_pallas_where_it_cannot_run_is_a_config_error():
         ("", {}),
         ("attention=standard,smoke", dict(model__causal=True, model__window=(4, 4))),
         (POLY, {}),
-        (POLY, dict(model__attention_options={"tolerance": 1e-2, "score_range": 1.0})),
-        (POLY, dict(model__attention_options={"polynomial": "chebyshev", "score_range": 4.0})),
+        (POLY, dict(model__polynomial={"tolerance": 1e-2, "score_range": 1.0})),
+        (POLY, dict(model__polynomial={"polynomial": "chebyshev", "score_range": 4.0})),
+        (POLY, dict(model__polynomial__on_uncertified="ignore", model__learn_scale=True)),
+        ("attention=polynomial", {}),  # the full-size polynomial variant of match3
+        ("smoke", dict(kernel__implementation="reference")),
+        ("smoke", dict(kernel__implementation="blocked", kernel__blocked__block_q=8)),
+        ("smoke", dict(model__learn_scale=True, kernel__implementation="blocked")),
         ("smoke", dict(model__causal=True, model__window=(None, 3))),
         ("smoke", dict(model__fourier_frequencies=26, model__dtype="bfloat16")),
         (
@@ -220,17 +222,31 @@ def test_good_values_pass(arg, overrides):
     check(config(arg, **overrides))
 
 
-def test_block_sizes_from_a_config_become_the_kernels_dataclass():
-    c = config(
-        model__implementation="blocked",
-        model__attention_options={"block_sizes": {"block_q": 8, "block_k2": 16}},
-    )
+def test_kernel_section_becomes_the_typed_configs():
+    c = config(kernel__implementation="blocked")
+    c["kernel"]["blocked"].update(block_q=8, block_inner=16)
+    c["kernel"]["pallas"]["fwd_block_rows"] = None
     options = training.options_from_dict(c)
     training.validate(options)
-    sizes = options.model.attention_options["block_sizes"]
-    assert sizes == blocked.BlockSizes(block_q=8, block_k2=16)
-    hash(options.model)  # a jit static argument
-    assert json.loads(json.dumps(options.to_dict(), default=str))["model"]["attention_options"]
+    assert options.kernel.blocked == BlockedConfig(block_q=8, block_inner=16)
+    assert options.kernel.pallas == PallasConfig()
+    assert options.kernel.kernel().config == BlockedConfig(block_q=8, block_inner=16)
+    hash(options.kernel.kernel())  # a jit static argument (through the model)
+    saved = json.loads(json.dumps(options.to_dict(), default=str))
+    assert saved["kernel"]["blocked"]["block_q"] == 8
+
+
+def test_config_sections_carry_every_field_of_the_typed_configs():
+    """`--config.kernel.pallas.X`, `--config.kernel.blocked.X`, `--config.model.polynomial.X`
+    exist for every field X of the config classes, at its default."""
+    c = match3.get_config("smoke")
+    for section, cls in (
+        (c.kernel.blocked, BlockedConfig),
+        (c.kernel.pallas, PallasConfig),
+        (c.model.polynomial, PolynomialConfig),
+    ):
+        assert section.to_dict() == cls().to_dict()
+    assert isinstance(common.kernel_config(), type(c.kernel))
 
 
 def test_models_validate_checks_options_built_directly():
@@ -238,30 +254,13 @@ def test_models_validate_checks_options_built_directly():
     models.validate(base)
     for change, field in [
         (dict(head_dim=0), "model.head_dim"),
-        (dict(implementation="flash"), "model.implementation"),
-        (dict(attention_options={"block_sizes": {"block_q": 8}}), "block_sizes"),
+        (dict(attention="flash"), "model.attention"),
+        (dict(polynomial=PolynomialConfig(degree=3)), "model.polynomial.degree"),
+        (dict(attention="polynomial", polynomial=PolynomialConfig(degree=40)), "degree"),
         (dict(fourier_frequencies=6), "model.fourier_frequencies"),  # > 11 // 2
-        (dict(sequence_axis=3), "model.sequence_axis"),
     ]:
         with pytest.raises(ValueError, match=field):
             models.validate(dataclasses.replace(base, **change))
-
-
-def test_option_lists_match_the_kernels_signatures():
-    """ATTENTION_OPTIONS names exactly the keyword options each kernel's `attention` takes."""
-    from tensorattn.kernels import reference
-
-    kernels = {"reference": reference, "blocked": blocked, "polynomial": polynomial}
-    try:
-        from tensorattn.kernels import pallas
-
-        kernels["pallas"] = pallas
-    except ImportError:
-        pass
-    for name, module in kernels.items():
-        params = inspect.signature(module.attention).parameters.values()
-        keywords = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        assert set(models.ATTENTION_OPTIONS[name]) == keywords, name
 
 
 @pytest.mark.parametrize(
@@ -269,6 +268,8 @@ def test_option_lists_match_the_kernels_signatures():
     [
         (["--config.model.head_dim=0"], "model.head_dim"),
         (["--config.model.causal=True", "--config.model.window=(-1,2)"], "model.window"),
+        (["--config.kernel.pallas.fwd_block_rows=0"], "kernel.pallas.fwd_block_rows"),
+        (["--config.model.polynomial.degree=-1"], "model.polynomial.degree"),
     ],
 )
 def test_command_line_exits_before_compiling(tmp_path, args, field):

@@ -10,7 +10,8 @@ import oracle
 import pytest
 
 from tensorattn import PolynomialAccuracyWarning
-from tensorattn.layers import StandardAttention, TensorAttention, bound_entries
+from tensorattn.kernels.configs import BlockedConfig, PolynomialConfig
+from tensorattn.layers import Kernel, StandardAttention, TensorAttention, bound_entries
 
 
 def proj(x, p):
@@ -163,9 +164,7 @@ def test_polynomial_layer_without_entry_bound_warns_at_construction():
         TensorAttention(num_heads=2, implementation="polynomial", entry_bound=1.0)
         TensorAttention(num_heads=2, implementation="blocked")
         ignore = TensorAttention(
-            num_heads=2,
-            implementation="polynomial",
-            attention_options={"on_uncertified": "ignore"},
+            num_heads=2, kernel_config=PolynomialConfig(on_uncertified="ignore")
         )
         x = 10.0 * x / 1e-3  # unbounded scores, but checked by nobody
         ignore.apply(ignore.init(jax.random.key(14), x), x)
@@ -178,12 +177,68 @@ def test_polynomial_layer_without_entry_bound_warns_at_construction():
 def test_polynomial_implementation_passes_options_through():
     x = 0.3 * jax.random.normal(jax.random.key(11), (1, 6, 8))
     exact = TensorAttention(num_heads=2, implementation="reference", entry_bound=1.0)
-    approx = TensorAttention(
-        num_heads=2, implementation="polynomial", attention_options={"degree": 6}, entry_bound=1.0
-    )
+    approx = TensorAttention(num_heads=2, kernel_config=PolynomialConfig(degree=6), entry_bound=1.0)
     params = jax.jit(exact.init)(jax.random.key(12), x)
     np.testing.assert_allclose(
         jax.jit(approx.apply, static_argnames="deterministic")(params, x),
         jax.jit(exact.apply, static_argnames="deterministic")(params, x),
         atol=1e-2,
     )
+
+
+def test_blocked_tiles_from_a_kernel_config():
+    x = jax.random.normal(jax.random.key(15), (1, 7, 8))
+    layer = TensorAttention(
+        num_heads=2, implementation="blocked", kernel_config=BlockedConfig(4, 2, 3)
+    )
+    params = jax.jit(layer.init)(jax.random.key(16), x)["params"]
+    got = jax.jit(layer.apply)({"params": params}, x)
+    np.testing.assert_allclose(got, tensor_expected(params, x, x, x, 4**-0.5), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(implementation="blocked", kernel_config=PolynomialConfig()), "BlockedConfig"),
+        (dict(implementation="flash"), "unknown implementation"),
+        (dict(kernel_config={"degree": 4}), "Kernel.config must be a KernelConfig"),
+        (dict(attend=3), "attend must be callable"),
+    ],
+)
+def test_kernel_choice_errors_at_construction(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        TensorAttention(num_heads=2, **kw)
+
+
+def test_attend_function_replaces_the_kernel_and_gets_the_learned_scale():
+    """`attend` runs instead of the kernel, with the layer's masks and flags, and the learned
+    per-head scale arrives as the kernel's `scale` (shape [N]), not folded into q."""
+    seen = {}
+
+    def attend(q, k1, k2, v1, v2, *, causal, window, k1_mask, k2_mask, scale):
+        seen.update(q=q, causal=causal, window=window, mask=k1_mask, scale=scale)
+        return Kernel("reference")(
+            q, k1, k2, v1, v2, causal=causal, window=window, k1_mask=k1_mask, k2_mask=k2_mask,
+            scale=scale,
+        )  # fmt: skip
+
+    x = jax.random.normal(jax.random.key(17), (1, 6, 8))
+    mask = np.ones((1, 6), bool)
+    mask[0, 5] = False
+    kw = dict(num_heads=2, causal=True, window=(4, 4), learn_scale=True, scale=0.5)
+    plain = TensorAttention(implementation="reference", **kw)
+    layer = TensorAttention(attend=attend, **kw)
+    params = plain.init(jax.random.key(18), x)
+    want = plain.apply(params, x, k1_mask=mask, k2_mask=mask)
+    got = layer.apply(params, x, k1_mask=mask, k2_mask=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert seen["causal"] and seen["window"] == (4, 4) and seen["mask"] is not None
+    np.testing.assert_allclose(seen["scale"], [0.5, 0.5], rtol=1e-6)
+    q = proj(x, params["params"]["query"])
+    np.testing.assert_allclose(seen["q"], q, rtol=1e-5, atol=1e-6)  # unscaled queries
+
+
+def test_kernel_is_a_value():
+    assert Kernel("blocked", BlockedConfig(8, 8, 8)) == Kernel("blocked", BlockedConfig(8, 8, 8))
+    assert hash(Kernel()) == hash(Kernel())
+    assert Kernel(config=PolynomialConfig()).name == "polynomial"

@@ -8,16 +8,21 @@ import numpy as np
 import pytest
 
 from tensorattn import models
+from tensorattn.kernels.configs import BlockedConfig, PolynomialConfig
+from tensorattn.layers import Kernel
+
+REFERENCE = Kernel("reference")
 
 
 def opts(**kw):
-    base = dict(vocab_size=11, width=16, num_heads=2, mlp_dim=32, implementation="reference")
+    base = dict(vocab_size=11, width=16, num_heads=2, mlp_dim=32)
     return models.ModelOptions(**{**base, **kw})
 
 
 def test_token_head_and_param_count():
-    o = opts(num_layers=2, attention_kinds=("standard", "tensor"), embedding="fourier")
-    model = models.Classifier(o)
+    o = opts(num_layers=2, tensor_every=2, embedding="fourier")
+    assert o.attention_kinds == ("standard", "tensor")
+    model = models.Classifier(o, kernel=REFERENCE)
     x = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 6)), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     logits = jax.jit(model.apply, static_argnames="deterministic")({"params": params}, x)
@@ -30,7 +35,7 @@ def test_token_head_and_param_count():
 @pytest.mark.parametrize("pool", ["mean", "last"])
 def test_sequence_head(pool):
     o = opts(head="sequence", pool=pool, positional="learned", max_len=8, num_classes=3)
-    model = models.Classifier(o)
+    model = models.Classifier(o, kernel=REFERENCE)
     x = jnp.zeros((2, 5), jnp.int32)
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     params = jax.jit(model.init)(jax.random.key(1), x)
@@ -45,23 +50,76 @@ def test_fourier_features_are_periodic_in_the_modulus():
 
 
 def test_options_hashable_by_value():
-    a = opts(attention_options={"degree": 4})
-    b = opts(attention_options={"degree": 4})
+    a = opts(attention="polynomial", polynomial={"degree": 4})
+    b = opts(attention="polynomial", polynomial=PolynomialConfig(degree=4))
     assert hash(a) == hash(b) and a == b
+    assert opts(attention="polynomial").polynomial == PolynomialConfig()
+    assert opts(polynomial={}).polynomial is None  # defaults of an unused section
+
+
+def test_attention_kinds_from_attention_and_tensor_every():
+    assert opts(num_layers=4, tensor_every=2).attention_kinds == (
+        "standard",
+        "tensor",
+        "standard",
+        "tensor",
+    )
+    assert opts(num_layers=2, attention="standard").attention_kinds == ("standard",) * 2
+    assert opts(num_layers=2, attention="polynomial").attention_kinds == ("polynomial",) * 2
+
+
+def test_kernel_is_not_identity_and_gives_the_same_function():
+    """Other exact kernels (and tiles) run the same parameters to the same logits."""
+    o = opts(num_layers=2)
+    x = jnp.asarray(np.random.default_rng(1).integers(0, 11, (2, 7)), jnp.int32)
+    params = models.Classifier(o, kernel=REFERENCE).init(jax.random.key(2), x)
+    want = models.Classifier(o, kernel=REFERENCE).apply(params, x)
+    for kernel in (Kernel(), Kernel("blocked", BlockedConfig(4, 2, 8))):
+        got = models.Classifier(o, kernel=kernel).apply(params, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_polynomial_model_runs_its_config():
+    o = opts(attention="polynomial", polynomial={"degree": 6}, entry_bound=1.0)
+    x = jnp.asarray(np.random.default_rng(3).integers(0, 11, (1, 6)), jnp.int32)
+    params = models.Classifier(o).init(jax.random.key(4), x)
+    exact = models.Classifier(dataclasses.replace(o, attention="tensor", polynomial=None))
+    np.testing.assert_allclose(
+        models.Classifier(o).apply(params, x), exact.apply(params, x), atol=2e-2
+    )
+    with pytest.raises(ValueError, match="polynomial attention is an architecture"):
+        models.Classifier(o, kernel=Kernel("polynomial"))
+
+
+def test_identity_drops_polynomial_run_options_only():
+    a = opts(attention="polynomial", polynomial={"degree": 3})
+    b = opts(attention="polynomial", polynomial={"degree": 3, "gradient": "autodiff"})
+    c = opts(attention="polynomial", polynomial={"degree": 2})
+    assert a.identity() == b.identity() != c.identity()
+    assert "on_uncertified" not in a.identity()["polynomial"]
 
 
 @pytest.mark.parametrize(
     "change,field",
     [
         (dict(num_heads=3), "model.num_heads"),
-        (dict(attention_kinds=("tensor", "tensor")), "model.attention_kinds"),
-        (dict(attention_kinds=("cubic",)), "model.attention_kinds"),
+        (dict(attention="cubic"), "model.attention"),
+        (dict(tensor_every=0), "model.tensor_every"),
         (dict(embedding="onehot"), "model.embedding"),
         (dict(num_kv_heads=3, num_heads=4, width=16), "model.num_kv_heads"),
         (dict(window=(2, 2)), "model.window"),
         (dict(dropout_rate=1.0), "model.dropout_rate"),
+        (dict(polynomial=PolynomialConfig(degree=3)), "model.polynomial.degree"),
+        (dict(attention="polynomial", head_dim=128), "model.polynomial.degree"),
     ],
 )
 def test_validate_names_the_field(change, field):
     with pytest.raises(ValueError, match=field):
         models.validate(dataclasses.replace(opts(), **change))
+
+
+def test_polynomial_mapping_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"^model\.polynomial\.degree: PolynomialConfig"):
+        opts(attention="polynomial", polynomial={"degree": -1})
+    with pytest.raises(ValueError, match=r"^model\.polynomial\.colour: unknown field"):
+        opts(attention="polynomial", polynomial={"colour": 1})

@@ -10,6 +10,7 @@ import pytest
 
 from configs import match3
 from tensorattn import tasks, training
+from tensorattn.kernels.configs import BlockedConfig, PolynomialConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,13 +128,50 @@ def test_bad_config_names_the_field(overrides, field):
         training.validate(training.options_from_dict(smoke_config(**overrides)))
 
 
-def test_attention_kinds_from_tensor_every():
+def test_one_vocabulary_from_config_to_model():
     options = training.options_from_dict(smoke_config(model__num_layers=4, model__tensor_every=2))
+    assert options.model.attention == "tensor" and options.model.tensor_every == 2
     assert options.model.attention_kinds == ("standard", "tensor", "standard", "tensor")
-    options = training.options_from_dict(smoke_config(model__attention="polynomial"))
-    assert options.model.implementation == "polynomial"
     config = match3.get_config("attention=polynomial,smoke")
-    assert training.options_from_dict(config.to_dict()).model.attention_options == {"degree": 4}
+    config.model.polynomial.degree = 3
+    options = training.options_from_dict(config.to_dict())
+    assert options.model.polynomial == PolynomialConfig(degree=3)
+    config = smoke_config(kernel__implementation="blocked")
+    config["kernel"]["blocked"]["block_q"] = 8
+    options = training.options_from_dict(config)
+    training.validate(options)
+    assert options.kernel.kernel().config == BlockedConfig(block_q=8)
+
+
+def test_resume_with_another_exact_kernel(finished, tmp_path, monkeypatch, caplog):
+    """Killed at step 15 with the default kernel, resumed with kernel.implementation=
+    "reference": one log line names the change, and the metrics equal the uninterrupted run's
+    (on CPU the default runs "reference" at this length, so they are identical)."""
+    workdir, _ = finished
+    resumed = str(tmp_path)
+    real = tasks.train_batch
+
+    def dying(task, seed, step, batch_size):
+        if step == 15:
+            raise KeyboardInterrupt("simulated kill")
+        return real(task, seed, step, batch_size)
+
+    monkeypatch.setattr(tasks, "train_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_and_evaluate(smoke_config(), resumed)
+    monkeypatch.setattr(tasks, "train_batch", real)
+    with caplog.at_level("INFO", logger="tensorattn"):
+        training.train_and_evaluate(smoke_config(kernel__implementation="reference"), resumed)
+    changed = [r.getMessage() for r in caplog.records if "config differs" in r.getMessage()]
+    assert len(changed) == 1 and "kernel.implementation None -> 'reference'" in changed[0]
+    assert any("resuming from checkpoint step 10" in r.getMessage() for r in caplog.records)
+    assert records(resumed) == records(workdir)
+
+
+def test_switching_exact_and_polynomial_attention_is_refused(finished):
+    workdir, _ = finished
+    with pytest.raises(training.ConfigError, match="model.attention"):
+        training.train_and_evaluate(smoke_config(model__attention="polynomial"), workdir)
 
 
 def run_cli(*args, timeout=240):
