@@ -341,20 +341,6 @@ def models_for(entry_bound: float, degree: int = 2, head_dim: int = 16) -> list[
     ]
 
 
-def _set_polynomial_options(config, options: dict) -> None:
-    """Puts the polynomial layer's kernel options (PolynomialConfig fields) into a training
-    config: `config.model.polynomial.<field>` (one config vocabulary, branch `model`).
-
-    ADAPTER (until that vocabulary lands): older configs take them as
-    `config.model.attention_options`.
-    """
-    if "polynomial" in config.model:
-        for key, value in options.items():
-            config.model.polynomial[key] = value
-    else:
-        config.model.attention_options = dict(options)
-
-
 def train_config(
     task: str,
     model: Model,
@@ -379,7 +365,8 @@ def train_config(
     if model.entry_bound is not None:
         config.model.entry_bound = model.entry_bound
     if model.degree is not None:
-        _set_polynomial_options(config, {**(polynomial_options or {}), "degree": model.degree})
+        for key, value in {**(polynomial_options or {}), "degree": model.degree}.items():
+            config.model.polynomial[key] = value  # PolynomialConfig fields
     if model.head_dim is not None:
         config.model.head_dim = model.head_dim
     config.train.seed = seed

@@ -12,7 +12,9 @@ every benchmark (sweep, bench_kernels, bench_pallas, bench_polynomial):
 - `status`: "ok", "oom", "timeout", "error" (or "skipped", the sweep's points above a
   `max_length`); a failed point is a row with a `reason`, never an exception.
 
-Every call into the kernel API goes through `attention_fn` (and `_kernel_options`).
+Every call into the kernel API goes through `attention_fn`; a point's `options` are the keyword
+shorthand of the implementation's config (`tensorattn.kernels.configs`: `degree`,
+`on_uncertified`, `block_q`, `fwd_block_rows`, ...).
 """
 
 from __future__ import annotations
@@ -138,44 +140,12 @@ def make_inputs(point: Mapping[str, Any], seed: int = 0) -> list:
     ]
 
 
-def _kernel_options(implementation: str | None, options: Mapping[str, Any]) -> dict:
-    """Keyword options for `tensor_attention`: the implementation's config field names
-    (`tensorattn.kernels.configs`), e.g. `degree`, `on_uncertified`, `block_q`, `fwd_block_rows`.
-
-    ADAPTER (until branch `spine` exports `BlockedConfig` from `tensorattn`): translates the
-    tile fields into the old `block_sizes=BlockSizes(...)` / `PallasBlockSizes(...)` options.
-    """
-    options = dict(options)
-    if hasattr(tensorattn, "BlockedConfig") or not options:
-        return options
-    if implementation == "blocked":
-        names = {"block_q": "block_q", "block_outer": "block_k1", "block_inner": "block_k2"}
-        tiles = {names[k]: options.pop(k) for k in list(options) if k in names}
-        if tiles:
-            options["block_sizes"] = tensorattn.BlockSizes(**tiles)
-    elif implementation == "pallas":
-        from tensorattn.kernels.pallas import PallasBlockSizes
-
-        names = {
-            "fwd_block_rows": "block_rows",
-            "fwd_block_k2": "block_k2",
-            "bwd_block_k1": "block_k1",
-            "num_warps": "num_warps",
-            "num_stages": "num_stages",
-        }
-        tiles = {names[k]: options.pop(k) for k in list(options) if k in names}
-        if tiles:
-            options["block_sizes"] = PallasBlockSizes(**tiles)
-    return options
-
-
 def attention_fn(point: Mapping[str, Any], implementation: str | None = None):
     """The forward `fn(q, k1, k2, v1, v2)` of a point (or of `implementation` on the same
     inputs and masks, without the point's options): the one call into the kernel API."""
     name = implementation or point["implementation"]
     kernel = None if name == "exact" else name
-    options = point["options"] if implementation is None else {}
-    options = _kernel_options(kernel, options)
+    options = dict(point["options"]) if implementation is None else {}
     window = None if point["window"] is None else tuple(point["window"])
 
     def forward(q, k1, k2, v1, v2):

@@ -128,7 +128,7 @@ def test_train_configs_of_every_task_and_model():
                 assert c["train"]["seed"] == 2
         poly = claims.train_config(task, claims.models_for(1.5, 3)[-1], 0, "smoke", None, options)
         assert poly["model"]["entry_bound"] == 1.5
-        poly_options = poly["model"].get("polynomial") or poly["model"]["attention_options"]
+        poly_options = poly["model"]["polynomial"]
         assert poly_options["degree"] == 3 and poly_options["on_uncertified"] == "ignore"
         budget = cpu["expressivity"]["budgets"][task]
         c = claims.train_config(task, claims.models_for(1.0)[2], 0, "cpu", budget)
