@@ -200,3 +200,27 @@ def test_command_line_preset_alias_and_overrides(tmp_path):
         timeout=120,
     )  # fmt: skip
     assert bad.returncode != 0 and "nonsense" in bad.stderr
+
+
+def test_threshold_search_survives_fits_the_library_cannot_build():
+    """Claim 3's `full` grid meets R = 10.24 at degree 31 (see `claims.chebyshev_error`)."""
+    assert claims.chebyshev_error(31, 10.24) >= 0
+    assert claims.chebyshev_error(4, 1.0) == pytest.approx(1.2e-3, rel=0.1)
+    rows = claims.threshold_rows([2], [2**21], [3.2])
+    assert rows[0]["degree"] is None or rows[0]["degree"] > 31
+
+
+def test_reproduce_full_is_split_into_steps():
+    out = subprocess.run(
+        ["bash", "scripts/reproduce.sh", "--full", "--list"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    steps = out.stdout.split()
+    assert out.returncode == 0 and len(steps) == len(set(steps))
+    expected = ["sweep-exact-fwd", "sweep-polynomial-grad", "sweep-plot", "claim1-forward"]
+    expected += ["claim3-threshold", "claim4-expressivity-match3", "claim5-bounded-seed2"]
+    assert set(expected) <= set(steps)
+    cpu = subprocess.run(
+        ["bash", "scripts/reproduce.sh", "--list"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert cpu.stdout.split()[0] == "sweep" and "claim5-bounded" in cpu.stdout
