@@ -16,22 +16,28 @@ from absl import app, flags
 
 from experiments import benchlib, harness
 
-_PRESET = flags.DEFINE_enum(
-    "preset", "targets", ["targets", "sweep", "gpu", "tiles"], "What to measure."
-)
-_BLOCKS = flags.DEFINE_list(
-    "block_sizes", [], "block_q,block_outer,block_inner (BlockedConfig) for 'blocked'."
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines this command's flags; only `__main__` calls it, so the module imports (and
+    its functions run) without them."""
+    flags.DEFINE_enum("preset", "targets", ["targets", "sweep", "gpu", "tiles"], "What to measure.")
+    flags.DEFINE_list(
+        "block_sizes", [], "block_q,block_outer,block_inner (BlockedConfig) for 'blocked'."
+    )
+    flags.DEFINE_list("lengths", ["128", "256", "512"], "Sweep lengths (preset=sweep).")
+    flags.DEFINE_list("impls", ["reference", "blocked"], "Implementations (preset=sweep).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
+    flags.DEFINE_integer("batch", 1, "Batch size.")
+    flags.DEFINE_integer("heads", 1, "Query heads N.")
+    flags.DEFINE_integer("kv_heads", 1, "Key/value heads K.")
+    flags.DEFINE_list("head_dims", ["64", "128"], "Head dims (preset=gpu).")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
+    flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
+
+
 _TILE_GRID = ["64,32,128", "128,32,128", "128,64,128", "128,32,256", "256,16,256", "64,64,256"]
-_LENGTHS = flags.DEFINE_list("lengths", ["128", "256", "512"], "Sweep lengths (preset=sweep).")
-_IMPLS = flags.DEFINE_list("impls", ["reference", "blocked"], "Implementations (preset=sweep).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
-_HEADS = flags.DEFINE_integer("heads", 1, "Query heads N.")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 1, "Key/value heads K.")
-_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims (preset=gpu).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
-_OUT = flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
 
 TILES = ("block_q", "block_outer", "block_inner")
 
@@ -125,14 +131,14 @@ def report_targets(rows):
 
 def main(argv):
     del argv
-    dtype = jnp.dtype(_DTYPE.value)
+    dtype = jnp.dtype(FLAGS.dtype)
     rate = harness.matmul_rate(dtype)
     env = harness.environment()
     print(f"device: {env}  {dtype.name} matmul: {rate / 1e9:.1f} GFLOP/s")
     benchlib.append_jsonl(
-        _OUT.value, {"kind": "matmul_rate", "dtype": dtype.name, "flops_per_s": rate, **env}
+        FLAGS.out, {"kind": "matmul_rate", "dtype": dtype.name, "flops_per_s": rate, **env}
     )
-    if _PRESET.value == "targets":
+    if FLAGS.preset == "targets":
         points = [
             dict(impl="reference", t=128, head_dim=64),
             dict(impl="blocked", t=128, head_dim=64),
@@ -146,20 +152,20 @@ def main(argv):
             dict(impl="reference", t=1024, head_dim=32, run=False),
             dict(impl="blocked", t=4096, head_dim=64, window=(64, 16)),
         ]
-    elif _PRESET.value == "gpu":
+    elif FLAGS.preset == "gpu":
         points = [dict(impl="reference", t=512, head_dim=64)]
-        for head_dim in map(int, _HEAD_DIMS.value):
+        for head_dim in map(int, FLAGS.head_dims):
             for grad in (False, True):
                 points += [
                     dict(impl="blocked", t=1024, head_dim=head_dim, grad=grad),
                     dict(impl="blocked", t=4096, head_dim=head_dim, grad=grad),
                     dict(impl="blocked", t=16384, head_dim=head_dim, grad=grad, window=(512, 32)),
                 ]
-    elif _PRESET.value == "tiles":
+    elif FLAGS.preset == "tiles":
         points = [
             dict(
                 impl="blocked",
-                t=int(_LENGTHS.value[-1]),
+                t=int(FLAGS.lengths[-1]),
                 head_dim=64,
                 blocks=tuple(int(b) for b in tiles.split(",")),
             )
@@ -168,22 +174,22 @@ def main(argv):
     else:
         points = [
             dict(impl=impl, t=int(t), head_dim=64, grad=grad)
-            for t in _LENGTHS.value
-            for impl in _IMPLS.value
+            for t in FLAGS.lengths
+            for impl in FLAGS.impls
             for grad in (False, True)
         ]
-    blocks = tuple(int(b) for b in _BLOCKS.value) or None
-    shape = dict(batch=_BATCH.value, heads=_HEADS.value, kv_heads=_KV_HEADS.value)
+    blocks = tuple(int(b) for b in FLAGS.block_sizes) or None
+    shape = dict(batch=FLAGS.batch, heads=FLAGS.heads, kv_heads=FLAGS.kv_heads)
     rows = []
     for point in points:
         point = {"blocks": blocks, **point}
-        row = measure(**point, **shape, dtype=dtype.name, repeats=_REPEATS.value)
+        row = measure(**point, **shape, dtype=dtype.name, repeats=FLAGS.repeats)
         if row["tflops"] is not None:
             # The matmul rate is re-measured next to each point, so a busy machine slows both.
             row["matmul_flops_per_s"] = harness.matmul_rate(dtype)
             row["fraction_of_matmul"] = row["tflops"] * 1e12 / row["matmul_flops_per_s"]
         row["block_sizes"] = point["blocks"] if row["implementation"] == "blocked" else None
-        benchlib.append_jsonl(_OUT.value, row)
+        benchlib.append_jsonl(FLAGS.out, row)
         rows.append(row)
         ms = row["median_ms"]
         print(
@@ -209,9 +215,10 @@ def main(argv):
             "temp_mib",
         ],
     )
-    if _PRESET.value == "targets":
+    if FLAGS.preset == "targets":
         report_targets(rows)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

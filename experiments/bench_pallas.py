@@ -24,23 +24,30 @@ from absl import app, flags
 from experiments import benchlib, harness
 from tensorattn.kernels import cost
 
-_OUT = flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
-_BUDGET = flags.DEFINE_float("budget_s", 12.0, "Max seconds of timed runs per point.")
-_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims to measure.")
-_CASES = flags.DEFINE_list("cases", ["window16384", "full4096"], "Cases to measure.")
-_IMPLS = flags.DEFINE_list("impls", ["pallas", "blocked"], "Implementations.")
-_VARIANTS_FULL = flags.DEFINE_list(
-    "variants_full", ["128:64:8", "128:128:8", "64:64:4"], "Pallas rows:block_k2:warps (full)."
-)
-_VARIANTS_WINDOW = flags.DEFINE_list(
-    "variants_window", ["128:64:8", "128:32:8", "64:32:4"], "Pallas rows:block_k2:warps (window)."
-)
-_CHECK = flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
-_MATMUL = flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
-_BWD_IMPLS = flags.DEFINE_list(
-    "bwd_impls", ["pallas", "blocked"], "Implementations timed forward+gradient."
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines this command's flags; only `__main__` calls it, so the module imports (and
+    its functions run) without them."""
+    flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
+    flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
+    flags.DEFINE_float("budget_s", 12.0, "Max seconds of timed runs per point.")
+    flags.DEFINE_list("head_dims", ["64", "128"], "Head dims to measure.")
+    flags.DEFINE_list("cases", ["window16384", "full4096"], "Cases to measure.")
+    flags.DEFINE_list("impls", ["pallas", "blocked"], "Implementations.")
+    flags.DEFINE_list(
+        "variants_full", ["128:64:8", "128:128:8", "64:64:4"], "Pallas rows:block_k2:warps (full)."
+    )
+    flags.DEFINE_list(
+        "variants_window",
+        ["128:64:8", "128:32:8", "64:32:4"],
+        "Pallas rows:block_k2:warps (window).",
+    )
+    flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
+    flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
+    flags.DEFINE_list("bwd_impls", ["pallas", "blocked"], "Implementations timed forward+gradient.")
+
 
 # name -> (batch, T, heads N, kv heads K, window)
 CASES = {
@@ -112,15 +119,24 @@ def check_correctness(emit) -> None:
         )
 
 
-def time_case(case: str, head_dim: int, peak: float, emit) -> list[dict]:
-    """Forward rows of every implementation and variant, then forward+gradient rows of each
-    implementation's fastest variant."""
-    timing = dict(repeats=_REPEATS.value, budget_s=_BUDGET.value)
-    window = CASES[case][4]
+def time_case(
+    case: str,
+    head_dim: int,
+    peak: float,
+    emit,
+    *,
+    impls=("pallas", "blocked"),
+    variants=(None,),
+    bwd_impls=("pallas", "blocked"),
+    repeats: int = 5,
+    budget_s: float | None = None,
+) -> list[dict]:
+    """Forward rows of every implementation (pallas: each of `variants`), then forward+gradient
+    rows of each of `bwd_impls` at its fastest variant; `peak`: the matmul TFLOP/s."""
+    timing = dict(repeats=repeats, budget_s=budget_s)
     rows, best = [], {}
-    for impl in _IMPLS.value:
-        pallas_variants = _VARIANTS_FULL.value if window is None else _VARIANTS_WINDOW.value
-        for variant in pallas_variants if impl == "pallas" else [None]:
+    for impl in impls:
+        for variant in variants if impl == "pallas" else [None]:
             point = case_point(case, impl, head_dim, options=variant_options(variant))
             row = harness.measure(point, **timing)
             row.update(kind="time", case=case, variant=variant)
@@ -132,7 +148,7 @@ def time_case(case: str, head_dim: int, peak: float, emit) -> list[dict]:
             rows.append(row)
             if impl not in best or row["median_ms"] < best[impl]["median_ms"]:
                 best[impl] = row
-    for impl in _BWD_IMPLS.value:
+    for impl in bwd_impls:
         if impl not in best:
             continue
         fwd = best[impl]
@@ -158,17 +174,22 @@ def main(argv):
     print(f"jax {env['jax_version']} on {env['device_kind']}", flush=True)
 
     def emit(row):  # appended at once: a killed run keeps its rows
-        benchlib.append_jsonl(_OUT.value, row)
+        benchlib.append_jsonl(FLAGS.out, row)
 
-    peak = harness.matmul_rate(jnp.bfloat16, _MATMUL.value) / 1e12
+    peak = harness.matmul_rate(jnp.bfloat16, FLAGS.matmul_size) / 1e12
     emit({"kind": "matmul", "tflops": peak, **env})
-    print(f"bf16 matmul {_MATMUL.value}^3: {peak:.1f} TFLOP/s", flush=True)
-    if _CHECK.value:
+    print(f"bf16 matmul {FLAGS.matmul_size}^3: {peak:.1f} TFLOP/s", flush=True)
+    if FLAGS.check:
         check_correctness(lambda row: (emit(row), print(row, flush=True)))
     table = []
-    for case in _CASES.value:
-        for h in map(int, _HEAD_DIMS.value):
-            table += time_case(case, h, peak, emit)
+    for case in FLAGS.cases:
+        for h in map(int, FLAGS.head_dims):
+            window = CASES[case][4]
+            variants = FLAGS.variants_full if window is None else FLAGS.variants_window
+            table += time_case(
+                case, h, peak, emit, impls=FLAGS.impls, variants=variants,
+                bwd_impls=FLAGS.bwd_impls, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s,
+            )  # fmt: skip
     print(f"\nbf16 matmul rate: {peak:.1f} TFLOP/s ({env['device_kind']}, jax {jax.__version__})")
     for r in table:
         r["%mm"] = 100 * r["frac_matmul"]
@@ -181,4 +202,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -28,21 +28,27 @@ from absl import app, flags
 from experiments import benchlib, harness
 from tensorattn.kernels import polynomial
 
-_QUICK = flags.DEFINE_bool("quick", False, "Small sizes: T = 2^8 .. 2^11, blocked to 2^8.")
-_MIN_LOG2_T = flags.DEFINE_integer("min_log2_t", 10, "Smallest T = 2^k of the sweep.")
-_MAX_LOG2_T = flags.DEFINE_integer("max_log2_t", 16, "Largest T = 2^k of the sweep.")
-_BLOCKED_MAX = flags.DEFINE_integer(
-    "blocked_max_log2_t",
-    None,
-    "Largest T measured for the blocked kernel (default 10 on CPU, "
-    "13 on accelerators); longer ones are extrapolated by T^3.",
-)
-_DEGREE = flags.DEFINE_integer("degree", 4, "Degree of the time sweep.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 8, "H = Hv.")
-_CAUSAL = flags.DEFINE_bool("causal", False, "Causal self-attention instead of full.")
-_TARGET = flags.DEFINE_float("target_error", 1e-3, "Output error target of the crossover.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
-_OUT = flags.DEFINE_string("out", "runs/bench_polynomial.jsonl", "JSON lines ('' = none).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines this command's flags; only `__main__` calls it, so the module imports (and
+    its functions run) without them."""
+    flags.DEFINE_bool("quick", False, "Small sizes: T = 2^8 .. 2^11, blocked to 2^8.")
+    flags.DEFINE_integer("min_log2_t", 10, "Smallest T = 2^k of the sweep.")
+    flags.DEFINE_integer("max_log2_t", 16, "Largest T = 2^k of the sweep.")
+    flags.DEFINE_integer(
+        "blocked_max_log2_t",
+        None,
+        "Largest T measured for the blocked kernel (default 10 on CPU, "
+        "13 on accelerators); longer ones are extrapolated by T^3.",
+    )
+    flags.DEFINE_integer("degree", 4, "Degree of the time sweep.")
+    flags.DEFINE_integer("head_dim", 8, "H = Hv.")
+    flags.DEFINE_bool("causal", False, "Causal self-attention instead of full.")
+    flags.DEFINE_float("target_error", 1e-3, "Output error target of the crossover.")
+    flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
+    flags.DEFINE_string("out", "runs/bench_polynomial.jsonl", "JSON lines ('' = none).")
 
 
 def point(impl: str, n: int, h: int, causal: bool, pass_: str = "fwd", bound=1.0, **options):
@@ -230,27 +236,27 @@ def error_table(h, out, meta):
 
 def main(argv):
     del argv
-    h = _HEAD_DIM.value
-    lo, hi = (8, 11) if _QUICK.value else (_MIN_LOG2_T.value, _MAX_LOG2_T.value)
-    blocked_max = _BLOCKED_MAX.value
+    h = FLAGS.head_dim
+    lo, hi = (8, 11) if FLAGS.quick else (FLAGS.min_log2_t, FLAGS.max_log2_t)
+    blocked_max = FLAGS.blocked_max_log2_t
     if blocked_max is None:
-        blocked_max = 8 if _QUICK.value else (10 if jax.default_backend() == "cpu" else 13)
+        blocked_max = 8 if FLAGS.quick else (10 if jax.default_backend() == "cpu" else 13)
     lengths = [2**k for k in range(lo, hi + 1)]
-    causal, repeats, out = _CAUSAL.value, _REPEATS.value, _OUT.value
+    causal, repeats, out = FLAGS.causal, FLAGS.repeats, FLAGS.out
     meta = {"bench": "polynomial"}
     env = harness.environment()
     print(f"device: {env['device_kind']} ({env['platform']}); H=Hv={h}, B=1, one head")
-    poly_rows = time_sweep(lengths, h, causal, _DEGREE.value, repeats, out, meta)
-    measured, certified = pick_degree(h, causal, _TARGET.value, out, meta)
+    poly_rows = time_sweep(lengths, h, causal, FLAGS.degree, repeats, out, meta)
+    measured, certified = pick_degree(h, causal, FLAGS.target_error, out, meta)
     print(
-        f"\ndegree for max error <= {_TARGET.value}: measured {measured} (n=256), "
+        f"\ndegree for max error <= {FLAGS.target_error}: measured {measured} (n=256), "
         f"certified {certified} (Taylor, R = scale*H*B^3 = 1)"
     )
     blocked_lengths = [2**k for k in range(min(lo, 8), max(hi, 12) + 1)]
     blocked_rows = blocked_sweep(blocked_lengths, 2**blocked_max, h, causal, repeats, out, meta)
-    by_degree = [(f"sweep degree {_DEGREE.value}", _DEGREE.value, poly_rows)]
+    by_degree = [(f"sweep degree {FLAGS.degree}", FLAGS.degree, poly_rows)]
     for label, degree in (("measured", measured), ("certified", certified)):
-        if degree is not None and degree != _DEGREE.value:
+        if degree is not None and degree != FLAGS.degree:
             rows = time_sweep(
                 blocked_lengths, h, causal, degree, repeats, out, dict(meta, purpose=label)
             )
@@ -262,4 +268,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

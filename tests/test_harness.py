@@ -63,3 +63,20 @@ def test_fit_slope_and_flops():
     assert harness.fit_slope(ns, [n**3 for n in ns]) == pytest.approx(3.0)
     p = _point(n=8, value_dim=8)
     assert harness.flops(p) == 4.0 * 8**3 * 8 * 4  # 4 query heads
+
+
+def test_bench_functions_run_without_their_flags():
+    from experiments import bench_kernels, bench_pallas
+
+    row = bench_kernels.measure("blocked", 8, 4, grad=True, blocks=(8, 8, 8), repeats=1)
+    assert row["status"] == "ok" and row["options"] == {
+        "block_q": 8,
+        "block_outer": 8,
+        "block_inner": 8,
+    }
+    emitted = []
+    rows = bench_pallas.time_case(
+        "tiny", 8, 1.0, emitted.append, impls=("blocked",), bwd_impls=("blocked",), repeats=1
+    )
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+grad"] and emitted == rows
+    assert rows[1]["bwd_tflops"] > 0
