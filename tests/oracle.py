@@ -52,8 +52,17 @@ def _probabilities(q, keys, scale, causal, windows, masks):
     return p / np.where(denom > 0, denom, 1.0), letters
 
 
+def _per_head(q, scale):
+    """A scale per query head (`[N]`) folded into q: `(q * scale, 1.0)`; else `(q, scale)`."""
+    if scale is None or np.ndim(scale) == 0:
+        return q, None if scale is None else float(scale)
+    return np.asarray(q, np.float64) * np.asarray(scale, np.float64)[:, None], 1.0
+
+
 def attention(q, keys, values, *, scale=None, causal=False, windows=None, masks=None):
-    """Exact attention in float64; returns `[B,T,N,Hv]`."""
+    """Exact attention in float64; returns `[B,T,N,Hv]`. `scale`: a number or one per query
+    head (`[N]`)."""
+    q, scale = _per_head(q, scale)
     q = np.asarray(q, np.float64)
     keys = [np.asarray(k, np.float64) for k in keys]
     values = [np.asarray(v, np.float64) for v in values]
@@ -65,7 +74,15 @@ def attention(q, keys, values, *, scale=None, causal=False, windows=None, masks=
 
 
 def attention_grads(q, keys, values, d_out, *, scale=None, causal=False, windows=None, masks=None):
-    """Gradients (dq, dkeys, dvalues) of `sum(attention(...) * d_out)` by docs/math.md §3."""
+    """Gradients (dq, dkeys, dvalues) of `sum(attention(...) * d_out)` by docs/math.md §3.
+    A per-head `scale [N]` is folded into q (chain rule: dq = scale · d(q·scale))."""
+    if scale is not None and np.ndim(scale) == 1:
+        s = np.asarray(scale, np.float64)
+        q_s, _ = _per_head(q, s)
+        dq, dkeys, dvalues = attention_grads(
+            q_s, keys, values, d_out, scale=1.0, causal=causal, windows=windows, masks=masks
+        )
+        return dq * s[:, None], dkeys, dvalues
     q = np.asarray(q, np.float64)
     keys = [np.asarray(k, np.float64) for k in keys]
     values = [np.asarray(v, np.float64) for v in values]

@@ -13,19 +13,22 @@ import oracle
 import pytest
 
 import tensorattn
-from tensorattn.kernels.pallas import PallasBlockSizes
 
 B, T, N, K, H, HV = 2, 8, 4, 2, 4, 3
-OPTIONS = {
-    "reference": {},
-    "blocked": {"block_sizes": tensorattn.BlockSizes(block_q=4, block_k1=3, block_k2=4)},
-    "polynomial": {"degree": 8, "on_uncertified": "ignore"},
-    "pallas": {
-        "interpret": True,
-        "block_sizes": PallasBlockSizes(block_rows=8, block_k1=4, block_k2=8),
-    },
+CONFIGS = {
+    "reference": tensorattn.ReferenceConfig(),
+    "blocked": tensorattn.BlockedConfig(block_q=4, block_outer=3, block_inner=4),
+    "polynomial": tensorattn.PolynomialConfig(degree=8, on_uncertified="ignore"),
+    "pallas": tensorattn.PallasConfig(
+        fwd_block_rows=8,
+        fwd_block_k2=8,
+        bwd_block_rows=8,
+        bwd_block_k1=4,
+        bwd_block_k2=8,
+        interpret=True,
+    ),  # fmt: skip
 }
-IMPLS = sorted(OPTIONS)
+IMPLS = sorted(CONFIGS)
 
 
 def _inputs(seed=0, t=T, s1=T, s2=T, b=B, hv=HV, dtype=np.float32):
@@ -37,9 +40,7 @@ def _inputs(seed=0, t=T, s1=T, s2=T, b=B, hv=HV, dtype=np.float32):
 
 
 def _attend(impl, q, keys, values, **kw):
-    return tensorattn.tensor_attention(
-        q, *keys, *values, implementation=impl, **OPTIONS[impl], **kw
-    )
+    return tensorattn.tensor_attention(q, *keys, *values, config=CONFIGS[impl], **kw)
 
 
 def _jit_attend(impl, q, keys, values, **kw):

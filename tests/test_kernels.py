@@ -1,4 +1,6 @@
-"""Exact kernels (reference, blocked) against the float64 NumPy oracle."""
+"""Exact kernels (reference, blocked): kernel-specific checks, the public API's dispatch and
+its errors. The per-case comparison of every implementation with the oracle is
+tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -12,24 +14,9 @@ import pytest
 from jax.test_util import check_grads
 
 import tensorattn
-from tensorattn.kernels import blocked
+from tensorattn.kernels import blocked, spine
 
-SMALL_BLOCKS = tensorattn.BlockSizes(block_q=4, block_k1=3, block_k2=4)
-EXACT = [
-    ("reference", {}),
-    ("blocked", {}),
-    ("blocked", {"block_sizes": SMALL_BLOCKS}),
-]
-EXACT_IDS = ["reference", "blocked", "blocked-small-tiles"]
-
-
-def _jit_attention(impl, case, masks, options):
-    """The call under test, jitted (one compile instead of one per eager op)."""
-    return jax.jit(
-        lambda *x: tensorattn.tensor_attention(
-            *x, implementation=impl, **case.kwargs(masks), **options
-        )
-    )
+SMALL_BLOCKS = tensorattn.BlockedConfig(block_q=4, block_outer=3, block_inner=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,42 +76,6 @@ class Case:
         )
 
 
-CASES = {
-    "cross-lengths": Case(),
-    "one-head": Case(heads=1, kv_heads=1, t=7, s1=5, s2=6),
-    "grouped-6-per-kv": Case(heads=6, kv_heads=1, t=9, s1=10, s2=4),
-    "masked": Case(masked=True),
-    "causal": Case(t=14, s1=14, s2=14, causal=True),
-    "causal-masked": Case(t=14, s1=14, s2=14, causal=True, masked=True),
-    "window": Case(t=19, s1=19, s2=19, window=(6, 3)),
-    "window-masked": Case(t=19, s1=19, s2=19, window=(2, 9), masked=True),
-    "papers-scale": Case(scale=1 / 5),
-}
-
-
-@pytest.mark.parametrize("impl,options", EXACT, ids=EXACT_IDS)
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_forward_matches_oracle(name, impl, options):
-    case = CASES[name]
-    arrays, masks = case.inputs()
-    out = _jit_attention(impl, case, masks, options)(*arrays)
-    expected = case.oracle(arrays, masks)
-    assert out.shape == expected.shape and out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
-    if case.masked:  # batch row 0 has no valid first key: zeros, not NaN
-        np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
-
-
-@pytest.mark.parametrize("impl,options", EXACT, ids=EXACT_IDS)
-def test_bfloat16(impl, options):
-    case = Case(masked=True)
-    arrays, masks = case.inputs(dtype=jnp.bfloat16)
-    out = _jit_attention(impl, case, masks, options)(*arrays)
-    assert out.dtype == jnp.bfloat16
-    expected = case.oracle([np.asarray(a, np.float32) for a in arrays], masks)
-    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=3e-2)
-
-
 def test_default_implementation_is_exact():
     case = Case(causal=True, t=9, s1=9, s2=9)
     arrays, masks = case.inputs()
@@ -142,59 +93,6 @@ def test_large_logits_stay_finite():
         np.testing.assert_allclose(np.asarray(out), case.oracle(arrays, masks), atol=1e-4)
 
 
-def _loss(impl, case, masks, d_out, **options):
-    def loss(*arrays):
-        out = tensorattn.tensor_attention(
-            *arrays, implementation=impl, **case.kwargs(masks), **options
-        )
-        return jnp.sum(out * d_out)
-
-    return loss
-
-
-GRAD_CASES = ["cross-lengths", "grouped-6-per-kv", "causal-masked", "window-masked"]
-
-
-@pytest.mark.parametrize("impl,options", [EXACT[0], EXACT[2]], ids=[EXACT_IDS[0], EXACT_IDS[2]])
-@pytest.mark.parametrize("name", GRAD_CASES)
-def test_gradients_match_oracle(name, impl, options):
-    case = CASES[name]
-    arrays, masks = case.inputs(seed=1)
-    d_out = np.random.default_rng(2).normal(size=(case.batch, case.t, case.heads, case.value_dim))
-    loss = _loss(impl, case, masks, jnp.asarray(d_out, jnp.float32), **options)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*arrays)
-    q, k1, k2, v1, v2 = arrays
-    dq, dks, dvs = oracle.attention_grads(
-        q,
-        [k1, k2],
-        [v1, v2],
-        d_out,
-        scale=case.scale,
-        causal=case.causal or case.window is not None,
-        windows=case.window,
-        masks=masks,
-    )
-    for got, want in zip(grads, [dq, *dks, *dvs]):
-        assert np.isfinite(np.asarray(got)).all()
-        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=5e-5)
-    if case.masked:  # batch row 0 has no allowed pair: its gradients are zero
-        for got in grads:
-            np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
-
-
-def test_blocked_gradients_match_reference_gradients():
-    case = CASES["causal-masked"]
-    arrays, masks = case.inputs(seed=3)
-    d_out = jnp.asarray(np.random.default_rng(4).normal(size=(2, 14, 4, 3)), jnp.float32)
-    argnums = (0, 1, 2, 3, 4)
-    ref = jax.grad(_loss("reference", case, masks, d_out), argnums=argnums)(*arrays)
-    got = jax.grad(_loss("blocked", case, masks, d_out, block_sizes=SMALL_BLOCKS), argnums=argnums)(
-        *arrays
-    )
-    for a, b in zip(got, ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
-
-
 def test_blocked_custom_vjp_check_grads():
     case = Case(
         batch=1, t=6, s1=5, s2=7, heads=2, kv_heads=1, head_dim=3, value_dim=2, masked=False
@@ -203,9 +101,7 @@ def test_blocked_custom_vjp_check_grads():
         arrays, masks = case.inputs(seed=5, dtype=np.float64)
 
         def f(*x):
-            return tensorattn.tensor_attention(
-                *x, implementation="blocked", block_sizes=SMALL_BLOCKS
-            )
+            return tensorattn.tensor_attention(*x, implementation="blocked", config=SMALL_BLOCKS)
 
         check_grads(f, arrays, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
@@ -217,38 +113,6 @@ def _higher_order_inputs(order, seed=0, dtype=np.float32, lengths=(7, 6, 5), hv=
     keys = [jnp.asarray(rng.normal(size=(b, s, kv, h)), dtype) for s in lengths[: order - 1]]
     values = [jnp.asarray(rng.normal(size=(b, s, kv, hv)), dtype) for s in lengths[: order - 1]]
     return q, keys, values
-
-
-@pytest.mark.parametrize("order", [2, 3, 4])
-@pytest.mark.parametrize("impl", ["reference", "blocked"])
-def test_higher_order_forward_and_gradient(order, impl):
-    q, keys, values = _higher_order_inputs(order)
-    out = tensorattn.higher_order_attention(q, keys, values, implementation=impl)
-    np.testing.assert_allclose(np.asarray(out), oracle.attention(q, keys, values), atol=2e-5)
-    d_out = np.random.default_rng(9).normal(size=out.shape)
-
-    def loss(q, keys, values):
-        out = tensorattn.higher_order_attention(q, keys, values, implementation=impl)
-        return jnp.sum(out * d_out)
-
-    dq, dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, keys, values)
-    wq, wk, wv = oracle.attention_grads(q, keys, values, d_out)
-    for got, want in zip([dq, *dk, *dv], [wq, *wk, *wv]):
-        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=5e-5)
-
-
-@pytest.mark.parametrize("order", [2, 4])
-def test_higher_order_causal_masked(order):
-    lengths = (8, 8, 8)
-    q, keys, values = _higher_order_inputs(order, lengths=lengths)
-    q = jnp.concatenate([q, q[:, :2]], axis=1)  # T = 8
-    masks = [np.random.default_rng(j).random((2, 8)) > 0.4 for j in range(order - 1)]
-    expected = oracle.attention(q, keys, values, causal=True, masks=masks)
-    for impl in ("reference", "blocked"):
-        out = tensorattn.higher_order_attention(
-            q, keys, values, implementation=impl, causal=True, key_masks=masks
-        )
-        np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5)
 
 
 def test_order_two_is_dot_product_attention():
@@ -292,8 +156,8 @@ def test_masks_skip_whole_tiles():
     """Work follows the allowed pairs: windows are linear in T, causal about a third."""
 
     def live(t, causal, windows):
-        spec_blocks = tensorattn.BlockSizes().fitted(t, (t, t), windows)
-        cfg = blocked._Config(1.0, causal, windows, t, (t, t), spec_blocks)
+        call = spine.Call(1.0, causal, windows, t, (t, t), heads=1, kv_heads=1)
+        cfg = blocked._Config.fitted(call, tensorattn.BlockedConfig(block_inner=128))
         return len(cfg.live_tiles()), cfg.num_q_tiles
 
     full, _ = live(512, False, (None, None))
@@ -339,10 +203,10 @@ def test_bad_window_values():
 
 
 def test_bad_block_sizes():
-    with pytest.raises(ValueError, match="block_k2"):
-        tensorattn.BlockSizes(block_k2=0)
-    with pytest.raises(ValueError, match="block_sizes must be"):
-        tensorattn.tensor_attention(*_bad_inputs(), implementation="blocked", block_sizes=(1, 2))
+    with pytest.raises(ValueError, match="BlockedConfig.block_inner"):
+        tensorattn.BlockedConfig(block_inner=0)
+    with pytest.raises(ValueError, match="BlockedConfig.block_q"):
+        tensorattn.tensor_attention(*_bad_inputs(), implementation="blocked", block_q=(1, 2))
 
 
 def test_higher_order_bad_input():
@@ -353,16 +217,122 @@ def test_higher_order_bad_input():
         tensorattn.higher_order_attention(q, keys * 2, values * 2)
 
 
-def test_default_implementation_follows_key_count(monkeypatch):
-    """Short keys go to the reference, long ones to the tiled kernel (both exact)."""
+def _record_runs(monkeypatch):
+    """Records the implementations `api` runs (and whether each raised Unsupported)."""
     from tensorattn.kernels import api
 
-    chosen = []
-    real = api._module
-    monkeypatch.setattr(api, "_module", lambda name: chosen.append(name) or real(name))
+    runs = []
+    real = api._run
+
+    def run(name, *args):
+        try:
+            out = real(name, *args)
+        except tensorattn.Unsupported:
+            runs.append((name, "unsupported"))
+            raise
+        runs.append((name, "ran"))
+        return out
+
+    monkeypatch.setattr(api, "_run", run)
+    return runs
+
+
+def test_default_implementation_follows_key_count(monkeypatch):
+    """Short keys go to the reference, long ones to the tiled kernel (both exact)."""
+    runs = _record_runs(monkeypatch)
     for s, expected in ((12, "reference"), (40, "blocked")):
         case = Case(t=5, s1=s, s2=s)
         arrays, masks = case.inputs()
         out = tensorattn.tensor_attention(*arrays, **case.kwargs(masks))
         np.testing.assert_allclose(np.asarray(out), case.oracle(arrays, masks), atol=2e-5)
-        assert chosen[-1] == expected
+        assert runs[-1] == (expected, "ran")
+
+
+def test_default_falls_back_when_pallas_cannot_run(monkeypatch):
+    """Issue 11: on a GPU with H=16, Hv=24 the default tries pallas, which reports it cannot
+    run the call (Hv is not a power of two), and falls back to an exact kernel."""
+    runs = _record_runs(monkeypatch)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    case = Case(t=5, s1=6, s2=7, head_dim=16, value_dim=24)
+    arrays, masks = case.inputs()
+    out = tensorattn.tensor_attention(*arrays, **case.kwargs(masks))
+    np.testing.assert_allclose(np.asarray(out), case.oracle(arrays, masks), atol=2e-5)
+    assert runs == [("pallas", "unsupported"), ("reference", "ran")]
+    # Named explicitly, the same refusal is a ValueError with the reason.
+    with pytest.raises(ValueError, match=r"implementation='pallas' cannot run.*Hv=24"):
+        tensorattn.tensor_attention(*arrays, implementation="pallas")
+
+
+def test_tpu_default_falls_back(monkeypatch):
+    runs = _record_runs(monkeypatch)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    arrays, _ = Case(t=5, s1=40, s2=40, head_dim=16, value_dim=16).inputs()
+    tensorattn.tensor_attention(*arrays)
+    assert runs == [("pallas", "unsupported"), ("blocked", "ran")]
+
+
+OPTION_ERRORS = {
+    # Issue 11: these raised TypeError (the default picked "blocked", which took no `degree`).
+    "degree-without-implementation": (dict(degree=4), r"degree.*implementation='polynomial'"),
+    "tiles-without-implementation": (
+        dict(block_q=8, interpret=True),
+        r"block_q.*implementation='blocked'.*interpret.*implementation='pallas'",
+    ),
+    "blocked-degree": (dict(implementation="blocked", degree=4), r"'blocked' takes no.*degree"),
+    "reference-tiles": (
+        dict(implementation="reference", block_q=8),
+        r"'reference' takes no option 'block_q'",
+    ),
+    "unknown-option": (dict(implementation="blocked", block_sizes=1), "block_sizes"),
+    "config-of-another": (
+        dict(implementation="reference", config=tensorattn.BlockedConfig()),
+        "takes a ReferenceConfig, got BlockedConfig",
+    ),
+    "config-and-options": (
+        dict(config=tensorattn.BlockedConfig(), block_q=8),
+        "either config= or keyword options",
+    ),
+    "config-not-a-config": (dict(config={"block_q": 8}), "config must be a KernelConfig"),
+    "pallas-order-2": (dict(implementation="pallas", interpret=True), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_ERRORS))
+def test_options_the_implementation_does_not_take_raise(name):
+    kwargs, match = OPTION_ERRORS[name]
+    arrays, _ = Case(t=5, s1=6, s2=7).inputs()
+    if name == "pallas-order-2":
+        with pytest.raises(ValueError, match=r"'pallas' cannot run this call: order 2"):
+            tensorattn.higher_order_attention(arrays[0], arrays[1:2], arrays[3:4], **kwargs)
+        return
+    with pytest.raises(ValueError, match=match):
+        tensorattn.tensor_attention(*arrays, **kwargs)
+
+
+def test_config_runs_its_implementation_and_equals_the_shorthand(monkeypatch):
+    runs = _record_runs(monkeypatch)
+    case = Case(t=9, s1=9, s2=9, causal=True)
+    arrays, masks = case.inputs()
+    a = tensorattn.tensor_attention(*arrays, config=SMALL_BLOCKS, **case.kwargs(masks))
+    b = tensorattn.tensor_attention(
+        *arrays, implementation="blocked", block_q=4, block_outer=3, block_inner=4,
+        **case.kwargs(masks),
+    )  # fmt: skip
+    assert runs == [("blocked", "ran")] * 2
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), case.oracle(arrays, masks), atol=2e-5)
+
+
+def test_array_scale_equals_float_scale():
+    case = Case(t=9, s1=9, s2=9, causal=True)
+    arrays, masks = case.inputs()
+    for impl in ("reference", "blocked"):
+        a = tensorattn.tensor_attention(*arrays, implementation=impl, scale=0.3)
+        b = tensorattn.tensor_attention(*arrays, implementation=impl, scale=jnp.float32(0.3))
+        c = tensorattn.tensor_attention(
+            *arrays, implementation=impl, scale=jnp.full((case.heads,), 0.3)
+        )
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
+    with pytest.raises(ValueError, match=r"shape \(\) or \[N\]=\(4,\)"):
+        tensorattn.tensor_attention(*arrays, scale=jnp.ones((3,)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from collections.abc import Mapping, Sequence
 
@@ -44,28 +43,28 @@ def resolve(implementation: str | None, config: KernelConfig | None, options: Ma
     """`(implementation, config)` of one call; `(None, None)` lets the default choose.
     ValueError names an unknown implementation, a config of another implementation, or
     keyword options without an implementation that takes them."""
-    if implementation is None:
-        if options:
-            takers = {
-                name: sorted(set(options) & {f.name for f in dataclasses.fields(cls)})
-                for name, cls in configs.CONFIGS.items()
-            }
-            hint = "; ".join(
-                f"{', '.join(found)} {'is an option' if len(found) == 1 else 'are options'} "
-                f"of implementation={name!r}"
-                for name, found in takers.items()
-                if found
-            )
-            raise ValueError(
-                f"keyword options {sorted(options)} need an implementation: "
-                f"{hint or 'no implementation takes them'}. Pass implementation=... (or a "
-                "config=...) naming the kernel they configure"
-            )
-        if config is None:
-            return None, None
+    if implementation is None and config is not None:
         if not isinstance(config, KernelConfig):
             raise ValueError(f"config must be a KernelConfig, got {type(config).__name__}")
         implementation = config.implementation
+    if implementation is None:
+        if not options:
+            return None, None
+        takers = {
+            name: sorted(set(options) & {f.name for f in dataclasses.fields(cls)})
+            for name, cls in configs.CONFIGS.items()
+        }
+        hint = "; ".join(
+            f"{', '.join(found)} {'is an option' if len(found) == 1 else 'are options'} "
+            f"of implementation={name!r}"
+            for name, found in takers.items()
+            if found
+        )
+        raise ValueError(
+            f"keyword options {sorted(options)} need an implementation: "
+            f"{hint or 'no implementation takes them'}. Pass implementation=... (or a "
+            "config=...) naming the kernel they configure"
+        )
     return implementation, configs.config_for(implementation, config, options)
 
 
