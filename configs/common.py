@@ -17,8 +17,7 @@ import dataclasses
 import ml_collections
 
 from tensorattn.kernels.configs import BlockedConfig, PallasConfig, PolynomialConfig
-
-ATTENTION = ("tensor", "standard", "polynomial")
+from tensorattn.models import ATTENTION
 
 
 def parse_arg(arg: str | None, **defaults):

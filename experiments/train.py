@@ -1,8 +1,13 @@
 """Trains one config: `python -m experiments.train --config=configs/match3.py --workdir=DIR`.
 
-Overrides: `--config.model.num_heads=4`, `--config.train.num_steps=1000`, ... A finished run
-in DIR is reported complete; an interrupted one resumes from its newest intact checkpoint.
-One run per DIR at a time (a second exits naming the first).
+Overrides: `--config.model.num_heads=4`, `--config.train.num_steps=1000`,
+`--config.kernel.implementation=blocked --config.kernel.blocked.block_q=32`,
+`--config.kernel.pallas.fwd_block_rows=64`, `--config.model.polynomial.degree=3` (with
+`:attention=polynomial`), ... Every field is checked before anything compiles. A finished run
+in DIR is reported complete; an interrupted one resumes from its newest intact checkpoint,
+also under another kernel (`config.kernel`), device count or `train.sequence_shards`; another
+task or model architecture is refused. One run per DIR at a time (a second exits naming the
+first).
 """
 
 import logging

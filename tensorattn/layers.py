@@ -13,7 +13,6 @@ k2_mask, scale)`: by default `Kernel(implementation, kernel_config)`, or one giv
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import numbers
 import warnings
@@ -25,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import Scope
 
-from tensorattn.kernels import api, configs
-from tensorattn.kernels.configs import KernelConfig, PolynomialConfig
+from tensorattn.kernels import api
+from tensorattn.kernels.configs import KernelConfig
 from tensorattn.kernels.polynomial import PolynomialAccuracyWarning
 
 Array = jax.Array
@@ -49,20 +48,12 @@ class Kernel:
     config: KernelConfig | None = None
 
     def __post_init__(self):
-        if self.config is not None and not isinstance(self.config, KernelConfig):
-            raise ValueError(
-                f"Kernel.config must be a KernelConfig (e.g. BlockedConfig) or None, got "
-                f"{self.config!r}"
-            )
-        if self.implementation is not None:
-            configs.config_for(self.implementation, self.config)
+        api.resolve(self.implementation, self.config, {})  # the kernel's own checks
 
     @property
     def name(self) -> str | None:
         """The implementation that runs: the given one, else the config's (None: the default)."""
-        if self.implementation is None and self.config is not None:
-            return self.config.implementation
-        return self.implementation
+        return api.resolve(self.implementation, self.config, {})[0]
 
     def __call__(
         self,
@@ -78,40 +69,20 @@ class Kernel:
         k2_mask=None,
         scale=None,
     ):
-        common = dict(causal=causal, window=window, k1_mask=k1_mask, k2_mask=k2_mask)
-        if not _KERNEL_TAKES_CONFIG:
-            return _legacy_call(self, q, k1, k2, v1, v2, scale=scale, **common)
         return api.tensor_attention(
-            q, k1, k2, v1, v2, implementation=self.implementation, config=self.config,
-            scale=scale, **common
-        )  # fmt: skip
-
-
-# --- ADAPTER (temporary, remove when the kernel API with `config=` lands from branch spine):
-# the pre-spine `tensor_attention` takes keyword options and a float scale only.
-_KERNEL_TAKES_CONFIG = "config" in inspect.signature(api.tensor_attention).parameters
-
-
-def _legacy_call(kernel: Kernel, q, k1, k2, v1, v2, *, scale, **common):
-    options, cfg = {}, kernel.config
-    if isinstance(cfg, configs.BlockedConfig):
-        from tensorattn.kernels import blocked
-
-        options["block_sizes"] = blocked.BlockSizes(cfg.block_q, cfg.block_outer, cfg.block_inner)
-    elif isinstance(cfg, configs.PallasConfig):
-        options["interpret"] = cfg.interpret
-    elif isinstance(cfg, PolynomialConfig):
-        options = cfg.to_dict()
-    if scale is not None and not isinstance(scale, float | int):
-        scale = jnp.asarray(scale)
-        q = q * scale.reshape((-1, 1)).astype(q.dtype)
-        scale = 1.0
-    return api.tensor_attention(
-        q, k1, k2, v1, v2, implementation=kernel.name, scale=scale, **common, **options
-    )
-
-
-# --- end of ADAPTER
+            q,
+            k1,
+            k2,
+            v1,
+            v2,
+            implementation=self.implementation,
+            config=self.config,
+            causal=causal,
+            window=window,
+            k1_mask=k1_mask,
+            k2_mask=k2_mask,
+            scale=scale,
+        )
 
 
 def bound_entries(x: Array, bound: float | None) -> Array:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -34,12 +35,12 @@ from tensorattn import checkpoints as checkpoints_lib
 from tensorattn import layers, models, sharding, tasks
 from tensorattn import workdir as workdir_files
 from tensorattn.checkpoints import Checkpoints
-from tensorattn.kernels.configs import BlockedConfig, PallasConfig
+from tensorattn.kernels.configs import CONFIGS, BlockedConfig, PallasConfig
 
 log = logging.getLogger(__name__)
 
 # The exact kernels `kernel.implementation` may name (None: the best one for each call).
-EXACT = ("reference", "blocked", "pallas")
+EXACT = tuple(name for name in CONFIGS if name != "polynomial")
 
 
 class ConfigError(ValueError):
@@ -333,8 +334,7 @@ def validate(options: Options, num_devices: int | None = None) -> None:
             f"train.sequence_shards: sequence length {task.length} is not divisible by "
             f"{t.sequence_shards}"
         )
-    if options.kernel.implementation is not None and "tensor" in m.attention_kinds:
-        _check_kernel_runs(options, task.length // t.sequence_shards)
+    _check_kernels_run(options, task.length // t.sequence_shards)
 
 
 def _check_kernel_options(k: KernelOptions) -> None:
@@ -362,10 +362,11 @@ def _check_kernel_options(k: KernelOptions) -> None:
             )
 
 
-def _check_kernel_runs(options: Options, query_length: int) -> None:
-    """Traces (does not compile) one call of the chosen kernel at the model's shapes: an
-    implementation that cannot run them (e.g. "pallas" without a GPU) refuses here, from the
-    code that would run it, as a ConfigError naming kernel.implementation."""
+def _check_kernels_run(options: Options, query_length: int) -> None:
+    """Traces (does not compile) one call of each attention kernel the model runs, at its
+    shapes and scale (a learned one is an array): a kernel that refuses them (e.g. "pallas"
+    without a GPU, a polynomial `bound` with a learned scale) refuses here, from the code that
+    would run it, as a ConfigError naming kernel.implementation or model.polynomial."""
     m = options.model
     head_dim = m.head_dim or m.width // m.num_heads
     kv = m.num_kv_heads or m.num_heads
@@ -373,23 +374,32 @@ def _check_kernel_runs(options: Options, query_length: int) -> None:
     q = jax.ShapeDtypeStruct((1, query_length, m.num_heads, head_dim), dtype)
     k = jax.ShapeDtypeStruct((1, m.max_len, kv, head_dim), dtype)
     scale = m.scale if m.scale is not None else head_dim**-0.5
-    if m.learn_scale:
-        scale = jax.ShapeDtypeStruct((m.num_heads,), jnp.float32)
-    kernel = options.kernel.kernel()
+    kinds = set(m.attention_kinds)
+    checks = []
+    if "tensor" in kinds and options.kernel.implementation is not None:
+        checks.append(("kernel.implementation", options.kernel.kernel()))
+    if "polynomial" in kinds:
+        checks.append(("model.polynomial", layers.Kernel("polynomial", m.polynomial)))
+    for field, kernel in checks:
 
-    def call(q, k, scale):
-        return kernel(q, k, k, k, k, causal=m.causal, window=m.window, scale=scale)
+        def call(q, k, scale, kernel=kernel):
+            return kernel(q, k, k, k, k, causal=m.causal, window=m.window, scale=scale)
 
-    try:
-        if m.learn_scale:
-            jax.eval_shape(call, q, k, scale)
-        else:
-            jax.eval_shape(lambda q, k: call(q, k, scale), q, k)
-    except ValueError as e:
-        raise ConfigError(
-            f"kernel.implementation: {options.kernel.implementation!r} does not run this "
-            f"model's tensor layers on the {jax.default_backend()!r} backend: {e}"
-        ) from e
+        try:
+            if m.learn_scale:
+                jax.eval_shape(call, q, k, jax.ShapeDtypeStruct((m.num_heads,), jnp.float32))
+            else:
+                jax.eval_shape(lambda q, k, call=call: call(q, k, scale), q, k)
+        except ValueError as e:
+            named = re.match(r"PolynomialConfig\.(\w+)", str(e))
+            if field == "kernel.implementation":
+                field = f"{field}: {options.kernel.implementation!r} does not run"
+            else:
+                field = f"{field}.{named.group(1)}" if named else field
+                field += ": the polynomial kernel does not run"
+            raise ConfigError(
+                f"{field} this model's layers on the {jax.default_backend()!r} backend: {e}"
+            ) from e
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,6 +143,11 @@ BAD = [
         dict(model__head_dim=64, model__polynomial={"tolerance": 1e-6, "score_range": 8.0}),
         "model.polynomial.tolerance",  # the degree it picks has too large a feature rank
     ),
+    (  # a static score range from a learned (array) scale: refused by the kernel's own check
+        POLY,
+        dict(model__learn_scale=True, model__polynomial__bound=1.0),
+        "model.polynomial.bound",
+    ),
     # Sequence sharding needs global query positions for causal masks.
     ("smoke", dict(model__causal=True, train__sequence_shards=2), "train.sequence_shards"),
     # Ranges: optim and train.

@@ -201,7 +201,7 @@ def test_blocked_tiles_from_a_kernel_config():
     [
         (dict(implementation="blocked", kernel_config=PolynomialConfig()), "BlockedConfig"),
         (dict(implementation="flash"), "unknown implementation"),
-        (dict(kernel_config={"degree": 4}), "Kernel.config must be a KernelConfig"),
+        (dict(kernel_config={"degree": 4}), "config must be a KernelConfig"),
         (dict(attend=3), "attend must be callable"),
     ],
 )

@@ -185,8 +185,16 @@ def run_cli(*args, timeout=240):
 
 
 def test_cli_smoke_run(tmp_path):
-    out = run_cli("--config=configs/match3.py:smoke", f"--workdir={tmp_path}")
+    out = run_cli(
+        "--config=configs/match3.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.kernel.implementation=blocked",
+        "--config.kernel.blocked.block_q=8",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "config.json") as f:
+        kernel = json.load(f)["kernel"]
+    assert kernel["implementation"] == "blocked" and kernel["blocked"]["block_q"] == 8
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "config.json").exists()
     assert (tmp_path / "checkpoints" / "20").exists()
 
