@@ -4,92 +4,77 @@ r"""Benchmark of the exact kernels: time, compiled memory and achieved rate vs m
   python -m experiments.bench_kernels --dtype=bfloat16 --out=runs/bench_gpu.jsonl  # on a GPU
   python -m experiments.bench_kernels --preset=sweep --lengths=128,256,512
 
-Prints a table and appends one JSON object per measurement to `--out`.
+Prints a table and appends one row per measurement to `--out` (the row schema of
+`experiments.harness`: `n`, `pass`, `median_ms`, `tflops`, `status`, ...); `--impls` may name
+"exact" (`implementation=None`), `--block_sizes=64,32,128` sets `BlockedConfig` tiles.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-import tensorattn
-from experiments import benchlib
+from experiments import benchlib, harness
 
-_PRESET = flags.DEFINE_enum(
-    "preset", "targets", ["targets", "sweep", "gpu", "tiles"], "What to measure."
-)
-_BLOCKS = flags.DEFINE_list("block_sizes", [], "block_q,block_k1,block_k2 for 'blocked'.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines this command's flags; only `__main__` calls it, so the module imports (and
+    its functions run) without them."""
+    flags.DEFINE_enum("preset", "targets", ["targets", "sweep", "gpu", "tiles"], "What to measure.")
+    flags.DEFINE_list(
+        "block_sizes", [], "block_q,block_outer,block_inner (BlockedConfig) for 'blocked'."
+    )
+    flags.DEFINE_list("lengths", ["128", "256", "512"], "Sweep lengths (preset=sweep).")
+    flags.DEFINE_list("impls", ["reference", "blocked"], "Implementations (preset=sweep).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
+    flags.DEFINE_integer("batch", 1, "Batch size.")
+    flags.DEFINE_integer("heads", 1, "Query heads N.")
+    flags.DEFINE_integer("kv_heads", 1, "Key/value heads K.")
+    flags.DEFINE_list("head_dims", ["64", "128"], "Head dims (preset=gpu).")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
+    flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
+
+
 _TILE_GRID = ["64,32,128", "128,32,128", "128,64,128", "128,32,256", "256,16,256", "64,64,256"]
-_LENGTHS = flags.DEFINE_list("lengths", ["128", "256", "512"], "Sweep lengths (preset=sweep).")
-_IMPLS = flags.DEFINE_list("impls", ["reference", "blocked"], "Implementations (preset=sweep).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
-_HEADS = flags.DEFINE_integer("heads", 1, "Query heads N.")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 1, "Key/value heads K.")
-_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims (preset=gpu).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
-_OUT = flags.DEFINE_string("out", "runs/bench_kernels.jsonl", "JSON lines output ('' = none).")
 
-GRAD_FLOP_FACTOR = 3.5  # forward (1) + backward (2.5), docs/math.md §3
-
-
-def make_inputs(t: int, head_dim: int, dtype):
-    keys = jax.random.split(jax.random.key(t), 5)
-    b, n, kv = _BATCH.value, _HEADS.value, _KV_HEADS.value
-    shapes = [(b, t, n, head_dim)] + [(b, t, kv, head_dim)] * 4
-    return [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]
+TILES = ("block_q", "block_outer", "block_inner")
 
 
 def measure(
-    impl, t, head_dim, *, causal=False, window=None, grad=False, run=True, dtype, blocks=None
+    impl,
+    t,
+    head_dim,
+    *,
+    causal=False,
+    window=None,
+    grad=False,
+    run=True,
+    dtype="float32",
+    blocks=None,
+    batch=1,
+    heads=1,
+    kv_heads=1,
+    repeats=3,
 ):
-    """One benchmark point as a dict."""
-    inputs = make_inputs(t, head_dim, dtype)
-
-    options = {}
-    if impl == "blocked" and (blocks or _BLOCKS.value):
-        sizes = blocks or tuple(int(b) for b in _BLOCKS.value)
-        options["block_sizes"] = tensorattn.BlockSizes(*sizes)
-
-    def forward(*x):
-        return tensorattn.tensor_attention(
-            *x, implementation=impl, causal=causal, window=window, **options
-        )
-
-    if grad:
-
-        def fn(*x):
-            return jax.grad(
-                lambda *y: jnp.sum(forward(*y).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)
-            )(*x)
-    else:
-        fn = forward
-    jitted = jax.jit(fn)
-    row = {
-        "implementation": impl,
-        "n": t,
-        "head_dim": head_dim,
-        "batch": _BATCH.value,
-        "heads": _HEADS.value,
-        "kv_heads": _KV_HEADS.value,
-        "dtype": jnp.dtype(dtype).name,
-        "causal": causal,
-        "window": window,
-        "pass": "fwd+grad" if grad else "fwd",
-        "block_sizes": str(options.get("block_sizes")),
-        "temp_bytes": benchlib.temp_bytes(fn, *inputs),
-        **benchlib.device_description(),
-    }
-    flops = (
-        4.0 * benchlib.allowed_tuples(t, causal, window) * head_dim * _BATCH.value * _HEADS.value
+    """One benchmark point: `harness.measure`'s row (memory checked, never refused)."""
+    options = dict(zip(TILES, blocks)) if impl == "blocked" and blocks else {}
+    point = harness.make_point(
+        impl,
+        t,
+        head_dim=head_dim,
+        causal=causal,
+        window=window,
+        dtype=dtype,
+        batch=batch,
+        heads=heads,
+        kv_heads=kv_heads,
+        options=options,
+        **{"pass": "fwd+grad" if grad else "fwd"},
     )
-    row["flops"] = flops * (GRAD_FLOP_FACTOR if grad else 1.0)
-    if run:
-        row["compile_s"], seconds = benchlib.time_call(jitted, *inputs, repeats=_REPEATS.value)
-        row["time_ms"] = seconds * 1e3
-        row["flops_per_s"] = row["flops"] / seconds
-    row["status"] = "ok"
+    row = harness.measure(point, repeats=repeats, memory_limit=1 << 62, timed=run)
+    row["temp_mib"] = None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20
     return row
 
 
@@ -108,7 +93,7 @@ def report_targets(rows):
     mem_ref = find(implementation="reference", n=1024, **{"pass": "fwd"})["temp_bytes"]
     causal = find(implementation="blocked", n=512, causal=True, window=None, **{"pass": "fwd"})
     win = find(implementation="blocked", n=4096, **{"pass": "fwd"})
-    full_4096_ms = fwd512["time_ms"] * (4096 / 512) ** 3
+    full_4096_ms = fwd512["median_ms"] * (4096 / 512) ** 3
     checks = [
         (
             "blocked fwd T=512 H=64 / matmul rate",
@@ -118,24 +103,24 @@ def report_targets(rows):
         ),
         (
             "blocked / reference time, T=128",
-            blk128["time_ms"] / ref128["time_ms"],
+            blk128["median_ms"] / ref128["median_ms"],
             "<= 1.25",
-            blk128["time_ms"] <= 1.25 * ref128["time_ms"],
+            blk128["median_ms"] <= 1.25 * ref128["median_ms"],
         ),
         ("blocked fwd temp MiB, T=1024 H=32", mem_f / mib, "<= 64", mem_f <= 64 * mib),
         ("blocked grad temp MiB, T=1024 H=32", mem_g / mib, "<= 256", mem_g <= 256 * mib),
         ("reference fwd temp MiB, T=1024 H=32", mem_ref / mib, "(for comparison)", True),
         (
             "causal / full time, T=512",
-            causal["time_ms"] / fwd512["time_ms"],
+            causal["median_ms"] / fwd512["median_ms"],
             "<= 0.45",
-            causal["time_ms"] <= 0.45 * fwd512["time_ms"],
+            causal["median_ms"] <= 0.45 * fwd512["median_ms"],
         ),
         (
             "full(4096, from 512 x 8^3) / window(64,16)",
-            full_4096_ms / win["time_ms"],
+            full_4096_ms / win["median_ms"],
             ">= 500",
-            full_4096_ms >= 500 * win["time_ms"],
+            full_4096_ms >= 500 * win["median_ms"],
         ),
     ]
     print("\nTargets:")
@@ -146,19 +131,14 @@ def report_targets(rows):
 
 def main(argv):
     del argv
-    dtype = jnp.dtype(_DTYPE.value)
-    rate = benchlib.matmul_rate(dtype)
-    print(f"device: {benchlib.device_description()}  {dtype.name} matmul: {rate / 1e9:.1f} GFLOP/s")
+    dtype = jnp.dtype(FLAGS.dtype)
+    rate = harness.matmul_rate(dtype)
+    env = harness.environment()
+    print(f"device: {env}  {dtype.name} matmul: {rate / 1e9:.1f} GFLOP/s")
     benchlib.append_jsonl(
-        _OUT.value,
-        {
-            "kind": "matmul_rate",
-            "dtype": dtype.name,
-            "flops_per_s": rate,
-            **benchlib.device_description(),
-        },
+        FLAGS.out, {"kind": "matmul_rate", "dtype": dtype.name, "flops_per_s": rate, **env}
     )
-    if _PRESET.value == "targets":
+    if FLAGS.preset == "targets":
         points = [
             dict(impl="reference", t=128, head_dim=64),
             dict(impl="blocked", t=128, head_dim=64),
@@ -172,20 +152,20 @@ def main(argv):
             dict(impl="reference", t=1024, head_dim=32, run=False),
             dict(impl="blocked", t=4096, head_dim=64, window=(64, 16)),
         ]
-    elif _PRESET.value == "gpu":
+    elif FLAGS.preset == "gpu":
         points = [dict(impl="reference", t=512, head_dim=64)]
-        for head_dim in map(int, _HEAD_DIMS.value):
+        for head_dim in map(int, FLAGS.head_dims):
             for grad in (False, True):
                 points += [
                     dict(impl="blocked", t=1024, head_dim=head_dim, grad=grad),
                     dict(impl="blocked", t=4096, head_dim=head_dim, grad=grad),
                     dict(impl="blocked", t=16384, head_dim=head_dim, grad=grad, window=(512, 32)),
                 ]
-    elif _PRESET.value == "tiles":
+    elif FLAGS.preset == "tiles":
         points = [
             dict(
                 impl="blocked",
-                t=int(_LENGTHS.value[-1]),
+                t=int(FLAGS.lengths[-1]),
                 head_dim=64,
                 blocks=tuple(int(b) for b in tiles.split(",")),
             )
@@ -194,23 +174,27 @@ def main(argv):
     else:
         points = [
             dict(impl=impl, t=int(t), head_dim=64, grad=grad)
-            for t in _LENGTHS.value
-            for impl in _IMPLS.value
+            for t in FLAGS.lengths
+            for impl in FLAGS.impls
             for grad in (False, True)
         ]
+    blocks = tuple(int(b) for b in FLAGS.block_sizes) or None
+    shape = dict(batch=FLAGS.batch, heads=FLAGS.heads, kv_heads=FLAGS.kv_heads)
     rows = []
     for point in points:
-        row = measure(**point, dtype=dtype)
-        if "flops_per_s" in row:
+        point = {"blocks": blocks, **point}
+        row = measure(**point, **shape, dtype=dtype.name, repeats=FLAGS.repeats)
+        if row["tflops"] is not None:
             # The matmul rate is re-measured next to each point, so a busy machine slows both.
-            row["matmul_flops_per_s"] = benchlib.matmul_rate(dtype)
-            row["fraction_of_matmul"] = row["flops_per_s"] / row["matmul_flops_per_s"]
-        row["temp_mib"] = None if row["temp_bytes"] is None else row["temp_bytes"] / 2**20
-        benchlib.append_jsonl(_OUT.value, row)
+            row["matmul_flops_per_s"] = harness.matmul_rate(dtype)
+            row["fraction_of_matmul"] = row["tflops"] * 1e12 / row["matmul_flops_per_s"]
+        row["block_sizes"] = point["blocks"] if row["implementation"] == "blocked" else None
+        benchlib.append_jsonl(FLAGS.out, row)
         rows.append(row)
+        ms = row["median_ms"]
         print(
-            f"  {row['implementation']:>9} n={row['n']:<5} {row['pass']:<8} "
-            f"{row.get('time_ms', float('nan')):10.2f} ms",
+            f"  {row['implementation']:>9} n={row['n']:<5} {row['pass']:<8} {row['status']:<6}"
+            + (f"{ms:10.2f} ms" if ms is not None else ""),
             flush=True,
         )
     print()
@@ -225,14 +209,16 @@ def main(argv):
             "window",
             "pass",
             "compile_s",
-            "time_ms",
+            "median_ms",
+            "tflops",
             "fraction_of_matmul",
             "temp_mib",
         ],
     )
-    if _PRESET.value == "targets":
+    if FLAGS.preset == "targets":
         report_targets(rows)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

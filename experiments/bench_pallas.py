@@ -1,44 +1,53 @@
 r"""GPU benchmark of the Pallas tensor-attention kernels against the blocked XLA kernel.
 
   PYTHONUNBUFFERED=1 python -m experiments.bench_pallas --out=$OUT/bench_pallas.jsonl
+  TENSORATTN_PALLAS_INTERPRET=1 python -m experiments.bench_pallas --cases=tiny \
+      --head_dims=16 --matmul_size=256 --variants_window=32:16:4   # any backend, slowly
 
 In one run: the device's bf16 matmul rate; a correctness check of the Pallas kernels against
-the blocked kernel (forward and gradients); then forward and forward+backward TFLOP/s of
+the blocked kernel (forward and gradients); then forward and forward+gradient TFLOP/s of
 "pallas" and "blocked" at T=4096 (full) and T=16384 with windows (512, 32), head dims 64 and
-128, grouped heads. FLOPs count allowed (i, a, b) triples: `4·pairs·H·N·B` forward, 2.5× that
-for the backward. Compile time is reported apart; times are medians after a warm-up.
+128, grouped heads. Forward variants are `PallasConfig` tiles `rows:block_k2:warps`; the
+fastest one is also timed with its gradient. Rows follow the schema of `experiments.harness`
+(`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
+plus `case`, `variant`, `frac_matmul` and, for "fwd+grad", `bwd_tflops`: the backward alone
+(2.5x the forward's FLOPs, docs/math.md §3.4) over the time beyond the forward. Compile time is
+reported apart; times are medians after a warm-up.
 """
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-import tensorattn
-from experiments import benchlib
-from tensorattn.kernels.pallas import PallasBlockSizes
+from experiments import benchlib, harness
+from tensorattn.kernels import cost
 
-_OUT = flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
-_BUDGET = flags.DEFINE_float("budget_s", 12.0, "Max seconds of timed runs per point.")
-_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims to measure.")
-_CASES = flags.DEFINE_list("cases", ["window16384", "full4096"], "Cases to measure.")
-_IMPLS = flags.DEFINE_list("impls", ["pallas", "blocked"], "Implementations.")
-_VARIANTS_FULL = flags.DEFINE_list(
-    "variants_full", ["128:64:8", "128:128:8", "64:64:4"], "Pallas rows:block_k2:warps (full)."
-)
-_VARIANTS_WINDOW = flags.DEFINE_list(
-    "variants_window", ["128:64:8", "128:32:8", "64:32:4"], "Pallas rows:block_k2:warps (window)."
-)
-_CHECK = flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
-_MATMUL = flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
-_BWD_IMPLS = flags.DEFINE_list("bwd_impls", ["pallas", "blocked"], "Implementations timed fwd+bwd.")
+FLAGS = flags.FLAGS
 
-BWD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (docs/math.md §3)
+
+def define_flags() -> None:
+    """Defines this command's flags; only `__main__` calls it, so the module imports (and
+    its functions run) without them."""
+    flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
+    flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
+    flags.DEFINE_float("budget_s", 12.0, "Max seconds of timed runs per point.")
+    flags.DEFINE_list("head_dims", ["64", "128"], "Head dims to measure.")
+    flags.DEFINE_list("cases", ["window16384", "full4096"], "Cases to measure.")
+    flags.DEFINE_list("impls", ["pallas", "blocked"], "Implementations.")
+    flags.DEFINE_list(
+        "variants_full", ["128:64:8", "128:128:8", "64:64:4"], "Pallas rows:block_k2:warps (full)."
+    )
+    flags.DEFINE_list(
+        "variants_window",
+        ["128:64:8", "128:32:8", "64:32:4"],
+        "Pallas rows:block_k2:warps (window).",
+    )
+    flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
+    flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
+    flags.DEFINE_list("bwd_impls", ["pallas", "blocked"], "Implementations timed forward+gradient.")
+
 
 # name -> (batch, T, heads N, kv heads K, window)
 CASES = {
@@ -48,154 +57,150 @@ CASES = {
 }
 
 
-def time_fn(fn, *args, repeats: int, budget_s: float) -> dict:
-    """Compile time and the median of up to `repeats` timed runs within `budget_s`."""
-    compile_s, seconds = benchlib.time_call(jax.jit(fn), *args, repeats=repeats, budget_s=budget_s)
-    return {"compile_s": compile_s, "seconds": seconds}
+def variant_options(variant: str | None) -> dict:
+    """`PallasConfig` fields of a variant "rows:block_k2:warps" (forward and backward tiles)."""
+    if variant is None:
+        return {}
+    rows, block_k2, warps = map(int, variant.split(":"))
+    return {
+        "fwd_block_rows": rows,
+        "fwd_block_k2": block_k2,
+        "bwd_block_rows": rows,
+        "bwd_block_k2": block_k2,
+        "num_warps": warps,
+    }
 
 
-def make_inputs(batch, t, n, kv, h, dtype=jnp.bfloat16, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 6)
-    shapes = [(batch, t, n, h)] + [(batch, t, kv, h)] * 4
-    x = [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]
-    d_out = jax.random.normal(keys[5], (batch, t, n, h), jnp.float32).astype(dtype)
-    return x, d_out
+def case_point(case: str, impl: str, head_dim: int, *, pass_="fwd", dtype="bfloat16", options=None):
+    batch, t, n, kv, window = CASES[case]
+    return harness.make_point(
+        impl,
+        t,
+        batch=batch,
+        heads=n,
+        kv_heads=kv,
+        head_dim=head_dim,
+        window=window,
+        causal=window is not None,
+        dtype=dtype,
+        options=options or {},
+        **{"pass": pass_},
+    )
 
 
-def attention_fn(impl, window, options):
-    def forward(*x):
-        return tensorattn.tensor_attention(
-            *x, implementation=impl, causal=window is not None, window=window, **options
+def check_correctness(emit) -> None:
+    """Pallas vs blocked on the device: relative errors of the output and all five gradients
+    (largest entry error / largest entry), float32 full and bfloat16 windowed."""
+    for dtype, window in [("float32", None), ("bfloat16", (64, 16))]:
+        errors = []
+        for pass_ in ("fwd", "fwd+grad"):
+            point = harness.make_point(
+                "pallas",
+                256,
+                heads=8,
+                kv_heads=2,
+                head_dim=64,
+                dtype=dtype,
+                window=window,
+                causal=window is not None,
+                **{"pass": pass_},
+            )
+            inputs = harness.make_inputs(point, seed=1)
+            errors += harness.result_errors(point, inputs, "blocked")
+        emit(
+            {
+                "kind": "check",
+                "dtype": dtype,
+                "window": window,
+                "rel_err_out_dq_dk1_dk2_dv1_dv2": errors,
+                "finite": all(e == e for e in errors),  # nan compares unequal
+                **harness.environment(),
+            }
         )
 
-    def forward_backward(d_out, *x):
-        out, vjp = jax.vjp(forward, *x)
-        return out, vjp(d_out)
 
-    return forward, forward_backward
-
-
-def check_correctness(rows):
-    """Pallas vs blocked on the device: relative errors of the output and all gradients."""
-    for dtype, window in [(jnp.float32, None), (jnp.bfloat16, (64, 16))]:
-        x, d_out = make_inputs(1, 256, 8, 2, 64, dtype, seed=1)
-        results = {}
-        for impl in ("pallas", "blocked"):
-            _, fb = attention_fn(impl, window, {})
-            out, grads = jax.jit(fb)(d_out, *x)
-            results[impl] = [np.asarray(a, np.float64) for a in (out, *grads)]
-        errs = [
-            float(np.linalg.norm(p - b) / max(np.linalg.norm(b), 1e-30))
-            for p, b in zip(results["pallas"], results["blocked"])
-        ]
-        finite = all(np.all(np.isfinite(p)) for p in results["pallas"])
-        row = {
-            "kind": "check",
-            "dtype": jnp.dtype(dtype).name,
-            "window": window,
-            "rel_err_out_dq_dk1_dk2_dv1_dv2": errs,
-            "finite": finite,
-        }
-        emit(rows, row)
-
-
-def emit(rows, row):
-    """Prints `row`, keeps it, and appends it to `--out` at once (partial runs keep data)."""
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-    if _OUT.value:
-        with open(_OUT.value, "a") as f:
-            f.write(json.dumps(row) + "\n")
+def time_case(
+    case: str,
+    head_dim: int,
+    peak: float,
+    emit,
+    *,
+    impls=("pallas", "blocked"),
+    variants=(None,),
+    bwd_impls=("pallas", "blocked"),
+    repeats: int = 5,
+    budget_s: float | None = None,
+) -> list[dict]:
+    """Forward rows of every implementation (pallas: each of `variants`), then forward+gradient
+    rows of each of `bwd_impls` at its fastest variant; `peak`: the matmul TFLOP/s."""
+    timing = dict(repeats=repeats, budget_s=budget_s)
+    rows, best = [], {}
+    for impl in impls:
+        for variant in variants if impl == "pallas" else [None]:
+            point = case_point(case, impl, head_dim, options=variant_options(variant))
+            row = harness.measure(point, **timing)
+            row.update(kind="time", case=case, variant=variant)
+            if row["status"] != "ok":
+                print(f"FAILED {case} H={head_dim} {impl} {variant} fwd: {row['reason']}")
+                continue
+            row["frac_matmul"] = row["tflops"] / peak
+            emit(row)
+            rows.append(row)
+            if impl not in best or row["median_ms"] < best[impl]["median_ms"]:
+                best[impl] = row
+    for impl in bwd_impls:
+        if impl not in best:
+            continue
+        fwd = best[impl]
+        point = case_point(case, impl, head_dim, pass_="fwd+grad", options=fwd["options"])
+        row = harness.measure(point, **timing)
+        row.update(kind="time", case=case, variant=fwd["variant"])
+        if row["status"] != "ok":
+            print(f"FAILED {case} H={head_dim} {impl} fwd+grad: {row['reason']}")
+            continue
+        bwd_flops = fwd["flops"] * cost.BACKWARD_FACTOR
+        bwd_s = max(row["median_ms"] - fwd["median_ms"], 1e-6) / 1e3
+        row["frac_matmul"] = row["tflops"] / peak
+        row["bwd_tflops"] = bwd_flops / bwd_s / 1e12
+        row["bwd_frac_matmul"] = row["bwd_tflops"] / peak
+        emit(row)
+        rows.append(row)
+    return rows
 
 
 def main(argv):
     del argv
-    device = jax.devices()[0]
-    rows = []
-    print(f"jax {jax.__version__} on {device.device_kind}", flush=True)
-    peak = benchlib.matmul_rate(jnp.bfloat16, _MATMUL.value) / 1e12
-    emit(rows, {"kind": "matmul", "tflops": peak, "device": device.device_kind})
-    print(f"bf16 matmul {_MATMUL.value}^3: {peak:.1f} TFLOP/s", flush=True)
-    if _CHECK.value:
-        check_correctness(rows)
+    env = harness.environment()
+    print(f"jax {env['jax_version']} on {env['device_kind']}", flush=True)
+
+    def emit(row):  # appended at once: a killed run keeps its rows
+        benchlib.append_jsonl(FLAGS.out, row)
+
+    peak = harness.matmul_rate(jnp.bfloat16, FLAGS.matmul_size) / 1e12
+    emit({"kind": "matmul", "tflops": peak, **env})
+    print(f"bf16 matmul {FLAGS.matmul_size}^3: {peak:.1f} TFLOP/s", flush=True)
+    if FLAGS.check:
+        check_correctness(lambda row: (emit(row), print(row, flush=True)))
     table = []
-    for case in _CASES.value:
-        batch, t, n, kv, window = CASES[case]
-        for h in map(int, _HEAD_DIMS.value):
-            x, d_out = make_inputs(batch, t, n, kv, h)
-            flops = 4.0 * benchlib.allowed_tuples(t, False, window) * h * n * batch
-            runs = []
-            for impl in _IMPLS.value:
-                pallas_variants = _VARIANTS_FULL.value if window is None else _VARIANTS_WINDOW.value
-                variants = [None] if impl != "pallas" else pallas_variants
-                for variant in variants:
-                    options = {}
-                    if variant is not None:
-                        rws, bk2, warps = map(int, variant.split(":"))
-                        options["block_sizes"] = PallasBlockSizes(
-                            block_rows=rws, block_k2=bk2, num_warps=warps
-                        )
-                    runs.append((impl, variant, options))
-            best_variant = {}
-            for impl, variant, options in runs:
-                fwd, fb = attention_fn(impl, window, options)
-                base = {
-                    "kind": "time", "case": case, "impl": impl, "variant": variant,
-                    "batch": batch, "T": t, "N": n, "K": kv, "H": h, "window": window,
-                    "flops_fwd": flops, "device": device.device_kind, "jax": jax.__version__,
-                }  # fmt: skip
-                try:
-                    r = time_fn(fwd, *x, repeats=_REPEATS.value, budget_s=_BUDGET.value)
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    print(f"FAILED {case} H={h} {impl} {variant} fwd: {e!r}"[:2000], flush=True)
-                    continue
-                row = {**base, "pass": "fwd", **r, "tflops": flops / r["seconds"] / 1e12}
-                row["frac_matmul"] = row["tflops"] / peak
-                emit(rows, row)
-                table.append(row)
-                key = impl
-                if key not in best_variant or r["seconds"] < best_variant[key][0]:
-                    best_variant[key] = (r["seconds"], variant, options)
-            for impl in _BWD_IMPLS.value:
-                if impl not in best_variant:
-                    continue
-                t_fwd, variant, options = best_variant[impl]
-                _, fb = attention_fn(impl, window, options)
-                try:
-                    r = time_fn(fb, d_out, *x, repeats=_REPEATS.value, budget_s=_BUDGET.value)
-                except Exception as e:  # noqa: BLE001
-                    print(f"FAILED {case} H={h} {impl} fwd+bwd: {e!r}"[:2000], flush=True)
-                    continue
-                total = flops * (1 + BWD_FACTOR)
-                row = {
-                    "kind": "time", "case": case, "impl": impl, "variant": variant,
-                    "batch": batch, "T": t, "N": n, "K": kv, "H": h, "window": window,
-                    "flops_fwd": flops, "device": device.device_kind, "jax": jax.__version__,
-                    "pass": "fwd+bwd", **r, "tflops": total / r["seconds"] / 1e12,
-                    "bwd_tflops": flops * BWD_FACTOR / max(r["seconds"] - t_fwd, 1e-9) / 1e12,
-                }  # fmt: skip
-                row["frac_matmul"] = row["tflops"] / peak
-                row["bwd_frac_matmul"] = row["bwd_tflops"] / peak
-                emit(rows, row)
-                table.append(row)
-    print(f"\nbf16 matmul rate: {peak:.1f} TFLOP/s ({device.device_kind}, jax {jax.__version__})")
-    header = (
-        f"{'case':<12} {'H':>4} {'impl':<8} {'variant':<10} {'pass':<8} {'ms':>10} "
-        f"{'TFLOP/s':>8} {'%mm':>6} {'bwd TF/s':>9} {'bwd %mm':>8} {'compile s':>9}"
-    )
-    print(header)
+    for case in FLAGS.cases:
+        for h in map(int, FLAGS.head_dims):
+            window = CASES[case][4]
+            variants = FLAGS.variants_full if window is None else FLAGS.variants_window
+            table += time_case(
+                case, h, peak, emit, impls=FLAGS.impls, variants=variants,
+                bwd_impls=FLAGS.bwd_impls, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s,
+            )  # fmt: skip
+    print(f"\nbf16 matmul rate: {peak:.1f} TFLOP/s ({env['device_kind']}, jax {jax.__version__})")
     for r in table:
-        bwd = (
-            f"{r['bwd_tflops']:9.1f} {100 * r['bwd_frac_matmul']:7.1f}%"
-            if "bwd_tflops" in r
-            else ""
-        )
-        print(
-            f"{r['case']:<12} {r['H']:>4} {r['impl']:<8} {str(r['variant']):<10} {r['pass']:<8} "
-            f"{1e3 * r['seconds']:10.2f} {r['tflops']:8.1f} {100 * r['frac_matmul']:5.1f}% "
-            f"{bwd:<18} {r['compile_s']:9.1f}"
-        )
+        r["%mm"] = 100 * r["frac_matmul"]
+        r["bwd %mm"] = 100 * r["bwd_frac_matmul"] if "bwd_frac_matmul" in r else None
+    benchlib.print_table(
+        table,
+        ["case", "head_dim", "implementation", "variant", "pass", "median_ms", "tflops", "%mm"]
+        + ["bwd_tflops", "bwd %mm", "compile_s"],
+    )
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

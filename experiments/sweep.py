@@ -5,8 +5,11 @@ r"""Sequence-length sweep: time, compiled memory and achieved rate of each imple
         --config.dtype=bfloat16 --config.implementations=blocked,polynomial
 
 The whole config is checked before any point runs (`validate_config`: a bad field exits
-non-zero naming it); list fields take a tuple or a comma-separated string. Writes one JSON
-line per (implementation, pass, n) to `DIR/sweep.jsonl` with its status: "ok", "oom",
+non-zero naming it); list fields take a tuple or a comma-separated string. Implementation
+"exact" is `implementation=None`: the library's fastest exact kernel on the device (pallas on a
+GPU). Writes one JSON line per (implementation, pass, n) to `DIR/sweep.jsonl`, in the row
+schema of `experiments.harness` (`n`, `pass`, `median_ms`, `tflops`, `rank`, ...), with its
+status: "ok", "oom",
 "timeout", "skipped" or "error" (failures do not stop the sweep). On a re-run, "ok", "oom"
 and "timeout" rows are final (delete them, or use another DIR, to measure them again, e.g.
 after raising time_budget_s or memory_limit_bytes); "error" rows (and rows without a known
@@ -23,45 +26,30 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-import tensorattn
-from experiments import benchlib
-from tensorattn import models
+from experiments import benchlib, harness
 from tensorattn import workdir as workdir_files
-from tensorattn.kernels import api
+from tensorattn.kernels import cost
+from tensorattn.kernels.configs import PolynomialConfig
 
-EXACT = ("reference", "blocked", "pallas")
-IMPLEMENTATIONS = tuple(api.IMPLEMENTATIONS)
-PASSES = ("fwd", "fwd+grad")
-DTYPES = ("float32", "bfloat16", "float16")
+IMPLEMENTATIONS = harness.IMPLEMENTATIONS
+EXACT = harness.EXACT
+PASSES = harness.PASSES
+DTYPES = harness.DTYPES
 # Statuses a re-run keeps; "error" and unknown statuses are retried, "skipped" re-decided.
 FINAL = ("ok", "oom", "timeout")
-GRAD_FLOP_FACTOR = 3.5  # exact forward (1) + backward (2.5), docs/math.md §3
-IDENTITY = (
-    "implementation",
-    "n",
-    "pass",
-    "head_dim",
-    "batch",
-    "heads",
-    "kv_heads",
-    "dtype",
-    "causal",
-    "window",
-    "entry_bound",
-    "options",
-)
+# What identifies a point in sweep.jsonl.
+IDENTITY = harness.POINT_FIELDS
+MAX_RANK = 1 << 20  # largest feature rank the polynomial kernel takes
 
 
 class SweepConfigError(ValueError):
@@ -78,6 +66,7 @@ OPTIONAL = {
     "max_length": {},
     "fit_points": 3,
     "error_max_length": 0,
+    "value_dim": None,
 }
 REQUIRED = (
     "implementations",
@@ -119,6 +108,14 @@ def _names(field: str, value, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _lengths(value) -> tuple[int, ...]:
     parts = value.split(",") if isinstance(value, str) else value
     if isinstance(parts, int) and not isinstance(parts, bool):
@@ -131,7 +128,7 @@ def _lengths(value) -> tuple[int, ...]:
             part = int(part)
         elif isinstance(part, str) and not part.strip():
             continue
-        if not models.is_int(part) or part < 1:
+        if not _is_int(part) or part < 1:
             raise SweepConfigError(f"lengths: every length must be a positive int, got {part!r}")
         lengths.append(int(part))
     if not lengths:
@@ -140,13 +137,13 @@ def _lengths(value) -> tuple[int, ...]:
 
 
 def _int(field: str, value, low: int) -> int:
-    if not models.is_int(value) or value < low:
+    if not _is_int(value) or value < low:
         raise SweepConfigError(f"{field}: must be an int >= {low}, got {value!r}")
     return int(value)
 
 
 def _positive(field: str, value) -> float:
-    if not (models.is_real(value) and 0 < value < math.inf):
+    if not (_is_real(value) and 0 < value < math.inf):
         raise SweepConfigError(f"{field}: must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -159,7 +156,8 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     kv_heads, head_dim, repeats: positive ints, kv_heads dividing heads; dtype: float32,
     bfloat16 or float16; causal: a bool; window: None or a pair of positive ints (implies a
     causal mask); entry_bound, time_budget_s: positive finite numbers; polynomial: options of
-    implementation="polynomial" (`models.check_attention_options`) with an int `degree`;
+    implementation="polynomial" (`PolynomialConfig` fields) with an int `degree` whose feature
+    rank is at most MAX_RANK; value_dim: None (= head_dim) or a positive int;
     memory_limit_bytes, error_max_length: ints >= 0; max_length: {implementation: positive
     int}; fit_points: an int >= 2.
     """
@@ -198,7 +196,7 @@ def validate_config(config: Mapping[str, Any]) -> dict:
         ok = isinstance(window, (list, tuple)) and len(window) == 2
         if ok:
             window = [int(w) if isinstance(w, str) and w.strip().isdigit() else w for w in window]
-            ok = all(models.is_int(w) and w >= 1 for w in window)
+            ok = all(_is_int(w) and w >= 1 for w in window)
         if not ok:
             raise SweepConfigError(
                 f"window: must be None or a pair of positive ints, got {c['window']!r}"
@@ -211,22 +209,26 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     if not isinstance(polynomial, Mapping):
         raise SweepConfigError(f"polynomial: must be a mapping of options, got {polynomial!r}")
     if "polynomial" in out["implementations"]:
-        if not models.is_int(polynomial.get("degree")):
+        if not _is_int(polynomial.get("degree")):
             raise SweepConfigError(
                 f"polynomial.degree: the sweep needs an int degree (rank and FLOPs), got "
                 f"{polynomial.get('degree')!r}"
             )
         try:
-            models.check_attention_options(
-                "polynomial",
-                polynomial,
-                head_dim=out["head_dim"],
-                scale=out["head_dim"] ** -0.5,
-                prefix="polynomial",
-            )
+            PolynomialConfig.from_mapping(polynomial, prefix="polynomial")
         except ValueError as e:
-            raise SweepConfigError(str(e)) from e
+            field = re.search(r"(?:PolynomialConfig|polynomial)\.(\w+)", str(e))
+            where = f"polynomial.{field.group(1)}" if field else "polynomial"
+            raise SweepConfigError(f"{where}: {e}") from e
+        rank = cost.feature_rank(out["head_dim"], polynomial["degree"])
+        if rank > MAX_RANK:
+            raise SweepConfigError(
+                f"polynomial.degree: feature rank C(head_dim + degree, degree) = {rank} "
+                f"exceeds {MAX_RANK}"
+            )
     out["polynomial"] = dict(polynomial)
+    value_dim = c["value_dim"]
+    out["value_dim"] = out["head_dim"] if value_dim is None else _int("value_dim", value_dim, 1)
     out["memory_limit_bytes"] = _int("memory_limit_bytes", c["memory_limit_bytes"], 0)
     out["error_max_length"] = _int("error_max_length", c["error_max_length"], 0)
     out["fit_points"] = _int("fit_points", c["fit_points"], 2)
@@ -246,136 +248,19 @@ def validate_config(config: Mapping[str, Any]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Analytic cost.
-
-
-def polynomial_rank(head_dim: int, degree: int) -> int:
-    """Feature rank r = C(H+g, g) of the order-3 polynomial method."""
-    return math.comb(head_dim + degree, degree)
-
-
-def analytic_flops(point: Mapping[str, Any]) -> float:
-    """Multiply-adds x2 of one point: exact `4·tuples·H` (x3.5 with the gradient, docs/math.md
-    §3); polynomial `2·r·(Hv+1)·3n` forward, plus `2·r·(Hv+1)·(H+1)·5n` backward
-    (docs/math.md §4-§5; an estimate that ignores feature construction)."""
-    n, h, heads = point["n"], point["head_dim"], point["batch"] * point["heads"]
-    grad = point["pass"] == "fwd+grad"
-    if point["implementation"] == "polynomial":
-        r = polynomial_rank(h, point["options"]["degree"])
-        flops = 2.0 * r * (h + 1) * 3 * n
-        if grad:
-            flops += 2.0 * r * (h + 1) * (h + 1) * 5 * n
-        return flops * heads
-    tuples = benchlib.allowed_tuples(n, point["causal"], point["window"])
-    return 4.0 * tuples * h * heads * (GRAD_FLOP_FACTOR if grad else 1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# One point.
-
-
-def make_inputs(point: Mapping[str, Any], seed: int = 0):
-    """`q, k1, k2, v1, v2` uniform in `[-entry_bound, entry_bound]` (values in [-1, 1])."""
-    b, n, h = point["batch"], point["n"], point["head_dim"]
-    shapes = [(b, n, point["heads"], h)] + [(b, n, point["kv_heads"], h)] * 4
-    bounds = [point["entry_bound"]] * 3 + [1.0, 1.0]
-    keys = jax.random.split(jax.random.key(seed + n), 5)
-    dtype = jnp.dtype(point["dtype"])
-    return [
-        jax.random.uniform(k, s, jnp.float32, -bd, bd).astype(dtype)
-        for k, s, bd in zip(keys, shapes, bounds)
-    ]
-
-
-def make_fn(point: Mapping[str, Any], implementation: str | None = None):
-    """The function a point times: the forward, or its gradient w.r.t. all five inputs."""
-    impl = implementation or point["implementation"]
-    options = dict(point["options"]) if impl == "polynomial" else {}
-    window = None if point["window"] is None else tuple(point["window"])
-
-    def forward(*x):
-        return tensorattn.tensor_attention(
-            *x, implementation=impl, causal=point["causal"], window=window, **options
-        )
-
-    if point["pass"] == "fwd":
-        return forward
-
-    def grad(*x):
-        return jax.grad(
-            lambda *y: jnp.sum(forward(*y).astype(jnp.float32) ** 2) / 2, argnums=(0, 1, 2, 3, 4)
-        )(*x)
-
-    return grad
-
-
-def _memory(compiled) -> dict[str, int | None]:
-    """Compiled memory (bytes), defensively: backends differ in what they report."""
-    try:
-        m = compiled.memory_analysis()
-        temp = int(m.temp_size_in_bytes)
-        total = temp + int(m.argument_size_in_bytes) + int(m.output_size_in_bytes)
-        return {"temp_bytes": temp, "memory_bytes": total}
-    except Exception:
-        return {"temp_bytes": None, "memory_bytes": None}
-
-
-def _is_oom(e: Exception) -> bool:
-    text = str(e).lower()
-    return "resource_exhausted" in text or "out of memory" in text or "oom" in type(e).__name__
-
-
-def device_memory_limit(configured: int) -> int:
-    if configured:
-        return int(configured)
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-        if stats.get("bytes_limit"):
-            return int(stats["bytes_limit"])
-    except Exception:
-        pass
-    return 8 << 30
-
-
-def error_against_exact(point: Mapping[str, Any], inputs, compiled=None) -> float:
-    """Max |approx - exact| / max |exact| (output, or all five gradients) against blocked."""
-    approx = (compiled or jax.jit(make_fn(point)))(*inputs)
-    exact = jax.jit(make_fn(point, "blocked"))(*inputs)
-    leaves_a = [np.asarray(x, np.float64) for x in jax.tree.leaves(approx)]
-    leaves_e = [np.asarray(x, np.float64) for x in jax.tree.leaves(exact)]
-    err = max(float(np.max(np.abs(a - e))) for a, e in zip(leaves_a, leaves_e))
-    scale = max(float(np.max(np.abs(e))) for e in leaves_e)
-    return err / max(scale, 1e-30)
+# One point (experiments.harness).
 
 
 def measure(point: dict, *, repeats: int, memory_limit: int, error_max_length: int = 0) -> dict:
-    """Compiles, checks memory, times one point; returns the row (never raises)."""
-    row = dict(point, **benchlib.device_description())
-    row["flops"] = analytic_flops(point)
-    if point["implementation"] == "polynomial":
-        row["rank"] = polynomial_rank(point["head_dim"], point["options"]["degree"])
-    try:
-        inputs = make_inputs(point)
-        start = time.perf_counter()
-        compiled = jax.jit(make_fn(point)).lower(*inputs).compile()
-        row["compile_s"] = time.perf_counter() - start
-        row.update(_memory(compiled))
-        if row["memory_bytes"] is not None and row["memory_bytes"] > memory_limit:
-            row["status"] = "oom"
-            row["reason"] = f"compiled memory {row['memory_bytes']} > limit {memory_limit}"
-            return row
-        start = time.perf_counter()
-        _, seconds = benchlib.time_call(compiled, *inputs, repeats=repeats)
-        row["wall_s"] = time.perf_counter() - start
-        row["time_ms"] = seconds * 1e3
-        row["flops_per_s"] = row["flops"] / seconds
-        if point["implementation"] not in EXACT and point["n"] <= error_max_length:
-            row["relative_error"] = error_against_exact(point, inputs, compiled)
-        row["status"] = "ok"
-    except Exception as e:  # a failed point is a row, not the end of the sweep
-        row["status"] = "oom" if _is_oom(e) else "error"
-        row["reason"] = f"{type(e).__name__}: {str(e)[:300]}"
-    return row
+    """`harness.measure` of one point; non-exact points at `n <= error_max_length` also get
+    their `relative_error` against blocked (never raises)."""
+    check = point["implementation"] not in EXACT and point["n"] <= error_max_length
+    return harness.measure(
+        point,
+        repeats=repeats,
+        memory_limit=memory_limit,
+        error_against="blocked" if check else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,24 +270,18 @@ def measure(point: dict, *, repeats: int, memory_limit: int, error_max_length: i
 def points_of(config: Mapping[str, Any]) -> list[dict]:
     """Every (pass, implementation, n) point of a sweep config, shortest lengths first."""
     config = validate_config(config)
-    window = config["window"]
     base = {
-        "head_dim": config["head_dim"],
-        "batch": config["batch"],
-        "heads": config["heads"],
-        "kv_heads": config["kv_heads"],
-        "dtype": config["dtype"],
-        "causal": config["causal"],
-        "window": None if window is None else list(window),
-        "entry_bound": config["entry_bound"],
+        k: config[k]
+        for k in ("batch", "heads", "kv_heads", "head_dim", "value_dim", "dtype", "causal")
     }
+    base.update(window=config["window"], entry_bound=config["entry_bound"])
     points = []
     for pass_ in config["passes"]:
         for impl in config["implementations"]:
             options = dict(config["polynomial"]) if impl == "polynomial" else {}
             for n in config["lengths"]:
                 points.append(
-                    dict(base, implementation=impl, n=n, options=options, **{"pass": pass_})
+                    harness.make_point(impl, n, options=options, **base, **{"pass": pass_})
                 )
     return points
 
@@ -414,7 +293,7 @@ def identity(row: Mapping[str, Any]) -> str:
 def read_rows(path: str) -> list[dict]:
     """Every row of a sweep.jsonl, oldest first ([] if absent); a torn last line is dropped
     (and reported); any other bad line raises `tensorattn.workdir.CorruptFileError`."""
-    return workdir_files.read_jsonl(path)
+    return [harness.upgrade_row(r) for r in workdir_files.read_jsonl(path)]
 
 
 def latest_rows(rows: list[dict]) -> dict[str, dict]:
@@ -430,8 +309,8 @@ def _predicted_seconds(done: list[dict], n: int, repeats: int) -> float | None:
     last = ok[-1]
     slope = 3.0 if last["implementation"] in EXACT else 1.0
     if len(ok) >= 2:
-        slope = max(slope, fit_slope([r["n"] for r in ok[-2:]], [r["time_ms"] for r in ok[-2:]]))
-    return (last["time_ms"] / 1e3) * (n / last["n"]) ** slope * (repeats + 2)
+        slope = max(slope, fit_slope([r["n"] for r in ok[-2:]], [r["median_ms"] for r in ok[-2:]]))
+    return (last["median_ms"] / 1e3) * (n / last["n"]) ** slope * (repeats + 2)
 
 
 def run_sweep(config: Mapping[str, Any], workdir: str, log=print) -> list[dict]:
@@ -454,7 +333,7 @@ def _run_locked(config: dict, workdir: str, log) -> list[dict]:
     workdir_files.repair_jsonl(path)
     if os.path.exists(path) and os.path.getsize(path) < size:
         log(f"{path}: cut off a torn last line (a kill mid-append); that point runs again")
-    limit = device_memory_limit(config["memory_limit_bytes"])
+    limit = harness.device_memory_limit(config["memory_limit_bytes"])
     max_length = config["max_length"]
     budget = config["time_budget_s"]
     repeats = config["repeats"]
@@ -477,9 +356,9 @@ def _run_locked(config: dict, workdir: str, log) -> list[dict]:
             r.get("status") in ("timeout", "oom") or (r.get("wall_s") or 0) > budget for r in series
         )
         if above:
-            row = dict(point, status="skipped", reason="above max_length")
+            row = dict(harness.new_row(point), status="skipped", reason="above max_length")
         elif over_budget or (predicted is not None and predicted > budget):
-            row = dict(point, status="timeout", predicted_s=predicted)
+            row = dict(harness.new_row(point), status="timeout", predicted_s=predicted)
             row["reason"] = (
                 "a shorter length ran out of time or memory"
                 if over_budget
@@ -492,16 +371,16 @@ def _run_locked(config: dict, workdir: str, log) -> list[dict]:
                 memory_limit=limit,
                 error_max_length=config["error_max_length"],
             )
-        row.setdefault("time_ms", None)
-        row.update(benchlib.device_description())
+        row.setdefault("median_ms", None)
         if old.get("status") is not None:
             row["previous_status"] = old["status"]
         workdir_files.append_jsonl(path, row)
         latest[key] = row
-        err = row.get("relative_error")
+        err, rank = row.get("relative_error"), row.get("rank")
         log(
-            f"{row['implementation']:>10} {row['pass']:<8} n={row['n']:<6} {row['status']:<7} "
-            + (f"{row['time_ms']:10.2f} ms" if row["time_ms"] is not None else " " * 13)
+            f"{row['implementation']:>10} {row['pass']:<8} n={row['n']:<7} {row['status']:<7} "
+            + (f"{row['median_ms']:10.2f} ms" if row["median_ms"] is not None else " " * 13)
+            + (f"  rank {rank}" if rank is not None else "")
             + (f"  err {err:.2e}" if err is not None else "")
         )
     rows = [latest[identity(p)] for p in points]
@@ -515,10 +394,7 @@ def _run_locked(config: dict, workdir: str, log) -> list[dict]:
 # Slopes, plot, table.
 
 
-def fit_slope(ns, values) -> float:
-    """Least-squares slope of log(values) against log(ns)."""
-    x, y = np.log(np.asarray(ns, float)), np.log(np.asarray(values, float))
-    return float(np.polyfit(x, y, 1)[0]) if len(x) >= 2 else float("nan")
+fit_slope = harness.fit_slope
 
 
 def _ok_rows(rows: list[dict], key: tuple[str, str]) -> list[dict]:
@@ -541,7 +417,7 @@ def series_slopes(rows: list[dict], fit_points: int = 3) -> dict[tuple[str, str]
         ok = _ok_rows(rows, key)[-fit_points:]
         mem = [r for r in ok if r.get("memory_bytes")]
         out[key] = {
-            "time_slope": fit_slope([r["n"] for r in ok], [r["time_ms"] for r in ok]),
+            "time_slope": fit_slope([r["n"] for r in ok], [r["median_ms"] for r in ok]),
             "memory_slope": fit_slope([r["n"] for r in mem], [r["memory_bytes"] for r in mem]),
             "fit_lengths": [r["n"] for r in ok],
         }
@@ -562,11 +438,13 @@ def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> No
         if not ok:
             continue
         label = f"{key[0]} {key[1]}"
+        if ok[0].get("rank") is not None:  # the polynomial method's feature rank
+            label += f" (g={ok[0]['options'].get('degree')}, rank {ok[0]['rank']})"
         style = "-" if key[1] == "fwd" else "--"
         ns = [r["n"] for r in ok]
         ax_t.loglog(
             ns,
-            [r["time_ms"] for r in ok],
+            [r["median_ms"] for r in ok],
             style,
             marker="o",
             base=2,
@@ -605,9 +483,10 @@ def write_table(rows: list[dict], slopes: dict, path: str) -> None:
         "pass",
         "n",
         "status",
-        "time_ms",
+        "median_ms",
         "memory_bytes",
-        "flops_per_s",
+        "tflops",
+        "rank",
         "relative_error",
     ]
     ordered = sorted(
@@ -650,7 +529,7 @@ def run_command(config, workdir: str, out=print) -> list[dict]:
     """What the command line does, callable from Python: checks the config, runs (or resumes)
     the sweep, prints the table. Raises what `run_sweep` raises."""
     config = validate_config(config)
-    out(f"device: {benchlib.device_description()}")
+    out(f"device: {harness.environment()}")
     rows = run_sweep(config, workdir, log=out)
     with open(os.path.join(workdir, "sweep.md")) as f:
         out(f.read())

@@ -3,6 +3,8 @@ r"""Re-draws a sweep's log-log plot and table from its JSON lines (matplotlib, A
     python scripts/plot_sweep.py results/cpu/claim1_forward --fit_points=5
     python scripts/plot_sweep.py DIR --out=DIR/custom.png --title="H100, bf16"
 
+Plots the newest row of every point in DIR/sweep.jsonl (whichever runs wrote them: e.g. one
+sweep run per implementation, as scripts/reproduce.sh --full does) and rewrites DIR/sweep.md.
 Useful to change the fitted range, or to plot rows gathered from several machines.
 """
 
@@ -24,11 +26,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="PNG path (default WORKDIR/sweep.png)")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
-    rows = sweep.read_rows(os.path.join(args.workdir, "sweep.jsonl"))
+    rows = list(
+        sweep.latest_rows(sweep.read_rows(os.path.join(args.workdir, "sweep.jsonl"))).values()
+    )
     if not rows:
         sys.exit(f"no rows in {args.workdir}/sweep.jsonl")
     slopes = sweep.series_slopes(rows, args.fit_points)
     sweep.plot_sweep(rows, slopes, args.out or os.path.join(args.workdir, "sweep.png"), args.title)
+    if args.out is None:
+        sweep.write_table(rows, slopes, os.path.join(args.workdir, "sweep.md"))
     for (impl, pass_), s in slopes.items():
         print(
             f"{impl:>10} {pass_:<8} time slope {s['time_slope']:.2f} "

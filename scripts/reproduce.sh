@@ -1,52 +1,126 @@
 #!/usr/bin/env bash
-# Reproduces the sequence-length sweep and the five claims (experiments/claims.py).
+# Reproduces the sequence-length sweep and the five claims (experiments/claims.py), in steps.
 #
 #   scripts/reproduce.sh                 # CPU scale into results/cpu (see README Results)
 #   scripts/reproduce.sh --full          # accelerator scale into results/full
 #   scripts/reproduce.sh --smoke         # seconds: every code path, into /tmp/reproduce_smoke
+#   scripts/reproduce.sh --full --list   # the steps, one per line
+#   scripts/reproduce.sh --full --step=sweep-exact-fwd,claim1-forward   # only these steps
 #   OUT=/some/dir scripts/reproduce.sh   # another output folder
 #
-# Every step resumes: finished sweep points and training runs are skipped on a re-run.
-# Training runs (claims 4-5) keep checkpoints under $TRAIN_DIR (large: not for git).
-# CLAIMS=forward,gradient,threshold limits what runs. At CPU scale the sweep stops at n = 4096
-# (claims 1-2 are the longer CPU sweeps); everything took 59.5 min on a 2-core CPU.
+# Budgets: configs/sweep.py (preset cpu|gpu|smoke) and configs/claims.py (preset
+# cpu|full|smoke). Each step prints its elapsed time and, once finished, leaves
+# $OUT/.steps/NAME.done: a re-run skips finished steps (FORCE=1 re-runs them), and inside a
+# step finished sweep points and training runs are skipped too, so a killed step resumes.
+# `--full` steps each take under about ten minutes on one GPU: the sweep and claims 1-2 run
+# one (implementation, pass) series per step, claims 4-5 one task or seed per step; the last
+# step of each group only gathers (plot, table). Training runs (claims 4-5) keep checkpoints
+# under $TRAIN_DIR (large: not for git). CLAIMS=forward,gradient,threshold limits the claims.
+# At CPU scale the sweep stops at n = 4096 (claims 1-2 are the longer CPU sweeps); everything
+# took 59.5 min on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=cpu
-case "${1:-}" in
-  --full) PRESET=full ;;
-  --smoke) PRESET=smoke ;;
-  "") ;;
-  *) echo "usage: $0 [--full|--smoke]" >&2; exit 2 ;;
-esac
+LIST=""
+ONLY=""
+for arg in "$@"; do
+  case "$arg" in
+    --full) PRESET=full ;;
+    --smoke) PRESET=smoke ;;
+    --list) LIST=1 ;;
+    --step=*) ONLY=${arg#--step=} ;;
+    *) echo "usage: $0 [--full|--smoke] [--list] [--step=NAME[,NAME...]]" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python}
 DEFAULT_OUT=results/$PRESET
 [ "$PRESET" = smoke ] && DEFAULT_OUT=/tmp/reproduce_smoke
 OUT=${OUT:-$DEFAULT_OUT}
 TRAIN_DIR=${TRAIN_DIR:-/tmp/tensorattn_claims_$PRESET}
 CLAIMS=${CLAIMS:-forward,gradient,threshold,expressivity,bounded}
-mkdir -p "$OUT"
-
+MARKS=$OUT/.steps
 START=$(date +%s)
-SWEEP_ARGS=(--config.lengths=128,256,512,1024,2048,4096 --config.time_budget_s=30)
-case "$PRESET" in
-  full) SWEEP_ARGS=(--config=configs/sweep.py:preset=gpu) ;;
-  smoke) SWEEP_ARGS=(--config=configs/sweep.py:smoke) ;;
-  cpu) SWEEP_ARGS=(--config=configs/sweep.py "${SWEEP_ARGS[@]}") ;;
-esac
-"$PYTHON" -m experiments.sweep "${SWEEP_ARGS[@]}" --workdir="$OUT/sweep"
-echo "sweep done after $(( $(date +%s) - START )) s"
+[ -n "$LIST" ] || mkdir -p "$OUT" "$MARKS"
 
-for claim in ${CLAIMS//,/ }; do
-  case "$claim" in
-    expressivity|bounded) dir=$TRAIN_DIR ;;
-    *) dir=$OUT ;;
+# step NAME COMMAND...: runs COMMAND unless NAME is done (or not selected); times it.
+step() {
+  local name=$1
+  shift
+  if [ -n "$LIST" ]; then echo "$name"; return; fi
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
+  if [ -e "$MARKS/$name.done" ] && [ -z "${FORCE:-}" ]; then
+    echo "== step $name: done earlier, skipped (FORCE=1 re-runs it)"
+    return
+  fi
+  local t0
+  t0=$(date +%s)
+  echo "== step $name"
+  "$@"
+  touch "$MARKS/$name.done"
+  echo "== step $name done in $(( $(date +%s) - t0 )) s ($(( $(date +%s) - START )) s in all)"
+}
+
+wants() { [[ ",$CLAIMS," == *",$1,"* ]]; }
+
+sweep() {
+  local config=configs/sweep.py
+  case "$PRESET" in
+    full) config=configs/sweep.py:preset=gpu ;;
+    smoke) config=configs/sweep.py:smoke ;;
+    cpu) set -- --config.lengths=128,256,512,1024,2048,4096 --config.time_budget_s=30 "$@" ;;
   esac
-  "$PYTHON" -m experiments.claims --claim="$claim" --preset="$PRESET" --workdir="$dir"
-  if [ "$dir" != "$OUT" ]; then  # tables, plots and rows to $OUT; checkpoints stay behind
-    cp "$dir"/claim*_"$claim".{jsonl,md,png} "$OUT"/ 2>/dev/null || true
+  "$PYTHON" -m experiments.sweep --config="$config" --workdir="$OUT/sweep" "$@"
+}
+
+# claim NAME [--config.X=...]: one claim; with no overrides it is the claim's gathering run,
+# whose tables, plots and rows of training claims are copied from $TRAIN_DIR to $OUT.
+claim() {
+  local name=$1
+  shift
+  local dir=$OUT
+  case "$name" in expressivity|bounded) dir=$TRAIN_DIR ;; esac
+  "$PYTHON" -m experiments.claims --config="configs/claims.py:preset=$PRESET" \
+    --claim="$name" --workdir="$dir" "$@"
+  if [ "$dir" != "$OUT" ] && [ $# -eq 0 ]; then  # checkpoints stay behind
+    cp "$dir"/claim*_"$name".{jsonl,md,png} "$OUT"/ 2>/dev/null || true
     tail -n 1 "$dir/claims.jsonl" >> "$OUT/claims.jsonl"
   fi
-  echo "claim $claim done after $(( $(date +%s) - START )) s"
-done
-echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+
+if [ "$PRESET" = full ]; then
+  step sweep-reference sweep --config.implementations=reference
+  for impl in blocked exact polynomial; do
+    step "sweep-$impl-fwd" sweep --config.implementations=$impl --config.passes=fwd
+    step "sweep-$impl-grad" sweep --config.implementations=$impl --config.passes=fwd+grad
+  done
+  step sweep-plot "$PYTHON" scripts/plot_sweep.py "$OUT/sweep"
+  for pair in 1:forward 2:gradient; do
+    n=${pair%%:*} name=${pair#*:}
+    wants "$name" || continue
+    step "claim$n-$name-exact" claim "$name" --config."$name".implementations=exact
+    step "claim$n-$name-polynomial" claim "$name" --config."$name".implementations=polynomial
+    step "claim$n-$name" claim "$name"
+  done
+  if wants threshold; then step claim3-threshold claim threshold; fi
+  if wants expressivity; then
+    for task in match2 match3 function_composition relation_composition \
+        quotient_relation_composition; do
+      step "claim4-expressivity-$task" claim expressivity --config.expressivity.tasks="$task"
+    done
+    step claim4-expressivity claim expressivity
+  fi
+  if wants bounded; then
+    for seed in 0 1 2; do
+      step "claim5-bounded-seed$seed" claim bounded --config.bounded.seeds="$seed"
+    done
+    step claim5-bounded claim bounded
+  fi
+else
+  step sweep sweep
+  n=0
+  for name in forward gradient threshold expressivity bounded; do
+    n=$((n + 1))
+    if wants "$name"; then step "claim$n-$name" claim "$name"; fi
+  done
+fi
+[ -n "$LIST" ] || echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ') ($(( $(date +%s) - START )) s)"

@@ -1,19 +1,75 @@
-"""Smoke versions of the five claims (experiments/claims.py) and their pure pieces."""
+"""The five claims (experiments/claims.py) at smoke size, their pure pieces, and their budgets
+(configs/claims.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
-from experiments import claims
+from configs import claims as claims_config
+from experiments import claim_plots, claims
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _summaries(workdir):
     with open(os.path.join(workdir, "claims.jsonl")) as f:
         return {r["claim"]: r for r in map(json.loads, f)}
+
+
+def test_presets_hold_every_claims_budget():
+    smoke, cpu, full = (claims_config.get_config(f"preset={p}") for p in claims.PRESETS)
+    assert claims_config.get_config("smoke").preset == "smoke"
+    assert claims_config.get_config().preset == "cpu"
+    for c in (smoke, cpu, full):
+        for section in ("forward", "gradient", "threshold", "expressivity", "bounded"):
+            assert section in c
+        assert c.forward.implementations == ("exact", "polynomial")  # the fastest exact kernel
+        assert c.forward.passes == ("fwd",) and c.gradient.passes == ("fwd+grad",)
+    # CPU budgets of claims 4-5 (about a minute per run) and the smaller task instances.
+    assert cpu.expressivity.budgets.match3.task_arg == "length=6,modulus=19"
+    assert cpu.expressivity.budgets.match2.steps == 300
+    assert cpu.bounded.budget.steps == 800
+    assert set(cpu.expressivity.tasks) == set(claims_config.TASKS)
+    assert full.expressivity.budgets.to_dict() == {}  # full: each task's own config
+    # full: practical head dim and degree, lengths to where each curve stops being feasible.
+    assert (full.forward.head_dim, full.forward.degree) == (16, 4)
+    assert max(full.forward.lengths) == 2**20 and max(full.gradient.lengths) >= 65536
+    assert full.polynomial_model.degree == 4
+    assert smoke.expressivity.tasks == ("match3",) and smoke.expressivity.seeds == (0,)
+    with pytest.raises(ValueError, match="preset"):
+        claims_config.get_config("preset=tpu")
+
+
+def test_importable_without_main_and_claims_are_functions():
+    """Every experiments module imports together and defines no flags (issue 11)."""
+    code = (
+        "import experiments.claims as c, experiments.sweep as s; from absl import flags; "
+        "import experiments.bench_kernels, experiments.bench_pallas, "
+        "experiments.bench_polynomial; "
+        "assert not {'claim', 'workdir', 'repeats', 'out', 'preset'} & set(flags.FLAGS); "
+        "assert sorted(c.CLAIMS) == ['bounded', 'expressivity', 'forward', 'gradient', "
+        "'threshold']; print(c.scaling_config(c.load_config('smoke')['forward'])['lengths'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(16, 32, 64)"
+
+
+def test_scaling_config_is_a_valid_sweep_config():
+    from experiments import sweep
+
+    for preset in claims.PRESETS:
+        for section in ("forward", "gradient"):
+            config = claims.scaling_config(claims.load_config(preset)[section])
+            sweep.validate_config(config)
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+grad"])
@@ -22,6 +78,7 @@ def test_scaling_claims_smoke(tmp_path, pass_):
     assert figure["exact_slope"] is not None and figure["polynomial_slope"] is not None
     assert len(figure["exact_fit_lengths"]) == 3
     assert 0 < figure["max_relative_error"] < 0.1
+    assert figure["rank"] == 45  # C(8 + 2, 2)
     name = "claim1_forward" if pass_ == "fwd" else "claim2_gradient"
     for ext in ("png", "md"):
         assert os.path.getsize(os.path.join(tmp_path, f"{name}.{ext}")) > 0
@@ -62,29 +119,32 @@ def test_threshold_claim_smoke(tmp_path):
 
 
 def test_train_configs_of_every_task_and_model():
-    for task in claims.TASKS:
+    cpu = claims.load_config("cpu")
+    options = {"gradient": "autodiff", "on_uncertified": "ignore"}
+    for task in claims_config.TASKS:
         for model in claims.models_for(1.5, 3):
             for preset in ("smoke", "cpu"):
                 c = claims.train_config(task, model, seed=2, preset=preset)
                 assert c["model"]["attention"] == model.attention
                 assert c["model"]["num_layers"] == model.num_layers
                 assert c["train"]["seed"] == 2
-        poly = claims.train_config(task, claims.models_for(1.5, 3)[-1], 0, "smoke")
+        poly = claims.train_config(task, claims.models_for(1.5, 3)[-1], 0, "smoke", None, options)
         assert poly["model"]["entry_bound"] == 1.5
-        assert poly["model"]["attention_options"]["degree"] == 3
-        cpu = claims.train_config(task, claims.models_for(1.0)[2], 0, "cpu", "")
-        assert cpu["train"]["num_steps"] == claims.CPU_BUDGET[task].steps
+        poly_options = poly["model"]["polynomial"]
+        assert poly_options["degree"] == 3 and poly_options["on_uncertified"] == "ignore"
+        budget = cpu["expressivity"]["budgets"][task]
+        c = claims.train_config(task, claims.models_for(1.0)[2], 0, "cpu", budget)
+        assert c["train"]["num_steps"] == budget["steps"]
 
 
 def test_cpu_task_instances_are_valid():
     """The smaller CPU instances (e.g. Match3 length 6 mod 19) pass the tasks' own checks."""
     from tensorattn import tasks
 
-    for task in claims.TASKS:
-        arg = claims.task_arg_for(task, "cpu")
-        c = claims.train_config(task, claims.models_for(1.0)[0], 0, "cpu", arg)
+    budgets = claims.load_config("cpu")["expressivity"]["budgets"]
+    for task in claims_config.TASKS:
+        c = claims.train_config(task, claims.models_for(1.0)[0], 0, "cpu", budgets[task])
         tasks.make(c["task"]["name"], **c["task"]["kwargs"])
-    assert claims.task_arg_for("match3", "full") == ""
 
 
 def test_aggregate_median_and_spread(tmp_path):
@@ -95,20 +155,20 @@ def test_aggregate_median_and_spread(tmp_path):
     agg = {a["model"]: a for a in claims.aggregate(rows)}
     assert agg["a"]["median"] == 0.8 and agg["a"]["min"] == 0.7 and agg["a"]["max"] == 0.9
     assert agg["b"]["median"] is None and agg["b"]["failed"] == 1
-    claims._plot_bars(list(agg.values()), str(tmp_path / "bars.png"))
+    claim_plots.accuracy_bars(list(agg.values()), str(tmp_path / "bars.png"))
     assert os.path.getsize(tmp_path / "bars.png") > 0
 
 
 def test_training_claims_smoke(tmp_path):
     """Claim 5 at smoke size (covers claim 4's machinery: runs, resume, aggregate, plot)."""
-    figure = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))
+    figure = claims.claim_bounded(str(tmp_path), "smoke")
     assert set(figure["accuracy"]) == {
         "tensor-1(H=16)",
         "tensor-1(B=1,H=16)",
         "polynomial-1(B=1,g=2,H=16)",
     }
     assert all(0 <= a <= 1 for a in figure["accuracy"].values())
-    again = claims.claim_bounded(str(tmp_path), "smoke", bounds=(1.0,))  # resumes: no new runs
+    again = claims.CLAIMS["bounded"](str(tmp_path), "smoke")  # resumes: no new runs
     assert again["accuracy"] == figure["accuracy"]
     with open(os.path.join(tmp_path, "claim5_bounded.jsonl")) as f:
         assert len(f.readlines()) == 3
@@ -124,3 +184,45 @@ def test_expressivity_claim_smoke(tmp_path):
     table = open(os.path.join(tmp_path, "claim4_expressivity.md")).read()
     assert "standard-2" in table and "polynomial-1(B=1,g=2,H=16)" in table
     assert os.path.getsize(os.path.join(tmp_path, "claim4_expressivity.png")) > 0
+
+
+def test_command_line_preset_alias_and_overrides(tmp_path):
+    """`--preset` is short for `--config=configs/claims.py:preset=...`; `--claim` and
+    `--workdir` as before; an unknown claim exits non-zero."""
+    cmd = [sys.executable, "-m", "experiments.claims", f"--workdir={tmp_path}"]
+    out = subprocess.run(
+        cmd + ["--config=configs/claims.py:preset=smoke", "--claim=threshold",
+               "--config.threshold.lengths=256"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["lengths"] == [256, 256]
+    bad = subprocess.run(
+        cmd + ["--preset=smoke", "--claim=nonsense"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "nonsense" in bad.stderr
+
+
+def test_threshold_search_survives_fits_the_library_cannot_build():
+    """Claim 3's `full` grid meets R = 10.24 at degree 31 (see `claims.chebyshev_error`)."""
+    assert claims.chebyshev_error(31, 10.24) >= 0
+    assert claims.chebyshev_error(4, 1.0) == pytest.approx(1.2e-3, rel=0.1)
+    rows = claims.threshold_rows([2], [2**21], [3.2])
+    assert rows[0]["degree"] is None or rows[0]["degree"] > 31
+
+
+def test_reproduce_full_is_split_into_steps():
+    out = subprocess.run(
+        ["bash", "scripts/reproduce.sh", "--full", "--list"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    steps = out.stdout.split()
+    assert out.returncode == 0 and len(steps) == len(set(steps))
+    expected = ["sweep-exact-fwd", "sweep-polynomial-grad", "sweep-plot", "claim1-forward"]
+    expected += ["claim3-threshold", "claim4-expressivity-match3", "claim5-bounded-seed2"]
+    assert set(expected) <= set(steps)
+    cpu = subprocess.run(
+        ["bash", "scripts/reproduce.sh", "--list"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert cpu.stdout.split()[0] == "sweep" and "claim5-bounded" in cpu.stdout

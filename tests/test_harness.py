@@ -1,0 +1,82 @@
+"""The benchmark harness (experiments/harness.py): points, rows, oracle, errors, statuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments import harness
+
+
+def _point(impl="blocked", n=12, **kw):
+    fields = dict(heads=4, kv_heads=2, head_dim=8, value_dim=4)
+    return harness.make_point(impl, n, **{**fields, **kw})
+
+
+@pytest.mark.parametrize("masks", [{}, {"causal": True}, {"window": (3, 5), "causal": True}])
+def test_oracle_matches_the_blocked_kernel(masks):
+    """The float64 oracle of the harness agrees with blocked (grouped heads, Hv != H)."""
+    point = _point(**masks)
+    inputs = harness.make_inputs(point)
+    out = np.asarray(harness.attention_fn(point)(*inputs), np.float64)
+    np.testing.assert_allclose(harness.oracle(point, inputs), out, atol=2e-5)
+    assert harness.result_errors(point, inputs, "oracle")[0] < 1e-4
+
+
+def test_row_schema_and_a_measured_point():
+    point = _point("polynomial", options={"degree": 2, "on_uncertified": "ignore"})
+    point["pass"] = "fwd+grad"
+    row = harness.measure(point, repeats=1, error_against="blocked")
+    assert set(harness.ROW_FIELDS) <= set(row)
+    assert row["status"] == "ok", row["reason"]
+    assert row["median_ms"] > 0 and row["tflops"] > 0 and row["rank"] == 45
+    assert 0 < row["relative_error"] < 0.2  # gradients of a degree-2 approximation
+    assert row["device_kind"] and row["jax_version"]
+
+
+def test_failures_are_rows():
+    oom = harness.measure(_point(), repeats=1, memory_limit=1)
+    assert oom["status"] == "oom" and oom["median_ms"] is None and "limit" in oom["reason"]
+    bad = harness.measure(_point(options={"degree": 2}), repeats=1)  # blocked takes no degree
+    assert bad["status"] == "error" and "degree" in bad["reason"]
+
+
+def test_make_point_refuses_unknown_fields():
+    with pytest.raises(ValueError, match="implementation"):
+        harness.make_point("flash", 8)
+    with pytest.raises(ValueError, match="unknown fields"):
+        harness.make_point("blocked", 8, seq_len=8)
+    with pytest.raises(ValueError, match="pass"):
+        harness.make_point("blocked", 8, **{"pass": "fwd+bwd"})
+
+
+def test_upgrade_row_reads_older_schemas():
+    old = {"implementation": "blocked", "T": 64, "time_ms": 2.0, "flops_per_s": 3e12,
+           "pass": "fwd+bwd", "head_dim": 8}  # fmt: skip
+    row = harness.upgrade_row(old)
+    assert (row["n"], row["median_ms"], row["tflops"], row["pass"]) == (64, 2.0, 3.0, "fwd+grad")
+    assert row["value_dim"] == 8 and row["order"] == 3
+
+
+def test_fit_slope_and_flops():
+    ns = [64, 128, 256]
+    assert harness.fit_slope(ns, [n**3 for n in ns]) == pytest.approx(3.0)
+    p = _point(n=8, value_dim=8)
+    assert harness.flops(p) == 4.0 * 8**3 * 8 * 4  # 4 query heads
+
+
+def test_bench_functions_run_without_their_flags():
+    from experiments import bench_kernels, bench_pallas
+
+    row = bench_kernels.measure("blocked", 8, 4, grad=True, blocks=(8, 8, 8), repeats=1)
+    assert row["status"] == "ok" and row["options"] == {
+        "block_q": 8,
+        "block_outer": 8,
+        "block_inner": 8,
+    }
+    emitted = []
+    rows = bench_pallas.time_case(
+        "tiny", 8, 1.0, emitted.append, impls=("blocked",), bwd_impls=("blocked",), repeats=1
+    )
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+grad"] and emitted == rows
+    assert rows[1]["bwd_tflops"] > 0
