@@ -1,0 +1,656 @@
+"""The polynomial method (docs/math.md §4.3-§4.4) as fused Pallas kernels, order 3.
+
+Same numerics as `polynomial.py`: the same coefficients `c_t` (`polynomial.coefficients`),
+the same monomials in the same order and the same query-side weights
+`w_α = c_|α| τ^|α| multinom(α)` (`features.monomials`, `features.feature_weights`), float32
+sums. What changes is where the `[rows, r]` monomial features live: they are formed on chip,
+one rank block at a time, and never written to device memory.
+
+Features on chip. The augmented input `x_aug = [x, 1, 0..]` (`[rows, Hp]`, `Hp >= H+1` a power
+of two) and `g` one-hot selection matrices `S_j [Hp, r]` (column `α` of `S_j` picks the `j`-th
+coordinate of the sorted multiset `α`, or the constant 1 when `|α| < j`) give
+`φ(x)[:, blk] = Π_j (x_aug @ S_j[:, blk])`: `g` small tensor-core products and `g-1`
+elementwise products, no gathers. The selection is exact: `x` is split into bfloat16 pieces
+(1 for bfloat16 inputs, 2 for float16, 3 for float32) and each piece times a 0/1 matrix is
+exact with float32 accumulation.
+
+Non-causal (two `pallas_call`s):
+1. key phase, grid `(B·K, r / block_rank)`: `M[blk] = (Σ_a φ(k1_a)ᵀ ṽ1_a) ∘ (Σ_b φ(k2_b)ᵀ ṽ2_b)`
+   (`[block_rank, Vp]`, `ṽ = [v·valid, valid, 0..]`), looping over key tiles;
+2. query phase, grid `(B·K, T / block_q)`: `y = Σ_blk (w ∘ φ(q))[:, blk] @ M[blk]` looping over
+   rank blocks, then `out = y[:, :Hv] / y[:, Hv]` in the kernel (0 for rows whose denominator
+   is not positive or whose sums are not finite, as in `polynomial._normalise`).
+Causal, grid `(B·K, r / rank_group)`: each program owns `rank_group` monomials (`rank_group /
+block_rank` sub-blocks) and walks the sequence chunk by chunk (`chunk` positions), carrying
+the prefix sums `P_j [block_rank, Vp]` of each sub-block on chip. Within a chunk the per-row
+states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a` (`[chunk, block_rank, Vp]`) give
+`y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`. Each program writes its partial `y`
+(`[T·G, Vp]` per rank group); XLA sums the groups and normalises.
+
+Matmul precision (`precision`, the key and query products; the selection is always exact):
+"highest" (float32 dots at `Precision.HIGHEST`: the numerics of `polynomial.py`, slow on a GPU),
+"bf16x3" (default: both operands split into bfloat16 hi + lo, three bfloat16 products with
+float32 accumulation, relative error ~2^-16 per product), "bf16" (one bfloat16 product).
+
+Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `Vp = pow2(Hv+1)`, `Hp = pow2(H+1)`,
+`G` query heads per kv head, `n_x` = pieces of the input dtype (1 for bf16), `m` = products of
+the precision mode (3 for bf16x3 with f32 operands, 2 with bf16 values, 1 for bf16):
+- non-causal FLOPs: selection `2·g·Hp·n_x·r` per row (key rows `S1+S2` and query rows `T·G`),
+  key products `2·r·Vp·m` per key row, query products `2·r·Vp·m` per query row, elementwise
+  `(g-1)·r` per row. At H=Hv=16, g=4 (r=4845, Hp=Vp=32), bf16: selection 1.24 MFLOP + useful
+  0.62 MFLOP (bf16x3, m=2) per row, all on tensor cores.
+- non-causal HBM traffic: key phase reads the keys and values once per rank block
+  (`(S1+S2)·(Hp+Vp)·2 B · r/block_rank`; 2.4 KB per key row at block_rank=128 in bf16,
+  L2-resident per head at moderate S); query phase reads q once and `M` (`r·Vp·4 B`, 620 KB,
+  L2-resident) once per query tile, writes the output once. No `[T, r]` array is written.
+- causal FLOPs: the selections as above plus per row and per monomial `Vp·(2·2 + 3)` float32
+  elementwise operations (two cumulative sums, the product of the states and the weighted
+  row sum): 1.1 MFLOP per position at the shape of interest, on CUDA cores; HBM traffic: the
+  inputs once per rank group and the partial outputs `T·G·Vp·4 B · r/rank_group`.
+Expected on an H100 (989 TFLOP/s dense bf16, ~60 TFLOP/s float32 non-tensor, 3.35 TB/s):
+the non-causal forward needs ~1.9 MFLOP of tensor-core work per row (keys and queries alike),
+i.e. ~4 ms per head at n = 2^20 at 50% of the tensor-core rate, against 0.7% of the bf16
+rate today (i.e. ~280 MFLOP-equivalent time per row): an expected speed-up of ~10-30x, bounded
+by how well Triton schedules the `g` thin (K = Hp = 32) selection products and the
+elementwise products. The causal forward is bound by float32 elementwise work: ~1.1 MFLOP
+per position, ~20 ms per head at n = 2^20 at 50% of the non-tensor rate (a 3-8x speed-up
+expected). These are estimates from the counts above; the GPU measurement is still to do.
+
+Not (yet) covered: orders other than 3, sliding windows, a fused gradient (the `custom_vjp`
+below computes the gradient with the XLA kernel's closed form, docs/math.md §5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from tensorattn.kernels import features, validation
+from tensorattn.kernels import polynomial as xla_polynomial
+from tensorattn.kernels.validation import AttentionSpec
+
+_F32 = jnp.float32
+_BF16 = jnp.bfloat16
+PRECISIONS = ("bf16x3", "highest", "bf16")
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_PIECES = {jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2, jnp.dtype(jnp.float32): 3}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedTiles:
+    """Tiles of the fused kernels (None: the library picks). All powers of two >= 16 on GPU.
+
+    block_q: query positions per program of the non-causal query phase (rows `G·block_q`).
+    block_k: key positions per step of the non-causal key phase.
+    block_rank: monomials per on-chip feature block.
+    rank_group: monomials per program of the causal kernel (a multiple of block_rank).
+    chunk: positions per step of the causal kernel.
+    num_warps, num_stages: GPU (Triton) launch settings.
+    """
+
+    block_q: int | None = None
+    block_k: int | None = None
+    block_rank: int | None = None
+    rank_group: int | None = None
+    chunk: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"FusedTiles.{field.name} must be a positive int, got {value!r}")
+            if field.name not in ("num_warps", "num_stages") and not _is_pow2(value):
+                raise ValueError(f"FusedTiles.{field.name} must be a power of two, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static (hashable) description of one call."""
+
+    causal: bool
+    t: int
+    s1: int
+    s2: int
+    kv_heads: int
+    group: int
+    dim: int
+    hv: int
+    hp: int
+    vp: int
+    degree: int
+    rank_padded: int
+    pieces: int
+    bq: int
+    bk: int
+    rb: int
+    rg: int
+    chunk: int
+    precision: str
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+    @property
+    def nq(self) -> int:
+        step = self.chunk if self.causal else self.bq
+        return -(-self.t // step)
+
+    @property
+    def q_step(self) -> int:
+        return self.chunk if self.causal else self.bq
+
+    def key_padded(self, s: int) -> int:
+        if self.causal:
+            return self.nq * self.chunk
+        return -(-s // self.bk) * self.bk
+
+
+# ---------------------------------------------------------------------------------------------
+# Monomial selection tables (host side, cached).
+
+
+@functools.lru_cache(maxsize=32)
+def _multisets(dim: int, degree: int) -> np.ndarray:
+    """`[degree, r]` coordinates of each monomial (sorted multiset), `dim` = the constant 1;
+    columns in the order of `features.features`."""
+    mono = features.monomials(dim, degree)
+    cols = [np.full((degree, 1), dim, np.int32)]
+    prev = cols[0]
+    for t, (parent, last) in enumerate(zip(mono.parents, mono.lasts), start=1):
+        cur = prev[:, parent].copy()
+        cur[t - 1] = last
+        cols.append(cur)
+        prev = cur
+    return np.concatenate(cols, axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _selection(dim: int, degree: int, hp: int, rank_padded: int) -> np.ndarray:
+    """`[max(degree,1), hp, rank_padded]` 0/1 selection matrices (padding columns all zero)."""
+    idx = _multisets(dim, degree)
+    r = idx.shape[1]
+    sel = np.zeros((max(degree, 1), hp, rank_padded), np.float32)
+    if degree == 0:
+        sel[0, dim, 0] = 1.0
+        return sel
+    for j in range(degree):
+        sel[j, idx[j], np.arange(r)] = 1.0
+    return sel
+
+
+def _query_weights(dim: int, coeffs: tuple, scale: float, rank_padded: int):
+    """`[1, rank_padded]` float32 weights `c_t scale^t multinom(α)` (0 on padding)."""
+    w = features.feature_weights(features.monomials(dim, len(coeffs) - 1), coeffs, scale)
+    return jnp.asarray(np.pad(w, (0, rank_padded - len(w)))[None], _F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel helpers (portable Pallas: dots, elementwise ops, reductions).
+
+
+def _dot(a, b, contract, precision=None):
+    return lax.dot_general(
+        a,
+        b,
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=precision,
+        preferred_element_type=_F32,
+    )
+
+
+def _split(x, pieces: int):
+    """float32 `x` -> `pieces` bfloat16 arrays summing to `x` (exactly for enough pieces)."""
+    out = []
+    rest = x.astype(_F32)
+    for i in range(pieces):
+        p = rest.astype(_BF16)
+        out.append(p)
+        if i + 1 < pieces:
+            rest = rest - p.astype(_F32)
+    return out
+
+
+def _features(cfg: _Config, x, sel_ref, lo: int | None, size: int, base=None):
+    """`[rows, size]` monomials of `x [rows, Hp]` (augmented) for selection columns
+    `lo..lo+size` (`lo` static) or `base..base+size` (`base` traced, `lo=None`)."""
+    pieces = _split(x, cfg.pieces)
+    phi = None
+    for j in range(max(cfg.degree, 1)):
+        if lo is None:
+            s = sel_ref[j, :, pl.ds(base, size)]
+        else:
+            s = sel_ref[j, :, lo : lo + size]
+        s = s.astype(_BF16)
+        f = None
+        for p in pieces:
+            d = _dot(p, s, (1, 0))
+            f = d if f is None else f + d
+        phi = f if phi is None else phi * f
+    return phi
+
+
+def _matmul(cfg: _Config, a, b, contract, b_exact: bool):
+    """float32 product by the precision mode; `b_exact`: `b` holds bfloat16 values."""
+    if cfg.precision == "highest":
+        return _dot(a.astype(_F32), b.astype(_F32), contract, lax.Precision.HIGHEST)
+    if cfg.precision == "bf16":
+        return _dot(a.astype(_BF16), b.astype(_BF16), contract)
+    a_hi, a_lo = _split(a, 2)
+    b_hi, b_lo = _split(b, 2)
+    out = _dot(a_hi, b_hi, contract) + _dot(a_lo, b_hi, contract)
+    if not b_exact:
+        out = out + _dot(a_hi, b_lo, contract)
+    return out
+
+
+def _normalise(y, hv: int):
+    """`y [rows, Vp]` -> `y / y[:, hv]` (0 where the denominator is not positive or the row is
+    not finite), as `polynomial._normalise`."""
+    col = lax.broadcasted_iota(jnp.int32, (1, y.shape[1]), 1)
+    den = jnp.sum(jnp.where(col == hv, y, 0.0), axis=1, keepdims=True)
+    finite = jnp.abs(y) <= jnp.finfo(_F32).max
+    bad = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1, keepdims=True)
+    ok = (den > 0) & (bad == 0)
+    inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+    return jnp.where(ok, y, 0.0) * inv
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _key_kernel(cfg: _Config, sel_ref, k1_ref, v1_ref, k2_ref, v2_ref, m_ref):
+    """Non-causal key phase: `M[blk] = (φ(k1)ᵀ ṽ1) ∘ (φ(k2)ᵀ ṽ2)` for one rank block."""
+    v_exact = cfg.pieces == 1
+
+    def key_sum(k_ref, v_ref):
+        n = k_ref.shape[0] // cfg.bk
+
+        def step(i, acc):
+            a0 = pl.multiple_of(i * cfg.bk, cfg.bk)
+            phi = _features(cfg, k_ref[pl.ds(a0, cfg.bk), :], sel_ref, 0, cfg.rb)
+            v = v_ref[pl.ds(a0, cfg.bk), :]
+            return acc + _matmul(cfg, phi, v, (0, 0), v_exact)
+
+        return lax.fori_loop(0, n, step, jnp.zeros((cfg.rb, cfg.vp), _F32))
+
+    m_ref[...] = key_sum(k1_ref, v1_ref) * key_sum(k2_ref, v2_ref)
+
+
+def _query_kernel(cfg: _Config, q_ref, sel_ref, w_ref, m_ref, o_ref):
+    """Non-causal query phase: `y = Σ_blk (w ∘ φ(q))[:, blk] @ M[blk]`, normalised."""
+    q = q_ref[...]
+
+    def step(j, y):
+        base = pl.multiple_of(j * cfg.rb, cfg.rb)
+        phi = _features(cfg, q, sel_ref, None, cfg.rb, base) * w_ref[:, pl.ds(base, cfg.rb)]
+        return y + _matmul(cfg, phi, m_ref[pl.ds(base, cfg.rb), :], (1, 0), False)
+
+    rows = q.shape[0]
+    y = lax.fori_loop(0, cfg.rank_padded // cfg.rb, step, jnp.zeros((rows, cfg.vp), _F32))
+    o_ref[...] = _normalise(y, cfg.hv).astype(o_ref.dtype)
+
+
+def _causal_kernel(cfg: _Config, q_ref, sel_ref, w_ref, k1_ref, v1_ref, k2_ref, v2_ref, y_ref):
+    """Causal: one rank group, the sequence chunk by chunk with on-chip prefix states."""
+    c, g, rb = cfg.chunk, cfg.group, cfg.rb
+    n_sub = cfg.rg // rb
+
+    def step(i, carry):
+        p0 = pl.multiple_of(i * c, c)
+        r0 = pl.multiple_of(i * c * g, c * g)
+        k1, k2 = k1_ref[pl.ds(p0, c), :], k2_ref[pl.ds(p0, c), :]
+        v1 = v1_ref[pl.ds(p0, c), :].astype(_F32)
+        v2 = v2_ref[pl.ds(p0, c), :].astype(_F32)
+        qs = [q_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
+        ys = [jnp.zeros((c, cfg.vp), _F32) for _ in range(g)]
+        new_carry = []
+        for s in range(n_sub):
+            lo = s * rb
+            p1, p2 = carry[s]
+            u1 = _features(cfg, k1, sel_ref, lo, rb)[:, :, None] * v1[:, None, :]
+            u2 = _features(cfg, k2, sel_ref, lo, rb)[:, :, None] * v2[:, None, :]
+            n12 = (p1[None] + jnp.cumsum(u1, axis=0)) * (p2[None] + jnp.cumsum(u2, axis=0))
+            new_carry.append((p1 + jnp.sum(u1, axis=0), p2 + jnp.sum(u2, axis=0)))
+            w = w_ref[:, lo : lo + rb]
+            for h in range(g):
+                phi = _features(cfg, qs[h], sel_ref, lo, rb) * w  # [c, rb]
+                ys[h] = ys[h] + jnp.sum(phi[:, :, None] * n12, axis=1)
+        for h in range(g):
+            y_ref[pl.ds(r0 + h * c, c), :] = ys[h]
+        return tuple(new_carry)
+
+    zero = jnp.zeros((rb, cfg.vp), _F32)
+    lax.fori_loop(0, cfg.nq, step, tuple((zero, zero) for _ in range(n_sub)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: q [B,T,N,H] <-> rows [B·K, nq·G·step, Hp] (within a tile: head in group, position);
+# keys [B,S,K,H] -> [B·K, S_pad, Hp] with a ones column; values -> [B·K, S_pad, Vp] as
+# [v·valid, valid, 0..].
+
+
+def _pad_last(x, size: int, one_at: int | None = None, scale=None):
+    parts = [x if scale is None else x * scale[..., None]]
+    if one_at is not None:
+        ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+        parts.append(ones if scale is None else scale[..., None].astype(x.dtype))
+    x = jnp.concatenate(parts, axis=-1)
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
+
+
+def _rows_layout(cfg: _Config, x):
+    b, t, n, d = x.shape
+    g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
+    x = jnp.pad(x, ((0, 0), (0, nq * st - t), (0, 0), (0, 0)))
+    x = x.reshape(b, nq, st, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b * kv, nq * g * st, d)
+
+
+def _rows_merge(cfg: _Config, x, b: int):
+    d = x.shape[-1]
+    g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
+    x = x.reshape(b, kv, nq, g, st, d).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, nq * st, kv * g, d)[:, : cfg.t]
+
+
+def _keys_layout(x, padded: int):
+    b, s, kv, d = x.shape
+    x = x[:, :padded]
+    x = jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3).reshape(b * kv, padded, d)
+
+
+def _prepare(cfg: _Config, q, keys, values, valid):
+    dtype = q.dtype
+    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp, one_at=cfg.dim))
+    ks, vs = [], []
+    for k, v, ok, s in zip(keys, values, valid, (cfg.s1, cfg.s2)):
+        padded = cfg.key_padded(s)
+        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp, one_at=cfg.dim), padded))
+        ok_kv = jnp.broadcast_to(ok[:, :, None], v.shape[:3]).astype(dtype)
+        v_aug = _pad_last(v.astype(dtype), cfg.vp, one_at=cfg.hv, scale=ok_kv)
+        vs.append(_keys_layout(v_aug, padded))
+    return q_t, ks, vs
+
+
+def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
+    kwargs = {}
+    if cfg.interpret:
+        kwargs["interpret"] = True
+    else:
+        from jax.experimental.pallas import triton as plt
+
+        kwargs["compiler_params"] = plt.CompilerParams(
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+    return pl.pallas_call(
+        functools.partial(kernel, cfg),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        **kwargs,
+    )
+
+
+def _whole(shape):
+    return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i, 0, 0))
+
+
+def _forward(cfg: _Config, sel, w, q, keys, values, valid):
+    """`[B,T,N,Hv]` output in q's dtype."""
+    b = q.shape[0]
+    q_t, (k1, k2), (v1, v2) = _prepare(cfg, q, keys, values, valid)
+    bkv = q_t.shape[0]
+    rows_total = q_t.shape[1]
+    g = sel.shape[0]
+    n_rb = cfg.rank_padded // cfg.rb
+    if not cfg.causal:
+        m = _call(
+            cfg,
+            _key_kernel,
+            grid=(bkv, n_rb),
+            in_specs=[
+                pl.BlockSpec((g, cfg.hp, cfg.rb), lambda i, j: (0, 0, j)),
+                _whole(k1.shape),
+                _whole(v1.shape),
+                _whole(k2.shape),
+                _whole(v2.shape),
+            ],
+            out_specs=pl.BlockSpec((None, cfg.rb, cfg.vp), lambda i, j: (i, j, 0)),
+            out_shape=jax.ShapeDtypeStruct((bkv, cfg.rank_padded, cfg.vp), _F32),
+        )(sel, k1, v1, k2, v2)
+        rows = cfg.group * cfg.bq
+        out = _call(
+            cfg,
+            _query_kernel,
+            grid=(bkv, cfg.nq),
+            in_specs=[
+                pl.BlockSpec((None, rows, cfg.hp), lambda i, j: (i, j, 0)),
+                pl.BlockSpec(sel.shape, lambda i, j: (0, 0, 0)),
+                pl.BlockSpec(w.shape, lambda i, j: (0, 0)),
+                _whole(m.shape),
+            ],
+            out_specs=pl.BlockSpec((None, rows, cfg.vp), lambda i, j: (i, j, 0)),
+            out_shape=jax.ShapeDtypeStruct((bkv, rows_total, cfg.vp), q.dtype),
+        )(q_t, sel, w, m)
+        return _rows_merge(cfg, out, b)[..., : cfg.hv]
+    n_rg = cfg.rank_padded // cfg.rg
+    partial = _call(
+        cfg,
+        _causal_kernel,
+        grid=(bkv, n_rg),
+        in_specs=[
+            _whole(q_t.shape),
+            pl.BlockSpec((g, cfg.hp, cfg.rg), lambda i, j: (0, 0, j)),
+            pl.BlockSpec((1, cfg.rg), lambda i, j: (0, j)),
+            _whole(k1.shape),
+            _whole(v1.shape),
+            _whole(k2.shape),
+            _whole(v2.shape),
+        ],
+        out_specs=pl.BlockSpec((None, None, rows_total, cfg.vp), lambda i, j: (i, j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((bkv, n_rg, rows_total, cfg.vp), _F32),
+    )(q_t, sel, w, k1, v1, k2, v2)
+    out = _normalise_xla(jnp.sum(partial, axis=1), cfg.hv).astype(q.dtype)
+    return _rows_merge(cfg, out, b)
+
+
+def _normalise_xla(y, hv: int):
+    den = y[..., hv]
+    ok = (den > 0) & jnp.all(jnp.isfinite(y), axis=-1)
+    inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+    return jnp.where(ok[..., None], y[..., :hv], 0.0) * inv[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient: the closed form of the XLA polynomial kernel (docs/math.md §5), recomputing its
+# forward; the fused forward stays the primal.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend(cfg: _Config, xla_options: tuple, sel, w, q, keys, values, valid):
+    return _forward(cfg, sel, w, q, keys, values, valid)
+
+
+def _attend_fwd(cfg, xla_options, sel, w, q, keys, values, valid):
+    out = _forward(cfg, sel, w, q, keys, values, valid)
+    return out, (q, keys, values, valid)
+
+
+def _attend_bwd(cfg, xla_options, res, d_out):
+    q, keys, values, valid = res
+    opts = dict(xla_options)
+    spec = AttentionSpec(
+        scale=opts.pop("scale"),
+        causal=cfg.causal,
+        windows=(None, None),
+        key_masks=tuple(valid),
+    )
+
+    def xla(q, keys, values):
+        return xla_polynomial.attention(q, keys, values, spec, on_uncertified="ignore", **opts)
+
+    _, vjp = jax.vjp(xla, q, keys, values)
+    dq, dks, dvs = vjp(d_out.astype(q.dtype))
+    return None, None, dq, dks, dvs, tuple(None for _ in valid)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _default_interpret() -> bool:
+    env = os.environ.get("TENSORATTN_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
+    return env or jax.default_backend() != "gpu"
+
+
+def unsupported(q, keys, values, spec: AttentionSpec, *, interpret: bool) -> str | None:
+    """Why the fused kernels cannot run this call, or None."""
+    if len(keys) != 2:
+        return f"order {len(keys) + 1} (the fused polynomial kernels implement order 3)"
+    if any(w is not None for w in spec.windows):
+        return f"window={spec.windows} (sliding windows are not implemented in the fused kernels)"
+    for x in (q, *keys, *values):
+        if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
+            return f"dtype {jnp.result_type(x)} (supported: bfloat16, float16, float32)"
+    if not interpret and jax.default_backend() != "gpu":
+        return f"backend {jax.default_backend()!r} (needs a GPU, or interpret=True)"
+    return None
+
+
+def attention(
+    q,
+    keys,
+    values,
+    spec: AttentionSpec,
+    *,
+    degree: int = xla_polynomial.DEFAULT_DEGREE,
+    polynomial: str = "taylor",
+    score_range: float | None = None,
+    precision: str = "bf16x3",
+    tiles: FusedTiles | None = None,
+    interpret: bool | None = None,
+):
+    """Order-3 polynomial-method attention with the fused Pallas kernels.
+
+    q `[B,T,N,H]`, keys `(k1, k2)` `[B,S_j,K,H]`, values `(v1, v2)` `[B,S_j,K,Hv]` (N % K == 0),
+    `spec` from `validation.validate` (float scale, causal, key masks; no windows).
+    degree, polynomial ("taylor" | "chebyshev"), score_range (`R`, needed by Chebyshev):
+      the polynomial, `polynomial.coefficients(polynomial, degree, score_range)`. The
+      caller resolves degree/tolerance/bound and runs the accuracy check
+      (`polynomial.certificate`), as the XLA kernel's entry point does.
+    precision: "bf16x3" (default), "highest" (the XLA kernel's float32 numerics) or "bf16".
+    tiles: `FusedTiles` (None: defaults). interpret: Pallas interpret mode (default: on
+      without a GPU or when `TENSORATTN_PALLAS_INTERPRET=1`).
+    Returns `[B,T,N,Hv]` in the inputs' dtype. Differentiable: the gradient is the closed form
+    of the XLA polynomial kernel (docs/math.md §5), which recomputes its own forward.
+    """
+    keys, values = tuple(keys), tuple(values)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= 40:
+        raise ValueError(f"degree must be an int in [0, 40], got {degree!r}")
+    coeffs = xla_polynomial.coefficients(polynomial, degree, score_range)
+    coeffs = tuple(float(c) for c in coeffs)
+    if tiles is None:
+        tiles = FusedTiles()
+    elif not isinstance(tiles, FusedTiles):
+        raise ValueError(f"tiles must be a FusedTiles, got {type(tiles).__name__}")
+    interpret = _default_interpret() if interpret is None else bool(interpret)
+    why = unsupported(q, keys, values, spec, interpret=interpret)
+    if why is not None:
+        raise ValueError(f"the fused polynomial kernels do not support this call: {why}")
+    b, t, n, h = q.shape
+    kv = keys[0].shape[2]
+    hv = values[0].shape[-1]
+    rank = math.comb(h + degree, degree)
+    rb = tiles.block_rank or min(64, max(16, _next_pow2(rank)))
+    rg = tiles.rank_group or rb
+    if rg % rb:
+        raise ValueError(f"FusedTiles.rank_group={rg} must be a multiple of block_rank={rb}")
+    group = n // kv
+    dtype = jnp.result_type(q, *keys, *values)
+    cfg = _Config(
+        causal=spec.causal,
+        t=t,
+        s1=keys[0].shape[1],
+        s2=keys[1].shape[1],
+        kv_heads=kv,
+        group=group,
+        dim=h,
+        hv=hv,
+        hp=max(16, _next_pow2(h + 1)),
+        vp=max(16, _next_pow2(hv + 1)),
+        degree=degree,
+        rank_padded=-(-rank // rg) * rg,
+        pieces=_PIECES[jnp.dtype(dtype)],
+        bq=tiles.block_q or min(max(16, 64 // group), max(16, _next_pow2(t))),
+        bk=tiles.block_k or min(64, max(16, _next_pow2(max(k.shape[1] for k in keys)))),
+        rb=rb,
+        rg=rg,
+        chunk=tiles.chunk or 16,
+        precision=precision,
+        num_warps=tiles.num_warps or 4,
+        num_stages=tiles.num_stages or 2,
+        interpret=interpret,
+    )
+    q = q.astype(dtype)
+    keys = tuple(k.astype(dtype) for k in keys)
+    values = tuple(v.astype(dtype) for v in values)
+    valid = tuple(
+        jnp.ones((b, k.shape[1]), bool) if m is None else m for k, m in zip(keys, spec.key_masks)
+    )
+    sel = jnp.asarray(_selection(h, degree, cfg.hp, cfg.rank_padded), _BF16)
+    w = _query_weights(h, coeffs, spec.scale, cfg.rank_padded)
+    xla_options = (
+        ("scale", spec.scale),
+        ("degree", degree),
+        ("polynomial", polynomial),
+        ("score_range", score_range),
+    )
+    return _attend(cfg, xla_options, sel, w, q, keys, values, valid)
+
+
+def fused_tensor_attention(
+    q, k1, k2, v1, v2, *, causal=False, k1_mask=None, k2_mask=None, scale=None, **options
+):
+    """`tensor_attention`-style entry point of the fused kernels (validates, then `attention`
+    with `options`: degree, polynomial, score_range, precision, tiles, interpret)."""
+    spec = validation.validate(
+        q,
+        (k1, k2),
+        (v1, v2),
+        causal=causal,
+        windows=None,
+        key_masks=(k1_mask, k2_mask),
+        scale=scale,
+        key_names=("k1", "k2"),
+        value_names=("v1", "v2"),
+        mask_names=("k1_mask", "k2_mask"),
+    )
+    return attention(q, (k1, k2), (v1, v2), spec, **options)
