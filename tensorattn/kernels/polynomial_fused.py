@@ -10,9 +10,10 @@ Features on chip. The augmented input `x_aug = [x, 1, 0..]` (`[rows, Hp]`, `Hp >
 of two) and `g` one-hot selection matrices `S_j [Hp, r]` (column `α` of `S_j` picks the `j`-th
 coordinate of the sorted multiset `α`, or the constant 1 when `|α| < j`) give
 `φ(x)[:, blk] = Π_j (x_aug @ S_j[:, blk])`: `g` small tensor-core products and `g-1`
-elementwise products, no gathers. The selection is exact: `x` is split into bfloat16 pieces
-(1 for bfloat16 inputs, 2 for float16, 3 for float32) and each piece times a 0/1 matrix is
-exact with float32 accumulation.
+elementwise products (in the order of `features.features`), no gathers. The selection is
+exact: `x` is split into bfloat16 pieces (1 for bfloat16 inputs, 2 for float16, 3 for
+float32) and each piece times a 0/1 matrix is exact with float32 accumulation (with
+`precision="highest"`: one float32 product at `Precision.HIGHEST`).
 
 Non-causal (two `pallas_call`s):
 1. key phase, grid `(B·K, r / block_rank)`: `M[blk] = (Σ_a φ(k1_a)ᵀ ṽ1_a) ∘ (Σ_b φ(k2_b)ᵀ ṽ2_b)`
@@ -233,17 +234,18 @@ def _split(x, pieces: int):
 def _features(cfg: _Config, x, sel_ref, lo: int | None, size: int, base=None):
     """`[rows, size]` monomials of `x [rows, Hp]` (augmented) for selection columns
     `lo..lo+size` (`lo` static) or `base..base+size` (`base` traced, `lo=None`)."""
-    pieces = _split(x, cfg.pieces)
+    highest = cfg.precision == "highest"
+    pieces = [x.astype(_F32)] if highest else _split(x, cfg.pieces)
     phi = None
     for j in range(max(cfg.degree, 1)):
         if lo is None:
             s = sel_ref[j, :, pl.ds(base, size)]
         else:
             s = sel_ref[j, :, lo : lo + size]
-        s = s.astype(_BF16)
+        s = s.astype(pieces[0].dtype)
         f = None
         for p in pieces:
-            d = _dot(p, s, (1, 0))
+            d = _dot(p, s, (1, 0), lax.Precision.HIGHEST if highest else None)
             f = d if f is None else f + d
         phi = f if phi is None else phi * f
     return phi
@@ -529,7 +531,7 @@ def _default_interpret() -> bool:
     return env or jax.default_backend() != "gpu"
 
 
-def unsupported(q, keys, values, spec: AttentionSpec, *, interpret: bool) -> str | None:
+def unsupported(q, keys, values, spec: AttentionSpec) -> str | None:
     """Why the fused kernels cannot run this call, or None."""
     if len(keys) != 2:
         return f"order {len(keys) + 1} (the fused polynomial kernels implement order 3)"
@@ -538,8 +540,6 @@ def unsupported(q, keys, values, spec: AttentionSpec, *, interpret: bool) -> str
     for x in (q, *keys, *values):
         if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
             return f"dtype {jnp.result_type(x)} (supported: bfloat16, float16, float32)"
-    if not interpret and jax.default_backend() != "gpu":
-        return f"backend {jax.default_backend()!r} (needs a GPU, or interpret=True)"
     return None
 
 
@@ -565,8 +565,9 @@ def attention(
       caller resolves degree/tolerance/bound and runs the accuracy check
       (`polynomial.certificate`), as the XLA kernel's entry point does.
     precision: "bf16x3" (default), "highest" (the XLA kernel's float32 numerics) or "bf16".
-    tiles: `FusedTiles` (None: defaults). interpret: Pallas interpret mode (default: on
-      without a GPU or when `TENSORATTN_PALLAS_INTERPRET=1`).
+    tiles: `FusedTiles` (None: defaults). interpret: Pallas interpret mode; None (default):
+      on without a GPU or when `TENSORATTN_PALLAS_INTERPRET=1`. `interpret=False` always
+      emits the Triton kernels (e.g. to lower for "cuda" on a host without a GPU).
     Returns `[B,T,N,Hv]` in the inputs' dtype. Differentiable: the gradient is the closed form
     of the XLA polynomial kernel (docs/math.md §5), which recomputes its own forward.
     """
@@ -582,7 +583,7 @@ def attention(
     elif not isinstance(tiles, FusedTiles):
         raise ValueError(f"tiles must be a FusedTiles, got {type(tiles).__name__}")
     interpret = _default_interpret() if interpret is None else bool(interpret)
-    why = unsupported(q, keys, values, spec, interpret=interpret)
+    why = unsupported(q, keys, values, spec)
     if why is not None:
         raise ValueError(f"the fused polynomial kernels do not support this call: {why}")
     b, t, n, h = q.shape
