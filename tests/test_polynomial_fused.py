@@ -47,8 +47,7 @@ def _fused(q, keys, values, masks, causal, **options):
             k1_mask=masks[0],
             k2_mask=masks[1],
             scale=1.0 / q.shape[-1],
-            interpret=True,
-            **options,
+            **{"interpret": True, **options},
         )
 
     return jax.jit(fn)(q, keys, values, [jnp.asarray(m) for m in masks])
@@ -101,8 +100,8 @@ def test_matches_oracle_and_xla_kernel_float32(causal):
     s = (11, 11) if causal else (13, 9)
     q, keys, values, masks = _inputs(1, s=s, b=2)
     tiles = pf.FusedTiles(block_rank=64, rank_group=128, chunk=8) if causal else None
-    out = np.asarray(_fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest",
-                            tiles=tiles))  # fmt: skip
+    out = _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest", tiles=tiles)
+    out = np.asarray(out)
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out, _oracle(q, keys, values, masks, causal), atol=_tolerance(3))
     xla = np.asarray(_xla(q, keys, values, masks, causal))
@@ -159,10 +158,10 @@ def test_gradient_is_the_xla_closed_form(causal):
 
 def test_rejects_unsupported_calls():
     q, keys, values, _ = _inputs(7, s=(11, 11))
+    names = {"key_names": ("k1", "k2"), "value_names": ("v1", "v2"), "mask_names": ("m", "m")}
     spec = validation.validate(
-        q, keys, values, causal=False, windows=(4, None), key_masks=None, scale=None,
-        key_names=("k1", "k2"), value_names=("v1", "v2"), mask_names=("m1", "m2"),
-    )  # fmt: skip
+        q, keys, values, causal=False, windows=(4, None), key_masks=None, scale=None, **names
+    )
     with pytest.raises(ValueError, match="window"):
         pf.attention(q, keys, values, spec)
     with pytest.raises(ValueError, match="order 2"):
@@ -172,8 +171,8 @@ def test_rejects_unsupported_calls():
     with pytest.raises(ValueError, match="block_rank"):
         pf.FusedTiles(block_rank=48)
     with pytest.raises(ValueError, match="rank_group"):
-        pf.fused_tensor_attention(q, *keys, *values, tiles=pf.FusedTiles(block_rank=32,
-                                                                         rank_group=16))  # fmt: skip
+        tiles = pf.FusedTiles(block_rank=32, rank_group=16)
+        pf.fused_tensor_attention(q, *keys, *values, tiles=tiles)
     with pytest.raises(ValueError, match="degree"):
         pf.fused_tensor_attention(q, *keys, *values, degree=-1)
 
@@ -185,8 +184,8 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
     shape = jax.ShapeDtypeStruct
 
     def fn(q, k1, k2, v1, v2):
-        return pf.fused_tensor_attention(q, k1, k2, v1, v2, causal=causal, degree=2,
-                                         interpret=False)  # fmt: skip
+        options = {"causal": causal, "degree": 2, "interpret": False}
+        return pf.fused_tensor_attention(q, k1, k2, v1, v2, **options)
 
     args = [shape((1, 32, 2, 8), jnp.bfloat16)] + [shape((1, 32, 1, 8), jnp.bfloat16)] * 4
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -201,13 +200,7 @@ def test_compiled_on_gpu(causal, dtype):
     (H = Hv = 16, degree 4), lengths not tile multiples, masks, grouped heads."""
     t = 200
     q, keys, values, masks = _inputs(8, t=t, s=(t, t), n=4, kv=2, h=16, hv=16, dtype=dtype)
-    out = _fused_compiled = jax.jit(
-        lambda q, keys, values, masks: pf.fused_tensor_attention(
-            q, *keys, *values, causal=causal, k1_mask=masks[0], k2_mask=masks[1],
-            scale=1 / 16, degree=4, interpret=False,
-        )
-    )(q, keys, values, [jnp.asarray(m) for m in masks])  # fmt: skip
-    del _fused_compiled
+    out = _fused(q, keys, values, masks, causal, degree=4, interpret=False)
     xla = _xla(q, keys, values, masks, causal, degree=4)
     atol = 1e-4 if dtype == jnp.float32 else 2.0**-8
     np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(xla, np.float64), atol=atol)

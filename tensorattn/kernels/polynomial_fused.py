@@ -26,7 +26,10 @@ block_rank` sub-blocks) and walks the sequence chunk by chunk (`chunk` positions
 the prefix sums `P_j [block_rank, Vp]` of each sub-block on chip. Within a chunk the per-row
 states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a` (`[chunk, block_rank, Vp]`) give
 `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`. Each program writes its partial `y`
-(`[T·G, Vp]` per rank group); XLA sums the groups and normalises.
+(`[T·G, Vp]` float32 per rank group); XLA sums the groups and normalises. That buffer holds
+`B·N·T·Vp·4 B · r / rank_group` (defaults `block_rank=32`, `rank_group=256`: 19 groups,
+20 GiB at B=1, N=8, T=2^20, Hv=16; a larger `rank_group` trades it for fewer programs and
+more on-chip state).
 
 Matmul precision (`precision`, the key and query products; the selection is always exact):
 "highest" (float32 dots at `Precision.HIGHEST`: the numerics of `polynomial.py`, slow on a GPU),
@@ -590,11 +593,13 @@ def attention(
     kv = keys[0].shape[2]
     hv = values[0].shape[-1]
     rank = math.comb(h + degree, degree)
-    rb = tiles.block_rank or min(64, max(16, _next_pow2(rank)))
-    rg = tiles.rank_group or rb
+    group = n // kv
+    vp = max(16, _next_pow2(hv + 1))
+    chunk = tiles.chunk or 16
+    rb = tiles.block_rank or min(32 if spec.causal else 64, max(16, _next_pow2(rank)))
+    rg = tiles.rank_group or min(8 * rb, max(rb, _next_pow2(rank)))
     if rg % rb:
         raise ValueError(f"FusedTiles.rank_group={rg} must be a multiple of block_rank={rb}")
-    group = n // kv
     dtype = jnp.result_type(q, *keys, *values)
     cfg = _Config(
         causal=spec.causal,
@@ -606,7 +611,7 @@ def attention(
         dim=h,
         hv=hv,
         hp=max(16, _next_pow2(h + 1)),
-        vp=max(16, _next_pow2(hv + 1)),
+        vp=vp,
         degree=degree,
         rank_padded=-(-rank // rg) * rg,
         pieces=_PIECES[jnp.dtype(dtype)],
@@ -614,9 +619,9 @@ def attention(
         bk=tiles.block_k or min(64, max(16, _next_pow2(max(k.shape[1] for k in keys)))),
         rb=rb,
         rg=rg,
-        chunk=tiles.chunk or 16,
+        chunk=chunk,
         precision=precision,
-        num_warps=tiles.num_warps or 4,
+        num_warps=tiles.num_warps or (8 if spec.causal else 4),
         num_stages=tiles.num_stages or 2,
         interpret=interpret,
     )
