@@ -84,6 +84,7 @@ from tensorattn.kernels.validation import AttentionSpec
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
 PRECISIONS = ("bf16x3", "highest", "bf16")
+GRADIENTS = ("fused", "xla")
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _PIECES = {jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2, jnp.dtype(jnp.float32): 3}
 
@@ -132,6 +133,8 @@ class _Config:
     """Static (hashable) description of one call."""
 
     causal: bool
+    scale: float
+    gradient: str
     t: int
     s1: int
     s2: int
@@ -277,7 +280,19 @@ def _normalise(y, hv: int):
     bad = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1, keepdims=True)
     ok = (den > 0) & (bad == 0)
     inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
-    return jnp.where(ok, y, 0.0) * inv
+    return jnp.where(ok, y, 0.0) * inv, inv
+
+
+def _column(x, j: int):
+    """`[rows, 1]` column `j` of `x` (no static slicing of register tiles on GPU)."""
+    col = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+    return jnp.sum(jnp.where(col == j, x, 0.0), axis=1, keepdims=True)
+
+
+def _place(x, j: int, width: int):
+    """`[rows, width]` with column `j` set to `x [rows, 1]`, zeros elsewhere."""
+    col = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    return jnp.where(col == j, x, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +317,7 @@ def _key_kernel(cfg: _Config, sel_ref, k1_ref, v1_ref, k2_ref, v2_ref, m_ref):
     m_ref[...] = key_sum(k1_ref, v1_ref) * key_sum(k2_ref, v2_ref)
 
 
-def _query_kernel(cfg: _Config, q_ref, sel_ref, w_ref, m_ref, o_ref):
+def _query_kernel(cfg: _Config, q_ref, sel_ref, w_ref, m_ref, o_ref, inv_ref):
     """Non-causal query phase: `y = Σ_blk (w ∘ φ(q))[:, blk] @ M[blk]`, normalised."""
     q = q_ref[...]
 
@@ -313,7 +328,9 @@ def _query_kernel(cfg: _Config, q_ref, sel_ref, w_ref, m_ref, o_ref):
 
     rows = q.shape[0]
     y = lax.fori_loop(0, cfg.rank_padded // cfg.rb, step, jnp.zeros((rows, cfg.vp), _F32))
-    o_ref[...] = _normalise(y, cfg.hv).astype(o_ref.dtype)
+    out, inv = _normalise(y, cfg.hv)
+    o_ref[...] = out.astype(o_ref.dtype)
+    inv_ref[...] = inv
 
 
 def _causal_kernel(cfg: _Config, q_ref, sel_ref, w_ref, k1_ref, v1_ref, k2_ref, v2_ref, y_ref):
@@ -447,7 +464,7 @@ def _forward(cfg: _Config, sel, w, q, keys, values, valid):
             out_shape=jax.ShapeDtypeStruct((bkv, cfg.rank_padded, cfg.vp), _F32),
         )(sel, k1, v1, k2, v2)
         rows = cfg.group * cfg.bq
-        out = _call(
+        out, inv_t = _call(
             cfg,
             _query_kernel,
             grid=(bkv, cfg.nq),
@@ -457,10 +474,16 @@ def _forward(cfg: _Config, sel, w, q, keys, values, valid):
                 pl.BlockSpec(w.shape, lambda i, j: (0, 0)),
                 _whole(m.shape),
             ],
-            out_specs=pl.BlockSpec((None, rows, cfg.vp), lambda i, j: (i, j, 0)),
-            out_shape=jax.ShapeDtypeStruct((bkv, rows_total, cfg.vp), q.dtype),
+            out_specs=[
+                pl.BlockSpec((None, rows, cfg.vp), lambda i, j: (i, j, 0)),
+                pl.BlockSpec((None, rows, 1), lambda i, j: (i, j, 0)),
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((bkv, rows_total, cfg.vp), q.dtype),
+                jax.ShapeDtypeStruct((bkv, rows_total, 1), _F32),
+            ],
         )(q_t, sel, w, m)
-        return _rows_merge(cfg, out, b)[..., : cfg.hv]
+        return _rows_merge(cfg, out, b)[..., : cfg.hv], inv_t
     n_rg = cfg.rank_padded // cfg.rg
     partial = _call(
         cfg,
@@ -479,7 +502,7 @@ def _forward(cfg: _Config, sel, w, q, keys, values, valid):
         out_shape=jax.ShapeDtypeStruct((bkv, n_rg, rows_total, cfg.vp), _F32),
     )(q_t, sel, w, k1, v1, k2, v2)
     out = _normalise_xla(jnp.sum(partial, axis=1), cfg.hv).astype(q.dtype)
-    return _rows_merge(cfg, out, b)
+    return _rows_merge(cfg, out, b), None
 
 
 def _normalise_xla(y, hv: int):
@@ -490,35 +513,221 @@ def _normalise_xla(y, hv: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradient: the closed form of the XLA polynomial kernel (docs/math.md §5), recomputing its
-# forward; the fused forward stays the primal.
+# Gradient (docs/math.md §5.1), non-causal, fused: four kernels on the same on-chip features.
+# Augmented: ṽ = [v·valid, valid], k̃ = [k, 1], q̃ = [q, 1], d̃ = [dO, -D]; ψ_i = w φ(q_i) / den_i.
+# Sums with two augmented indices are stored y-major: `[Hp, r, Vp]`, entry `[y, α, x]`.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attend(cfg: _Config, xla_options: tuple, sel, w, q, keys, values, valid):
-    return _forward(cfg, sel, w, q, keys, values, valid)
+def _key_grad_kernel(cfg: _Config, sel_ref, k_ref, v_ref, n_ref):
+    """`N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` for one rank block (one key set)."""
+    n_tiles = k_ref.shape[0] // cfg.bk
+
+    def step(i, accs):
+        a0 = pl.multiple_of(i * cfg.bk, cfg.bk)
+        k = k_ref[pl.ds(a0, cfg.bk), :]
+        v = v_ref[pl.ds(a0, cfg.bk), :].astype(_F32)
+        phi = _features(cfg, k, sel_ref, 0, cfg.rb)
+        kf = k.astype(_F32)
+        return tuple(
+            acc + _matmul(cfg, phi, v * _column(kf, y), (0, 0), False) for y, acc in enumerate(accs)
+        )
+
+    zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
+    accs = lax.fori_loop(0, n_tiles, step, (zero,) * (cfg.dim + 1))
+    for y in range(cfg.hp):
+        n_ref[y] = accs[y] if y <= cfg.dim else zero
 
 
-def _attend_fwd(cfg, xla_options, sel, w, q, keys, values, valid):
-    out = _forward(cfg, sel, w, q, keys, values, valid)
-    return out, (q, keys, values, valid)
+def _psi(cfg: _Config, q, sel_ref, w, inv, lo, base=None):
+    return _features(cfg, q, sel_ref, lo, cfg.rb, base) * w * inv
 
 
-def _attend_bwd(cfg, xla_options, res, d_out):
-    q, keys, values, valid = res
+def _dq_kernel(cfg: _Config, q_ref, d_ref, inv_ref, sel_ref, w_ref, n1_ref, n2_ref, dq_ref):
+    """`dQ[i, c] = τ Σ_x d̃_i[x] Σ_α ψ_i[α] (N_1 ∘ N_2)[c, α, x]` for one query tile."""
+    q, d, inv = q_ref[...], d_ref[...], inv_ref[...]
+
+    def step(j, dq):
+        base = pl.multiple_of(j * cfg.rb, cfg.rb)
+        psi = _psi(cfg, q, sel_ref, w_ref[:, pl.ds(base, cfg.rb)], inv, None, base)
+        for y in range(cfg.dim):
+            n = n1_ref[y, pl.ds(base, cfg.rb), :] * n2_ref[y, pl.ds(base, cfg.rb), :]
+            t = _matmul(cfg, psi, n, (1, 0), False)
+            dq = dq + _place(jnp.sum(d * t, axis=1, keepdims=True), y, cfg.hp)
+        return dq
+
+    dq = lax.fori_loop(0, cfg.rank_padded // cfg.rb, step, jnp.zeros(q.shape, _F32))
+    dq_ref[...] = jnp.where(inv > 0, dq * cfg.scale, 0.0)
+
+
+def _gamma_kernel(cfg: _Config, sel_ref, w_ref, q_ref, d_ref, inv_ref, g_ref):
+    """`Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` for one rank block."""
+    rows = cfg.group * cfg.bq
+    w = w_ref[...]
+
+    def step(i, accs):
+        r0 = pl.multiple_of(i * rows, rows)
+        q = q_ref[pl.ds(r0, rows), :]
+        d = d_ref[pl.ds(r0, rows), :]
+        psi = _psi(cfg, q, sel_ref, w, inv_ref[pl.ds(r0, rows), :], 0)
+        qf = q.astype(_F32)
+        return tuple(
+            acc + _matmul(cfg, psi, d * _column(qf, y), (0, 0), False) for y, acc in enumerate(accs)
+        )
+
+    zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
+    accs = lax.fori_loop(0, q_ref.shape[0] // rows, step, (zero,) * (cfg.dim + 1))
+    for y in range(cfg.hp):
+        g_ref[y] = accs[y] if y <= cfg.dim else zero
+
+
+def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, g_ref, n_ref, dk_ref, dv_ref):
+    """One key tile of set `j`: `X[a][x, y] = Σ_α φ(k_a)_α (Γ ∘ N_other)[y, α, x]`,
+    `dK[a, c] = τ Σ_x ṽ_a[x] X[a][x, c]`, `dV[a, l] = X[a][l, H]` (valid keys only)."""
+    k = k_ref[...]
+    v = v_ref[...].astype(_F32)
+
+    def step(j, carry):
+        dk, dv = carry
+        base = pl.multiple_of(j * cfg.rb, cfg.rb)
+        phi = _features(cfg, k, sel_ref, None, cfg.rb, base)
+        for y in range(cfg.dim + 1):
+            wy = g_ref[y, pl.ds(base, cfg.rb), :] * n_ref[y, pl.ds(base, cfg.rb), :]
+            x = _matmul(cfg, phi, wy, (1, 0), False)
+            if y < cfg.dim:
+                dk = dk + _place(jnp.sum(v * x, axis=1, keepdims=True), y, cfg.hp)
+            else:
+                dv = dv + x
+        return dk, dv
+
+    init = (jnp.zeros((cfg.bk, cfg.hp), _F32), jnp.zeros((cfg.bk, cfg.vp), _F32))
+    dk, dv = lax.fori_loop(0, cfg.rank_padded // cfg.rb, step, init)
+    ok = _column(v, cfg.hv)
+    dk_ref[...] = dk * (cfg.scale * ok)
+    dv_ref[...] = dv * ok
+
+
+def _keys_merge(x, s: int, kv: int, width: int):
+    bkv, padded, _ = x.shape
+    x = x.reshape(bkv // kv, kv, padded, -1).transpose(0, 2, 1, 3)
+    return x[:, :s, :, :width]
+
+
+def _backward_fused(cfg: _Config, sel, w, res, d_out):
+    q, keys, values, valid, out, inv_t = res
+    b = q.shape[0]
+    q_t, ks, vs = _prepare(cfg, q, keys, values, valid)
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    d_aug = jnp.concatenate([d_out.astype(_F32), -delta], axis=-1)
+    d_t = _rows_layout(cfg, _pad_last(d_aug, cfg.vp))
+    bkv, rows_total, _ = q_t.shape
+    g = sel.shape[0]
+    n_rb = cfg.rank_padded // cfg.rb
+    rows = cfg.group * cfg.bq
+    sel_block = pl.BlockSpec((g, cfg.hp, cfg.rb), lambda i, j: (0, 0, j))
+    sel_all = pl.BlockSpec(sel.shape, lambda i, j: (0, 0, 0))
+    state_shape = jax.ShapeDtypeStruct((bkv, cfg.hp, cfg.rank_padded, cfg.vp), _F32)
+    state_block = pl.BlockSpec((None, cfg.hp, cfg.rb, cfg.vp), lambda i, j: (i, 0, j, 0))
+    state_all = pl.BlockSpec((None, *state_shape.shape[1:]), lambda i, j: (i, 0, 0, 0))
+
+    def tile(size, width):
+        return pl.BlockSpec((None, size, width), lambda i, j: (i, j, 0))
+
+    ns = [
+        _call(
+            cfg,
+            _key_grad_kernel,
+            grid=(bkv, n_rb),
+            in_specs=[sel_block, _whole(k.shape), _whole(v.shape)],
+            out_specs=state_block,
+            out_shape=state_shape,
+        )(sel, k, v)
+        for k, v in zip(ks, vs)
+    ]
+    dq_t = _call(
+        cfg,
+        _dq_kernel,
+        grid=(bkv, rows_total // rows),
+        in_specs=[
+            tile(rows, cfg.hp),
+            tile(rows, cfg.vp),
+            tile(rows, 1),
+            sel_all,
+            pl.BlockSpec(w.shape, lambda i, j: (0, 0)),
+            state_all,
+            state_all,
+        ],
+        out_specs=tile(rows, cfg.hp),
+        out_shape=jax.ShapeDtypeStruct((bkv, rows_total, cfg.hp), _F32),
+    )(q_t, d_t, inv_t, sel, w, *ns)
+    gamma = _call(
+        cfg,
+        _gamma_kernel,
+        grid=(bkv, n_rb),
+        in_specs=[
+            sel_block,
+            pl.BlockSpec((1, cfg.rb), lambda i, j: (0, j)),
+            _whole(q_t.shape),
+            _whole(d_t.shape),
+            _whole(inv_t.shape),
+        ],
+        out_specs=state_block,
+        out_shape=state_shape,
+    )(sel, w, q_t, d_t, inv_t)
+    dks, dvs = [], []
+    for j, (k, v, key) in enumerate(zip(ks, vs, keys)):
+        padded = k.shape[1]
+        dk_t, dv_t = _call(
+            cfg,
+            _dkv_kernel,
+            grid=(bkv, padded // cfg.bk),
+            in_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp), sel_all, state_all, state_all],
+            out_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp)],
+            out_shape=[
+                jax.ShapeDtypeStruct((bkv, padded, cfg.hp), _F32),
+                jax.ShapeDtypeStruct((bkv, padded, cfg.vp), _F32),
+            ],
+        )(k, v, sel, gamma, ns[1 - j])
+        dks.append(_keys_merge(dk_t, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
+        dvs.append(_keys_merge(dv_t, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
+    dq = _rows_merge(cfg, dq_t, b)[..., : cfg.dim].astype(q.dtype)
+    return dq, tuple(dks), tuple(dvs)
+
+
+# Gradient through the XLA kernel's closed form (docs/math.md §5), recomputing its forward:
+# the causal case, and `gradient="xla"`.
+
+
+def _backward_xla(cfg: _Config, xla_options: tuple, res, d_out):
+    q, keys, values, valid = res[:4]
     opts = dict(xla_options)
     spec = AttentionSpec(
-        scale=opts.pop("scale"),
-        causal=cfg.causal,
-        windows=(None, None),
-        key_masks=tuple(valid),
+        scale=cfg.scale, causal=cfg.causal, windows=(None, None), key_masks=tuple(valid)
     )
 
     def xla(q, keys, values):
         return xla_polynomial.attention(q, keys, values, spec, on_uncertified="ignore", **opts)
 
     _, vjp = jax.vjp(xla, q, keys, values)
-    dq, dks, dvs = vjp(d_out.astype(q.dtype))
+    return vjp(d_out.astype(q.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend(cfg: _Config, xla_options: tuple, sel, w, q, keys, values, valid):
+    return _forward(cfg, sel, w, q, keys, values, valid)[0]
+
+
+def _attend_fwd(cfg, xla_options, sel, w, q, keys, values, valid):
+    out, inv_t = _forward(cfg, sel, w, q, keys, values, valid)
+    return out, (sel, w, (q, keys, values, valid, out, inv_t))
+
+
+def _attend_bwd(cfg, xla_options, res, d_out):
+    sel, w, res = res
+    if cfg.causal or cfg.gradient == "xla":
+        dq, dks, dvs = _backward_xla(cfg, xla_options, res, d_out)
+    else:
+        dq, dks, dvs = _backward_fused(cfg, sel, w, res, d_out)
+    valid = res[3]
     return None, None, dq, dks, dvs, tuple(None for _ in valid)
 
 
@@ -556,6 +765,7 @@ def attention(
     polynomial: str = "taylor",
     score_range: float | None = None,
     precision: str = "bf16x3",
+    gradient: str = "fused",
     tiles: FusedTiles | None = None,
     interpret: bool | None = None,
 ):
@@ -571,12 +781,16 @@ def attention(
     tiles: `FusedTiles` (None: defaults). interpret: Pallas interpret mode; None (default):
       on without a GPU or when `TENSORATTN_PALLAS_INTERPRET=1`. `interpret=False` always
       emits the Triton kernels (e.g. to lower for "cuda" on a host without a GPU).
-    Returns `[B,T,N,Hv]` in the inputs' dtype. Differentiable: the gradient is the closed form
-    of the XLA polynomial kernel (docs/math.md §5), which recomputes its own forward.
+    gradient: the closed-form gradient of docs/math.md §5 (as the XLA kernel's default),
+      "fused" (default: fused kernels without causal masks; causal calls use "xla") or "xla"
+      (the XLA polynomial kernel's closed form, which recomputes its own forward).
+    Returns `[B,T,N,Hv]` in the inputs' dtype.
     """
     keys, values = tuple(keys), tuple(values)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= 40:
         raise ValueError(f"degree must be an int in [0, 40], got {degree!r}")
     coeffs = xla_polynomial.coefficients(polynomial, degree, score_range)
@@ -603,6 +817,8 @@ def attention(
     dtype = jnp.result_type(q, *keys, *values)
     cfg = _Config(
         causal=spec.causal,
+        scale=spec.scale,
+        gradient=gradient,
         t=t,
         s1=keys[0].shape[1],
         s2=keys[1].shape[1],
@@ -634,7 +850,6 @@ def attention(
     sel = jnp.asarray(_selection(h, degree, cfg.hp, cfg.rank_padded), _BF16)
     w = _query_weights(h, coeffs, spec.scale, cfg.rank_padded)
     xla_options = (
-        ("scale", spec.scale),
         ("degree", degree),
         ("polynomial", polynomial),
         ("score_range", score_range),
