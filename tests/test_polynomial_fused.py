@@ -84,9 +84,9 @@ def test_selection_tables_give_the_monomials_of_features():
     x = rng.uniform(-1, 1, (7, h)).astype(np.float32)
     rank = features.monomials(h, degree).rank
     sel = pf._selection(h, degree, 16, 128)
-    x_aug = np.zeros((7, 16), np.float32)
-    x_aug[:, :h], x_aug[:, h] = x, 1.0
-    picked = np.einsum("th,jhr->jtr", x_aug, sel)  # one-hot: exact
+    x_pad = np.zeros((7, 16), np.float32)
+    x_pad[:, :h] = x
+    picked = np.einsum("th,jhr->jtr", x_pad, sel[:degree]) + sel[degree, :degree, None, :]
     phi = picked[0] * picked[1] * picked[2] * picked[3]  # the kernel's product order
     want = features.features(jnp.asarray(x), features.monomials(h, degree))
     np.testing.assert_array_equal(phi[:, :rank], np.asarray(want))
@@ -196,6 +196,14 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
     args = [shape((1, 32, 2, 8), jnp.bfloat16)] + [shape((1, 32, 1, 8), jnp.bfloat16)] * 4
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (1 if causal else 2)
+    if not causal:  # forward (2) and the fused gradient (2 key sums, dQ, Γ, 2 dK/dV)
+
+        def loss(*a):
+            return jnp.sum(fn(*a).astype(jnp.float32))
+
+        grad = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args)
+        text = grad.lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 8
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")

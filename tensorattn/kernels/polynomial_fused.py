@@ -193,15 +193,21 @@ def _multisets(dim: int, degree: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _selection(dim: int, degree: int, hp: int, rank_padded: int) -> np.ndarray:
-    """`[max(degree,1), hp, rank_padded]` 0/1 selection matrices (padding columns all zero)."""
-    idx = _multisets(dim, degree)
-    r = idx.shape[1]
-    sel = np.zeros((max(degree, 1), hp, rank_padded), np.float32)
+    """`[g+1, hp, rank_padded]` 0/1 tables, `g = max(degree, 1)`: slab `j < g` selects the
+    `j`-th coordinate of each monomial (`x @ sel[j]`), row `j` of slab `g` marks the monomials
+    whose `j`-th factor is the constant 1 (fewer than `j+1` coordinates). Padding columns are
+    all zero (feature 0). Needs `hp >= max(dim, g)`."""
+    g = max(degree, 1)
+    sel = np.zeros((g + 1, hp, rank_padded), np.float32)
     if degree == 0:
-        sel[0, dim, 0] = 1.0
+        sel[g, 0, 0] = 1.0
         return sel
+    idx = _multisets(dim, degree)
+    cols = np.arange(idx.shape[1])
     for j in range(degree):
-        sel[j, idx[j], np.arange(r)] = 1.0
+        real = idx[j] < dim
+        sel[j, idx[j][real], cols[real]] = 1.0
+        sel[g, j, cols[~real]] = 1.0
     return sel
 
 
@@ -238,21 +244,23 @@ def _split(x, pieces: int):
 
 
 def _features(cfg: _Config, x, sel_ref, lo: int | None, size: int, base=None):
-    """`[rows, size]` monomials of `x [rows, Hp]` (augmented) for selection columns
-    `lo..lo+size` (`lo` static) or `base..base+size` (`base` traced, `lo=None`)."""
+    """`[rows, size]` monomials of `x [rows, Hp]` for selection columns `lo..lo+size` (`lo`
+    static) or `base..base+size` (`base` traced, `lo=None`): `Π_j (x @ S_j + c_j)`."""
     highest = cfg.precision == "highest"
     pieces = [x.astype(_F32)] if highest else _split(x, cfg.pieces)
+    g = max(cfg.degree, 1)
     phi = None
-    for j in range(max(cfg.degree, 1)):
+    for j in range(g):
         if lo is None:
             s = sel_ref[j, :, pl.ds(base, size)]
+            c = sel_ref[g, pl.ds(j, 1), pl.ds(base, size)]
         else:
             s = sel_ref[j, :, lo : lo + size]
+            c = sel_ref[g, j : j + 1, lo : lo + size]
         s = s.astype(pieces[0].dtype)
-        f = None
+        f = c.astype(_F32)
         for p in pieces:
-            d = _dot(p, s, (1, 0), lax.Precision.HIGHEST if highest else None)
-            f = d if f is None else f + d
+            f = f + _dot(p, s, (1, 0), lax.Precision.HIGHEST if highest else None)
         phi = f if phi is None else phi * f
     return phi
 
@@ -405,11 +413,11 @@ def _keys_layout(x, padded: int):
 
 def _prepare(cfg: _Config, q, keys, values, valid):
     dtype = q.dtype
-    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp, one_at=cfg.dim))
+    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp))
     ks, vs = [], []
     for k, v, ok, s in zip(keys, values, valid, (cfg.s1, cfg.s2)):
         padded = cfg.key_padded(s)
-        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp, one_at=cfg.dim), padded))
+        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp), padded))
         ok_kv = jnp.broadcast_to(ok[:, :, None], v.shape[:3]).astype(dtype)
         v_aug = _pad_last(v.astype(dtype), cfg.vp, one_at=cfg.hv, scale=ok_kv)
         vs.append(_keys_layout(v_aug, padded))
@@ -515,7 +523,7 @@ def _normalise_xla(y, hv: int):
 # ---------------------------------------------------------------------------------------------
 # Gradient (docs/math.md §5.1), non-causal, fused: four kernels on the same on-chip features.
 # Augmented: ṽ = [v·valid, valid], k̃ = [k, 1], q̃ = [q, 1], d̃ = [dO, -D]; ψ_i = w φ(q_i) / den_i.
-# Sums with two augmented indices are stored y-major: `[Hp, r, Vp]`, entry `[y, α, x]`.
+# Sums with two augmented indices are stored y-major: `[H+1, r, Vp]`, entry `[y, α, x]`.
 
 
 def _key_grad_kernel(cfg: _Config, sel_ref, k_ref, v_ref, n_ref):
@@ -528,14 +536,13 @@ def _key_grad_kernel(cfg: _Config, sel_ref, k_ref, v_ref, n_ref):
         v = v_ref[pl.ds(a0, cfg.bk), :].astype(_F32)
         phi = _features(cfg, k, sel_ref, 0, cfg.rb)
         kf = k.astype(_F32)
-        return tuple(
-            acc + _matmul(cfg, phi, v * _column(kf, y), (0, 0), False) for y, acc in enumerate(accs)
-        )
+        rhs = [v * _column(kf, y) for y in range(cfg.dim)] + [v]  # k̃ = [k, 1]
+        return tuple(acc + _matmul(cfg, phi, z, (0, 0), False) for acc, z in zip(accs, rhs))
 
     zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
     accs = lax.fori_loop(0, n_tiles, step, (zero,) * (cfg.dim + 1))
-    for y in range(cfg.hp):
-        n_ref[y] = accs[y] if y <= cfg.dim else zero
+    for y in range(cfg.dim + 1):
+        n_ref[y] = accs[y]
 
 
 def _psi(cfg: _Config, q, sel_ref, w, inv, lo, base=None):
@@ -570,14 +577,13 @@ def _gamma_kernel(cfg: _Config, sel_ref, w_ref, q_ref, d_ref, inv_ref, g_ref):
         d = d_ref[pl.ds(r0, rows), :]
         psi = _psi(cfg, q, sel_ref, w, inv_ref[pl.ds(r0, rows), :], 0)
         qf = q.astype(_F32)
-        return tuple(
-            acc + _matmul(cfg, psi, d * _column(qf, y), (0, 0), False) for y, acc in enumerate(accs)
-        )
+        rhs = [d * _column(qf, y) for y in range(cfg.dim)] + [d]  # q̃ = [q, 1]
+        return tuple(acc + _matmul(cfg, psi, z, (0, 0), False) for acc, z in zip(accs, rhs))
 
     zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
     accs = lax.fori_loop(0, q_ref.shape[0] // rows, step, (zero,) * (cfg.dim + 1))
-    for y in range(cfg.hp):
-        g_ref[y] = accs[y] if y <= cfg.dim else zero
+    for y in range(cfg.dim + 1):
+        g_ref[y] = accs[y]
 
 
 def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, g_ref, n_ref, dk_ref, dv_ref):
@@ -625,8 +631,8 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
     rows = cfg.group * cfg.bq
     sel_block = pl.BlockSpec((g, cfg.hp, cfg.rb), lambda i, j: (0, 0, j))
     sel_all = pl.BlockSpec(sel.shape, lambda i, j: (0, 0, 0))
-    state_shape = jax.ShapeDtypeStruct((bkv, cfg.hp, cfg.rank_padded, cfg.vp), _F32)
-    state_block = pl.BlockSpec((None, cfg.hp, cfg.rb, cfg.vp), lambda i, j: (i, 0, j, 0))
+    state_shape = jax.ShapeDtypeStruct((bkv, cfg.dim + 1, cfg.rank_padded, cfg.vp), _F32)
+    state_block = pl.BlockSpec((None, cfg.dim + 1, cfg.rb, cfg.vp), lambda i, j: (i, 0, j, 0))
     state_all = pl.BlockSpec((None, *state_shape.shape[1:]), lambda i, j: (i, 0, 0, 0))
 
     def tile(size, width):
@@ -826,7 +832,7 @@ def attention(
         group=group,
         dim=h,
         hv=hv,
-        hp=max(16, _next_pow2(h + 1)),
+        hp=max(16, _next_pow2(h), _next_pow2(max(degree, 1))),
         vp=vp,
         degree=degree,
         rank_padded=-(-rank // rg) * rg,
