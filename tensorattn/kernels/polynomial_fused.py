@@ -549,16 +549,15 @@ def _psi(cfg: _Config, q, sel_ref, w, inv, lo, base=None):
     return _features(cfg, q, sel_ref, lo, cfg.rb, base) * w * inv
 
 
-def _dq_kernel(cfg: _Config, q_ref, d_ref, inv_ref, sel_ref, w_ref, n1_ref, n2_ref, dq_ref):
-    """`dQ[i, c] = τ Σ_x d̃_i[x] Σ_α ψ_i[α] (N_1 ∘ N_2)[c, α, x]` for one query tile."""
+def _dq_kernel(cfg: _Config, q_ref, d_ref, inv_ref, sel_ref, w_ref, n_ref, dq_ref):
+    """`dQ[i, c] = τ Σ_x d̃_i[x] Σ_α ψ_i[α] N[c, α, x]` (`N = N_1 ∘ N_2`), one query tile."""
     q, d, inv = q_ref[...], d_ref[...], inv_ref[...]
 
     def step(j, dq):
         base = pl.multiple_of(j * cfg.rb, cfg.rb)
         psi = _psi(cfg, q, sel_ref, w_ref[:, pl.ds(base, cfg.rb)], inv, None, base)
         for y in range(cfg.dim):
-            n = n1_ref[y, pl.ds(base, cfg.rb), :] * n2_ref[y, pl.ds(base, cfg.rb), :]
-            t = _matmul(cfg, psi, n, (1, 0), False)
+            t = _matmul(cfg, psi, n_ref[y, pl.ds(base, cfg.rb), :], (1, 0), False)
             dq = dq + _place(jnp.sum(d * t, axis=1, keepdims=True), y, cfg.hp)
         return dq
 
@@ -586,8 +585,8 @@ def _gamma_kernel(cfg: _Config, sel_ref, w_ref, q_ref, d_ref, inv_ref, g_ref):
         g_ref[y] = accs[y]
 
 
-def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, g_ref, n_ref, dk_ref, dv_ref):
-    """One key tile of set `j`: `X[a][x, y] = Σ_α φ(k_a)_α (Γ ∘ N_other)[y, α, x]`,
+def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, w_ref, dk_ref, dv_ref):
+    """One key tile of set `j`, `w = Γ ∘ N_other`: `X[a][x, y] = Σ_α φ(k_a)_α w[y, α, x]`,
     `dK[a, c] = τ Σ_x ṽ_a[x] X[a][x, c]`, `dV[a, l] = X[a][l, H]` (valid keys only)."""
     k = k_ref[...]
     v = v_ref[...].astype(_F32)
@@ -597,8 +596,7 @@ def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, g_ref, n_ref, dk_ref, dv_re
         base = pl.multiple_of(j * cfg.rb, cfg.rb)
         phi = _features(cfg, k, sel_ref, None, cfg.rb, base)
         for y in range(cfg.dim + 1):
-            wy = g_ref[y, pl.ds(base, cfg.rb), :] * n_ref[y, pl.ds(base, cfg.rb), :]
-            x = _matmul(cfg, phi, wy, (1, 0), False)
+            x = _matmul(cfg, phi, w_ref[y, pl.ds(base, cfg.rb), :], (1, 0), False)
             if y < cfg.dim:
                 dk = dk + _place(jnp.sum(v * x, axis=1, keepdims=True), y, cfg.hp)
             else:
@@ -660,11 +658,10 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
             sel_all,
             pl.BlockSpec(w.shape, lambda i, j: (0, 0)),
             state_all,
-            state_all,
         ],
         out_specs=tile(rows, cfg.hp),
         out_shape=jax.ShapeDtypeStruct((bkv, rows_total, cfg.hp), _F32),
-    )(q_t, d_t, inv_t, sel, w, *ns)
+    )(q_t, d_t, inv_t, sel, w, ns[0] * ns[1])
     gamma = _call(
         cfg,
         _gamma_kernel,
@@ -686,13 +683,13 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
             cfg,
             _dkv_kernel,
             grid=(bkv, padded // cfg.bk),
-            in_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp), sel_all, state_all, state_all],
+            in_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp), sel_all, state_all],
             out_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp)],
             out_shape=[
                 jax.ShapeDtypeStruct((bkv, padded, cfg.hp), _F32),
                 jax.ShapeDtypeStruct((bkv, padded, cfg.vp), _F32),
             ],
-        )(k, v, sel, gamma, ns[1 - j])
+        )(k, v, sel, gamma * ns[1 - j])
         dks.append(_keys_merge(dk_t, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
         dvs.append(_keys_merge(dv_t, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
     dq = _rows_merge(cfg, dq_t, b)[..., : cfg.dim].astype(q.dtype)
