@@ -179,6 +179,8 @@ def test_rejects_unsupported_calls():
     with pytest.raises(ValueError, match="rank_group"):
         tiles = pf.FusedTiles(block_rank=32, rank_group=16)
         pf.fused_tensor_attention(q, *keys, *values, tiles=tiles)
+    with pytest.raises(ValueError, match="gradient"):
+        pf.fused_tensor_attention(q, *keys, *values, gradient="autodiff")
     with pytest.raises(ValueError, match="degree"):
         pf.fused_tensor_attention(q, *keys, *values, degree=-1)
 
@@ -218,3 +220,19 @@ def test_compiled_on_gpu(causal, dtype):
     xla = _xla(q, keys, values, masks, causal, degree=4)
     atol = 1e-4 if dtype == jnp.float32 else 2.0**-8
     np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(xla, np.float64), atol=atol)
+    if causal:
+        return
+
+    def loss(fn, **options):
+        def f(q, keys, values):
+            out = fn(q, keys, values, masks, causal, degree=4, **options)
+            return jnp.sum(out.astype(jnp.float32) * jnp.cos(out.astype(jnp.float32)))
+
+        return f
+
+    got = jax.grad(loss(_fused, interpret=False), (0, 1, 2))(q, keys, values)
+    want = jax.grad(loss(_xla), (0, 1, 2))(q, keys, values)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        scale = np.max(np.abs(w)) + 1e-30
+        assert np.max(np.abs(g - w)) <= (1e-4 if dtype == jnp.float32 else 2e-2) * scale

@@ -6,62 +6,82 @@ the same monomials in the same order and the same query-side weights
 sums. What changes is where the `[rows, r]` monomial features live: they are formed on chip,
 one rank block at a time, and never written to device memory.
 
-Features on chip. The augmented input `x_aug = [x, 1, 0..]` (`[rows, Hp]`, `Hp >= H+1` a power
-of two) and `g` one-hot selection matrices `S_j [Hp, r]` (column `α` of `S_j` picks the `j`-th
-coordinate of the sorted multiset `α`, or the constant 1 when `|α| < j`) give
-`φ(x)[:, blk] = Π_j (x_aug @ S_j[:, blk])`: `g` small tensor-core products and `g-1`
-elementwise products (in the order of `features.features`), no gathers. The selection is
-exact: `x` is split into bfloat16 pieces (1 for bfloat16 inputs, 2 for float16, 3 for
-float32) and each piece times a 0/1 matrix is exact with float32 accumulation (with
+Features on chip. With `g` 0/1 selection matrices `S_j [Hp, r]` (`Hp = pow2(max(H, g, 16))`;
+column `α` of `S_j` picks the `j`-th coordinate of the sorted multiset `α`) and 0/1 rows
+`c_j [r]` (1 where `α` has fewer than `j+1` coordinates: the factor is the constant 1),
+`φ(x)[:, blk] = Π_j (x @ S_j[:, blk] + c_j[blk])`: `g` thin tensor-core products (K = Hp)
+and `g-1` elementwise products in the order of `features.features`, no gathers. The selection
+is exact: `x` is split into bfloat16 pieces (1 for bfloat16 inputs, 2 for float16, 3 for
+float32), each piece times a 0/1 matrix is exact with float32 accumulation (with
 `precision="highest"`: one float32 product at `Precision.HIGHEST`).
 
-Non-causal (two `pallas_call`s):
+Forward without causal mask (two `pallas_call`s):
 1. key phase, grid `(B·K, r / block_rank)`: `M[blk] = (Σ_a φ(k1_a)ᵀ ṽ1_a) ∘ (Σ_b φ(k2_b)ᵀ ṽ2_b)`
-   (`[block_rank, Vp]`, `ṽ = [v·valid, valid, 0..]`), looping over key tiles;
+   (`[block_rank, Vp]`, `ṽ = [v·valid, valid, 0..]`, `Vp = pow2(max(Hv+1, 16))`), looping
+   over key tiles;
 2. query phase, grid `(B·K, T / block_q)`: `y = Σ_blk (w ∘ φ(q))[:, blk] @ M[blk]` looping over
    rank blocks, then `out = y[:, :Hv] / y[:, Hv]` in the kernel (0 for rows whose denominator
-   is not positive or whose sums are not finite, as in `polynomial._normalise`).
-Causal, grid `(B·K, r / rank_group)`: each program owns `rank_group` monomials (`rank_group /
-block_rank` sub-blocks) and walks the sequence chunk by chunk (`chunk` positions), carrying
-the prefix sums `P_j [block_rank, Vp]` of each sub-block on chip. Within a chunk the per-row
-states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a` (`[chunk, block_rank, Vp]`) give
-`y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`. Each program writes its partial `y`
-(`[T·G, Vp]` float32 per rank group); XLA sums the groups and normalises. That buffer holds
-`B·N·T·Vp·4 B · r / rank_group` (defaults `block_rank=32`, `rank_group=256`: 19 groups,
-20 GiB at B=1, N=8, T=2^20, Hv=16; a larger `rank_group` trades it for fewer programs and
-more on-chip state).
+   is not positive or whose sums are not finite, as `polynomial._normalise`); `1/den` is kept
+   for the gradient.
+Causal forward, grid `(B·K, r / rank_group)`: each program owns `rank_group` monomials
+(`rank_group / block_rank` sub-blocks) and walks the sequence chunk by chunk (`chunk`
+positions), carrying the prefix sums `P_j [block_rank, Vp]` of each sub-block on chip. Within a
+chunk the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a`
+(`[chunk, block_rank, Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`. Each program
+writes its partial `y` (`[T·G, Vp]` float32 per rank group); XLA sums the groups and
+normalises. That buffer holds `B·N·T·Vp·4 B · r / rank_group` (defaults `block_rank=32`,
+`rank_group=256`: 19 groups, 20 GiB at B=1, N=8, T=2^20, Hv=16; a larger `rank_group` trades
+it for fewer programs and more on-chip state).
 
-Matmul precision (`precision`, the key and query products; the selection is always exact):
-"highest" (float32 dots at `Precision.HIGHEST`: the numerics of `polynomial.py`, slow on a GPU),
-"bf16x3" (default: both operands split into bfloat16 hi + lo, three bfloat16 products with
-float32 accumulation, relative error ~2^-16 per product), "bf16" (one bfloat16 product).
+Gradient (`gradient="fused"`, no causal mask): the closed form of docs/math.md §5.1 (the XLA
+kernel's default gradient) in four kernels on the same on-chip features: the key sums
+`N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` (grid over rank blocks), `dQ` (grid over query
+tiles, reading `N_1 ∘ N_2`), `Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` (grid over rank blocks)
+and `dK_j, dV_j` (grid over key tiles, reading `Γ ∘ N_other`); the `[H+1, r, Vp]` float32
+states (10.5 MB per head at the shape below) and their products are the only rank-sized
+arrays in device memory. With causal masks the gradient is the XLA kernel's closed form
+(`_backward_xla`, which recomputes the XLA forward); `gradient="xla"` forces that path.
 
-Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `Vp = pow2(Hv+1)`, `Hp = pow2(H+1)`,
-`G` query heads per kv head, `n_x` = pieces of the input dtype (1 for bf16), `m` = products of
-the precision mode (3 for bf16x3 with f32 operands, 2 with bf16 values, 1 for bf16):
-- non-causal FLOPs: selection `2·g·Hp·n_x·r` per row (key rows `S1+S2` and query rows `T·G`),
-  key products `2·r·Vp·m` per key row, query products `2·r·Vp·m` per query row, elementwise
-  `(g-1)·r` per row. At H=Hv=16, g=4 (r=4845, Hp=Vp=32), bf16: selection 1.24 MFLOP + useful
-  0.62 MFLOP (bf16x3, m=2) per row, all on tensor cores.
-- non-causal HBM traffic: key phase reads the keys and values once per rank block
-  (`(S1+S2)·(Hp+Vp)·2 B · r/block_rank`; 2.4 KB per key row at block_rank=128 in bf16,
-  L2-resident per head at moderate S); query phase reads q once and `M` (`r·Vp·4 B`, 620 KB,
-  L2-resident) once per query tile, writes the output once. No `[T, r]` array is written.
-- causal FLOPs: the selections as above plus per row and per monomial `Vp·(2·2 + 3)` float32
-  elementwise operations (two cumulative sums, the product of the states and the weighted
-  row sum): 1.1 MFLOP per position at the shape of interest, on CUDA cores; HBM traffic: the
-  inputs once per rank group and the partial outputs `T·G·Vp·4 B · r/rank_group`.
-Expected on an H100 (989 TFLOP/s dense bf16, ~60 TFLOP/s float32 non-tensor, 3.35 TB/s):
-the non-causal forward needs ~1.9 MFLOP of tensor-core work per row (keys and queries alike),
-i.e. ~4 ms per head at n = 2^20 at 50% of the tensor-core rate, against 0.7% of the bf16
-rate today (i.e. ~280 MFLOP-equivalent time per row): an expected speed-up of ~10-30x, bounded
-by how well Triton schedules the `g` thin (K = Hp = 32) selection products and the
-elementwise products. The causal forward is bound by float32 elementwise work: ~1.1 MFLOP
-per position, ~20 ms per head at n = 2^20 at 50% of the non-tensor rate (a 3-8x speed-up
-expected). These are estimates from the counts above; the GPU measurement is still to do.
+Matmul precision (`precision`, the key/query/gradient products; the selection is always
+exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of `polynomial.py`, slow
+on a GPU), "bf16x3" (default: operands split into bfloat16 hi + lo, three bfloat16 products
+with float32 accumulation, two when the right operand is bfloat16-exact; ~2^-16 relative per
+product), "bf16" (one bfloat16 product).
 
-Not (yet) covered: orders other than 3, sliding windows, a fused gradient (the `custom_vjp`
-below computes the gradient with the XLA kernel's closed form, docs/math.md §5).
+Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `G` query heads per kv head, `m`
+products per matmul (precision), `n_x` input pieces (1 for bfloat16). Issue 14's shape:
+H = Hv = 16, g = 4, r = 4845, Hp = 16, Vp = 32, bfloat16, bf16x3, n = T = S1 = S2.
+- Forward FLOPs (tensor cores): selection `2·g·Hp·n_x·r` per key and query row (0.62 MFLOP);
+  key products `2·r·Vp·m` per key row (m=2: 0.62 MFLOP); query products per query row (m=3:
+  0.93 MFLOP). Elementwise (CUDA cores) ~`11·r` per row (constants, products, hi/lo split,
+  weights: 53 kFLOP). At n = 2^20: 4.2 TFLOP on tensor cores + 0.17 TFLOP elementwise per
+  head.
+- Forward HBM traffic: the key phase reads the keys and values once per rank block
+  (`(S1+S2)·(Hp+Vp)·2 B · r/block_rank`: 7.3 KB per key row at block_rank=64, mostly L2 hits);
+  the query phase reads q once and `M` (`r·Vp·4 B` = 620 KB, L2-resident) per query tile and
+  writes the output once. Nothing of size `[T, r]` is written (the XLA kernel writes and
+  reads back `[chunk, r]` feature blocks: ~20 KB per row in float32).
+- Causal forward: the same selections plus ~`7·Vp` float32 elementwise operations per row
+  and monomial (two cumulative sums, the state product, the weighted row sum): 1.1 MFLOP per
+  position on CUDA cores; traffic: the inputs once per rank group and the partial outputs.
+- Gradient FLOPs: `H+1` products per key row and set for `N_j`, `H` per query row for `dQ`,
+  `H+1` per query row for `Γ` and per key row and set for `dK/dV` (m=3 each: 0.93 MFLOP per
+  product), plus four feature builds: ~100 TFLOP per head at n = 2^20 (33 with "bf16").
+  Traffic: `dQ` and `dK/dV` read a `[H+1, block_rank, Vp]` state block per rank block and
+  tile (arithmetic intensity ~0.75·rows FLOP/B: tiles of >= 256 rows keep it compute-bound).
+Expected on an H100 (989 TFLOP/s dense bf16, ~60 TFLOP/s float32 non-tensor), taking the
+issue's figures as the useful-FLOP rate `2·r·(Hv+1)·(T+S1+S2)` per head (0.52 TFLOP at
+n = 2^20) at 0.7% of 989 TFLOP/s, i.e. ~75 ms per head today: the fused forward at ~50% of
+the tensor-core rate needs ~8.5 ms + up to ~5 ms of elementwise work, ~10-14 ms per head
+(a 5-7x speed-up; ~8x with precision="bf16"). The fused gradient, ~100 TFLOP per head,
+~200 ms at 50% (the issue's 2.4% for forward+gradient is ~770 ms per head by the same
+accounting, `(1 + 2(H+1))` times the forward's useful FLOPs): ~3.5x with bf16x3, ~10x with
+"bf16". The causal forward: ~20 ms per head at 50% of the float32 rate. The biggest
+remaining lever is the feature build (selection products: half of the forward's tensor-core
+work). These are estimates from the counts above; the GPU measurement is still to do
+(experiments/bench_polynomial_fused.py).
+
+Not covered: orders other than 3, sliding windows, a fused causal gradient.
 """
 
 from __future__ import annotations
