@@ -11,7 +11,7 @@ import oracle
 import pytest
 
 import tensorattn
-from tensorattn.kernels import features, polynomial, validation
+from tensorattn.kernels import features, polynomial
 from tensorattn.kernels import polynomial_fused as pf
 
 DEGREE = 8  # Taylor: relative error 6.8e-6 on [-1, 1]
@@ -164,14 +164,13 @@ def test_gradient(causal):
 
 def test_rejects_unsupported_calls():
     q, keys, values, _ = _inputs(7, s=(11, 11))
-    names = {"key_names": ("k1", "k2"), "value_names": ("v1", "v2"), "mask_names": ("m", "m")}
-    spec = validation.validate(
-        q, keys, values, causal=False, windows=(4, None), key_masks=None, scale=None, **names
-    )
     with pytest.raises(ValueError, match="window"):
-        pf.attention(q, keys, values, spec)
+        pf.fused_tensor_attention(q, *keys, *values, window=(4, None))
     with pytest.raises(ValueError, match="order 2"):
+        spec = pf.AttentionSpec(scale=1.0, causal=False, windows=(None,), key_masks=(None,))
         pf.attention(q, keys[:1], values[:1], spec)
+    with pytest.raises(ValueError, match="scale"):
+        pf.fused_tensor_attention(q, *keys, *values, scale=jnp.asarray(0.5))
     with pytest.raises(ValueError, match="precision"):
         pf.fused_tensor_attention(q, *keys, *values, precision="fp8")
     with pytest.raises(ValueError, match="block_rank"):

@@ -97,9 +97,17 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tensorattn.kernels import features, validation
+from tensorattn.kernels import features
 from tensorattn.kernels import polynomial as xla_polynomial
-from tensorattn.kernels.validation import AttentionSpec
+
+try:  # the kernel spine of issue 11 (validation + Unsupported), once merged
+    from tensorattn.kernels import spine as _validation
+    from tensorattn.kernels.spine import AttentionSpec, Unsupported
+except ImportError:  # before it: the validation module, plain ValueError
+    from tensorattn.kernels import validation as _validation
+    from tensorattn.kernels.validation import AttentionSpec
+
+    Unsupported = ValueError
 
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
@@ -721,14 +729,25 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
 
 
 def _backward_xla(cfg: _Config, xla_options: tuple, res, d_out):
+    """The XLA polynomial kernel's closed-form gradient, through the public entry point."""
+    import tensorattn  # here: the kernel registry may import this module
+
     q, keys, values, valid = res[:4]
-    opts = dict(xla_options)
-    spec = AttentionSpec(
-        scale=cfg.scale, causal=cfg.causal, windows=(None, None), key_masks=tuple(valid)
-    )
 
     def xla(q, keys, values):
-        return xla_polynomial.attention(q, keys, values, spec, on_uncertified="ignore", **opts)
+        return tensorattn.tensor_attention(
+            q,
+            *keys,
+            *values,
+            implementation="polynomial",
+            causal=cfg.causal,
+            k1_mask=valid[0],
+            k2_mask=valid[1],
+            scale=cfg.scale,
+            on_uncertified="ignore",
+            gradient="closed_form",
+            **dict(xla_options),
+        )
 
     _, vjp = jax.vjp(xla, q, keys, values)
     return vjp(d_out.astype(q.dtype))
@@ -768,6 +787,8 @@ def _default_interpret() -> bool:
 
 def unsupported(q, keys, values, spec: AttentionSpec) -> str | None:
     """Why the fused kernels cannot run this call, or None."""
+    if not getattr(spec, "static_scale", True) or not isinstance(spec.scale, (int, float)):
+        return "an array scale (the feature weights hold scale^|α|: give a Python float)"
     if len(keys) != 2:
         return f"order {len(keys) + 1} (the fused polynomial kernels implement order 3)"
     if any(w is not None for w in spec.windows):
@@ -795,7 +816,7 @@ def attention(
     """Order-3 polynomial-method attention with the fused Pallas kernels.
 
     q `[B,T,N,H]`, keys `(k1, k2)` `[B,S_j,K,H]`, values `(v1, v2)` `[B,S_j,K,Hv]` (N % K == 0),
-    `spec` from `validation.validate` (float scale, causal, key masks; no windows).
+    `spec` from `validate` (float scale, causal, key masks; no windows).
     degree, polynomial ("taylor" | "chebyshev"), score_range (`R`, needed by Chebyshev):
       the polynomial, `polynomial.coefficients(polynomial, degree, score_range)`. The
       caller resolves degree/tolerance/bound and runs the accuracy check
@@ -825,7 +846,7 @@ def attention(
     interpret = _default_interpret() if interpret is None else bool(interpret)
     why = unsupported(q, keys, values, spec)
     if why is not None:
-        raise ValueError(f"the fused polynomial kernels do not support this call: {why}")
+        raise Unsupported(f"the fused polynomial kernels do not support this call: {why}")
     b, t, n, h = q.shape
     kv = keys[0].shape[2]
     hv = values[0].shape[-1]
@@ -881,16 +902,27 @@ def attention(
 
 
 def fused_tensor_attention(
-    q, k1, k2, v1, v2, *, causal=False, k1_mask=None, k2_mask=None, scale=None, **options
+    q,
+    k1,
+    k2,
+    v1,
+    v2,
+    *,
+    causal=False,
+    window=None,
+    k1_mask=None,
+    k2_mask=None,
+    scale=None,
+    **options,
 ):
     """`tensor_attention`-style entry point of the fused kernels (validates, then `attention`
     with `options`: degree, polynomial, score_range, precision, tiles, interpret)."""
-    spec = validation.validate(
+    spec = _validation.validate(
         q,
         (k1, k2),
         (v1, v2),
         causal=causal,
-        windows=None,
+        windows=window,
         key_masks=(k1_mask, k2_mask),
         scale=scale,
         key_names=("k1", "k2"),
