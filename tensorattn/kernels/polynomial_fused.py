@@ -129,12 +129,17 @@ def _is_pow2(n: int) -> bool:
 class FusedTiles:
     """Tiles of the fused kernels (None: the library picks). All powers of two >= 16 on GPU.
 
-    block_q: query positions per program of the non-causal query phase (rows `G·block_q`).
-    block_k: key positions per step of the non-causal key phase.
-    block_rank: monomials per on-chip feature block.
-    rank_group: monomials per program of the causal kernel (a multiple of block_rank).
-    chunk: positions per step of the causal kernel.
-    num_warps, num_stages: GPU (Triton) launch settings.
+    block_q: query positions per program of the non-causal query phase and of the gradient's
+      dQ kernel and Γ loop (rows `G·block_q`; default `max(16, 64 // G)`, at most pow2(T)).
+    block_k: key positions per step of the key phases and per dK/dV program (default 64, at
+      most pow2(S)).
+    block_rank: monomials per on-chip feature block (default 64; 32 with causal masks).
+    rank_group: monomials per program of the causal kernel, a multiple of block_rank
+      (default 8 blocks).
+    chunk: positions per step of the causal kernel (default 16).
+    num_warps, num_stages: GPU (Triton) launch settings (default 4 warps, 8 causal; 2 stages).
+    The defaults are untuned guesses: the GPU session should sweep them (the gradient wants
+    larger query/key tiles, >= 256 rows, to stay compute-bound on its state reads).
     """
 
     block_q: int | None = None
