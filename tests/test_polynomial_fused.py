@@ -121,12 +121,12 @@ def test_bf16x3_precision_float32():
 def test_bfloat16(causal):
     s = (11, 11) if causal else (13, 9)
     q, keys, values, masks = _inputs(3, s=s, dtype=jnp.bfloat16)
-    out = _fused(q, keys, values, masks, causal, degree=DEGREE)
+    out = _fused(q, keys, values, masks, causal, degree=6)  # eps 5e-4 << 2 ulp
     assert out.dtype == jnp.bfloat16
     out = np.asarray(out, np.float64)
     ulp = 2.0**-8  # one bfloat16 ulp at |x| in [0.5, 1)
     np.testing.assert_allclose(out, _oracle(q, keys, values, masks, causal), atol=2 * ulp)
-    xla = np.asarray(_xla(q, keys, values, masks, causal), np.float64)
+    xla = np.asarray(_xla(q, keys, values, masks, causal, degree=6), np.float64)
     np.testing.assert_allclose(out, xla, atol=ulp)
 
 

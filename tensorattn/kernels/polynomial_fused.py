@@ -860,7 +860,7 @@ def attention(
     vp = max(16, _next_pow2(hv + 1))
     chunk = tiles.chunk or 16
     rb = tiles.block_rank or min(32 if spec.causal else 64, max(16, _next_pow2(rank)))
-    rg = tiles.rank_group or min(8 * rb, max(rb, _next_pow2(rank)))
+    rg = tiles.rank_group or (min(8 * rb, max(rb, _next_pow2(rank))) if spec.causal else rb)
     if rg % rb:
         raise ValueError(f"FusedTiles.rank_group={rg} must be a multiple of block_rank={rb}")
     dtype = jnp.result_type(q, *keys, *values)
