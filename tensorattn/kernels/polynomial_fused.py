@@ -1,0 +1,937 @@
+"""The polynomial method (docs/math.md §4.3-§4.4) as fused Pallas kernels, order 3.
+
+Same numerics as `polynomial.py`: the same coefficients `c_t` (`polynomial.coefficients`),
+the same monomials in the same order and the same query-side weights
+`w_α = c_|α| τ^|α| multinom(α)` (`features.monomials`, `features.feature_weights`), float32
+sums. What changes is where the `[rows, r]` monomial features live: they are formed on chip,
+one rank block at a time, and never written to device memory.
+
+Features on chip. With `g` 0/1 selection matrices `S_j [Hp, r]` (`Hp = pow2(max(H, g, 16))`;
+column `α` of `S_j` picks the `j`-th coordinate of the sorted multiset `α`) and 0/1 rows
+`c_j [r]` (1 where `α` has fewer than `j+1` coordinates: the factor is the constant 1),
+`φ(x)[:, blk] = Π_j (x @ S_j[:, blk] + c_j[blk])`: `g` thin tensor-core products (K = Hp)
+and `g-1` elementwise products in the order of `features.features`, no gathers. The selection
+is exact: `x` is split into bfloat16 pieces (1 for bfloat16 inputs, 2 for float16, 3 for
+float32), each piece times a 0/1 matrix is exact with float32 accumulation (with
+`precision="highest"`: one float32 product at `Precision.HIGHEST`).
+
+Forward without causal mask (two `pallas_call`s):
+1. key phase, grid `(B·K, r / block_rank)`: `M[blk] = (Σ_a φ(k1_a)ᵀ ṽ1_a) ∘ (Σ_b φ(k2_b)ᵀ ṽ2_b)`
+   (`[block_rank, Vp]`, `ṽ = [v·valid, valid, 0..]`, `Vp = pow2(max(Hv+1, 16))`), looping
+   over key tiles;
+2. query phase, grid `(B·K, T / block_q)`: `y = Σ_blk (w ∘ φ(q))[:, blk] @ M[blk]` looping over
+   rank blocks, then `out = y[:, :Hv] / y[:, Hv]` in the kernel (0 for rows whose denominator
+   is not positive or whose sums are not finite, as `polynomial._normalise`); `1/den` is kept
+   for the gradient.
+Causal forward, grid `(B·K, r / rank_group)`: each program owns `rank_group` monomials
+(`rank_group / block_rank` sub-blocks) and walks the sequence chunk by chunk (`chunk`
+positions), carrying the prefix sums `P_j [block_rank, Vp]` of each sub-block on chip. Within a
+chunk the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a`
+(`[chunk, block_rank, Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`. Each program
+writes its partial `y` (`[T·G, Vp]` float32 per rank group); XLA sums the groups and
+normalises. That buffer holds `B·N·T·Vp·4 B · r / rank_group` (defaults `block_rank=32`,
+`rank_group=256`: 19 groups, 20 GiB at B=1, N=8, T=2^20, Hv=16; a larger `rank_group` trades
+it for fewer programs and more on-chip state).
+
+Gradient (`gradient="fused"`, no causal mask): the closed form of docs/math.md §5.1 (the XLA
+kernel's default gradient) in four kernels on the same on-chip features: the key sums
+`N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` (grid over rank blocks), `dQ` (grid over query
+tiles, reading `N_1 ∘ N_2`), `Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` (grid over rank blocks)
+and `dK_j, dV_j` (grid over key tiles, reading `Γ ∘ N_other`); the `[H+1, r, Vp]` float32
+states (10.5 MB per head at the shape below) and their products are the only rank-sized
+arrays in device memory. With causal masks the gradient is the XLA kernel's closed form
+(`_backward_xla`, which recomputes the XLA forward); `gradient="xla"` forces that path.
+
+Matmul precision (`precision`, the key/query/gradient products; the selection is always
+exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of `polynomial.py`, slow
+on a GPU), "bf16x3" (default: operands split into bfloat16 hi + lo, three bfloat16 products
+with float32 accumulation, two when the right operand is bfloat16-exact; ~2^-16 relative per
+product), "bf16" (one bfloat16 product).
+
+Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `G` query heads per kv head, `m`
+products per matmul (precision), `n_x` input pieces (1 for bfloat16). Issue 14's shape:
+H = Hv = 16, g = 4, r = 4845, Hp = 16, Vp = 32, bfloat16, bf16x3, n = T = S1 = S2.
+- Forward FLOPs (tensor cores): selection `2·g·Hp·n_x·r` per key and query row (0.62 MFLOP);
+  key products `2·r·Vp·m` per key row (m=2: 0.62 MFLOP); query products per query row (m=3:
+  0.93 MFLOP). Elementwise (CUDA cores) ~`11·r` per row (constants, products, hi/lo split,
+  weights: 53 kFLOP). At n = 2^20: 4.2 TFLOP on tensor cores + 0.17 TFLOP elementwise per
+  head.
+- Forward HBM traffic: the key phase reads the keys and values once per rank block
+  (`(S1+S2)·(Hp+Vp)·2 B · r/block_rank`: 7.3 KB per key row at block_rank=64, mostly L2 hits);
+  the query phase reads q once and `M` (`r·Vp·4 B` = 620 KB, L2-resident) per query tile and
+  writes the output once. Nothing of size `[T, r]` is written (the XLA kernel writes and
+  reads back `[chunk, r]` feature blocks: ~20 KB per row in float32).
+- Causal forward: the same selections plus ~`7·Vp` float32 elementwise operations per row
+  and monomial (two cumulative sums, the state product, the weighted row sum): 1.1 MFLOP per
+  position on CUDA cores; traffic: the inputs once per rank group and the partial outputs.
+- Gradient FLOPs: `H+1` products per key row and set for `N_j`, `H` per query row for `dQ`,
+  `H+1` per query row for `Γ` and per key row and set for `dK/dV` (m=3 each: 0.93 MFLOP per
+  product), plus four feature builds: ~100 TFLOP per head at n = 2^20 (33 with "bf16").
+  Traffic: `dQ` and `dK/dV` read a `[H+1, block_rank, Vp]` state block per rank block and
+  tile (arithmetic intensity ~0.75·rows FLOP/B: tiles of >= 256 rows keep it compute-bound).
+Expected on an H100 (989 TFLOP/s dense bf16, ~60 TFLOP/s float32 non-tensor), taking the
+issue's figures as the useful-FLOP rate `2·r·(Hv+1)·(T+S1+S2)` per head (0.52 TFLOP at
+n = 2^20) at 0.7% of 989 TFLOP/s, i.e. ~75 ms per head today: the fused forward at ~50% of
+the tensor-core rate needs ~8.5 ms + up to ~5 ms of elementwise work, ~10-14 ms per head
+(a 5-7x speed-up; ~8x with precision="bf16"). The fused gradient, ~100 TFLOP per head,
+~200 ms at 50% (the issue's 2.4% for forward+gradient is ~770 ms per head by the same
+accounting, `(1 + 2(H+1))` times the forward's useful FLOPs): ~3.5x with bf16x3, ~10x with
+"bf16". The causal forward: ~20 ms per head at 50% of the float32 rate. The biggest
+remaining lever is the feature build (selection products: half of the forward's tensor-core
+work). These are estimates from the counts above; the GPU measurement is still to do
+(experiments/bench_polynomial_fused.py).
+
+Not covered: orders other than 3, sliding windows, a fused causal gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from tensorattn.kernels import features
+from tensorattn.kernels import polynomial as xla_polynomial
+
+try:  # the kernel spine of issue 11 (validation + Unsupported), once merged
+    from tensorattn.kernels import spine as _validation
+    from tensorattn.kernels.spine import AttentionSpec, Unsupported
+except ImportError:  # before it: the validation module, plain ValueError
+    from tensorattn.kernels import validation as _validation
+    from tensorattn.kernels.validation import AttentionSpec
+
+    Unsupported = ValueError
+
+_F32 = jnp.float32
+_BF16 = jnp.bfloat16
+PRECISIONS = ("bf16x3", "highest", "bf16")
+GRADIENTS = ("fused", "xla")
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_PIECES = {jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2, jnp.dtype(jnp.float32): 3}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedTiles:
+    """Tiles of the fused kernels (None: the library picks). All powers of two >= 16 on GPU.
+
+    block_q: query positions per program of the non-causal query phase and of the gradient's
+      dQ kernel and Γ loop (rows `G·block_q`; default `max(16, 64 // G)`, at most pow2(T)).
+    block_k: key positions per step of the key phases and per dK/dV program (default 64, at
+      most pow2(S)).
+    block_rank: monomials per on-chip feature block (default 64; 32 with causal masks).
+    rank_group: monomials per program of the causal kernel, a multiple of block_rank
+      (default 8 blocks).
+    chunk: positions per step of the causal kernel (default 16).
+    num_warps, num_stages: GPU (Triton) launch settings (default 4 warps, 8 causal; 2 stages).
+    The defaults are untuned guesses: the GPU session should sweep them (the gradient wants
+    larger query/key tiles, >= 256 rows, to stay compute-bound on its state reads).
+    """
+
+    block_q: int | None = None
+    block_k: int | None = None
+    block_rank: int | None = None
+    rank_group: int | None = None
+    chunk: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"FusedTiles.{field.name} must be a positive int, got {value!r}")
+            if field.name not in ("num_warps", "num_stages") and not _is_pow2(value):
+                raise ValueError(f"FusedTiles.{field.name} must be a power of two, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static (hashable) description of one call."""
+
+    causal: bool
+    scale: float
+    gradient: str
+    t: int
+    s1: int
+    s2: int
+    kv_heads: int
+    group: int
+    dim: int
+    hv: int
+    hp: int
+    vp: int
+    degree: int
+    rank_padded: int
+    pieces: int
+    bq: int
+    bk: int
+    rb: int
+    rg: int
+    chunk: int
+    precision: str
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+    @property
+    def nq(self) -> int:
+        step = self.chunk if self.causal else self.bq
+        return -(-self.t // step)
+
+    @property
+    def q_step(self) -> int:
+        return self.chunk if self.causal else self.bq
+
+    def key_padded(self, s: int) -> int:
+        if self.causal:
+            return self.nq * self.chunk
+        return -(-s // self.bk) * self.bk
+
+
+# ---------------------------------------------------------------------------------------------
+# Monomial selection tables (host side, cached).
+
+
+@functools.lru_cache(maxsize=32)
+def _multisets(dim: int, degree: int) -> np.ndarray:
+    """`[degree, r]` coordinates of each monomial (sorted multiset), `dim` = the constant 1;
+    columns in the order of `features.features`."""
+    mono = features.monomials(dim, degree)
+    cols = [np.full((degree, 1), dim, np.int32)]
+    prev = cols[0]
+    for t, (parent, last) in enumerate(zip(mono.parents, mono.lasts), start=1):
+        cur = prev[:, parent].copy()
+        cur[t - 1] = last
+        cols.append(cur)
+        prev = cur
+    return np.concatenate(cols, axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _selection(dim: int, degree: int, hp: int, rank_padded: int) -> np.ndarray:
+    """`[g+1, hp, rank_padded]` 0/1 tables, `g = max(degree, 1)`: slab `j < g` selects the
+    `j`-th coordinate of each monomial (`x @ sel[j]`), row `j` of slab `g` marks the monomials
+    whose `j`-th factor is the constant 1 (fewer than `j+1` coordinates). Padding columns are
+    all zero (feature 0). Needs `hp >= max(dim, g)`."""
+    g = max(degree, 1)
+    sel = np.zeros((g + 1, hp, rank_padded), np.float32)
+    if degree == 0:
+        sel[g, 0, 0] = 1.0
+        return sel
+    idx = _multisets(dim, degree)
+    cols = np.arange(idx.shape[1])
+    for j in range(degree):
+        real = idx[j] < dim
+        sel[j, idx[j][real], cols[real]] = 1.0
+        sel[g, j, cols[~real]] = 1.0
+    return sel
+
+
+def _query_weights(dim: int, coeffs: tuple, scale: float, rank_padded: int):
+    """`[1, rank_padded]` float32 weights `c_t scale^t multinom(α)` (0 on padding)."""
+    w = features.feature_weights(features.monomials(dim, len(coeffs) - 1), coeffs, scale)
+    return jnp.asarray(np.pad(w, (0, rank_padded - len(w)))[None], _F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel helpers (portable Pallas: dots, elementwise ops, reductions).
+
+
+def _dot(a, b, contract, precision=None):
+    return lax.dot_general(
+        a,
+        b,
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=precision,
+        preferred_element_type=_F32,
+    )
+
+
+def _split(x, pieces: int):
+    """float32 `x` -> `pieces` bfloat16 arrays summing to `x` (exactly for enough pieces)."""
+    out = []
+    rest = x.astype(_F32)
+    for i in range(pieces):
+        p = rest.astype(_BF16)
+        out.append(p)
+        if i + 1 < pieces:
+            rest = rest - p.astype(_F32)
+    return out
+
+
+def _features(cfg: _Config, x, sel_ref, lo: int | None, size: int, base=None):
+    """`[rows, size]` monomials of `x [rows, Hp]` for selection columns `lo..lo+size` (`lo`
+    static) or `base..base+size` (`base` traced, `lo=None`): `Π_j (x @ S_j + c_j)`."""
+    highest = cfg.precision == "highest"
+    pieces = [x.astype(_F32)] if highest else _split(x, cfg.pieces)
+    g = max(cfg.degree, 1)
+    phi = None
+    for j in range(g):
+        if lo is None:
+            s = sel_ref[j, :, pl.ds(base, size)]
+            c = sel_ref[g, pl.ds(j, 1), pl.ds(base, size)]
+        else:
+            s = sel_ref[j, :, lo : lo + size]
+            c = sel_ref[g, j : j + 1, lo : lo + size]
+        s = s.astype(pieces[0].dtype)
+        f = c.astype(_F32)
+        for p in pieces:
+            f = f + _dot(p, s, (1, 0), lax.Precision.HIGHEST if highest else None)
+        phi = f if phi is None else phi * f
+    return phi
+
+
+def _matmul(cfg: _Config, a, b, contract, b_exact: bool):
+    """float32 product by the precision mode; `b_exact`: `b` holds bfloat16 values."""
+    if cfg.precision == "highest":
+        return _dot(a.astype(_F32), b.astype(_F32), contract, lax.Precision.HIGHEST)
+    if cfg.precision == "bf16":
+        return _dot(a.astype(_BF16), b.astype(_BF16), contract)
+    a_hi, a_lo = _split(a, 2)
+    b_hi, b_lo = _split(b, 2)
+    out = _dot(a_hi, b_hi, contract) + _dot(a_lo, b_hi, contract)
+    if not b_exact:
+        out = out + _dot(a_hi, b_lo, contract)
+    return out
+
+
+def _normalise(y, hv: int):
+    """`y [rows, Vp]` -> `y / y[:, hv]` (0 where the denominator is not positive or the row is
+    not finite), as `polynomial._normalise`."""
+    col = lax.broadcasted_iota(jnp.int32, (1, y.shape[1]), 1)
+    den = jnp.sum(jnp.where(col == hv, y, 0.0), axis=1, keepdims=True)
+    finite = jnp.abs(y) <= jnp.finfo(_F32).max
+    bad = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1, keepdims=True)
+    ok = (den > 0) & (bad == 0)
+    inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+    return jnp.where(ok, y, 0.0) * inv, inv
+
+
+def _column(x, j: int):
+    """`[rows, 1]` column `j` of `x` (no static slicing of register tiles on GPU)."""
+    col = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+    return jnp.sum(jnp.where(col == j, x, 0.0), axis=1, keepdims=True)
+
+
+def _place(x, j: int, width: int):
+    """`[rows, width]` with column `j` set to `x [rows, 1]`, zeros elsewhere."""
+    col = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    return jnp.where(col == j, x, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _key_kernel(cfg: _Config, sel_ref, k1_ref, v1_ref, k2_ref, v2_ref, m_ref):
+    """Non-causal key phase: `M[blk] = (φ(k1)ᵀ ṽ1) ∘ (φ(k2)ᵀ ṽ2)` for one rank block."""
+    v_exact = cfg.pieces == 1
+
+    def key_sum(k_ref, v_ref):
+        n = k_ref.shape[0] // cfg.bk
+
+        def step(i, acc):
+            a0 = pl.multiple_of(i * cfg.bk, cfg.bk)
+            phi = _features(cfg, k_ref[pl.ds(a0, cfg.bk), :], sel_ref, 0, cfg.rb)
+            v = v_ref[pl.ds(a0, cfg.bk), :]
+            return acc + _matmul(cfg, phi, v, (0, 0), v_exact)
+
+        return lax.fori_loop(0, n, step, jnp.zeros((cfg.rb, cfg.vp), _F32))
+
+    m_ref[...] = key_sum(k1_ref, v1_ref) * key_sum(k2_ref, v2_ref)
+
+
+def _query_kernel(cfg: _Config, q_ref, sel_ref, w_ref, m_ref, o_ref, inv_ref):
+    """Non-causal query phase: `y = Σ_blk (w ∘ φ(q))[:, blk] @ M[blk]`, normalised."""
+    q = q_ref[...]
+
+    def step(j, y):
+        base = pl.multiple_of(j * cfg.rb, cfg.rb)
+        phi = _features(cfg, q, sel_ref, None, cfg.rb, base) * w_ref[:, pl.ds(base, cfg.rb)]
+        return y + _matmul(cfg, phi, m_ref[pl.ds(base, cfg.rb), :], (1, 0), False)
+
+    rows = q.shape[0]
+    y = lax.fori_loop(0, cfg.rank_padded // cfg.rb, step, jnp.zeros((rows, cfg.vp), _F32))
+    out, inv = _normalise(y, cfg.hv)
+    o_ref[...] = out.astype(o_ref.dtype)
+    inv_ref[...] = inv
+
+
+def _causal_kernel(cfg: _Config, q_ref, sel_ref, w_ref, k1_ref, v1_ref, k2_ref, v2_ref, y_ref):
+    """Causal: one rank group, the sequence chunk by chunk with on-chip prefix states."""
+    c, g, rb = cfg.chunk, cfg.group, cfg.rb
+    n_sub = cfg.rg // rb
+
+    def step(i, carry):
+        p0 = pl.multiple_of(i * c, c)
+        r0 = pl.multiple_of(i * c * g, c * g)
+        k1, k2 = k1_ref[pl.ds(p0, c), :], k2_ref[pl.ds(p0, c), :]
+        v1 = v1_ref[pl.ds(p0, c), :].astype(_F32)
+        v2 = v2_ref[pl.ds(p0, c), :].astype(_F32)
+        qs = [q_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
+        ys = [jnp.zeros((c, cfg.vp), _F32) for _ in range(g)]
+        new_carry = []
+        for s in range(n_sub):
+            lo = s * rb
+            p1, p2 = carry[s]
+            u1 = _features(cfg, k1, sel_ref, lo, rb)[:, :, None] * v1[:, None, :]
+            u2 = _features(cfg, k2, sel_ref, lo, rb)[:, :, None] * v2[:, None, :]
+            n12 = (p1[None] + jnp.cumsum(u1, axis=0)) * (p2[None] + jnp.cumsum(u2, axis=0))
+            new_carry.append((p1 + jnp.sum(u1, axis=0), p2 + jnp.sum(u2, axis=0)))
+            w = w_ref[:, lo : lo + rb]
+            for h in range(g):
+                phi = _features(cfg, qs[h], sel_ref, lo, rb) * w  # [c, rb]
+                ys[h] = ys[h] + jnp.sum(phi[:, :, None] * n12, axis=1)
+        for h in range(g):
+            y_ref[pl.ds(r0 + h * c, c), :] = ys[h]
+        return tuple(new_carry)
+
+    zero = jnp.zeros((rb, cfg.vp), _F32)
+    lax.fori_loop(0, cfg.nq, step, tuple((zero, zero) for _ in range(n_sub)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: q [B,T,N,H] <-> rows [B·K, nq·G·step, Hp] (within a tile: head in group, position);
+# keys [B,S,K,H] -> [B·K, S_pad, Hp] with a ones column; values -> [B·K, S_pad, Vp] as
+# [v·valid, valid, 0..].
+
+
+def _pad_last(x, size: int, one_at: int | None = None, scale=None):
+    parts = [x if scale is None else x * scale[..., None]]
+    if one_at is not None:
+        ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+        parts.append(ones if scale is None else scale[..., None].astype(x.dtype))
+    x = jnp.concatenate(parts, axis=-1)
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
+
+
+def _rows_layout(cfg: _Config, x):
+    b, t, n, d = x.shape
+    g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
+    x = jnp.pad(x, ((0, 0), (0, nq * st - t), (0, 0), (0, 0)))
+    x = x.reshape(b, nq, st, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b * kv, nq * g * st, d)
+
+
+def _rows_merge(cfg: _Config, x, b: int):
+    d = x.shape[-1]
+    g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
+    x = x.reshape(b, kv, nq, g, st, d).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, nq * st, kv * g, d)[:, : cfg.t]
+
+
+def _keys_layout(x, padded: int):
+    b, s, kv, d = x.shape
+    x = x[:, :padded]
+    x = jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3).reshape(b * kv, padded, d)
+
+
+def _prepare(cfg: _Config, q, keys, values, valid):
+    dtype = q.dtype
+    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp))
+    ks, vs = [], []
+    for k, v, ok, s in zip(keys, values, valid, (cfg.s1, cfg.s2)):
+        padded = cfg.key_padded(s)
+        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp), padded))
+        ok_kv = jnp.broadcast_to(ok[:, :, None], v.shape[:3]).astype(dtype)
+        v_aug = _pad_last(v.astype(dtype), cfg.vp, one_at=cfg.hv, scale=ok_kv)
+        vs.append(_keys_layout(v_aug, padded))
+    return q_t, ks, vs
+
+
+def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
+    kwargs = {}
+    if cfg.interpret:
+        kwargs["interpret"] = True
+    else:
+        from jax.experimental.pallas import triton as plt
+
+        kwargs["compiler_params"] = plt.CompilerParams(
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+    return pl.pallas_call(
+        functools.partial(kernel, cfg),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        **kwargs,
+    )
+
+
+def _whole(shape):
+    return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i, 0, 0))
+
+
+def _forward(cfg: _Config, sel, w, q, keys, values, valid):
+    """`[B,T,N,Hv]` output in q's dtype."""
+    b = q.shape[0]
+    q_t, (k1, k2), (v1, v2) = _prepare(cfg, q, keys, values, valid)
+    bkv = q_t.shape[0]
+    rows_total = q_t.shape[1]
+    g = sel.shape[0]
+    n_rb = cfg.rank_padded // cfg.rb
+    if not cfg.causal:
+        m = _call(
+            cfg,
+            _key_kernel,
+            grid=(bkv, n_rb),
+            in_specs=[
+                pl.BlockSpec((g, cfg.hp, cfg.rb), lambda i, j: (0, 0, j)),
+                _whole(k1.shape),
+                _whole(v1.shape),
+                _whole(k2.shape),
+                _whole(v2.shape),
+            ],
+            out_specs=pl.BlockSpec((None, cfg.rb, cfg.vp), lambda i, j: (i, j, 0)),
+            out_shape=jax.ShapeDtypeStruct((bkv, cfg.rank_padded, cfg.vp), _F32),
+        )(sel, k1, v1, k2, v2)
+        rows = cfg.group * cfg.bq
+        out, inv_t = _call(
+            cfg,
+            _query_kernel,
+            grid=(bkv, cfg.nq),
+            in_specs=[
+                pl.BlockSpec((None, rows, cfg.hp), lambda i, j: (i, j, 0)),
+                pl.BlockSpec(sel.shape, lambda i, j: (0, 0, 0)),
+                pl.BlockSpec(w.shape, lambda i, j: (0, 0)),
+                _whole(m.shape),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, rows, cfg.vp), lambda i, j: (i, j, 0)),
+                pl.BlockSpec((None, rows, 1), lambda i, j: (i, j, 0)),
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((bkv, rows_total, cfg.vp), q.dtype),
+                jax.ShapeDtypeStruct((bkv, rows_total, 1), _F32),
+            ],
+        )(q_t, sel, w, m)
+        return _rows_merge(cfg, out, b)[..., : cfg.hv], inv_t
+    n_rg = cfg.rank_padded // cfg.rg
+    partial = _call(
+        cfg,
+        _causal_kernel,
+        grid=(bkv, n_rg),
+        in_specs=[
+            _whole(q_t.shape),
+            pl.BlockSpec((g, cfg.hp, cfg.rg), lambda i, j: (0, 0, j)),
+            pl.BlockSpec((1, cfg.rg), lambda i, j: (0, j)),
+            _whole(k1.shape),
+            _whole(v1.shape),
+            _whole(k2.shape),
+            _whole(v2.shape),
+        ],
+        out_specs=pl.BlockSpec((None, None, rows_total, cfg.vp), lambda i, j: (i, j, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((bkv, n_rg, rows_total, cfg.vp), _F32),
+    )(q_t, sel, w, k1, v1, k2, v2)
+    out = _normalise_xla(jnp.sum(partial, axis=1), cfg.hv).astype(q.dtype)
+    return _rows_merge(cfg, out, b), None
+
+
+def _normalise_xla(y, hv: int):
+    den = y[..., hv]
+    ok = (den > 0) & jnp.all(jnp.isfinite(y), axis=-1)
+    inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+    return jnp.where(ok[..., None], y[..., :hv], 0.0) * inv[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient (docs/math.md §5.1), non-causal, fused: four kernels on the same on-chip features.
+# Augmented: ṽ = [v·valid, valid], k̃ = [k, 1], q̃ = [q, 1], d̃ = [dO, -D]; ψ_i = w φ(q_i) / den_i.
+# Sums with two augmented indices are stored y-major: `[H+1, r, Vp]`, entry `[y, α, x]`.
+
+
+def _key_grad_kernel(cfg: _Config, sel_ref, k_ref, v_ref, n_ref):
+    """`N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` for one rank block (one key set)."""
+    n_tiles = k_ref.shape[0] // cfg.bk
+
+    def step(i, accs):
+        a0 = pl.multiple_of(i * cfg.bk, cfg.bk)
+        k = k_ref[pl.ds(a0, cfg.bk), :]
+        v = v_ref[pl.ds(a0, cfg.bk), :].astype(_F32)
+        phi = _features(cfg, k, sel_ref, 0, cfg.rb)
+        kf = k.astype(_F32)
+        rhs = [v * _column(kf, y) for y in range(cfg.dim)] + [v]  # k̃ = [k, 1]
+        return tuple(acc + _matmul(cfg, phi, z, (0, 0), False) for acc, z in zip(accs, rhs))
+
+    zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
+    accs = lax.fori_loop(0, n_tiles, step, (zero,) * (cfg.dim + 1))
+    for y in range(cfg.dim + 1):
+        n_ref[y] = accs[y]
+
+
+def _psi(cfg: _Config, q, sel_ref, w, inv, lo, base=None):
+    return _features(cfg, q, sel_ref, lo, cfg.rb, base) * w * inv
+
+
+def _dq_kernel(cfg: _Config, q_ref, d_ref, inv_ref, sel_ref, w_ref, n_ref, dq_ref):
+    """`dQ[i, c] = τ Σ_x d̃_i[x] Σ_α ψ_i[α] N[c, α, x]` (`N = N_1 ∘ N_2`), one query tile."""
+    q, d, inv = q_ref[...], d_ref[...], inv_ref[...]
+
+    def step(j, dq):
+        base = pl.multiple_of(j * cfg.rb, cfg.rb)
+        psi = _psi(cfg, q, sel_ref, w_ref[:, pl.ds(base, cfg.rb)], inv, None, base)
+        for y in range(cfg.dim):
+            t = _matmul(cfg, psi, n_ref[y, pl.ds(base, cfg.rb), :], (1, 0), False)
+            dq = dq + _place(jnp.sum(d * t, axis=1, keepdims=True), y, cfg.hp)
+        return dq
+
+    dq = lax.fori_loop(0, cfg.rank_padded // cfg.rb, step, jnp.zeros(q.shape, _F32))
+    dq_ref[...] = jnp.where(inv > 0, dq * cfg.scale, 0.0)
+
+
+def _gamma_kernel(cfg: _Config, sel_ref, w_ref, q_ref, d_ref, inv_ref, g_ref):
+    """`Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` for one rank block."""
+    rows = cfg.group * cfg.bq
+    w = w_ref[...]
+
+    def step(i, accs):
+        r0 = pl.multiple_of(i * rows, rows)
+        q = q_ref[pl.ds(r0, rows), :]
+        d = d_ref[pl.ds(r0, rows), :]
+        psi = _psi(cfg, q, sel_ref, w, inv_ref[pl.ds(r0, rows), :], 0)
+        qf = q.astype(_F32)
+        rhs = [d * _column(qf, y) for y in range(cfg.dim)] + [d]  # q̃ = [q, 1]
+        return tuple(acc + _matmul(cfg, psi, z, (0, 0), False) for acc, z in zip(accs, rhs))
+
+    zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
+    accs = lax.fori_loop(0, q_ref.shape[0] // rows, step, (zero,) * (cfg.dim + 1))
+    for y in range(cfg.dim + 1):
+        g_ref[y] = accs[y]
+
+
+def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, w_ref, dk_ref, dv_ref):
+    """One key tile of set `j`, `w = Γ ∘ N_other`: `X[a][x, y] = Σ_α φ(k_a)_α w[y, α, x]`,
+    `dK[a, c] = τ Σ_x ṽ_a[x] X[a][x, c]`, `dV[a, l] = X[a][l, H]` (valid keys only)."""
+    k = k_ref[...]
+    v = v_ref[...].astype(_F32)
+
+    def step(j, carry):
+        dk, dv = carry
+        base = pl.multiple_of(j * cfg.rb, cfg.rb)
+        phi = _features(cfg, k, sel_ref, None, cfg.rb, base)
+        for y in range(cfg.dim + 1):
+            x = _matmul(cfg, phi, w_ref[y, pl.ds(base, cfg.rb), :], (1, 0), False)
+            if y < cfg.dim:
+                dk = dk + _place(jnp.sum(v * x, axis=1, keepdims=True), y, cfg.hp)
+            else:
+                dv = dv + x
+        return dk, dv
+
+    init = (jnp.zeros((cfg.bk, cfg.hp), _F32), jnp.zeros((cfg.bk, cfg.vp), _F32))
+    dk, dv = lax.fori_loop(0, cfg.rank_padded // cfg.rb, step, init)
+    ok = _column(v, cfg.hv)
+    dk_ref[...] = dk * (cfg.scale * ok)
+    dv_ref[...] = dv * ok
+
+
+def _keys_merge(x, s: int, kv: int, width: int):
+    bkv, padded, _ = x.shape
+    x = x.reshape(bkv // kv, kv, padded, -1).transpose(0, 2, 1, 3)
+    return x[:, :s, :, :width]
+
+
+def _backward_fused(cfg: _Config, sel, w, res, d_out):
+    q, keys, values, valid, out, inv_t = res
+    b = q.shape[0]
+    q_t, ks, vs = _prepare(cfg, q, keys, values, valid)
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    d_aug = jnp.concatenate([d_out.astype(_F32), -delta], axis=-1)
+    d_t = _rows_layout(cfg, _pad_last(d_aug, cfg.vp))
+    bkv, rows_total, _ = q_t.shape
+    g = sel.shape[0]
+    n_rb = cfg.rank_padded // cfg.rb
+    rows = cfg.group * cfg.bq
+    sel_block = pl.BlockSpec((g, cfg.hp, cfg.rb), lambda i, j: (0, 0, j))
+    sel_all = pl.BlockSpec(sel.shape, lambda i, j: (0, 0, 0))
+    state_shape = jax.ShapeDtypeStruct((bkv, cfg.dim + 1, cfg.rank_padded, cfg.vp), _F32)
+    state_block = pl.BlockSpec((None, cfg.dim + 1, cfg.rb, cfg.vp), lambda i, j: (i, 0, j, 0))
+    state_all = pl.BlockSpec((None, *state_shape.shape[1:]), lambda i, j: (i, 0, 0, 0))
+
+    def tile(size, width):
+        return pl.BlockSpec((None, size, width), lambda i, j: (i, j, 0))
+
+    ns = [
+        _call(
+            cfg,
+            _key_grad_kernel,
+            grid=(bkv, n_rb),
+            in_specs=[sel_block, _whole(k.shape), _whole(v.shape)],
+            out_specs=state_block,
+            out_shape=state_shape,
+        )(sel, k, v)
+        for k, v in zip(ks, vs)
+    ]
+    dq_t = _call(
+        cfg,
+        _dq_kernel,
+        grid=(bkv, rows_total // rows),
+        in_specs=[
+            tile(rows, cfg.hp),
+            tile(rows, cfg.vp),
+            tile(rows, 1),
+            sel_all,
+            pl.BlockSpec(w.shape, lambda i, j: (0, 0)),
+            state_all,
+        ],
+        out_specs=tile(rows, cfg.hp),
+        out_shape=jax.ShapeDtypeStruct((bkv, rows_total, cfg.hp), _F32),
+    )(q_t, d_t, inv_t, sel, w, ns[0] * ns[1])
+    gamma = _call(
+        cfg,
+        _gamma_kernel,
+        grid=(bkv, n_rb),
+        in_specs=[
+            sel_block,
+            pl.BlockSpec((1, cfg.rb), lambda i, j: (0, j)),
+            _whole(q_t.shape),
+            _whole(d_t.shape),
+            _whole(inv_t.shape),
+        ],
+        out_specs=state_block,
+        out_shape=state_shape,
+    )(sel, w, q_t, d_t, inv_t)
+    dks, dvs = [], []
+    for j, (k, v, key) in enumerate(zip(ks, vs, keys)):
+        padded = k.shape[1]
+        dk_t, dv_t = _call(
+            cfg,
+            _dkv_kernel,
+            grid=(bkv, padded // cfg.bk),
+            in_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp), sel_all, state_all],
+            out_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp)],
+            out_shape=[
+                jax.ShapeDtypeStruct((bkv, padded, cfg.hp), _F32),
+                jax.ShapeDtypeStruct((bkv, padded, cfg.vp), _F32),
+            ],
+        )(k, v, sel, gamma * ns[1 - j])
+        dks.append(_keys_merge(dk_t, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
+        dvs.append(_keys_merge(dv_t, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
+    dq = _rows_merge(cfg, dq_t, b)[..., : cfg.dim].astype(q.dtype)
+    return dq, tuple(dks), tuple(dvs)
+
+
+# Gradient through the XLA kernel's closed form (docs/math.md §5), recomputing its forward:
+# the causal case, and `gradient="xla"`.
+
+
+def _backward_xla(cfg: _Config, xla_options: tuple, res, d_out):
+    """The XLA polynomial kernel's closed-form gradient, through the public entry point."""
+    import tensorattn  # here: the kernel registry may import this module
+
+    q, keys, values, valid = res[:4]
+
+    def xla(q, keys, values):
+        return tensorattn.tensor_attention(
+            q,
+            *keys,
+            *values,
+            implementation="polynomial",
+            causal=cfg.causal,
+            k1_mask=valid[0],
+            k2_mask=valid[1],
+            scale=cfg.scale,
+            on_uncertified="ignore",
+            gradient="closed_form",
+            **dict(xla_options),
+        )
+
+    _, vjp = jax.vjp(xla, q, keys, values)
+    return vjp(d_out.astype(q.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend(cfg: _Config, xla_options: tuple, sel, w, q, keys, values, valid):
+    return _forward(cfg, sel, w, q, keys, values, valid)[0]
+
+
+def _attend_fwd(cfg, xla_options, sel, w, q, keys, values, valid):
+    out, inv_t = _forward(cfg, sel, w, q, keys, values, valid)
+    return out, (sel, w, (q, keys, values, valid, out, inv_t))
+
+
+def _attend_bwd(cfg, xla_options, res, d_out):
+    sel, w, res = res
+    if cfg.causal or cfg.gradient == "xla":
+        dq, dks, dvs = _backward_xla(cfg, xla_options, res, d_out)
+    else:
+        dq, dks, dvs = _backward_fused(cfg, sel, w, res, d_out)
+    valid = res[3]
+    return None, None, dq, dks, dvs, tuple(None for _ in valid)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _default_interpret() -> bool:
+    env = os.environ.get("TENSORATTN_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
+    return env or jax.default_backend() != "gpu"
+
+
+def unsupported(q, keys, values, spec: AttentionSpec) -> str | None:
+    """Why the fused kernels cannot run this call, or None."""
+    if not getattr(spec, "static_scale", True) or not isinstance(spec.scale, (int, float)):
+        return "an array scale (the feature weights hold scale^|α|: give a Python float)"
+    if len(keys) != 2:
+        return f"order {len(keys) + 1} (the fused polynomial kernels implement order 3)"
+    if any(w is not None for w in spec.windows):
+        return f"window={spec.windows} (sliding windows are not implemented in the fused kernels)"
+    for x in (q, *keys, *values):
+        if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
+            return f"dtype {jnp.result_type(x)} (supported: bfloat16, float16, float32)"
+    return None
+
+
+def attention(
+    q,
+    keys,
+    values,
+    spec: AttentionSpec,
+    *,
+    degree: int = xla_polynomial.DEFAULT_DEGREE,
+    polynomial: str = "taylor",
+    score_range: float | None = None,
+    precision: str = "bf16x3",
+    gradient: str = "fused",
+    tiles: FusedTiles | None = None,
+    interpret: bool | None = None,
+):
+    """Order-3 polynomial-method attention with the fused Pallas kernels.
+
+    q `[B,T,N,H]`, keys `(k1, k2)` `[B,S_j,K,H]`, values `(v1, v2)` `[B,S_j,K,Hv]` (N % K == 0),
+    `spec` from `validate` (float scale, causal, key masks; no windows).
+    degree, polynomial ("taylor" | "chebyshev"), score_range (`R`, needed by Chebyshev):
+      the polynomial, `polynomial.coefficients(polynomial, degree, score_range)`. The
+      caller resolves degree/tolerance/bound and runs the accuracy check
+      (`polynomial.certificate`), as the XLA kernel's entry point does.
+    precision: "bf16x3" (default), "highest" (the XLA kernel's float32 numerics) or "bf16".
+    tiles: `FusedTiles` (None: defaults). interpret: Pallas interpret mode; None (default):
+      on without a GPU or when `TENSORATTN_PALLAS_INTERPRET=1`. `interpret=False` always
+      emits the Triton kernels (e.g. to lower for "cuda" on a host without a GPU).
+    gradient: the closed-form gradient of docs/math.md §5 (as the XLA kernel's default),
+      "fused" (default: fused kernels without causal masks; causal calls use "xla") or "xla"
+      (the XLA polynomial kernel's closed form, which recomputes its own forward).
+    Returns `[B,T,N,Hv]` in the inputs' dtype.
+    """
+    keys, values = tuple(keys), tuple(values)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= 40:
+        raise ValueError(f"degree must be an int in [0, 40], got {degree!r}")
+    coeffs = xla_polynomial.coefficients(polynomial, degree, score_range)
+    coeffs = tuple(float(c) for c in coeffs)
+    if tiles is None:
+        tiles = FusedTiles()
+    elif not isinstance(tiles, FusedTiles):
+        raise ValueError(f"tiles must be a FusedTiles, got {type(tiles).__name__}")
+    interpret = _default_interpret() if interpret is None else bool(interpret)
+    why = unsupported(q, keys, values, spec)
+    if why is not None:
+        raise Unsupported(f"the fused polynomial kernels do not support this call: {why}")
+    b, t, n, h = q.shape
+    kv = keys[0].shape[2]
+    hv = values[0].shape[-1]
+    rank = math.comb(h + degree, degree)
+    group = n // kv
+    vp = max(16, _next_pow2(hv + 1))
+    chunk = tiles.chunk or 16
+    rb = tiles.block_rank or min(32 if spec.causal else 64, max(16, _next_pow2(rank)))
+    rg = tiles.rank_group or (min(8 * rb, max(rb, _next_pow2(rank))) if spec.causal else rb)
+    if rg % rb:
+        raise ValueError(f"FusedTiles.rank_group={rg} must be a multiple of block_rank={rb}")
+    dtype = jnp.result_type(q, *keys, *values)
+    cfg = _Config(
+        causal=spec.causal,
+        scale=spec.scale,
+        gradient=gradient,
+        t=t,
+        s1=keys[0].shape[1],
+        s2=keys[1].shape[1],
+        kv_heads=kv,
+        group=group,
+        dim=h,
+        hv=hv,
+        hp=max(16, _next_pow2(h), _next_pow2(max(degree, 1))),
+        vp=vp,
+        degree=degree,
+        rank_padded=-(-rank // rg) * rg,
+        pieces=_PIECES[jnp.dtype(dtype)],
+        bq=tiles.block_q or min(max(16, 64 // group), max(16, _next_pow2(t))),
+        bk=tiles.block_k or min(64, max(16, _next_pow2(max(k.shape[1] for k in keys)))),
+        rb=rb,
+        rg=rg,
+        chunk=chunk,
+        precision=precision,
+        num_warps=tiles.num_warps or (8 if spec.causal else 4),
+        num_stages=tiles.num_stages or 2,
+        interpret=interpret,
+    )
+    q = q.astype(dtype)
+    keys = tuple(k.astype(dtype) for k in keys)
+    values = tuple(v.astype(dtype) for v in values)
+    valid = tuple(
+        jnp.ones((b, k.shape[1]), bool) if m is None else m for k, m in zip(keys, spec.key_masks)
+    )
+    sel = jnp.asarray(_selection(h, degree, cfg.hp, cfg.rank_padded), _BF16)
+    w = _query_weights(h, coeffs, spec.scale, cfg.rank_padded)
+    xla_options = (
+        ("degree", degree),
+        ("polynomial", polynomial),
+        ("score_range", score_range),
+    )
+    return _attend(cfg, xla_options, sel, w, q, keys, values, valid)
+
+
+def fused_tensor_attention(
+    q,
+    k1,
+    k2,
+    v1,
+    v2,
+    *,
+    causal=False,
+    window=None,
+    k1_mask=None,
+    k2_mask=None,
+    scale=None,
+    **options,
+):
+    """`tensor_attention`-style entry point of the fused kernels (validates, then `attention`
+    with `options`: degree, polynomial, score_range, precision, tiles, interpret)."""
+    spec = _validation.validate(
+        q,
+        (k1, k2),
+        (v1, v2),
+        causal=causal,
+        windows=window,
+        key_masks=(k1_mask, k2_mask),
+        scale=scale,
+        key_names=("k1", "k2"),
+        value_names=("v1", "v2"),
+        mask_names=("k1_mask", "k2_mask"),
+    )
+    return attention(q, (k1, k2), (v1, v2), spec, **options)

@@ -1,0 +1,237 @@
+"""Fused Pallas polynomial kernels (tensorattn/kernels/polynomial_fused.py) against the float64
+oracle and the XLA polynomial kernel. On CPU they run in Pallas interpret mode (tiny shapes);
+`test_compiled_on_gpu` runs the Triton kernels and skips without a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+
+import tensorattn
+from tensorattn.kernels import features, polynomial
+from tensorattn.kernels import polynomial_fused as pf
+
+DEGREE = 8  # Taylor: relative error 6.8e-6 on [-1, 1]
+
+
+def _inputs(seed, t=11, s=(13, 9), n=4, kv=2, h=3, hv=3, dtype=np.float32, b=1):
+    """Entries uniform in [-1, 1]; with scale 1/H every score lies in [-1, 1] (docs/math.md §4.1).
+    Random key padding masks; with b=2 the second batch row has no valid first key."""
+    rng = np.random.default_rng(seed)
+    q = rng.uniform(-1, 1, (b, t, n, h))
+    keys = [rng.uniform(-1, 1, (b, sj, kv, h)) for sj in s]
+    values = [rng.uniform(-1, 1, (b, sj, kv, hv)) for sj in s]
+    masks = [rng.uniform(size=(b, sj)) > 0.3 for sj in s]
+    masks[0][1:] = False
+    cast = [jnp.asarray(x, dtype) for x in (q, *keys, *values)]
+    return cast[0], cast[1:3], cast[3:5], masks
+
+
+def _tolerance(degree=DEGREE):
+    """Certified output error at R = 1 (docs/math.md §4.5: eps/(1-eps) times the value-product
+    range, here <= 2), plus float32 rounding."""
+    eps = polynomial.relative_error("taylor", degree, 1.0)
+    return eps / (1 - eps) * 2 + 1e-5
+
+
+def _fused(q, keys, values, masks, causal, **options):
+    def fn(q, keys, values, masks):
+        return pf.fused_tensor_attention(
+            q,
+            *keys,
+            *values,
+            causal=causal,
+            k1_mask=masks[0],
+            k2_mask=masks[1],
+            scale=1.0 / q.shape[-1],
+            **{"interpret": True, **options},
+        )
+
+    return jax.jit(fn)(q, keys, values, [jnp.asarray(m) for m in masks])
+
+
+def _xla(q, keys, values, masks, causal, degree=DEGREE):
+    def fn(q, keys, values, masks):
+        return tensorattn.tensor_attention(
+            q,
+            *keys,
+            *values,
+            causal=causal,
+            k1_mask=masks[0],
+            k2_mask=masks[1],
+            scale=1.0 / q.shape[-1],
+            implementation="polynomial",
+            degree=degree,
+            on_uncertified="ignore",
+        )
+
+    return jax.jit(fn)(q, keys, values, [jnp.asarray(m) for m in masks])
+
+
+def _oracle(q, keys, values, masks, causal):
+    f64 = [np.asarray(x, np.float64) for x in (q, *keys, *values)]
+    return oracle.attention(
+        f64[0], f64[1:3], f64[3:5], scale=1.0 / q.shape[-1], causal=causal, masks=masks
+    )
+
+
+def test_selection_tables_give_the_monomials_of_features():
+    rng = np.random.default_rng(0)
+    h, degree = 5, 4
+    x = rng.uniform(-1, 1, (7, h)).astype(np.float32)
+    rank = features.monomials(h, degree).rank
+    sel = pf._selection(h, degree, 16, 128)
+    x_pad = np.zeros((7, 16), np.float32)
+    x_pad[:, :h] = x
+    picked = np.einsum("th,jhr->jtr", x_pad, sel[:degree]) + sel[degree, :degree, None, :]
+    phi = picked[0] * picked[1] * picked[2] * picked[3]  # the kernel's product order
+    want = features.features(jnp.asarray(x), features.monomials(h, degree))
+    np.testing.assert_array_equal(phi[:, :rank], np.asarray(want))
+    assert not phi[:, rank:].any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_oracle_and_xla_kernel_float32(causal):
+    """Lengths not tile multiples, key padding masks (a batch row with none valid: zero
+    output), grouped heads (N=4, K=2)."""
+    s = (11, 11) if causal else (13, 9)
+    q, keys, values, masks = _inputs(1, s=s, b=2)
+    tiles = pf.FusedTiles(block_rank=64, rank_group=128, chunk=8) if causal else None
+    out = _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest", tiles=tiles)
+    out = np.asarray(out)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, _oracle(q, keys, values, masks, causal), atol=_tolerance())
+    xla = np.asarray(_xla(q, keys, values, masks, causal))
+    np.testing.assert_allclose(out, xla, atol=2e-6)
+    assert np.all(out[1] == 0)
+
+
+def test_bf16x3_precision_float32():
+    """The default precision: products within ~2^-16 of the XLA kernel's float32."""
+    q, keys, values, masks = _inputs(2)
+    out = np.asarray(_fused(q, keys, values, masks, False, degree=4))
+    xla = np.asarray(_xla(q, keys, values, masks, False, degree=4))
+    np.testing.assert_allclose(out, xla, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16(causal):
+    s = (11, 11) if causal else (13, 9)
+    q, keys, values, masks = _inputs(3, s=s, dtype=jnp.bfloat16)
+    out = _fused(q, keys, values, masks, causal, degree=6)  # eps 5e-4 << 2 ulp
+    assert out.dtype == jnp.bfloat16
+    out = np.asarray(out, np.float64)
+    ulp = 2.0**-8  # one bfloat16 ulp at |x| in [0.5, 1)
+    np.testing.assert_allclose(out, _oracle(q, keys, values, masks, causal), atol=2 * ulp)
+    xla = np.asarray(_xla(q, keys, values, masks, causal, degree=6), np.float64)
+    np.testing.assert_allclose(out, xla, atol=ulp)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradient(causal):
+    """Non-causal: the fused closed-form gradient kernels; causal: the XLA kernel's closed form.
+    Both against the XLA kernel's gradient and the oracle's; grouped heads, masks (a batch
+    row with no valid first key), lengths not tile multiples."""
+    t = 9
+    s = (t, t) if causal else (t, 7)
+    q, keys, values, masks = _inputs(4, t=t, s=s, b=2)
+    d_out = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, t, 4, 3)), jnp.float32)
+
+    def loss(fn):
+        def f(q, keys, values):
+            return jnp.sum(fn(q, keys, values, masks, causal) * d_out)
+
+        return f
+
+    def fused(q, keys, values, masks, causal):
+        return _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest")
+
+    got = jax.tree.leaves(jax.grad(loss(fused), argnums=(0, 1, 2))(q, keys, values))
+    f64 = [np.asarray(x, np.float64) for x in (q, *keys, *values)]
+    dq, dks, dvs = oracle.attention_grads(
+        f64[0], f64[1:3], f64[3:5], np.asarray(d_out), scale=1 / 3, causal=causal, masks=masks
+    )
+    for g, o in zip(got, [dq, *dks, *dvs]):
+        np.testing.assert_allclose(np.asarray(g), o, atol=_tolerance())
+    if not causal:  # the causal gradient is the XLA kernel's own closed form
+        want = jax.grad(loss(_xla), argnums=(0, 1, 2))(q, keys, values)
+        for g, w in zip(got, jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6)
+
+
+def test_rejects_unsupported_calls():
+    q, keys, values, _ = _inputs(7, s=(11, 11))
+    with pytest.raises(ValueError, match="window"):
+        pf.fused_tensor_attention(q, *keys, *values, window=(4, None))
+    with pytest.raises(ValueError, match="order 2"):
+        spec = pf.AttentionSpec(scale=1.0, causal=False, windows=(None,), key_masks=(None,))
+        pf.attention(q, keys[:1], values[:1], spec)
+    with pytest.raises(ValueError, match="scale"):
+        pf.fused_tensor_attention(q, *keys, *values, scale=jnp.asarray(0.5))
+    with pytest.raises(ValueError, match="precision"):
+        pf.fused_tensor_attention(q, *keys, *values, precision="fp8")
+    with pytest.raises(ValueError, match="block_rank"):
+        pf.FusedTiles(block_rank=48)
+    with pytest.raises(ValueError, match="rank_group"):
+        tiles = pf.FusedTiles(block_rank=32, rank_group=16)
+        pf.fused_tensor_attention(q, *keys, *values, tiles=tiles)
+    with pytest.raises(ValueError, match="gradient"):
+        pf.fused_tensor_attention(q, *keys, *values, gradient="autodiff")
+    with pytest.raises(ValueError, match="degree"):
+        pf.fused_tensor_attention(q, *keys, *values, degree=-1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
+    """The kernels trace and lower to Triton custom calls for the "cuda" platform on any host
+    (compiling the Triton IR to PTX needs the CUDA plugin, i.e. a GPU machine)."""
+    shape = jax.ShapeDtypeStruct
+
+    def fn(q, k1, k2, v1, v2):
+        options = {"causal": causal, "degree": 2, "interpret": False}
+        return pf.fused_tensor_attention(q, k1, k2, v1, v2, **options)
+
+    args = [shape((1, 32, 2, 8), jnp.bfloat16)] + [shape((1, 32, 1, 8), jnp.bfloat16)] * 4
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == (1 if causal else 2)
+    if not causal:  # forward (2) and the fused gradient (2 key sums, dQ, Γ, 2 dK/dV)
+
+        def loss(*a):
+            return jnp.sum(fn(*a).astype(jnp.float32))
+
+        grad = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args)
+        text = grad.lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 8
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_on_gpu(causal, dtype):
+    """The compiled Triton kernels agree with the XLA kernel at the shape of issue 14's head
+    (H = Hv = 16, degree 4), lengths not tile multiples, masks, grouped heads."""
+    t = 200
+    q, keys, values, masks = _inputs(8, t=t, s=(t, t), n=4, kv=2, h=16, hv=16, dtype=dtype)
+    out = _fused(q, keys, values, masks, causal, degree=4, interpret=False)
+    xla = _xla(q, keys, values, masks, causal, degree=4)
+    atol = 1e-4 if dtype == jnp.float32 else 2.0**-8
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(xla, np.float64), atol=atol)
+    if causal:
+        return
+
+    def loss(fn, **options):
+        def f(q, keys, values):
+            out = fn(q, keys, values, masks, causal, degree=4, **options)
+            return jnp.sum(out.astype(jnp.float32) * jnp.cos(out.astype(jnp.float32)))
+
+        return f
+
+    got = jax.grad(loss(_fused, interpret=False), (0, 1, 2))(q, keys, values)
+    want = jax.grad(loss(_xla), (0, 1, 2))(q, keys, values)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        scale = np.max(np.abs(w)) + 1e-30
+        assert np.max(np.abs(g - w)) <= (1e-4 if dtype == jnp.float32 else 2e-2) * scale
