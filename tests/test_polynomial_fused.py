@@ -184,6 +184,32 @@ def test_rejects_unsupported_calls():
         pf.fused_tensor_attention(q, *keys, *values, degree=-1)
 
 
+def test_polynomial_config_fused_runs_the_fused_kernels():
+    """`PolynomialConfig(fused=True)` through the public entry point: same result as the XLA
+    scan, the certificate still checked, unsupported calls and options refused by name."""
+    q, keys, values, masks = _inputs(8)
+    config = tensorattn.PolynomialConfig(degree=DEGREE, fused=True, on_uncertified="error")
+
+    def fn(q, keys, values, masks):
+        return tensorattn.tensor_attention(
+            q,
+            *keys,
+            *values,
+            k1_mask=masks[0],
+            k2_mask=masks[1],
+            scale=1.0 / q.shape[-1],
+            config=config,
+        )
+
+    got = jax.jit(fn)(q, keys, values, [jnp.asarray(m) for m in masks])
+    want = _xla(q, keys, values, masks, causal=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+    with pytest.raises(ValueError, match="fused"):
+        tensorattn.PolynomialConfig(fused=True, gradient="autodiff")
+    with pytest.raises(ValueError, match="window"):
+        tensorattn.tensor_attention(q, *keys[:1] * 2, *values[:1] * 2, window=(4, 2), config=config)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
     """The kernels trace and lower to Triton custom calls for the "cuda" platform on any host

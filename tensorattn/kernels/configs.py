@@ -147,6 +147,10 @@ class PolynomialConfig(KernelConfig):
     on_uncertified: "warn", "error" or "ignore" when a call's certified error exceeds it.
     gradient: "closed_form" (docs/math.md §5) or "autodiff".
     chunk_size: sequence positions per scan step; None: sized to the feature rank.
+    fused: run the fused Pallas kernels (`polynomial_fused`: features formed on chip, never
+      `[T, rank]` in memory; order 3, no windows, float scale; closed-form gradient) instead
+      of the XLA scan. Off by default until measured on a GPU (issue 14); without a GPU they
+      run in Pallas interpret mode.
     """
 
     implementation: ClassVar[str] = "polynomial"
@@ -158,6 +162,7 @@ class PolynomialConfig(KernelConfig):
     on_uncertified: str = "warn"
     gradient: str = "closed_form"
     chunk_size: int | None = None
+    fused: bool = False
 
     def __post_init__(self):
         _positive_int(self, "degree", optional=True, zero=True)
@@ -174,6 +179,13 @@ class PolynomialConfig(KernelConfig):
         _choice(self, "on_uncertified", ON_UNCERTIFIED)
         _choice(self, "gradient", GRADIENTS)
         _positive_int(self, "chunk_size", optional=True)
+        if self.fused not in (True, False):
+            _fail(type(self), "fused", "a bool", self.fused)
+        if self.fused and (self.gradient != "closed_form" or self.chunk_size is not None):
+            raise ValueError(
+                "PolynomialConfig.fused=True runs the fused kernels with the closed-form "
+                "gradient and their own tiles: leave gradient='closed_form' and chunk_size=None"
+            )
         if self.polynomial == "chebyshev" and self.bound is None and self.score_range is None:
             raise ValueError(
                 "PolynomialConfig.polynomial='chebyshev' needs bound or score_range (the "

@@ -934,6 +934,12 @@ def attention(q, keys, values, spec: AttentionSpec, config: PolynomialConfig | N
     if config.on_uncertified != "ignore":
         check = _Check(coeffs, polynomial, ct, dtype, tol, config.on_uncertified)
         _verify(check, q, keys, values, spec)
+    if config.fused:
+        from tensorattn.kernels import polynomial_fused  # it imports this module
+
+        return polynomial_fused.attention(
+            q, keys, values, spec, degree=degree, polynomial=polynomial, score_range=R
+        )
     valid = spec.valid(q.shape[0], lengths)
     fn = _closed_form if config.gradient == "closed_form" else _autodiff
     return fn(cfg, q, tuple(keys), tuple(values), valid)

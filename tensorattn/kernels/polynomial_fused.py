@@ -99,15 +99,8 @@ from jax.experimental import pallas as pl
 
 from tensorattn.kernels import features
 from tensorattn.kernels import polynomial as xla_polynomial
-
-try:  # the kernel spine of issue 11 (validation + Unsupported), once merged
-    from tensorattn.kernels import spine as _validation
-    from tensorattn.kernels.spine import AttentionSpec, Unsupported
-except ImportError:  # before it: the validation module, plain ValueError
-    from tensorattn.kernels import validation as _validation
-    from tensorattn.kernels.validation import AttentionSpec
-
-    Unsupported = ValueError
+from tensorattn.kernels import spine as _validation
+from tensorattn.kernels.spine import AttentionSpec, Unsupported
 
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
