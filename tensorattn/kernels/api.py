@@ -227,17 +227,5 @@ def higher_order_attention(
     """
     implementation, config = resolve(implementation, config, options)
     keys, values = tuple(keys), tuple(values)
-    m = len(keys)
-    q, spec = spine.prepare(
-        q,
-        keys,
-        values,
-        causal=causal,
-        windows=None,
-        key_masks=None if key_masks is None else tuple(key_masks),
-        scale=scale,
-        key_names=tuple(f"keys[{j}]" for j in range(m)),
-        value_names=tuple(f"values[{j}]" for j in range(m)),
-        mask_names=tuple(f"key_masks[{j}]" for j in range(m)),
-    )
+    q, spec = spine.prepare_tuples(q, keys, values, causal=causal, key_masks=key_masks, scale=scale)
     return _dispatch(q, keys, values, spec, implementation, config)

@@ -334,18 +334,7 @@ def certificate(
     cfg = _config(config, options)
     keys, values = tuple(keys), tuple(values)
     m = len(keys)
-    q, spec = spine.prepare(
-        q,
-        keys,
-        values,
-        causal=False,
-        windows=None,
-        key_masks=None if key_masks is None else tuple(key_masks),
-        scale=scale,
-        key_names=tuple(f"keys[{j}]" for j in range(m)),
-        value_names=tuple(f"values[{j}]" for j in range(m)),
-        mask_names=tuple(f"key_masks[{j}]" for j in range(m)),
-    )
+    q, spec = spine.prepare_tuples(q, keys, values, causal=False, key_masks=key_masks, scale=scale)
     degree, R_fit, tol = _resolve(spec, q.shape[-1], m + 1, cfg)
     dtype = jnp.result_type(q)
     stats = _data_stats(q, keys, values, spec.key_masks, spec.scale, per_batch)

@@ -134,6 +134,24 @@ def prepare(
     return q, spec
 
 
+def prepare_tuples(q, keys: Sequence, values: Sequence, *, causal: bool, key_masks, scale):
+    """`prepare` for `higher_order_attention`-style calls: any number of key sets, no windows,
+    arguments named `keys[j]`, `values[j]`, `key_masks[j]`."""
+    m = len(keys)
+    return prepare(
+        q,
+        tuple(keys),
+        tuple(values),
+        causal=causal,
+        windows=None,
+        key_masks=None if key_masks is None else tuple(key_masks),
+        scale=scale,
+        key_names=tuple(f"keys[{j}]" for j in range(m)),
+        value_names=tuple(f"values[{j}]" for j in range(m)),
+        mask_names=tuple(f"key_masks[{j}]" for j in range(m)),
+    )
+
+
 def scaled_queries(q, scale):
     """`q [B,T,N,H]` times `scale` (`()` or `[N]`), in `q`'s dtype."""
     f32 = jnp.promote_types(jnp.result_type(q), jnp.float32)
