@@ -443,3 +443,10 @@ def test_shape_errors_are_the_shared_ones():
     q, keys, values = _inputs(14, t=4, s=(4, 5))
     with pytest.raises(ValueError, match="causal"):
         _poly(q, keys, values, causal=True)
+
+
+def test_chebyshev_coefficients_keep_degree_plus_one_terms():
+    # numpy's cheb2poly drops a leading coefficient that rounds to zero (degree 31, R = 10.24).
+    c = polynomial.coefficients("chebyshev", 31, 10.24)
+    assert c.shape == (32,)
+    assert polynomial.relative_error("chebyshev", 31, 10.24) < 1e-6

@@ -79,6 +79,8 @@ def coefficients(polynomial: str, degree: int, score_range: float | None = None)
         raise ValueError(f"polynomial='chebyshev' needs a score_range R > 0, got {score_range!r}")
     cheb = np.polynomial.chebyshev.chebinterpolate(lambda x: np.exp(score_range * x), degree)
     in_x = np.polynomial.chebyshev.cheb2poly(cheb)  # power basis in x = s / R
+    # cheb2poly drops trailing zero coefficients (a tiny leading term can round to zero).
+    in_x = np.pad(in_x, (0, degree + 1 - in_x.size))
     return in_x / score_range ** np.arange(degree + 1)
 
 
