@@ -143,7 +143,10 @@ def get_config(arg: str | None = None):
         "relation_composition": _budget(600, 128, "size=4"),
         "quotient_relation_composition": _budget(600, 128, "size=4"),
     }
-    c.expressivity.budgets = ml_collections.ConfigDict(cpu_budgets if preset == "cpu" else {})
+    # `full`: each task's own config, Match3 at length 16 mod 181 (the hard instance).
+    full_budgets = {"match3": _budget(0, 0, "length=16,modulus=181")}
+    budgets = {"cpu": cpu_budgets, "full": full_budgets}.get(preset, {})
+    c.expressivity.budgets = ml_collections.ConfigDict(budgets)
 
     # Claim 5: Match3 accuracy as the entry bound grows (polynomial and exact bounded models)
     # against the unbounded exact model. A budget of 0 steps: the task's own config.

@@ -36,7 +36,10 @@ def test_presets_hold_every_claims_budget():
     assert cpu.expressivity.budgets.match2.steps == 300
     assert cpu.bounded.budget.steps == 800
     assert set(cpu.expressivity.tasks) == set(claims_config.TASKS)
-    assert full.expressivity.budgets.to_dict() == {}  # full: each task's own config
+    # full: each task's own config, Match3 at its hard instance.
+    assert full.expressivity.budgets.to_dict() == {
+        "match3": {"steps": 0, "batch_size": 0, "task_arg": "length=16,modulus=181"}
+    }
     # full: practical head dim and degree, lengths to where each curve stops being feasible.
     assert (full.forward.head_dim, full.forward.degree) == (16, 4)
     assert max(full.forward.lengths) == 2**20 and max(full.gradient.lengths) >= 65536
@@ -226,3 +229,19 @@ def test_reproduce_full_is_split_into_steps():
         ["bash", "scripts/reproduce.sh", "--list"], cwd=ROOT, capture_output=True, text=True
     )
     assert cpu.stdout.split()[0] == "sweep" and "claim5-bounded" in cpu.stdout
+
+
+def test_beside_paper_pairs_our_medians_with_the_papers():
+    agg = [
+        {"task": "relation_composition(size=6)", "model": "tensor-1", "median": 0.99},
+        {"task": "relation_composition(size=6)", "model": "standard-2", "median": 0.9},
+        {"task": "match2", "model": "tensor-1", "median": 1.0},
+    ]
+    (row,) = claims.beside_paper(agg)
+    assert row == {
+        "task": "relation_composition(size=6)",
+        "tensor-1": 0.99,
+        "paper third-order-1": 1.0,
+        "standard-2": 0.9,
+        "paper standard-2": 0.92,
+    }
