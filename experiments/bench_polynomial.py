@@ -1,18 +1,24 @@
-r"""Benchmark of the polynomial method (docs/math.md §4-§5) against the blocked exact kernel.
+r"""Benchmark of the polynomial method (docs/math.md §4-§5) against the exact kernel.
 
   python -m experiments.bench_polynomial                      # T = 2^10 .. 2^16
   python -m experiments.bench_polynomial --quick              # small sizes, a fast check
   python -m experiments.bench_polynomial --out=runs/bench_polynomial_gpu.jsonl   # on a GPU
+  # Where the method stops being worth it at wide heads (issue 14), on a GPU:
+  python -m experiments.bench_polynomial --head_dim=64 --heads=8 --degrees=2,4 \
+      --entry_bound=0.5 --min_log2_t=10 --max_log2_t=16 --out=runs/bench_polynomial_h64.jsonl
 
-Order 3, B=1, one head, H=Hv=8, scale=1/H, entries uniform in [-1, 1] (so |score| <= 1).
-Prints four tables and appends one row per measurement to `--out` (the row schema of
-`experiments.harness`, with a `table` field naming the table):
+Order 3, B=1, `--heads` heads (default one), H=Hv=`--head_dim` (8), scale=1/H, entries uniform
+in [-B, B] with B = `--entry_bound` (default 1, so |score| <= R = B^3 = 1). Prints four tables
+and appends one row per measurement to `--out` (the row schema of `experiments.harness`, with
+a `table` field naming the table):
   1. forward and forward+gradient time, compile time and compiled temp memory vs n, with the
      fitted log-log slope of time against n;
-  2. the blocked exact kernel's time vs n (measured up to --blocked_max_log2_t; above it the
-     row is "skipped" with `extrapolated_ms`, the largest measured time times (n/n0)^3);
-  3. the crossover length where the polynomial method at error <= --target_error becomes
-     faster, and the speed-up at n=4096;
+  2. the exact kernel's time vs n (`--exact`, default "exact": `implementation=None`, pallas
+     on a GPU, blocked on a CPU; measured up to --exact_max_log2_t, above it the row is
+     "skipped" with `extrapolated_ms`, the largest measured time times (n/n0)^3);
+  3. the crossover length where the polynomial method becomes faster than the exact kernel,
+     and the speed-up at n=4096, for the degree reaching error <= --target_error (measured and
+     certified) and each of `--degrees`, with the degree's certified relative error at R;
   4. relative error of p on [-R, R] (and measured and certified output error) against degree
      and R.
 Degrees outside the certified range (tables 3-4 scan them) run with `on_uncertified="ignore"`.
@@ -37,25 +43,35 @@ def define_flags() -> None:
     flags.DEFINE_bool("quick", False, "Small sizes: T = 2^8 .. 2^11, blocked to 2^8.")
     flags.DEFINE_integer("min_log2_t", 10, "Smallest T = 2^k of the sweep.")
     flags.DEFINE_integer("max_log2_t", 16, "Largest T = 2^k of the sweep.")
+    flags.DEFINE_string(
+        "exact", "exact", "Exact kernel of the comparison ('exact' = implementation=None)."
+    )
     flags.DEFINE_integer(
-        "blocked_max_log2_t",
+        "exact_max_log2_t",
         None,
-        "Largest T measured for the blocked kernel (default 10 on CPU, "
+        "Largest T measured for the exact kernel (default 10 on CPU, "
         "13 on accelerators); longer ones are extrapolated by T^3.",
     )
     flags.DEFINE_integer("degree", 4, "Degree of the time sweep.")
+    flags.DEFINE_list("degrees", [], "More degrees to time against the exact kernel.")
     flags.DEFINE_integer("head_dim", 8, "H = Hv.")
+    flags.DEFINE_integer("heads", 1, "Query heads (each its own key/value head).")
+    flags.DEFINE_float("entry_bound", 1.0, "Entries uniform in [-B, B]; score bound R = B^3.")
     flags.DEFINE_bool("causal", False, "Causal self-attention instead of full.")
     flags.DEFINE_float("target_error", 1e-3, "Output error target of the crossover.")
     flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
     flags.DEFINE_string("out", "runs/bench_polynomial.jsonl", "JSON lines ('' = none).")
 
 
-def point(impl: str, n: int, h: int, causal: bool, pass_: str = "fwd", bound=1.0, **options):
-    """A harness point of this benchmark: one head, H = Hv = h, scale 1/h."""
+def point(
+    impl: str, n: int, h: int, causal: bool, pass_: str = "fwd", bound=1.0, heads=1, **options
+):
+    """A harness point of this benchmark: `heads` heads, H = Hv = h, scale 1/h."""
     return harness.make_point(
         impl,
         n,
+        heads=heads,
+        kv_heads=heads,
         head_dim=h,
         scale=1.0 / h,
         causal=causal,
@@ -76,6 +92,11 @@ def _pivot(rows: list[dict]) -> list[dict]:
     return [out[n] for n in sorted(out)]
 
 
+def score_range(bound: float) -> float:
+    """R = scale · H · B^3 with scale = 1/H: the largest |score| of entries in [-B, B]."""
+    return bound**3
+
+
 def check_mode(degree: int, R: float = 1.0) -> str:
     """`on_uncertified` of a timed degree: the default where Taylor's relative error on
     [-R, R] is within the default tolerance 1e-2 (certified calls), "ignore" where the degree
@@ -83,13 +104,13 @@ def check_mode(degree: int, R: float = 1.0) -> str:
     return "warn" if polynomial.relative_error("taylor", degree, R) <= 1e-2 else "ignore"
 
 
-def time_sweep(lengths, h, causal, degree, repeats, out, meta) -> list[dict]:
+def time_sweep(lengths, h, causal, degree, repeats, out, meta, bound=1.0, heads=1) -> list[dict]:
     """Table 1: the polynomial method's forward and forward+gradient rows, and their slopes."""
     rows = []
-    options = {"degree": degree, "on_uncertified": check_mode(degree)}
+    options = {"degree": degree, "on_uncertified": check_mode(degree, score_range(bound))}
     for n in lengths:
         for pass_ in harness.PASSES:
-            p = point("polynomial", n, h, causal, pass_, **options)
+            p = point("polynomial", n, h, causal, pass_, bound, heads, **options)
             row = harness.measure(p, repeats=repeats)
             row.update(meta, table="time")
             benchlib.append_jsonl(out, row)
@@ -116,12 +137,15 @@ def time_sweep(lengths, h, causal, degree, repeats, out, meta) -> list[dict]:
     return rows
 
 
-def blocked_sweep(lengths, measured_max, h, causal, repeats, out, meta) -> list[dict]:
-    """Table 2: the blocked kernel, measured up to `measured_max`, extrapolated by n^3 above."""
+def exact_sweep(
+    exact, lengths, measured_max, h, causal, repeats, out, meta, bound=1.0, heads=1
+) -> list[dict]:
+    """Table 2: the exact kernel `exact`, measured up to `measured_max`, extrapolated by n^3
+    above."""
     rows, last = [], {}
     for n in lengths:
         for pass_ in harness.PASSES:
-            p = point("blocked", n, h, causal, pass_)
+            p = point(exact, n, h, causal, pass_, bound, heads)
             if n <= measured_max:
                 row = harness.measure(p, repeats=repeats)
                 if row["status"] == "ok":
@@ -131,10 +155,10 @@ def blocked_sweep(lengths, measured_max, h, causal, repeats, out, meta) -> list[
                 row["extrapolated_ms"] = last[pass_]["median_ms"] * (n / last[pass_]["n"]) ** 3
             else:
                 continue
-            row.update(meta, table="blocked")
+            row.update(meta, table="exact")
             benchlib.append_jsonl(out, row)
             rows.append(row)
-    print(f"\n2. blocked exact kernel (measured up to n={measured_max}, n^3 above)")
+    print(f"\n2. exact kernel {exact!r} (measured up to n={measured_max}, n^3 above)")
     benchlib.print_table(
         _pivot(rows),
         ["n"] + [f"{p} {k}" for k in ("median_ms", "extrapolated_ms") for p in harness.PASSES],
@@ -142,17 +166,17 @@ def blocked_sweep(lengths, measured_max, h, causal, repeats, out, meta) -> list[
     return rows
 
 
-def pick_degree(h, causal, target, out, meta):
+def pick_degree(h, causal, target, out, meta, bound=1.0):
     """Smallest degree with measured max error <= target (n=256, against the float64 oracle),
     and the certified one."""
     measured = None
     for degree in range(1, 12):
-        p = point("polynomial", 256, h, causal, degree=degree, on_uncertified="ignore")
+        p = point("polynomial", 256, h, causal, bound=bound, degree=degree, on_uncertified="ignore")
         inputs = harness.make_inputs(p, seed=1)
         if harness.result_errors(p, inputs, "oracle", relative=False)[0] <= target:
             measured = degree
             break
-    R = 1.0  # scale · H · B^3 with scale = 1/H, B = 1
+    R = score_range(bound)
     # |O~ - O| <= eps/(1-eps) * 2 (values in [-1, 1], polynomial.output_error_bound)
     certified = polynomial.select_degree(R, target / (2 + target), "taylor")
     benchlib.append_jsonl(
@@ -167,33 +191,35 @@ def _ms(row):
     return row.get("median_ms") or row.get("extrapolated_ms")
 
 
-def crossover(poly_rows_by_degree, blocked_rows, out, meta):
-    """Table 3: smallest n (log-log interpolated between points) where polynomial < blocked."""
+def crossover(poly_rows_by_degree, exact_rows, out, meta, R=1.0):
+    """Table 3: smallest n (log-log interpolated between points) where polynomial < exact,
+    with each degree's relative error of exp on [-R, R] (the certified bound at this R)."""
     rows = []
     for label, degree, poly_rows in poly_rows_by_degree:
         for pass_ in harness.PASSES:
-            blocked = {r["n"]: _ms(r) for r in blocked_rows if r["pass"] == pass_ and _ms(r)}
+            exact = {r["n"]: _ms(r) for r in exact_rows if r["pass"] == pass_ and _ms(r)}
             approx = {r["n"]: _ms(r) for r in poly_rows if r["pass"] == pass_ and _ms(r)}
-            ns = sorted(set(blocked) & set(approx))
-            ratio = [blocked[n] / approx[n] for n in ns]
+            ns = sorted(set(exact) & set(approx))
+            ratio = [exact[n] / approx[n] for n in ns]
             cross = f"<= {ns[0]}" if ratio and ratio[0] >= 1 else None
             for (n0, r0), (n1, r1) in zip(zip(ns, ratio), zip(ns[1:], ratio[1:])):
                 if cross is None and r0 < 1 <= r1:
                     frac = -math.log(r0) / (math.log(r1) - math.log(r0))
                     cross = round(n0 * (n1 / n0) ** frac)
-            extrapolated = any(r.get("extrapolated_ms") for r in blocked_rows if r["n"] == 4096)
+            extrapolated = any(r.get("extrapolated_ms") for r in exact_rows if r["n"] == 4096)
             row = dict(
                 meta, table="crossover", degree_choice=label, degree=degree, crossover_n=cross,
-                speedup_at_4096=dict(zip(ns, ratio)).get(4096),
-                blocked_extrapolated_at_4096=extrapolated, **{"pass": pass_},
+                speedup_at_4096=dict(zip(ns, ratio)).get(4096), R=R,
+                relative_error=polynomial.relative_error("taylor", degree, R),
+                exact_extrapolated_at_4096=extrapolated, **{"pass": pass_},
             )  # fmt: skip
             benchlib.append_jsonl(out, row)
             rows.append(row)
-    print("\n3. crossover vs blocked exact kernel")
+    print(f"\n3. crossover vs the exact kernel (R = {R:g})")
     benchlib.print_table(
         rows,
-        ["degree_choice", "degree", "pass", "crossover_n", "speedup_at_4096",
-         "blocked_extrapolated_at_4096"],
+        ["degree_choice", "degree", "relative_error", "pass", "crossover_n", "speedup_at_4096",
+         "exact_extrapolated_at_4096"],
     )  # fmt: skip
 
 
@@ -236,34 +262,43 @@ def error_table(h, out, meta):
 
 def main(argv):
     del argv
-    h = FLAGS.head_dim
+    h, heads, bound = FLAGS.head_dim, FLAGS.heads, FLAGS.entry_bound
     lo, hi = (8, 11) if FLAGS.quick else (FLAGS.min_log2_t, FLAGS.max_log2_t)
-    blocked_max = FLAGS.blocked_max_log2_t
-    if blocked_max is None:
-        blocked_max = 8 if FLAGS.quick else (10 if jax.default_backend() == "cpu" else 13)
+    exact_max = FLAGS.exact_max_log2_t
+    if exact_max is None:
+        exact_max = 8 if FLAGS.quick else (10 if jax.default_backend() == "cpu" else 13)
     lengths = [2**k for k in range(lo, hi + 1)]
     causal, repeats, out = FLAGS.causal, FLAGS.repeats, FLAGS.out
     meta = {"bench": "polynomial"}
+    shape = {"bound": bound, "heads": heads}
     env = harness.environment()
-    print(f"device: {env['device_kind']} ({env['platform']}); H=Hv={h}, B=1, one head")
-    poly_rows = time_sweep(lengths, h, causal, FLAGS.degree, repeats, out, meta)
-    measured, certified = pick_degree(h, causal, FLAGS.target_error, out, meta)
+    print(
+        f"device: {env['device_kind']} ({env['platform']}); H=Hv={h}, B=1, {heads} head(s), "
+        f"entries in [-{bound:g}, {bound:g}] (R = {score_range(bound):g})"
+    )
+    poly_rows = time_sweep(lengths, h, causal, FLAGS.degree, repeats, out, meta, **shape)
+    measured, certified = pick_degree(h, causal, FLAGS.target_error, out, meta, bound)
     print(
         f"\ndegree for max error <= {FLAGS.target_error}: measured {measured} (n=256), "
-        f"certified {certified} (Taylor, R = scale*H*B^3 = 1)"
+        f"certified {certified} (Taylor, R = scale*H*B^3 = {score_range(bound):g})"
     )
-    blocked_lengths = [2**k for k in range(min(lo, 8), max(hi, 12) + 1)]
-    blocked_rows = blocked_sweep(blocked_lengths, 2**blocked_max, h, causal, repeats, out, meta)
+    exact_lengths = [2**k for k in range(min(lo, 8), max(hi, 12) + 1)]
+    exact_rows = exact_sweep(
+        FLAGS.exact, exact_lengths, 2**exact_max, h, causal, repeats, out, meta, **shape
+    )
     by_degree = [(f"sweep degree {FLAGS.degree}", FLAGS.degree, poly_rows)]
-    for label, degree in (("measured", measured), ("certified", certified)):
-        if degree is not None and degree != FLAGS.degree:
-            rows = time_sweep(
-                blocked_lengths, h, causal, degree, repeats, out, dict(meta, purpose=label)
+    timed = {FLAGS.degree: poly_rows}  # each degree is timed once
+    extra = [("measured", measured), ("certified", certified)]
+    extra += [(f"degree {d}", int(d)) for d in FLAGS.degrees]
+    for label, degree in extra:
+        if degree is None:
+            continue
+        if degree not in timed:
+            timed[degree] = time_sweep(
+                exact_lengths, h, causal, degree, repeats, out, dict(meta, purpose=label), **shape
             )
-            by_degree.append((label, degree, rows))
-        elif degree is not None:
-            by_degree.append((label, degree, poly_rows))
-    crossover(by_degree, blocked_rows, out, meta)
+        by_degree.append((label, degree, timed[degree]))
+    crossover(by_degree, exact_rows, out, meta, score_range(bound))
     error_table(h, out, meta)
 
 

@@ -175,23 +175,6 @@ def claim_gradient(workdir: str, config="cpu") -> dict:
 # Claim 3: the bounded-entry threshold.
 
 
-def chebyshev_error(degree: int, R: float) -> float:
-    """`polynomial.relative_error("chebyshev", degree, R)`, or inf where the library cannot
-    build that fit.
-
-    WORKAROUND (library bug, reported): `polynomial.coefficients` raises a broadcast
-    ValueError when numpy's `cheb2poly` drops a leading coefficient that is exactly zero (e.g.
-    R = 10.24, degree 31, met by the `full` preset of claim 3); such a degree counts as not
-    reaching the target, and the search goes on to the next.
-    """
-    try:
-        return poly.relative_error("chebyshev", degree, R)
-    except ValueError as e:
-        if "broadcast" not in str(e):
-            raise
-        return math.inf
-
-
 def threshold_rows(orders, lengths, bounds, *, tolerance_of=lambda n: 1.0 / n) -> list[dict]:
     """Degree, rank and polynomial/exact cost ratio on a grid of (order t, n, entry bound B).
 
@@ -209,7 +192,9 @@ def threshold_rows(orders, lengths, bounds, *, tolerance_of=lambda n: 1.0 / n) -
             degree = 0
             for b in sorted(bounds):
                 R = float(b) ** t
-                while degree <= poly.MAX_DEGREE and chebyshev_error(degree, R) > eps:
+                while (
+                    degree <= poly.MAX_DEGREE and poly.relative_error("chebyshev", degree, R) > eps
+                ):
                     degree += 1
                 row = {"order": t, "n": n, "d": d, "B": float(b), "R": R, "tolerance": target}
                 if degree > poly.MAX_DEGREE:
