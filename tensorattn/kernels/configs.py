@@ -229,7 +229,7 @@ class PolynomialConfig(KernelConfig):
                 _fail(type(self), name, "a power of two or None", v)
         _positive_int(self, "num_warps", optional=True)
         _positive_int(self, "num_stages", optional=True)
-        if self.interpret not in (None, True, False):
+        if self.interpret is not None and not isinstance(self.interpret, bool):
             _fail(type(self), "interpret", "a bool or None", self.interpret)
         if self.block_rank and self.rank_group and self.rank_group % self.block_rank:
             what = f"a multiple of block_rank={self.block_rank}"

@@ -755,7 +755,7 @@ def _causal_grad_kernel(
     c, g, rb = cfg.chunk, cfg.group, cfg.rb
     n_sub = cfg.rg // rb
     y = pl.program_id(2)
-    ones = jnp.where(y == cfg.dim, 1.0, 0.0).astype(_F32)
+    ones = jnp.where(lax.broadcasted_iota(jnp.int32, (1, 1), 0) + y == cfg.dim, 1.0, 0.0)
     dk_refs, dv_refs = (dk1_ref, dk2_ref), (dv1_ref, dv2_ref)
 
     def step(i, carry):
