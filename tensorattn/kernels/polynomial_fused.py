@@ -392,38 +392,56 @@ def _pad_last(x, size: int, one_at: int | None = None, scale=None):
     return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
 
 
-def _rows_layout(cfg: _Config, x):
+def _rows_layout(cfg: _Config, x, segmented: bool = False):
+    """`[B,T,N,d]` -> `[B·K, nq·G·step, d]`, or `[n_seg, B·K, rows per segment, d]`."""
     b, t, n, d = x.shape
     g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
+    ns = cfg.n_seg if segmented else 1
     x = jnp.pad(x, ((0, 0), (0, nq * st - t), (0, 0), (0, 0)))
-    x = x.reshape(b, nq, st, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
-    return x.reshape(b * kv, nq * g * st, d)
+    x = x.reshape(b, ns, nq // ns, st, kv, g, d).transpose(1, 0, 4, 2, 5, 3, 6)
+    x = x.reshape(ns, b * kv, nq // ns * g * st, d)
+    return x if segmented else x[0]
 
 
 def _rows_merge(cfg: _Config, x, b: int):
-    d = x.shape[-1]
+    """Inverse of `_rows_layout` (either form), cut to T positions."""
+    x = x if x.ndim == 4 else x[None]
+    ns, d = x.shape[0], x.shape[-1]
     g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
-    x = x.reshape(b, kv, nq, g, st, d).transpose(0, 2, 4, 1, 3, 5)
+    x = x.reshape(ns, b, kv, nq // ns, g, st, d).transpose(1, 0, 3, 5, 2, 4, 6)
     return x.reshape(b, nq * st, kv * g, d)[:, : cfg.t]
 
 
-def _keys_layout(x, padded: int):
+def _keys_layout(x, padded: int, n_seg: int | None = None):
+    """`[B,S,K,d]` -> `[B·K, padded, d]`, or `[n_seg, B·K, padded / n_seg, d]`."""
     b, s, kv, d = x.shape
+    ns = n_seg or 1
     x = x[:, :padded]
     x = jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, 0)))
-    return x.transpose(0, 2, 1, 3).reshape(b * kv, padded, d)
+    x = x.reshape(b, ns, padded // ns, kv, d).transpose(1, 0, 3, 2, 4)
+    x = x.reshape(ns, b * kv, padded // ns, d)
+    return x if n_seg else x[0]
 
 
-def _prepare(cfg: _Config, q, keys, values, valid):
+def _keys_merge(x, s: int, kv: int, width: int):
+    """Inverse of `_keys_layout` (either form), cut to `s` positions and `width` columns."""
+    x = x if x.ndim == 4 else x[None]
+    ns, bkv, seg, _ = x.shape
+    x = x.reshape(ns, bkv // kv, kv, seg, -1).transpose(1, 0, 3, 2, 4)
+    return x.reshape(bkv // kv, ns * seg, kv, -1)[:, :s, :, :width]
+
+
+def _prepare(cfg: _Config, q, keys, values, valid, segmented: bool = False):
     dtype = q.dtype
-    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp))
+    ns = cfg.n_seg if segmented else None
+    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp), segmented)
     ks, vs = [], []
     for k, v, ok, s in zip(keys, values, valid, (cfg.s1, cfg.s2)):
         padded = cfg.key_padded(s)
-        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp), padded))
+        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp), padded, ns))
         ok_kv = jnp.broadcast_to(ok[:, :, None], v.shape[:3]).astype(dtype)
         v_aug = _pad_last(v.astype(dtype), cfg.vp, one_at=cfg.hv, scale=ok_kv)
-        vs.append(_keys_layout(v_aug, padded))
+        vs.append(_keys_layout(v_aug, padded, ns))
     return q_t, ks, vs
 
 
@@ -451,11 +469,6 @@ def _whole(shape):
     return pl.BlockSpec((None, *shape[1:]), lambda i, *_: (i, 0, 0))
 
 
-def _segments(cfg: _Config, x, rows: int):
-    """`[B·K, n_seg·rows, d]` -> `[n_seg, B·K, rows, d]` (the causal scan's inputs)."""
-    return x.reshape(x.shape[0], cfg.n_seg, rows, x.shape[-1]).transpose(1, 0, 2, 3)
-
-
 def _unsegment(x):
     """`[n_seg, B·K, rows, d]` -> `[B·K, n_seg·rows, d]`."""
     return x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[-1])
@@ -464,9 +477,9 @@ def _unsegment(x):
 def _forward(cfg: _Config, sel, w, q, keys, values, valid):
     """`[B,T,N,Hv]` output in q's dtype."""
     b = q.shape[0]
-    q_t, (k1, k2), (v1, v2) = _prepare(cfg, q, keys, values, valid)
-    bkv = q_t.shape[0]
-    rows_total = q_t.shape[1]
+    q_t, (k1, k2), (v1, v2) = _prepare(cfg, q, keys, values, valid, segmented=cfg.causal)
+    bkv = q_t.shape[-3]
+    rows_total = q_t.shape[-2]
     g = sel.shape[0]
     n_rb = cfg.rank_padded // cfg.rb
     if not cfg.causal:
@@ -534,10 +547,9 @@ def _forward(cfg: _Config, sel, w, q, keys, values, valid):
         out, inv = _normalise_xla(jnp.sum(partial, axis=1), cfg.hv)
         return p, (out.astype(q_dtype), inv)
 
-    xs = (_segments(cfg, q_t, rows), *(_segments(cfg, x, cfg.seg) for x in (k1, v1, k2, v2)))
     q_dtype = q.dtype
-    _, (out, inv) = lax.scan(segment, jnp.zeros(state.shape, _F32), xs)
-    return _rows_merge(cfg, _unsegment(out), b), _rows_merge(cfg, _unsegment(inv), b)
+    _, (out, inv) = lax.scan(segment, jnp.zeros(state.shape, _F32), (q_t, *keys_))
+    return _rows_merge(cfg, out, b), _rows_merge(cfg, inv, b)
 
 
 def _normalise_xla(y, hv: int):
@@ -636,12 +648,6 @@ def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, w_ref, dk_ref, dv_ref):
     ok = _column(v, cfg.hv)
     dk_ref[...] = dk * (cfg.scale * ok)
     dv_ref[...] = dv * ok
-
-
-def _keys_merge(x, s: int, kv: int, width: int):
-    bkv, padded, _ = x.shape
-    x = x.reshape(bkv // kv, kv, padded, -1).transpose(0, 2, 1, 3)
-    return x[:, :s, :, :width]
 
 
 def _backward_fused(cfg: _Config, sel, w, res, d_out):
@@ -849,11 +855,12 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
     q, keys, values, valid, out, inv = res
     cfg = dataclasses.replace(cfg, seg=cfg.bwd_seg)
     b = q.shape[0]
-    q_t, ks, vs = _prepare(cfg, q, keys, values, valid)
+    q_t, ks, vs = _prepare(cfg, q, keys, values, valid, segmented=True)
     delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
-    d_t = _rows_layout(cfg, _pad_last(jnp.concatenate([d_out.astype(_F32), -delta], -1), cfg.vp))
-    inv_t = _rows_layout(cfg, inv)
-    bkv = q_t.shape[0]
+    d_aug = _pad_last(jnp.concatenate([d_out.astype(_F32), -delta], -1), cfg.vp)
+    d_t = _rows_layout(cfg, d_aug, segmented=True)
+    inv_t = _rows_layout(cfg, inv, segmented=True)
+    bkv = q_t.shape[1]
     n_rg, ys = cfg.rank_padded // cfg.rg, cfg.dim + 1
     rows, seg = cfg.seg * cfg.group, cfg.seg
     state = jax.ShapeDtypeStruct((bkv, ys, 4, cfg.rank_padded, cfg.vp), _F32)
@@ -900,22 +907,17 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
         dv1, dv2 = (jnp.sum(x, axis=1)[..., : cfg.hv] for x in (dv1, dv2))
         return st, (col(dq), col(dk1), col(dk2), dv1, dv2)
 
-    xs = (
-        _segments(cfg, q_t, rows),
-        _segments(cfg, d_t, rows),
-        _segments(cfg, inv_t, rows),
-        *(_segments(cfg, x, seg) for x in (ks[0], vs[0], ks[1], vs[1])),
-    )
-    st, parts = lax.scan(segment, jnp.zeros(state.shape, _F32), xs)
-    dq, dk1, dk2, dv1, dv2 = (_unsegment(x) for x in parts)
+    xs = (q_t, d_t, inv_t, ks[0], vs[0], ks[1], vs[1])
+    st, (dq, dk1, dk2, dv1, dv2) = lax.scan(segment, jnp.zeros(state.shape, _F32), xs)
     tail_cfg = dataclasses.replace(cfg, bk=min(cfg.bk, seg))
     dks, dvs = [], []
     for j, (k, v, key, dk, dv) in enumerate(zip(ks, vs, keys, (dk1, dk2), (dv1, dv2))):
-        dk_t, dv_t = _dkv(tail_cfg, k, v, sel, st[:, :, 2 + j])
-        dk = dk + dk_t[..., : cfg.dim]
-        dv = dv + dv_t[..., : cfg.hv]
-        dks.append(_keys_merge(dk, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
-        dvs.append(_keys_merge(dv, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
+        dk_t, dv_t = _dkv(tail_cfg, _unsegment(k), _unsegment(v), sel, st[:, :, 2 + j])
+        s, kv = key.shape[1], cfg.kv_heads
+        dk = _keys_merge(dk, s, kv, cfg.dim) + _keys_merge(dk_t, s, kv, cfg.dim)
+        dv = _keys_merge(dv, s, kv, cfg.hv) + _keys_merge(dv_t, s, kv, cfg.hv)
+        dks.append(dk.astype(key.dtype))
+        dvs.append(dv.astype(key.dtype))
     dq = _rows_merge(cfg, dq, b).astype(q.dtype)
     return dq, tuple(dks), tuple(dvs)
 
