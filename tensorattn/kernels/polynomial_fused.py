@@ -23,30 +23,51 @@ Forward without causal mask (two `pallas_call`s):
    rank blocks, then `out = y[:, :Hv] / y[:, Hv]` in the kernel (0 for rows whose denominator
    is not positive or whose sums are not finite, as `polynomial._normalise`); `1/den` is kept
    for the gradient.
-Causal forward, grid `(B·K, r / rank_group)`: each program owns `rank_group` monomials
-(`rank_group / block_rank` sub-blocks) and walks the sequence chunk by chunk (`chunk`
-positions), carrying the prefix sums `P_j [block_rank, Vp]` of each sub-block on chip. Within a
-chunk the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a`
-(`[chunk, block_rank, Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`. Each program
-writes its partial `y` (`[T·G, Vp]` float32 per rank group); XLA sums the groups and
-normalises. That buffer holds `B·N·T·Vp·4 B · r / rank_group` (defaults `block_rank=32`,
-`rank_group=256`: 19 groups, 20 GiB at B=1, N=8, T=2^20, Hv=16; a larger `rank_group` trades
-it for fewer programs and more on-chip state).
+Causal forward: the sequence in segments of `seg` positions (an XLA scan), one
+`pallas_call` per segment with grid `(B·K, r / rank_group)`: each program owns `rank_group`
+monomials (`rank_group / block_rank` sub-blocks), reads their prefix sums
+`P_j [block_rank, Vp]` at the segment's start from the scan's carry, walks the segment chunk
+by chunk (`causal_chunk` positions) with `P_j` on chip, and writes `P_j` back. Within a chunk
+the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a` (`[chunk, block_rank,
+Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`; each program writes its partial `y`
+for the segment and XLA sums the groups and normalises. `seg` (a power of two, <= 16384) is
+the longest whose partials fit `SEGMENT_BYTES / 2` (32 MiB). Memory, in bytes (`s` the
+input dtype's size, `r_pad` the padded rank): inputs laid out per segment
+`B·K·T·((G+2)·Hp + 2·Vp)·s`, outputs and `1/den` `B·N·T·(Hv·s + 4)`, partials
+`<= SEGMENT_BYTES / 2`, states `2·B·K·r_pad·Vp·4` (twice: in and out of a step): linear in T,
+2.0 KiB per position at issue 14's shape (B=1, N=K=8, bfloat16), ~2.1 GiB at T = 2^20.
+Measured on CPU (`memory_analysis` of the interpret-mode program, where XLA holds the bfloat16
+layouts in float32): 191 MiB at T = 2^15, 542 MiB at 2^17, 3.87 GiB at 2^20 (3.7 KB per
+position); before segments, the partials alone were `B·N·T·Vp·4·r/rank_group` (171 MiB at
+T = 2^13, ~21 GiB at 2^20).
 
-Gradient (`gradient="fused"`, no causal mask): the closed form of docs/math.md §5.1 (the XLA
-kernel's default gradient) in four kernels on the same on-chip features: the key sums
+Gradient: the closed form of docs/math.md §5 (the XLA kernel's default gradient), same
+accuracy. Without causal mask, four kernels on the same on-chip features: the key sums
 `N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` (grid over rank blocks), `dQ` (grid over query
 tiles, reading `N_1 ∘ N_2`), `Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` (grid over rank blocks)
 and `dK_j, dV_j` (grid over key tiles, reading `Γ ∘ N_other`); the `[H+1, r, Vp]` float32
 states (10.5 MB per head at the shape below) and their products are the only rank-sized
-arrays in device memory. With causal masks the gradient is the XLA kernel's closed form
-(`_backward_xla`, which recomputes the XLA forward); `gradient="xla"` forces that path.
+arrays in device memory. With causal masks (§5.2), segments as in the forward and one kernel
+per segment, grid `(B·K, r / rank_group, H+1)`: a program owns a rank group and one augmented
+key coordinate `y`, carries `N_j(i)` (coordinate `y` of `k̃`) and `C_j(i) = Σ_{i'<=i} W_j(i')`,
+`W_j(i) = Σ_heads ψ_i ⊗ d̃_i q̃_i[y] ∘ N_other(i)`, and writes its share of column `y` of dQ
+and of `−φ(k_a)·C_j(a−1)` (dK_j; dV_j at `y = H`). After the scan, key `a` adds
+`φ(k_a)·C_j(last)` (the dK/dV kernel on the totals), so it gets `φ(k_a)·Σ_{i>=a} W_j(i)`.
+Its memory: states `2·4·B·K·(H+1)·r_pad·Vp·4` (646 MiB at issue 14's shape, independent of
+T), partials `<= SEGMENT_BYTES / 2`, and linear layouts and gradients (CPU-measured: 1.31 GiB
+at T = 2^15, 2.34 GiB at 2^17, 13.8 GiB at 2^20: 10.9 KB per position, against the XLA
+kernel's causal gradient 26 KB per position).
 
-Matmul precision (`precision`, the key/query/gradient products; the selection is always
-exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of `polynomial.py`, slow
-on a GPU), "bf16x3" (default: operands split into bfloat16 hi + lo, three bfloat16 products
-with float32 accumulation, two when the right operand is bfloat16-exact; ~2^-16 relative per
-product), "bf16" (one bfloat16 product).
+Matmul precision (`PolynomialConfig.precision`, the key/query/gradient products; the
+selection is always exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of
+`polynomial.py`, slow on a GPU), "bf16x3" (default: operands split into bfloat16 hi + lo,
+three bfloat16 products with float32 accumulation, two when the right operand is
+bfloat16-exact; ~2^-16 relative per product), "bf16" (one bfloat16 product). Tiles, launch
+settings and interpret mode: `PolynomialConfig` (`block_q`, `block_k`, `block_rank`,
+`rank_group`, `causal_chunk`, `num_warps`, `num_stages`, `interpret`); defaults: block_q
+`max(16, 64 // G)`, block_k 64, block_rank 64 (32 causal), rank_group 8 blocks (causal),
+causal_chunk 16, 4 warps (8 causal), 2 stages; untuned guesses for a GPU session to sweep
+(the gradient wants query/key tiles of >= 256 rows to stay compute-bound on its state reads).
 
 Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `G` query heads per kv head, `m`
 products per matmul (precision), `n_x` input pieces (1 for bfloat16). Issue 14's shape:
@@ -64,6 +85,10 @@ H = Hv = 16, g = 4, r = 4845, Hp = 16, Vp = 32, bfloat16, bf16x3, n = T = S1 = S
 - Causal forward: the same selections plus ~`7·Vp` float32 elementwise operations per row
   and monomial (two cumulative sums, the state product, the weighted row sum): 1.1 MFLOP per
   position on CUDA cores; traffic: the inputs once per rank group and the partial outputs.
+- Causal gradient: per position, coordinate `y` and monomial ~`16·Vp` float32 elementwise
+  operations (cumulative sums of `N_1, N_2, W_1, W_2`, the products and row sums): 42 MFLOP
+  per position on CUDA cores (44 TFLOP per head at n = 2^20, ~0.7 s at 60 TFLOP/s), plus the
+  feature builds, repeated for each `y`, on tensor cores (32 MFLOP per position).
 - Gradient FLOPs: `H+1` products per key row and set for `N_j`, `H` per query row for `dQ`,
   `H+1` per query row for `Γ` and per key row and set for `dK/dV` (m=3 each: 0.93 MFLOP per
   product), plus four feature builds: ~100 TFLOP per head at n = 2^20 (33 with "bf16").
@@ -81,7 +106,7 @@ remaining lever is the feature build (selection products: half of the forward's 
 work). These are estimates from the counts above; the GPU measurement is still to do
 (experiments/bench_polynomial_fused.py).
 
-Not covered: orders other than 3, sliding windows, a fused causal gradient.
+Not covered: orders other than 3, sliding windows.
 """
 
 from __future__ import annotations
