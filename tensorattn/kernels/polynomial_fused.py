@@ -137,10 +137,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Static (hashable) description of one call."""
