@@ -155,8 +155,9 @@ class PolynomialConfig(KernelConfig):
     Options of the fused kernels only (fused=True; None: chosen by the library for the call):
     precision: their matmul precision, "bf16x3" (None: operands split into bfloat16 hi + lo,
       ~2^-16 relative per product), "highest" (float32 products: polynomial.py's numerics,
-      slow on a GPU) or "bf16" (one bfloat16 product, ~2^-8: faster, and its rounding is not
-      covered by the certificate). The selection of the features is exact in every mode.
+      slow on a GPU) or "bf16" (one bfloat16 product, ~2^-8, faster). The certificate's
+      rounding term assumes float32 products: use "highest" where that term matters. The
+      selection of the features is exact in every mode.
     block_q: query positions per program (non-causal forward, dQ, Γ); block_k: key positions
       per step or program (key sums, dK/dV); block_rank: monomials per on-chip feature block;
       rank_group: monomials per causal program (a multiple of block_rank); causal_chunk:
