@@ -31,13 +31,13 @@ by chunk (`causal_chunk` positions) with `P_j` on chip, and writes `P_j` back. W
 the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a` (`[chunk, block_rank,
 Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`; each program writes its partial `y`
 for the segment and XLA sums the groups and normalises. `seg` (a power of two, <= 16384) is
-the longest whose partials fit `SEGMENT_BYTES / 2` (32 MiB). Memory, in bytes (`s` the
-input dtype's size, `r_pad` the padded rank): inputs laid out per segment
-`B·K·T·((G+2)·Hp + 2·Vp)·s`, outputs and `1/den` `B·N·T·(Hv·s + 4)`, partials
-`<= SEGMENT_BYTES / 2`, states `2·B·K·r_pad·Vp·4` (twice: in and out of a step): linear in T,
-2.0 KiB per position at issue 14's shape (B=1, N=K=8, bfloat16), ~2.1 GiB at T = 2^20.
+the longest whose partials fit `SEGMENT_BYTES` (128 MiB; 4096 positions at issue 14's
+shape). Memory, in bytes (`s` the input dtype's size, `r_pad` the padded rank): inputs laid
+out per segment `B·K·T·((G+2)·Hp + 2·Vp)·s`, outputs and `1/den` `B·N·T·(Hv·s + 4)`,
+partials `<= SEGMENT_BYTES`, states `2·B·K·r_pad·Vp·4` (twice: in and out of a step): linear
+in T, 2.0 KiB per position at issue 14's shape (B=1, N=K=8, bfloat16), ~2.1 GiB at T = 2^20.
 Measured on CPU (`memory_analysis` of the interpret-mode program, where XLA holds the bfloat16
-layouts in float32): 191 MiB at T = 2^15, 542 MiB at 2^17, 3.87 GiB at 2^20 (3.7 KB per
+layouts in float32): 232 MiB at T = 2^15, 584 MiB at 2^17, 3.79 GiB at 2^20 (3.8 KB per
 position); before segments, the partials alone were `B·N·T·Vp·4·r/rank_group` (171 MiB at
 T = 2^13, ~21 GiB at 2^20).
 
@@ -54,9 +54,9 @@ key coordinate `y`, carries `N_j(i)` (coordinate `y` of `k̃`) and `C_j(i) = Σ_
 and of `−φ(k_a)·C_j(a−1)` (dK_j; dV_j at `y = H`). After the scan, key `a` adds
 `φ(k_a)·C_j(last)` (the dK/dV kernel on the totals), so it gets `φ(k_a)·Σ_{i>=a} W_j(i)`.
 Its memory: states `2·4·B·K·(H+1)·r_pad·Vp·4` (646 MiB at issue 14's shape, independent of
-T), partials `<= SEGMENT_BYTES / 2`, and linear layouts and gradients (CPU-measured: 1.31 GiB
-at T = 2^15, 2.34 GiB at 2^17, 13.8 GiB at 2^20: 10.9 KB per position, against the XLA
-kernel's causal gradient 26 KB per position).
+T), partials `<= SEGMENT_BYTES` (1024 positions per segment), and linear layouts and
+gradients (CPU-measured: 1.36 GiB at T = 2^15, 2.35 GiB at 2^17, 13.9 GiB at 2^20: 10.8 KB
+per position, against the XLA kernel's causal gradient 26 KB per position).
 
 Matmul precision (`PolynomialConfig.precision`, the key/query/gradient products; the
 selection is always exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of
@@ -996,9 +996,9 @@ def _segment(chunk: int, t: int, per_position: int, budget: int) -> int:
     return seg
 
 
-# Bytes of per-segment partial outputs of the causal kernels (all batch rows and heads):
-# the segment length follows from it (`_segment`).
-SEGMENT_BYTES = 1 << 26
+# Largest bytes of per-segment partial outputs of the causal kernels (all batch rows and
+# heads): the segment length follows from it (`_segment`).
+SEGMENT_BYTES = 1 << 27
 
 
 def attention(
