@@ -55,7 +55,7 @@ and of `−φ(k_a)·C_j(a−1)` (dK_j; dV_j at `y = H`). After the scan, key `a`
 `φ(k_a)·C_j(last)` (the dK/dV kernel on the totals), so it gets `φ(k_a)·Σ_{i>=a} W_j(i)`.
 Its memory: states `2·4·B·K·(H+1)·r_pad·Vp·4` (646 MiB at issue 14's shape, independent of
 T), partials `<= SEGMENT_BYTES` (1024 positions per segment), and linear layouts and
-gradients (CPU-measured: 1.36 GiB at T = 2^15, 2.35 GiB at 2^17, 13.9 GiB at 2^20: 10.8 KB
+gradients (CPU-measured: 1.30 GiB at T = 2^15, 2.08 GiB at 2^17, 12.3 GiB at 2^20: 8.6 KB
 per position, against the XLA kernel's causal gradient 26 KB per position).
 
 Matmul precision (`PolynomialConfig.precision`, the key/query/gradient products; the
@@ -488,11 +488,6 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape, aliases=No
 
 def _whole(shape):
     return pl.BlockSpec((None, *shape[1:]), lambda i, *_: (i, 0, 0))
-
-
-def _unsegment(x):
-    """`[n_seg, B·K, rows, d]` -> `[B·K, n_seg·rows, d]`."""
-    return x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[-1])
 
 
 def _forward(cfg: _Config, sel, w, q, keys, values, valid):
@@ -933,12 +928,15 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
     tail_cfg = dataclasses.replace(cfg, bk=min(cfg.bk, seg))
     dks, dvs = [], []
     for j, (k, v, key, dk, dv) in enumerate(zip(ks, vs, keys, (dk1, dk2), (dv1, dv2))):
-        dk_t, dv_t = _dkv(tail_cfg, _unsegment(k), _unsegment(v), sel, st[:, :, 2 + j])
-        s, kv = key.shape[1], cfg.kv_heads
-        dk = _keys_merge(dk, s, kv, cfg.dim) + _keys_merge(dk_t, s, kv, cfg.dim)
-        dv = _keys_merge(dv, s, kv, cfg.hv) + _keys_merge(dv_t, s, kv, cfg.hv)
-        dks.append(dk.astype(key.dtype))
-        dvs.append(dv.astype(key.dtype))
+
+        def tail(_, xs, total=st[:, :, 2 + j]):  # + φ(k_a)·C_j(last), segment by segment
+            k, v, dk, dv = xs
+            dk_t, dv_t = _dkv(tail_cfg, k, v, sel, total)
+            return None, (dk + dk_t[..., : cfg.dim], dv + dv_t[..., : cfg.hv])
+
+        _, (dk, dv) = lax.scan(tail, None, (k, v, dk, dv))
+        dks.append(_keys_merge(dk, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
+        dvs.append(_keys_merge(dv, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
     dq = _rows_merge(cfg, dq, b).astype(q.dtype)
     return dq, tuple(dks), tuple(dvs)
 
