@@ -66,7 +66,8 @@ def model_config(attention: str = "tensor") -> ml_collections.ConfigDict:
     # Dropout on attention and MLP outputs.
     c.dropout_rate = 0.0
     # attention="polynomial" layers: PolynomialConfig fields (degree None: 4; on_uncertified
-    # "warn", "error" or "ignore"; ...). Left at the defaults for exact attention.
+    # "warn", "error" or "ignore"; fused=True and its precision, tiles and interpret: run
+    # options, not part of the model's identity; ...). Left at the defaults for exact attention.
     c.polynomial = typed_section(PolynomialConfig)
     # Bound B on q, k1, k2 entries via B*tanh(x/B) (polynomial method hypothesis); None: off.
     c.entry_bound = ml_collections.FieldReference(None, field_type=float)

@@ -1,182 +1,155 @@
-r"""Fused Pallas polynomial kernels (tensorattn/kernels/polynomial_fused.py) against the XLA
-polynomial kernel, at the shape of issue 14: order 3, B=1, N=K=8 heads, H=Hv=16, Taylor
-degree 4 (rank 4,845), bfloat16, scale 1/H, entries uniform in [-1, 1].
+r"""The fused Pallas polynomial kernels (`PolynomialConfig(fused=True)`) against the XLA
+polynomial kernel at the shape of issue 14: order 3, B=1, 8 heads, H=Hv=16, Taylor degree 4
+(rank 4,845), bfloat16, scale 1/H, entries uniform in [-1, 1].
 
-  python -m experiments.bench_polynomial_fused                     # T = 2^10 .. 2^20, GPU
-  python -m experiments.bench_polynomial_fused --quick             # tiny, interpret mode on CPU
-  python -m experiments.bench_polynomial_fused --causal --grad --out=runs/fused.jsonl
+  python -m experiments.bench_polynomial_fused --out=runs/fused_h100.jsonl          # GPU
+  python -m experiments.bench_polynomial_fused --causal=1 --out=runs/fused_h100.jsonl
+  python -m experiments.bench_polynomial_fused --preset=quick --out=          # CPU, seconds
 
-For each T: median seconds of the jitted forward (and forward+gradient with --grad) of both
-kernels, their max abs difference, and the achieved rate of the polynomial method's useful
-matmul FLOPs (`useful_flops`) as a fraction of this device's measured bfloat16 matmul rate.
-One JSON object per measurement is appended to --out. `run(...)` is callable from Python.
+For each length, causal mask, pass ("fwd", "fwd+grad") and kernel ("fused", "xla"): the
+median time, the compiled temporary memory (`memory_analysis`) and the status, one row per
+measurement in the schema of `experiments.harness` (plus `bench`, `kernel`, `table="time"`)
+appended to --out; then one `table="slope"` row per series: the log-log slope of time over
+the last three lengths. The issue's targets, checked for the fused rows on a GPU: forward
+<= 10.5 ms and forward+gradient <= 90 ms at n = 65536 (H100), slopes <= 1.10.
+`run(...)` is callable from Python.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import statistics
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from experiments import benchlib, harness
 
-import tensorattn
-from tensorattn.kernels import polynomial_fused
-
-
-def useful_flops(t: int, heads: int, h: int, hv: int, degree: int, grad: bool) -> float:
-    """Matmul FLOPs of the factorised method (docs/math.md §4.4, §5.1), one batch row, K=N:
-    forward `2·r·(Hv+1)` per key row of each set and per query row; the gradient adds about
-    `H+1` times that (the `(Hv+1)×(H+1)` sums) for the key sums, queries and keys."""
-    r = math.comb(h + degree, degree)
-    fwd = 2 * r * (hv + 1) * 3 * t * heads
-    return fwd * (1 + 2 * (h + 1)) if grad else fwd
+TARGET_N = 65536
+TARGET_MS = {"fwd": 10.5, "fwd+grad": 90.0}
+MAX_SLOPE = 1.10
+PRESETS = {
+    "issue": dict(lengths=[2**k for k in range(14, 21)], heads=8, head_dim=16, degree=4),
+    "quick": dict(lengths=[16, 32, 64], heads=2, head_dim=4, degree=2),
+}
+KERNELS = ("fused", "xla")
 
 
-def matmul_rate(dtype=jnp.bfloat16, n: int = 4096, repeats: int = 5) -> float:
-    """Measured FLOP/s of an `n × n` matmul in `dtype` on the default device."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    return 2 * n**3 / _median_seconds(f, (a,), repeats)
+def point(kernel: str, n: int, pass_: str, causal: bool, *, heads, head_dim, degree, dtype,
+          precision=None):  # fmt: skip
+    """A harness point: B=1, `heads` query and key/value heads, H = Hv = head_dim, scale 1/H,
+    entries in [-1, 1] (|score| <= 1: Taylor degree 4 is certified to ~1e-2), no check."""
+    options = {"degree": degree, "on_uncertified": "ignore"}
+    if kernel == "fused":
+        options["fused"] = True
+        if precision is not None:
+            options["precision"] = precision
+    return harness.make_point(
+        "polynomial",
+        n,
+        heads=heads,
+        kv_heads=heads,
+        head_dim=head_dim,
+        value_dim=head_dim,
+        dtype=dtype,
+        causal=causal,
+        entry_bound=1.0,
+        scale=1.0 / head_dim,
+        options=options,
+        **{"pass": pass_},
+    )
 
 
-def _median_seconds(f, args, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _series(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["kernel"], r["causal"], r["pass"]), []).append(r)
+    return out
 
 
-def _inputs(t, heads, h, hv, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.uniform(-1, 1, (1, t, heads, h))
-    keys = [rng.uniform(-1, 1, (1, t, heads, h)) for _ in range(2)]
-    values = [rng.uniform(-1, 1, (1, t, heads, hv)) for _ in range(2)]
-    return [jnp.asarray(x, dtype) for x in (q, *keys, *values)]
-
-
-def _kernel(name: str, causal: bool, degree: int, scale: float, **fused_options):
-    def attend(q, k1, k2, v1, v2):
-        if name == "fused":
-            return polynomial_fused.fused_tensor_attention(
-                q, k1, k2, v1, v2, causal=causal, scale=scale, degree=degree, **fused_options
+def slopes(rows: list[dict]) -> list[dict]:
+    """One row per (kernel, causal, pass): the slope of `median_ms` over its last three
+    measured lengths, and (fused) whether it meets the issue's targets."""
+    out = []
+    for (kernel, _, pass_), series in _series(rows).items():
+        ok = [r for r in series if r["status"] == "ok"]
+        last = ok[-3:]
+        row = dict(series[-1], table="slope", median_ms=None, temp_bytes=None)
+        row["slope"] = harness.fit_slope([r["n"] for r in last], [r["median_ms"] for r in last])
+        row["slope_lengths"] = [r["n"] for r in last]
+        at = [r["median_ms"] for r in ok if r["n"] == TARGET_N]
+        row["ms_at_target_n"] = at[0] if at else None
+        if kernel == "fused":
+            row["meets_targets"] = bool(
+                at and at[0] <= TARGET_MS[pass_] and len(last) == 3 and row["slope"] <= MAX_SLOPE
             )
-        return tensorattn.tensor_attention(
-            q, k1, k2, v1, v2, causal=causal, scale=scale, implementation="polynomial",
-            degree=degree, on_uncertified="ignore",
-        )  # fmt: skip
-
-    return attend
+        out.append(row)
+    return out
 
 
-def run(
-    log2_ts=range(10, 21),
-    *,
-    heads=8,
-    h=16,
-    hv=16,
-    degree=4,
-    dtype="bfloat16",
-    causal=False,
-    grad=False,
-    precision="bf16x3",
-    xla_max_log2_t=16,
-    repeats=3,
-    interpret=None,
-    out=None,
-):
-    """Measures both kernels for each `T = 2^k`; returns the rows (and appends them to `out`)."""
-    dtype = jnp.dtype(dtype)
-    rate = matmul_rate(jnp.bfloat16, 512 if jax.default_backend() == "cpu" else 8192)
-    scale = 1.0 / h
+def run(lengths, *, heads=8, head_dim=16, degree=4, dtype="bfloat16", causals=(False, True),
+        passes=("fwd", "fwd+grad"), kernels=KERNELS, xla_max_n=None, precision=None,
+        repeats=3, budget_s=20.0, out=None, log=print):  # fmt: skip
+    """Measures every (causal, pass, kernel, length); returns the time rows and the slope
+    rows (both also appended to `out`) and prints the table."""
     rows = []
-    for k in log2_ts:
-        t = 1 << k
-        args = _inputs(t, heads, h, hv, dtype)
-        outputs = {}
-        for name in ("fused", "xla"):
-            if name == "xla" and k > xla_max_log2_t:
-                continue
-            options = {"precision": precision, "interpret": interpret} if name == "fused" else {}
-            attend = _kernel(name, causal, degree, scale, **options)
-            modes = {"forward": jax.jit(attend)}
-            if grad:
-                modes["forward+gradient"] = jax.jit(
-                    jax.grad(lambda *a, f=attend: jnp.sum(f(*a).astype(jnp.float32)), (0, 1, 2))
-                )
-            for mode, fn in modes.items():
-                start = time.perf_counter()
-                result = jax.block_until_ready(fn(*args))
-                compile_s = time.perf_counter() - start
-                if mode == "forward":
-                    outputs[name] = np.asarray(result, np.float64)
-                seconds = _median_seconds(fn, args, repeats)
-                flops = useful_flops(t, heads, h, hv, degree, mode != "forward")
-                row = {
-                    "kernel": name,
-                    "T": t,
-                    "causal": causal,
-                    "mode": mode,
-                    "seconds": seconds,
-                    "compile_seconds": compile_s,
-                    "useful_flops": flops,
-                    "fraction_of_bf16_matmul_rate": flops / seconds / rate,
-                    "heads": heads,
-                    "H": h,
-                    "Hv": hv,
-                    "degree": degree,
-                    "dtype": dtype.name,
-                    "precision": precision if name == "fused" else "xla",
-                    "device": str(jax.devices()[0].device_kind),
-                }
-                rows.append(row)
-                print(json.dumps(row))
-        if len(outputs) == 2:
-            diff = float(np.max(np.abs(outputs["fused"] - outputs["xla"])))
-            print(json.dumps({"T": t, "causal": causal, "max_abs_diff_fused_vs_xla": diff}))
-            rows.append({"T": t, "causal": causal, "max_abs_diff_fused_vs_xla": diff})
-    if out:
-        with open(out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    return rows
+    for causal in causals:
+        for pass_ in passes:
+            for kernel in kernels:
+                for n in lengths:
+                    if kernel == "xla" and xla_max_n is not None and n > xla_max_n:
+                        continue
+                    p = point(kernel, n, pass_, causal, heads=heads, head_dim=head_dim,
+                              degree=degree, dtype=dtype, precision=precision)  # fmt: skip
+                    row = harness.measure(p, repeats=repeats, budget_s=budget_s)
+                    row.update(bench="polynomial_fused", kernel=kernel, table="time")
+                    rows.append(row)
+                    benchlib.append_jsonl(out, row)
+                    log(f"{kernel} causal={causal} {pass_} n={n}: {row['status']} "
+                        f"{benchlib.format_cell(row['median_ms'])} ms "
+                        f"{row['reason'] or ''}")  # fmt: skip
+    summary = slopes(rows)
+    for row in summary:
+        benchlib.append_jsonl(out, row)
+    for r in rows:
+        r["temp_MiB"] = None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20
+    columns = ["kernel", "causal", "pass", "n", "status", "median_ms", "temp_MiB", "compile_s"]
+    benchlib.print_table(rows, columns, out=log)
+    log("")
+    columns = ["kernel", "causal", "pass", "slope", "slope_lengths", "ms_at_target_n"]
+    benchlib.print_table(summary, columns + ["meets_targets"], out=log)
+    log(f"targets (fused, H100): fwd <= {TARGET_MS['fwd']} ms, fwd+grad <= "
+        f"{TARGET_MS['fwd+grad']} ms at n = {TARGET_N}; slopes <= {MAX_SLOPE}")  # fmt: skip
+    return rows, summary
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--min_log2_t", type=int, default=10)
-    parser.add_argument("--max_log2_t", type=int, default=20)
-    parser.add_argument("--xla_max_log2_t", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--degree", type=int, default=4)
+    parser.add_argument("--preset", default="issue", choices=sorted(PRESETS))
+    parser.add_argument("--lengths", default=None, help="comma-separated n (default: preset)")
+    parser.add_argument("--causal", default="0,1", help="0, 1 or 0,1")
+    parser.add_argument("--passes", default="fwd,fwd+grad")
+    parser.add_argument("--kernels", default="fused,xla")
+    parser.add_argument("--xla_max_n", type=int, default=None, help="longest n of the xla rows")
+    parser.add_argument("--precision", default=None, help="fused: bf16x3 (default), bf16, ...")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--precision", default="bf16x3", choices=polynomial_fused.PRECISIONS)
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--grad", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="T = 2^5..2^6, 2 heads, H=Hv=4")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--budget_s", type=float, default=20.0, help="per point, timed runs")
+    parser.add_argument("--out", default="runs/bench_polynomial_fused.jsonl", help="'' = none")
     a = parser.parse_args(argv)
-    sizes = {"h": 4, "hv": 4, "heads": 2} if a.quick else {"heads": a.heads}
-    lo, hi = (5, 6) if a.quick else (a.min_log2_t, a.max_log2_t)
-    run(
-        range(lo, hi + 1),
-        degree=a.degree,
+    preset = dict(PRESETS[a.preset])
+    if a.lengths:
+        preset["lengths"] = [int(x) for x in a.lengths.split(",")]
+    env = harness.environment()
+    print(f"device: {env['device_kind']} ({env['platform']}), jax {env['jax_version']}")
+    return run(
+        preset.pop("lengths"),
+        **preset,
         dtype=a.dtype,
-        causal=a.causal,
-        grad=a.grad,
+        causals=tuple(bool(int(c)) for c in a.causal.split(",")),
+        passes=tuple(a.passes.split(",")),
+        kernels=tuple(a.kernels.split(",")),
+        xla_max_n=a.xla_max_n,
         precision=a.precision,
-        xla_max_log2_t=a.xla_max_log2_t,
         repeats=a.repeats,
-        out=a.out,
-        **sizes,
+        budget_s=a.budget_s,
+        out=a.out or None,
     )
 
 

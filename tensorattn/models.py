@@ -126,7 +126,9 @@ class ModelOptions:
 
 # Polynomial options that change how the function is computed, not which: a checkpoint
 # resumes under other values.
-POLYNOMIAL_RUN_OPTIONS = ("gradient", "chunk_size", "on_uncertified", "fused")
+POLYNOMIAL_RUN_OPTIONS = ("gradient", "chunk_size", "on_uncertified", "fused") + (
+    PolynomialConfig.FUSED_OPTIONS
+)
 
 
 def json_ready(value):

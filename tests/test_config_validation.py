@@ -127,7 +127,9 @@ BAD = [
     (POLY, dict(model__polynomial__score_range=0), "model.polynomial.score_range"),
     (POLY, dict(model__polynomial__tolerance=1.0), "model.polynomial.tolerance"),
     (POLY, dict(model__polynomial__chunk_size=0), "model.polynomial.chunk_size"),
-    (POLY, dict(model__polynomial={"block_q": 8}), "model.polynomial.block_q"),
+    (POLY, dict(model__polynomial={"block_k1": 8}), "model.polynomial.block_k1"),
+    (POLY, dict(model__polynomial__block_q=64), "model.polynomial.block_q"),  # fused only
+    (POLY, dict(model__polynomial={"fused": True, "block_q": 48}), "model.polynomial.block_q"),
     (
         POLY,
         dict(model__polynomial={"tolerance": 1e-3}),  # no degree, no bound to pick one

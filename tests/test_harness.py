@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,18 @@ def test_bench_functions_run_without_their_flags():
     )
     assert [r["pass"] for r in rows] == ["fwd", "fwd+grad"] and emitted == rows
     assert rows[1]["bwd_tflops"] > 0
+
+
+def test_bench_polynomial_fused_quick_preset(tmp_path):
+    """The GPU benchmark of the fused polynomial kernels runs on CPU (interpret mode) at its
+    quick preset: time rows with compiled memory, then a slope row per series."""
+    from experiments import bench_polynomial_fused as bench
+
+    out = tmp_path / "rows.jsonl"
+    args = ["--preset=quick", "--lengths=16,32", "--causal=1", "--passes=fwd"]
+    rows, summary = bench.main(args + ["--kernels=fused", "--repeats=1", f"--out={out}"])
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[0]["temp_bytes"] > 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["table"] for r in lines] == ["time", "time", "slope"]
+    assert lines[0]["options"]["fused"] and lines[0]["pass"] == "fwd" and lines[0]["causal"]
+    assert summary[0]["slope_lengths"] == [16, 32] and summary[0]["meets_targets"] is False

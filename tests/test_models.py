@@ -94,8 +94,9 @@ def test_polynomial_model_runs_its_config():
 def test_identity_drops_polynomial_run_options_only():
     a = opts(attention="polynomial", polynomial={"degree": 3})
     b = opts(attention="polynomial", polynomial={"degree": 3, "gradient": "autodiff"})
+    f = opts(attention="polynomial", polynomial={"degree": 3, "fused": True, "block_q": 64})
     c = opts(attention="polynomial", polynomial={"degree": 2})
-    assert a.identity() == b.identity() != c.identity()
+    assert a.identity() == b.identity() == f.identity() != c.identity()
     assert "on_uncertified" not in a.identity()["polynomial"]
 
 

@@ -38,8 +38,12 @@ def _tolerance(degree=DEGREE):
 
 
 def _fused(q, keys, values, masks, causal, **options):
+    """`PolynomialConfig(fused=True)` (interpret mode unless `interpret=False`)."""
+    options = {"interpret": True, "on_uncertified": "ignore", **options}
+    config = tensorattn.PolynomialConfig(fused=True, **options)
+
     def fn(q, keys, values, masks):
-        return pf.fused_tensor_attention(
+        return tensorattn.tensor_attention(
             q,
             *keys,
             *values,
@@ -47,7 +51,7 @@ def _fused(q, keys, values, masks, causal, **options):
             k1_mask=masks[0],
             k2_mask=masks[1],
             scale=1.0 / q.shape[-1],
-            **{"interpret": True, **options},
+            config=config,
         )
 
     return jax.jit(fn)(q, keys, values, [jnp.asarray(m) for m in masks])
@@ -93,14 +97,20 @@ def test_selection_tables_give_the_monomials_of_features():
     assert not phi[:, rank:].any()
 
 
+@pytest.fixture
+def small_segments(monkeypatch):
+    """Causal kernels: one chunk per segment, so the states cross segment boundaries."""
+    monkeypatch.setattr(pf, "SEGMENT_BYTES", 1)
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_oracle_and_xla_kernel_float32(causal):
+def test_matches_oracle_and_xla_kernel_float32(causal, small_segments):
     """Lengths not tile multiples, key padding masks (a batch row with none valid: zero
-    output), grouped heads (N=4, K=2)."""
+    output), grouped heads (N=4, K=2); causal: two rank groups, two segments."""
     s = (11, 11) if causal else (13, 9)
     q, keys, values, masks = _inputs(1, s=s, b=2)
-    tiles = pf.FusedTiles(block_rank=64, rank_group=128, chunk=8) if causal else None
-    out = _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest", tiles=tiles)
+    tiles = dict(block_rank=64, rank_group=128, causal_chunk=8) if causal else {}
+    out = _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest", **tiles)
     out = np.asarray(out)
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out, _oracle(q, keys, values, masks, causal), atol=_tolerance())
@@ -131,10 +141,10 @@ def test_bfloat16(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradient(causal):
-    """Non-causal: the fused closed-form gradient kernels; causal: the XLA kernel's closed form.
-    Both against the XLA kernel's gradient and the oracle's; grouped heads, masks (a batch
-    row with no valid first key), lengths not tile multiples."""
+def test_gradient(causal, small_segments):
+    """The fused closed-form gradient kernels against the oracle's gradient (and the XLA
+    kernel's); grouped heads, masks (a batch row with no valid first key), lengths not tile
+    multiples; causal: two segments (prefix states carried across), two rank groups."""
     t = 9
     s = (t, t) if causal else (t, 7)
     q, keys, values, masks = _inputs(4, t=t, s=s, b=2)
@@ -147,7 +157,8 @@ def test_gradient(causal):
         return f
 
     def fused(q, keys, values, masks, causal):
-        return _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest")
+        tiles = dict(block_rank=64, rank_group=128, causal_chunk=8) if causal else {}
+        return _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest", **tiles)
 
     got = jax.tree.leaves(jax.grad(loss(fused), argnums=(0, 1, 2))(q, keys, values))
     f64 = [np.asarray(x, np.float64) for x in (q, *keys, *values)]
@@ -156,32 +167,38 @@ def test_gradient(causal):
     )
     for g, o in zip(got, [dq, *dks, *dvs]):
         np.testing.assert_allclose(np.asarray(g), o, atol=_tolerance())
-    if not causal:  # the causal gradient is the XLA kernel's own closed form
+    if not causal:  # (causal: the oracle only, to keep the file's time)
         want = jax.grad(loss(_xla), argnums=(0, 1, 2))(q, keys, values)
         for g, w in zip(got, jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6)
 
 
-def test_rejects_unsupported_calls():
+def test_rejects_unsupported_calls_and_options():
     q, keys, values, _ = _inputs(7, s=(11, 11))
+    config = tensorattn.PolynomialConfig(fused=True, on_uncertified="ignore")
+
+    def call(**kwargs):
+        return tensorattn.tensor_attention(q, *keys, *values, config=config, **kwargs)
+
     with pytest.raises(ValueError, match="window"):
-        pf.fused_tensor_attention(q, *keys, *values, window=(4, None))
+        call(window=(4, None))
     with pytest.raises(ValueError, match="order 2"):
         spec = pf.AttentionSpec(scale=1.0, causal=False, windows=(None,), key_masks=(None,))
-        pf.attention(q, keys[:1], values[:1], spec)
+        pf.attention(q, keys[:1], values[:1], spec, config, degree=2)
     with pytest.raises(ValueError, match="scale"):
-        pf.fused_tensor_attention(q, *keys, *values, scale=jnp.asarray(0.5))
-    with pytest.raises(ValueError, match="precision"):
-        pf.fused_tensor_attention(q, *keys, *values, precision="fp8")
-    with pytest.raises(ValueError, match="block_rank"):
-        pf.FusedTiles(block_rank=48)
-    with pytest.raises(ValueError, match="rank_group"):
-        tiles = pf.FusedTiles(block_rank=32, rank_group=16)
-        pf.fused_tensor_attention(q, *keys, *values, tiles=tiles)
-    with pytest.raises(ValueError, match="gradient"):
-        pf.fused_tensor_attention(q, *keys, *values, gradient="autodiff")
-    with pytest.raises(ValueError, match="degree"):
-        pf.fused_tensor_attention(q, *keys, *values, degree=-1)
+        call(scale=jnp.asarray(0.5))
+    for options, match in [
+        (dict(precision="fp8"), "precision"),
+        (dict(block_rank=48), "block_rank"),
+        (dict(block_rank=32, rank_group=16), "rank_group"),
+        (dict(interpret=1), "interpret"),
+        (dict(num_warps=0), "num_warps"),
+        (dict(gradient="autodiff"), "gradient"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tensorattn.PolynomialConfig(fused=True, **options)
+    with pytest.raises(ValueError, match="block_q .*fused=True"):
+        tensorattn.PolynomialConfig(block_q=64)
 
 
 def test_polynomial_config_fused_runs_the_fused_kernels():
@@ -216,21 +233,24 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
     (compiling the Triton IR to PTX needs the CUDA plugin, i.e. a GPU machine)."""
     shape = jax.ShapeDtypeStruct
 
+    config = tensorattn.PolynomialConfig(
+        degree=2, fused=True, interpret=False, on_uncertified="ignore"
+    )
+
     def fn(q, k1, k2, v1, v2):
-        options = {"causal": causal, "degree": 2, "interpret": False}
-        return pf.fused_tensor_attention(q, k1, k2, v1, v2, **options)
+        return tensorattn.tensor_attention(q, k1, k2, v1, v2, causal=causal, config=config)
+
+    def loss(*a):
+        return jnp.sum(fn(*a).astype(jnp.float32))
 
     args = [shape((1, 32, 2, 8), jnp.bfloat16)] + [shape((1, 32, 1, 8), jnp.bfloat16)] * 4
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (1 if causal else 2)
-    if not causal:  # forward (2) and the fused gradient (2 key sums, dQ, Γ, 2 dK/dV)
-
-        def loss(*a):
-            return jnp.sum(fn(*a).astype(jnp.float32))
-
-        grad = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args)
-        text = grad.lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 8
+    # Forward and gradient. Non-causal: 2 + (2 key sums, dQ, Γ, 2 dK/dV); causal: 1 + (the
+    # causal gradient kernel, 2 dK/dV of the totals).
+    grad = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args)
+    text = grad.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == (4 if causal else 8)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -245,8 +265,6 @@ def test_compiled_on_gpu(causal, dtype):
     xla = _xla(q, keys, values, masks, causal, degree=4)
     atol = 1e-4 if dtype == jnp.float32 else 2.0**-8
     np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(xla, np.float64), atol=atol)
-    if causal:
-        return
 
     def loss(fn, **options):
         def f(q, keys, values):

@@ -19,6 +19,7 @@ POLYNOMIALS = ("taylor", "chebyshev")
 GRADIENTS = ("closed_form", "autodiff")
 ON_UNCERTIFIED = ("warn", "error", "ignore")
 MAX_DEGREE = 40
+FUSED_PRECISIONS = ("bf16x3", "highest", "bf16")
 
 
 def _fail(cls, field: str, what: str, value) -> None:
@@ -151,6 +152,19 @@ class PolynomialConfig(KernelConfig):
       `[T, rank]` in memory; order 3, no windows, float scale; closed-form gradient) instead
       of the XLA scan. Off by default until measured on a GPU (issue 14); without a GPU they
       run in Pallas interpret mode.
+    Options of the fused kernels only (fused=True; None: chosen by the library for the call):
+    precision: their matmul precision, "bf16x3" (None: operands split into bfloat16 hi + lo,
+      ~2^-16 relative per product), "highest" (float32 products: polynomial.py's numerics,
+      slow on a GPU) or "bf16" (one bfloat16 product, ~2^-8, faster). The certificate's
+      rounding term assumes float32 products: use "highest" where that term matters. The
+      selection of the features is exact in every mode.
+    block_q: query positions per program (non-causal forward, dQ, Γ); block_k: key positions
+      per step or program (key sums, dK/dV); block_rank: monomials per on-chip feature block;
+      rank_group: monomials per causal program (a multiple of block_rank); causal_chunk:
+      positions per step of the causal kernels. Powers of two (>= 16 on a GPU).
+    num_warps, num_stages: GPU launch settings.
+    interpret: Pallas interpret mode (any backend; slow, for tests). None: on without a GPU or
+      with TENSORATTN_PALLAS_INTERPRET=1; False always emits the GPU kernels.
     """
 
     implementation: ClassVar[str] = "polynomial"
@@ -163,6 +177,27 @@ class PolynomialConfig(KernelConfig):
     gradient: str = "closed_form"
     chunk_size: int | None = None
     fused: bool = False
+    precision: str | None = None
+    block_q: int | None = None
+    block_k: int | None = None
+    block_rank: int | None = None
+    rank_group: int | None = None
+    causal_chunk: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    interpret: bool | None = None
+
+    FUSED_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "precision",
+        "block_q",
+        "block_k",
+        "block_rank",
+        "rank_group",
+        "causal_chunk",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    )
 
     def __post_init__(self):
         _positive_int(self, "degree", optional=True, zero=True)
@@ -185,6 +220,26 @@ class PolynomialConfig(KernelConfig):
             raise ValueError(
                 "PolynomialConfig.fused=True runs the fused kernels with the closed-form "
                 "gradient and their own tiles: leave gradient='closed_form' and chunk_size=None"
+            )
+        if self.precision is not None:
+            _choice(self, "precision", FUSED_PRECISIONS)
+        for name in ("block_q", "block_k", "block_rank", "rank_group", "causal_chunk"):
+            v = getattr(self, name)
+            _positive_int(self, name, optional=True)
+            if v is not None and v & (v - 1):
+                _fail(type(self), name, "a power of two or None", v)
+        _positive_int(self, "num_warps", optional=True)
+        _positive_int(self, "num_stages", optional=True)
+        if self.interpret is not None and not isinstance(self.interpret, bool):
+            _fail(type(self), "interpret", "a bool or None", self.interpret)
+        if self.block_rank and self.rank_group and self.rank_group % self.block_rank:
+            what = f"a multiple of block_rank={self.block_rank}"
+            _fail(type(self), "rank_group", what, self.rank_group)
+        given = [n for n in self.FUSED_OPTIONS if getattr(self, n) is not None]
+        if given and not self.fused:
+            raise ValueError(
+                f"PolynomialConfig.{given[0]} is an option of the fused kernels: set fused=True "
+                "(or leave it None)"
             )
         if self.polynomial == "chebyshev" and self.bound is None and self.score_range is None:
             raise ValueError(

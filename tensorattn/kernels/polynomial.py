@@ -929,7 +929,7 @@ def attention(q, keys, values, spec: AttentionSpec, config: PolynomialConfig | N
         from tensorattn.kernels import polynomial_fused  # it imports this module
 
         return polynomial_fused.attention(
-            q, keys, values, spec, degree=degree, polynomial=polynomial, score_range=R
+            q, keys, values, spec, config, degree=degree, score_range=R
         )
     valid = spec.valid(q.shape[0], lengths)
     fn = _closed_form if config.gradient == "closed_form" else _autodiff

@@ -23,30 +23,51 @@ Forward without causal mask (two `pallas_call`s):
    rank blocks, then `out = y[:, :Hv] / y[:, Hv]` in the kernel (0 for rows whose denominator
    is not positive or whose sums are not finite, as `polynomial._normalise`); `1/den` is kept
    for the gradient.
-Causal forward, grid `(B·K, r / rank_group)`: each program owns `rank_group` monomials
-(`rank_group / block_rank` sub-blocks) and walks the sequence chunk by chunk (`chunk`
-positions), carrying the prefix sums `P_j [block_rank, Vp]` of each sub-block on chip. Within a
-chunk the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a`
-(`[chunk, block_rank, Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`. Each program
-writes its partial `y` (`[T·G, Vp]` float32 per rank group); XLA sums the groups and
-normalises. That buffer holds `B·N·T·Vp·4 B · r / rank_group` (defaults `block_rank=32`,
-`rank_group=256`: 19 groups, 20 GiB at B=1, N=8, T=2^20, Hv=16; a larger `rank_group` trades
-it for fewer programs and more on-chip state).
+Causal forward: the sequence in segments of `seg` positions (an XLA scan), one
+`pallas_call` per segment with grid `(B·K, r / rank_group)`: each program owns `rank_group`
+monomials (`rank_group / block_rank` sub-blocks), reads their prefix sums
+`P_j [block_rank, Vp]` at the segment's start from the scan's carry, walks the segment chunk
+by chunk (`causal_chunk` positions) with `P_j` on chip, and writes `P_j` back. Within a chunk
+the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a` (`[chunk, block_rank,
+Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`; each program writes its partial `y`
+for the segment and XLA sums the groups and normalises. `seg` (a power of two, <= 16384) is
+the longest whose partials fit `SEGMENT_BYTES` (128 MiB; 4096 positions at issue 14's
+shape). Memory, in bytes (`s` the input dtype's size, `r_pad` the padded rank): inputs laid
+out per segment `B·K·T·((G+2)·Hp + 2·Vp)·s`, outputs and `1/den` `B·N·T·(Hv·s + 4)`,
+partials `<= SEGMENT_BYTES`, states `2·B·K·r_pad·Vp·4` (twice: in and out of a step): linear
+in T, 2.0 KiB per position at issue 14's shape (B=1, N=K=8, bfloat16), ~2.1 GiB at T = 2^20.
+Measured on CPU (`memory_analysis` of the interpret-mode program, where XLA holds the bfloat16
+layouts in float32): 232 MiB at T = 2^15, 584 MiB at 2^17, 3.79 GiB at 2^20 (3.8 KB per
+position); before segments, the partials alone were `B·N·T·Vp·4·r/rank_group` (171 MiB at
+T = 2^13, ~21 GiB at 2^20).
 
-Gradient (`gradient="fused"`, no causal mask): the closed form of docs/math.md §5.1 (the XLA
-kernel's default gradient) in four kernels on the same on-chip features: the key sums
+Gradient: the closed form of docs/math.md §5 (the XLA kernel's default gradient), same
+accuracy. Without causal mask, four kernels on the same on-chip features: the key sums
 `N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` (grid over rank blocks), `dQ` (grid over query
 tiles, reading `N_1 ∘ N_2`), `Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` (grid over rank blocks)
 and `dK_j, dV_j` (grid over key tiles, reading `Γ ∘ N_other`); the `[H+1, r, Vp]` float32
 states (10.5 MB per head at the shape below) and their products are the only rank-sized
-arrays in device memory. With causal masks the gradient is the XLA kernel's closed form
-(`_backward_xla`, which recomputes the XLA forward); `gradient="xla"` forces that path.
+arrays in device memory. With causal masks (§5.2), segments as in the forward and one kernel
+per segment, grid `(B·K, r / rank_group, H+1)`: a program owns a rank group and one augmented
+key coordinate `y`, carries `N_j(i)` (coordinate `y` of `k̃`) and `C_j(i) = Σ_{i'<=i} W_j(i')`,
+`W_j(i) = Σ_heads ψ_i ⊗ d̃_i q̃_i[y] ∘ N_other(i)`, and writes its share of column `y` of dQ
+and of `−φ(k_a)·C_j(a−1)` (dK_j; dV_j at `y = H`). After the scan, key `a` adds
+`φ(k_a)·C_j(last)` (the dK/dV kernel on the totals), so it gets `φ(k_a)·Σ_{i>=a} W_j(i)`.
+Its memory: states `2·4·B·K·(H+1)·r_pad·Vp·4` (646 MiB at issue 14's shape, independent of
+T), partials `<= SEGMENT_BYTES` (1024 positions per segment), and linear layouts and
+gradients (CPU-measured: 1.30 GiB at T = 2^15, 2.08 GiB at 2^17, 12.3 GiB at 2^20: 8.6 KB
+per position, against the XLA kernel's causal gradient 26 KB per position).
 
-Matmul precision (`precision`, the key/query/gradient products; the selection is always
-exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of `polynomial.py`, slow
-on a GPU), "bf16x3" (default: operands split into bfloat16 hi + lo, three bfloat16 products
-with float32 accumulation, two when the right operand is bfloat16-exact; ~2^-16 relative per
-product), "bf16" (one bfloat16 product).
+Matmul precision (`PolynomialConfig.precision`, the key/query/gradient products; the
+selection is always exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of
+`polynomial.py`, slow on a GPU), "bf16x3" (default: operands split into bfloat16 hi + lo,
+three bfloat16 products with float32 accumulation, two when the right operand is
+bfloat16-exact; ~2^-16 relative per product), "bf16" (one bfloat16 product). Tiles, launch
+settings and interpret mode: `PolynomialConfig` (`block_q`, `block_k`, `block_rank`,
+`rank_group`, `causal_chunk`, `num_warps`, `num_stages`, `interpret`); defaults: block_q
+`max(16, 64 // G)`, block_k 64, block_rank 64 (32 causal), rank_group 8 blocks (causal),
+causal_chunk 16, 4 warps (8 causal), 2 stages; untuned guesses for a GPU session to sweep
+(the gradient wants query/key tiles of >= 256 rows to stay compute-bound on its state reads).
 
 Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `G` query heads per kv head, `m`
 products per matmul (precision), `n_x` input pieces (1 for bfloat16). Issue 14's shape:
@@ -64,6 +85,10 @@ H = Hv = 16, g = 4, r = 4845, Hp = 16, Vp = 32, bfloat16, bf16x3, n = T = S1 = S
 - Causal forward: the same selections plus ~`7·Vp` float32 elementwise operations per row
   and monomial (two cumulative sums, the state product, the weighted row sum): 1.1 MFLOP per
   position on CUDA cores; traffic: the inputs once per rank group and the partial outputs.
+- Causal gradient: per position, coordinate `y` and monomial ~`16·Vp` float32 elementwise
+  operations (cumulative sums of `N_1, N_2, W_1, W_2`, the products and row sums): 42 MFLOP
+  per position on CUDA cores (44 TFLOP per head at n = 2^20, ~0.7 s at 60 TFLOP/s), plus the
+  feature builds, repeated for each `y`, on tensor cores (32 MFLOP per position).
 - Gradient FLOPs: `H+1` products per key row and set for `N_j`, `H` per query row for `dQ`,
   `H+1` per query row for `Γ` and per key row and set for `dK/dV` (m=3 each: 0.93 MFLOP per
   product), plus four feature builds: ~100 TFLOP per head at n = 2^20 (33 with "bf16").
@@ -81,7 +106,7 @@ remaining lever is the feature build (selection products: half of the forward's 
 work). These are estimates from the counts above; the GPU measurement is still to do
 (experiments/bench_polynomial_fused.py).
 
-Not covered: orders other than 3, sliding windows, a fused causal gradient.
+Not covered: orders other than 3, sliding windows.
 """
 
 from __future__ import annotations
@@ -99,13 +124,11 @@ from jax.experimental import pallas as pl
 
 from tensorattn.kernels import features
 from tensorattn.kernels import polynomial as xla_polynomial
-from tensorattn.kernels import spine as _validation
+from tensorattn.kernels.configs import PolynomialConfig
 from tensorattn.kernels.spine import AttentionSpec, Unsupported
 
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
-PRECISIONS = ("bf16x3", "highest", "bf16")
-GRADIENTS = ("fused", "xla")
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _PIECES = {jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2, jnp.dtype(jnp.float32): 3}
 
@@ -114,53 +137,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedTiles:
-    """Tiles of the fused kernels (None: the library picks). All powers of two >= 16 on GPU.
-
-    block_q: query positions per program of the non-causal query phase and of the gradient's
-      dQ kernel and Γ loop (rows `G·block_q`; default `max(16, 64 // G)`, at most pow2(T)).
-    block_k: key positions per step of the key phases and per dK/dV program (default 64, at
-      most pow2(S)).
-    block_rank: monomials per on-chip feature block (default 64; 32 with causal masks).
-    rank_group: monomials per program of the causal kernel, a multiple of block_rank
-      (default 8 blocks).
-    chunk: positions per step of the causal kernel (default 16).
-    num_warps, num_stages: GPU (Triton) launch settings (default 4 warps, 8 causal; 2 stages).
-    The defaults are untuned guesses: the GPU session should sweep them (the gradient wants
-    larger query/key tiles, >= 256 rows, to stay compute-bound on its state reads).
-    """
-
-    block_q: int | None = None
-    block_k: int | None = None
-    block_rank: int | None = None
-    rank_group: int | None = None
-    chunk: int | None = None
-    num_warps: int | None = None
-    num_stages: int | None = None
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"FusedTiles.{field.name} must be a positive int, got {value!r}")
-            if field.name not in ("num_warps", "num_stages") and not _is_pow2(value):
-                raise ValueError(f"FusedTiles.{field.name} must be a power of two, got {value}")
-
-
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Static (hashable) description of one call."""
 
     causal: bool
     scale: float
-    gradient: str
     t: int
     s1: int
     s2: int
@@ -178,23 +160,33 @@ class _Config:
     rb: int
     rg: int
     chunk: int
+    seg: int
+    bwd_seg: int
     precision: str
     num_warps: int
     num_stages: int
     interpret: bool
 
     @property
-    def nq(self) -> int:
-        step = self.chunk if self.causal else self.bq
-        return -(-self.t // step)
-
-    @property
     def q_step(self) -> int:
         return self.chunk if self.causal else self.bq
 
+    @property
+    def t_pad(self) -> int:
+        step = self.seg if self.causal else self.bq
+        return -(-self.t // step) * step
+
+    @property
+    def nq(self) -> int:
+        return self.t_pad // self.q_step
+
+    @property
+    def n_seg(self) -> int:
+        return self.t_pad // self.seg
+
     def key_padded(self, s: int) -> int:
         if self.causal:
-            return self.nq * self.chunk
+            return self.t_pad
         return -(-s // self.bk) * self.bk
 
 
@@ -367,8 +359,11 @@ def _query_kernel(cfg: _Config, q_ref, sel_ref, w_ref, m_ref, o_ref, inv_ref):
     inv_ref[...] = inv
 
 
-def _causal_kernel(cfg: _Config, q_ref, sel_ref, w_ref, k1_ref, v1_ref, k2_ref, v2_ref, y_ref):
-    """Causal: one rank group, the sequence chunk by chunk with on-chip prefix states."""
+def _causal_kernel(
+    cfg: _Config, q_ref, sel_ref, w_ref, k1_ref, v1_ref, k2_ref, v2_ref, p_ref, y_ref, p_out_ref
+):
+    """Causal: one rank group, one segment chunk by chunk with on-chip prefix states, read
+    from `p_ref` (`[2, rank_group, Vp]`: the sums over the earlier segments) and written back."""
     c, g, rb = cfg.chunk, cfg.group, cfg.rb
     n_sub = cfg.rg // rb
 
@@ -396,8 +391,11 @@ def _causal_kernel(cfg: _Config, q_ref, sel_ref, w_ref, k1_ref, v1_ref, k2_ref, 
             y_ref[pl.ds(r0 + h * c, c), :] = ys[h]
         return tuple(new_carry)
 
-    zero = jnp.zeros((rb, cfg.vp), _F32)
-    lax.fori_loop(0, cfg.nq, step, tuple((zero, zero) for _ in range(n_sub)))
+    init = tuple(tuple(p_ref[m, s * rb : (s + 1) * rb, :] for m in (0, 1)) for s in range(n_sub))
+    final = lax.fori_loop(0, cfg.seg // c, step, init)
+    for s, (p1, p2) in enumerate(final):
+        p_out_ref[0, s * rb : (s + 1) * rb, :] = p1
+        p_out_ref[1, s * rb : (s + 1) * rb, :] = p2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,43 +413,61 @@ def _pad_last(x, size: int, one_at: int | None = None, scale=None):
     return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
 
 
-def _rows_layout(cfg: _Config, x):
+def _rows_layout(cfg: _Config, x, segmented: bool = False):
+    """`[B,T,N,d]` -> `[B·K, nq·G·step, d]`, or `[n_seg, B·K, rows per segment, d]`."""
     b, t, n, d = x.shape
     g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
+    ns = cfg.n_seg if segmented else 1
     x = jnp.pad(x, ((0, 0), (0, nq * st - t), (0, 0), (0, 0)))
-    x = x.reshape(b, nq, st, kv, g, d).transpose(0, 3, 1, 4, 2, 5)
-    return x.reshape(b * kv, nq * g * st, d)
+    x = x.reshape(b, ns, nq // ns, st, kv, g, d).transpose(1, 0, 4, 2, 5, 3, 6)
+    x = x.reshape(ns, b * kv, nq // ns * g * st, d)
+    return x if segmented else x[0]
 
 
 def _rows_merge(cfg: _Config, x, b: int):
-    d = x.shape[-1]
+    """Inverse of `_rows_layout` (either form), cut to T positions."""
+    x = x if x.ndim == 4 else x[None]
+    ns, d = x.shape[0], x.shape[-1]
     g, kv, nq, st = cfg.group, cfg.kv_heads, cfg.nq, cfg.q_step
-    x = x.reshape(b, kv, nq, g, st, d).transpose(0, 2, 4, 1, 3, 5)
+    x = x.reshape(ns, b, kv, nq // ns, g, st, d).transpose(1, 0, 3, 5, 2, 4, 6)
     return x.reshape(b, nq * st, kv * g, d)[:, : cfg.t]
 
 
-def _keys_layout(x, padded: int):
+def _keys_layout(x, padded: int, n_seg: int | None = None):
+    """`[B,S,K,d]` -> `[B·K, padded, d]`, or `[n_seg, B·K, padded / n_seg, d]`."""
     b, s, kv, d = x.shape
+    ns = n_seg or 1
     x = x[:, :padded]
     x = jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, 0)))
-    return x.transpose(0, 2, 1, 3).reshape(b * kv, padded, d)
+    x = x.reshape(b, ns, padded // ns, kv, d).transpose(1, 0, 3, 2, 4)
+    x = x.reshape(ns, b * kv, padded // ns, d)
+    return x if n_seg else x[0]
 
 
-def _prepare(cfg: _Config, q, keys, values, valid):
+def _keys_merge(x, s: int, kv: int, width: int):
+    """Inverse of `_keys_layout` (either form), cut to `s` positions and `width` columns."""
+    x = x if x.ndim == 4 else x[None]
+    ns, bkv, seg, _ = x.shape
+    x = x.reshape(ns, bkv // kv, kv, seg, -1).transpose(1, 0, 3, 2, 4)
+    return x.reshape(bkv // kv, ns * seg, kv, -1)[:, :s, :, :width]
+
+
+def _prepare(cfg: _Config, q, keys, values, valid, segmented: bool = False):
     dtype = q.dtype
-    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp))
+    ns = cfg.n_seg if segmented else None
+    q_t = _rows_layout(cfg, _pad_last(q, cfg.hp), segmented)
     ks, vs = [], []
     for k, v, ok, s in zip(keys, values, valid, (cfg.s1, cfg.s2)):
         padded = cfg.key_padded(s)
-        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp), padded))
+        ks.append(_keys_layout(_pad_last(k.astype(dtype), cfg.hp), padded, ns))
         ok_kv = jnp.broadcast_to(ok[:, :, None], v.shape[:3]).astype(dtype)
         v_aug = _pad_last(v.astype(dtype), cfg.vp, one_at=cfg.hv, scale=ok_kv)
-        vs.append(_keys_layout(v_aug, padded))
+        vs.append(_keys_layout(v_aug, padded, ns))
     return q_t, ks, vs
 
 
-def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
-    kwargs = {}
+def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape, aliases=None):
+    kwargs = {"input_output_aliases": aliases} if aliases else {}
     if cfg.interpret:
         kwargs["interpret"] = True
     else:
@@ -471,15 +487,15 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
 
 
 def _whole(shape):
-    return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i, 0, 0))
+    return pl.BlockSpec((None, *shape[1:]), lambda i, *_: (i, 0, 0))
 
 
 def _forward(cfg: _Config, sel, w, q, keys, values, valid):
     """`[B,T,N,Hv]` output in q's dtype."""
     b = q.shape[0]
-    q_t, (k1, k2), (v1, v2) = _prepare(cfg, q, keys, values, valid)
-    bkv = q_t.shape[0]
-    rows_total = q_t.shape[1]
+    q_t, (k1, k2), (v1, v2) = _prepare(cfg, q, keys, values, valid, segmented=cfg.causal)
+    bkv = q_t.shape[-3]
+    rows_total = q_t.shape[-2]
     g = sel.shape[0]
     n_rb = cfg.rank_padded // cfg.rb
     if not cfg.causal:
@@ -517,33 +533,47 @@ def _forward(cfg: _Config, sel, w, q, keys, values, valid):
                 jax.ShapeDtypeStruct((bkv, rows_total, 1), _F32),
             ],
         )(q_t, sel, w, m)
-        return _rows_merge(cfg, out, b)[..., : cfg.hv], inv_t
+        return _rows_merge(cfg, out, b)[..., : cfg.hv], _rows_merge(cfg, inv_t, b)
     n_rg = cfg.rank_padded // cfg.rg
-    partial = _call(
+    rows = cfg.seg * cfg.group
+    keys_ = (k1, v1, k2, v2)
+    state = jax.ShapeDtypeStruct((bkv, 2, cfg.rank_padded, cfg.vp), _F32)
+    call = _call(
         cfg,
         _causal_kernel,
         grid=(bkv, n_rg),
         in_specs=[
-            _whole(q_t.shape),
+            pl.BlockSpec((None, rows, cfg.hp), lambda i, j: (i, 0, 0)),
             pl.BlockSpec((g, cfg.hp, cfg.rg), lambda i, j: (0, 0, j)),
             pl.BlockSpec((1, cfg.rg), lambda i, j: (0, j)),
-            _whole(k1.shape),
-            _whole(v1.shape),
-            _whole(k2.shape),
-            _whole(v2.shape),
+            *(pl.BlockSpec((None, cfg.seg, x.shape[-1]), lambda i, j: (i, 0, 0)) for x in keys_),
+            pl.BlockSpec((None, 2, cfg.rg, cfg.vp), lambda i, j: (i, 0, j, 0)),
         ],
-        out_specs=pl.BlockSpec((None, None, rows_total, cfg.vp), lambda i, j: (i, j, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((bkv, n_rg, rows_total, cfg.vp), _F32),
-    )(q_t, sel, w, k1, v1, k2, v2)
-    out = _normalise_xla(jnp.sum(partial, axis=1), cfg.hv).astype(q.dtype)
-    return _rows_merge(cfg, out, b), None
+        out_specs=[
+            pl.BlockSpec((None, None, rows, cfg.vp), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((None, 2, cfg.rg, cfg.vp), lambda i, j: (i, 0, j, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((bkv, n_rg, rows, cfg.vp), _F32), state],
+        aliases={7: 1},
+    )
+
+    def segment(p, xs):
+        q, k1, v1, k2, v2 = xs
+        partial, p = call(q, sel, w, k1, v1, k2, v2, p)
+        out, inv = _normalise_xla(jnp.sum(partial, axis=1), cfg.hv)
+        return p, (out.astype(q_dtype), inv)
+
+    q_dtype = q.dtype
+    _, (out, inv) = lax.scan(segment, jnp.zeros(state.shape, _F32), (q_t, *keys_))
+    return _rows_merge(cfg, out, b), _rows_merge(cfg, inv, b)
 
 
 def _normalise_xla(y, hv: int):
-    den = y[..., hv]
-    ok = (den > 0) & jnp.all(jnp.isfinite(y), axis=-1)
+    """`polynomial._normalise` of `[.., Vp]` sums: (`[.., hv]` output, `[.., 1]` 1/den)."""
+    den = y[..., hv : hv + 1]
+    ok = (den > 0) & jnp.all(jnp.isfinite(y), axis=-1, keepdims=True)
     inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
-    return jnp.where(ok[..., None], y[..., :hv], 0.0) * inv[..., None]
+    return jnp.where(ok, y[..., :hv], 0.0) * inv, inv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,16 +666,11 @@ def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, w_ref, dk_ref, dv_ref):
     dv_ref[...] = dv * ok
 
 
-def _keys_merge(x, s: int, kv: int, width: int):
-    bkv, padded, _ = x.shape
-    x = x.reshape(bkv // kv, kv, padded, -1).transpose(0, 2, 1, 3)
-    return x[:, :s, :, :width]
-
-
 def _backward_fused(cfg: _Config, sel, w, res, d_out):
-    q, keys, values, valid, out, inv_t = res
+    q, keys, values, valid, out, inv = res
     b = q.shape[0]
     q_t, ks, vs = _prepare(cfg, q, keys, values, valid)
+    inv_t = _rows_layout(cfg, inv)
     delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
     d_aug = jnp.concatenate([d_out.astype(_F32), -delta], axis=-1)
     d_t = _rows_layout(cfg, _pad_last(d_aug, cfg.vp))
@@ -704,69 +729,232 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
     )(sel, w, q_t, d_t, inv_t)
     dks, dvs = [], []
     for j, (k, v, key) in enumerate(zip(ks, vs, keys)):
-        padded = k.shape[1]
-        dk_t, dv_t = _call(
-            cfg,
-            _dkv_kernel,
-            grid=(bkv, padded // cfg.bk),
-            in_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp), sel_all, state_all],
-            out_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp)],
-            out_shape=[
-                jax.ShapeDtypeStruct((bkv, padded, cfg.hp), _F32),
-                jax.ShapeDtypeStruct((bkv, padded, cfg.vp), _F32),
-            ],
-        )(k, v, sel, gamma * ns[1 - j])
+        dk_t, dv_t = _dkv(cfg, k, v, sel, gamma * ns[1 - j])
         dks.append(_keys_merge(dk_t, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
         dvs.append(_keys_merge(dv_t, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
     dq = _rows_merge(cfg, dq_t, b)[..., : cfg.dim].astype(q.dtype)
     return dq, tuple(dks), tuple(dvs)
 
 
-# Gradient through the XLA kernel's closed form (docs/math.md §5), recomputing its forward:
-# the causal case, and `gradient="xla"`.
+# Gradient with causal masks (docs/math.md §5.2), fused. Per rank group and augmented key
+# coordinate y (grid `(B·K, r / rank_group, H+1)`), one segment chunk by chunk with on-chip
+# prefix states: `N_j(i) = Σ_{a<=i} φ(k_a) ⊗ ṽ_a k̃_a[y]`, `W_j(i) = ψ_i ⊗ d̃_i q̃_i[y] ∘ N_other(i)`
+# (summed over the query heads of the group) and `C_j(i) = Σ_{i'<=i} W_j(i')`. Key `a` gets
+# `φ(k_a)·Σ_{i>=a} W_j(i) = φ(k_a)·C_j(last) − φ(k_a)·C_j(a−1)`: the second term here, the
+# first after the scan (`_dkv_kernel` on the totals `C_j(last)`).
 
 
-def _backward_xla(cfg: _Config, xla_options: tuple, res, d_out):
-    """The XLA polynomial kernel's closed-form gradient, through the public entry point."""
-    import tensorattn  # here: the kernel registry may import this module
-
-    q, keys, values, valid = res[:4]
-
-    def xla(q, keys, values):
-        return tensorattn.tensor_attention(
-            q,
-            *keys,
-            *values,
-            implementation="polynomial",
-            causal=cfg.causal,
-            k1_mask=valid[0],
-            k2_mask=valid[1],
-            scale=cfg.scale,
-            on_uncertified="ignore",
-            gradient="closed_form",
-            **dict(xla_options),
-        )
-
-    _, vjp = jax.vjp(xla, q, keys, values)
-    return vjp(d_out.astype(q.dtype))
+def _column_at(x, y, ones):
+    """`[rows, 1]` column `y` (traced) of `[x, 1]`: `ones` is 1.0 where `y` is that last
+    column, else 0.0 (`x`'s padding columns are zero)."""
+    col = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+    return jnp.sum(jnp.where(col == y, x, 0.0), axis=1, keepdims=True) + ones
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attend(cfg: _Config, xla_options: tuple, sel, w, q, keys, values, valid):
+def _causal_grad_kernel(
+    cfg: _Config,
+    q_ref,
+    d_ref,
+    inv_ref,
+    sel_ref,
+    w_ref,
+    k1_ref,
+    v1_ref,
+    k2_ref,
+    v2_ref,
+    s_ref,
+    dq_ref,
+    dk1_ref,
+    dk2_ref,
+    dv1_ref,
+    dv2_ref,
+    s_out_ref,
+):
+    """One rank group, one coordinate `y`, one segment. `s_ref [4, rank_group, Vp]`: the
+    prefix states `N_1, N_2, C_1, C_2` at the segment's start (written back at its end).
+    Writes column `y` of this group's share of dQ and of `dK_j` without the total term, and
+    (`y = H`) `dV_j` without it."""
+    c, g, rb = cfg.chunk, cfg.group, cfg.rb
+    n_sub = cfg.rg // rb
+    y = pl.program_id(2)
+    ones = jnp.where(lax.broadcasted_iota(jnp.int32, (1, 1), 0) + y == cfg.dim, 1.0, 0.0)
+    dk_refs, dv_refs = (dk1_ref, dk2_ref), (dv1_ref, dv2_ref)
+
+    def step(i, carry):
+        p0 = pl.multiple_of(i * c, c)
+        r0 = pl.multiple_of(i * c * g, c * g)
+        ks = (k1_ref[pl.ds(p0, c), :], k2_ref[pl.ds(p0, c), :])
+        vs = (v1_ref[pl.ds(p0, c), :].astype(_F32), v2_ref[pl.ds(p0, c), :].astype(_F32))
+        kts = [v * _column_at(k.astype(_F32), y, ones) for k, v in zip(ks, vs)]  # ṽ k̃[y]
+        qs = [q_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
+        ds = [d_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
+        invs = [inv_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
+        dqts = [d * _column_at(q.astype(_F32), y, ones) for q, d in zip(qs, ds)]  # d̃ q̃[y]
+        dq = [jnp.zeros((c, 1), _F32) for _ in range(g)]
+        dk = [jnp.zeros((c, 1), _F32) for _ in range(2)]
+        dv = [jnp.zeros((c, cfg.vp), _F32) for _ in range(2)]
+        new_carry = []
+        for s in range(n_sub):
+            lo = s * rb
+            p1, p2, c1, c2 = carry[s]
+            phis = [_features(cfg, k, sel_ref, lo, rb) for k in ks]
+            us = [phi[:, :, None] * kt[:, None, :] for phi, kt in zip(phis, kts)]
+            n1 = p1[None] + jnp.cumsum(us[0], axis=0)
+            n2 = p2[None] + jnp.cumsum(us[1], axis=0)
+            n12 = n1 * n2
+            w = w_ref[:, lo : lo + rb]
+            coef = None
+            for h in range(g):
+                psi = _features(cfg, qs[h], sel_ref, lo, rb) * w * invs[h]  # [c, rb]
+                t = jnp.sum(psi[:, :, None] * n12, axis=1)  # [c, Vp]
+                dq[h] = dq[h] + jnp.sum(ds[h] * t, axis=1, keepdims=True)
+                term = psi[:, :, None] * dqts[h][:, None, :]
+                coef = term if coef is None else coef + term
+            new_c = []
+            for j, (wj, cj) in enumerate(((coef * n2, c1), (coef * n1, c2))):
+                before = cj[None] + jnp.cumsum(wj, axis=0) - wj  # C_j(a - 1)
+                x = -jnp.sum(phis[j][:, :, None] * before, axis=1)  # [c, Vp]
+                dk[j] = dk[j] + jnp.sum(vs[j] * x, axis=1, keepdims=True)
+                dv[j] = dv[j] + x
+                new_c.append(cj + jnp.sum(wj, axis=0))
+            new_carry.append(
+                (p1 + jnp.sum(us[0], axis=0), p2 + jnp.sum(us[1], axis=0), new_c[0], new_c[1])
+            )
+        for h in range(g):
+            dq_ref[pl.ds(r0 + h * c, c), :] = jnp.where(invs[h] > 0, dq[h] * cfg.scale, 0.0)
+        for j in range(2):
+            ok = _column(vs[j], cfg.hv)
+            dk_refs[j][pl.ds(p0, c), :] = dk[j] * (cfg.scale * ok)
+
+            @pl.when(y == cfg.dim)
+            def _(ref=dv_refs[j], value=dv[j] * ok):
+                ref[pl.ds(p0, c), :] = value
+
+        return tuple(new_carry)
+
+    def block(m, s):
+        return s_ref[m, s * rb : (s + 1) * rb, :]
+
+    init = tuple(tuple(block(m, s) for m in range(4)) for s in range(n_sub))
+    final = lax.fori_loop(0, cfg.seg // c, step, init)
+    for s, states in enumerate(final):
+        for m, x in enumerate(states):
+            s_out_ref[m, s * rb : (s + 1) * rb, :] = x
+
+
+def _dkv(cfg: _Config, k, v, sel, state):
+    """`_dkv_kernel` over all key tiles: `(dK [B·K, S_pad, Hp], dV [B·K, S_pad, Vp])`."""
+    padded = k.shape[1]
+
+    def tile(size, width):
+        return pl.BlockSpec((None, size, width), lambda i, j: (i, j, 0))
+
+    return _call(
+        cfg,
+        _dkv_kernel,
+        grid=(k.shape[0], padded // cfg.bk),
+        in_specs=[
+            tile(cfg.bk, cfg.hp),
+            tile(cfg.bk, cfg.vp),
+            pl.BlockSpec(sel.shape, lambda i, j: (0, 0, 0)),
+            pl.BlockSpec((None, *state.shape[1:]), lambda i, j: (i, 0, 0, 0)),
+        ],
+        out_specs=[tile(cfg.bk, cfg.hp), tile(cfg.bk, cfg.vp)],
+        out_shape=[
+            jax.ShapeDtypeStruct((k.shape[0], padded, cfg.hp), _F32),
+            jax.ShapeDtypeStruct((k.shape[0], padded, cfg.vp), _F32),
+        ],
+    )(k, v, sel, state)
+
+
+def _backward_causal(cfg: _Config, sel, w, res, d_out):
+    q, keys, values, valid, out, inv = res
+    cfg = dataclasses.replace(cfg, seg=cfg.bwd_seg)
+    b = q.shape[0]
+    q_t, ks, vs = _prepare(cfg, q, keys, values, valid, segmented=True)
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    d_aug = _pad_last(jnp.concatenate([d_out.astype(_F32), -delta], -1), cfg.vp)
+    d_t = _rows_layout(cfg, d_aug, segmented=True)
+    inv_t = _rows_layout(cfg, inv, segmented=True)
+    bkv = q_t.shape[1]
+    n_rg, ys = cfg.rank_padded // cfg.rg, cfg.dim + 1
+    rows, seg = cfg.seg * cfg.group, cfg.seg
+    state = jax.ShapeDtypeStruct((bkv, ys, 4, cfg.rank_padded, cfg.vp), _F32)
+    state_block = pl.BlockSpec((None, None, 4, cfg.rg, cfg.vp), lambda i, j, y: (i, y, 0, j, 0))
+
+    def whole(size, width):
+        return pl.BlockSpec((None, size, width), lambda i, j, y: (i, 0, 0))
+
+    def column(size):
+        return pl.BlockSpec((None, None, None, size, 1), lambda i, j, y: (i, j, y, 0, 0))
+
+    def columns(size):
+        return jax.ShapeDtypeStruct((bkv, n_rg, ys, size, 1), _F32)
+
+    dv_block = pl.BlockSpec((None, None, seg, cfg.vp), lambda i, j, y: (i, j, 0, 0))
+    dv_shape = jax.ShapeDtypeStruct((bkv, n_rg, seg, cfg.vp), _F32)
+    call = _call(
+        cfg,
+        _causal_grad_kernel,
+        grid=(bkv, n_rg, ys),
+        in_specs=[
+            whole(rows, cfg.hp),
+            whole(rows, cfg.vp),
+            whole(rows, 1),
+            pl.BlockSpec((sel.shape[0], cfg.hp, cfg.rg), lambda i, j, y: (0, 0, j)),
+            pl.BlockSpec((1, cfg.rg), lambda i, j, y: (0, j)),
+            whole(seg, cfg.hp),
+            whole(seg, cfg.vp),
+            whole(seg, cfg.hp),
+            whole(seg, cfg.vp),
+            state_block,
+        ],
+        out_specs=[column(rows), column(seg), column(seg), dv_block, dv_block, state_block],
+        out_shape=[columns(rows), columns(seg), columns(seg), dv_shape, dv_shape, state],
+        aliases={9: 5},
+    )
+
+    def segment(st, xs):
+        dq, dk1, dk2, dv1, dv2, st = call(*xs[:3], sel, w, *xs[3:], st)
+
+        def col(x):  # [B·K, n_rg, H+1, n, 1] -> [B·K, n, H]
+            return jnp.sum(x[..., 0], axis=1).transpose(0, 2, 1)[..., : cfg.dim]
+
+        dv1, dv2 = (jnp.sum(x, axis=1)[..., : cfg.hv] for x in (dv1, dv2))
+        return st, (col(dq), col(dk1), col(dk2), dv1, dv2)
+
+    xs = (q_t, d_t, inv_t, ks[0], vs[0], ks[1], vs[1])
+    st, (dq, dk1, dk2, dv1, dv2) = lax.scan(segment, jnp.zeros(state.shape, _F32), xs)
+    tail_cfg = dataclasses.replace(cfg, bk=min(cfg.bk, seg))
+    dks, dvs = [], []
+    for j, (k, v, key, dk, dv) in enumerate(zip(ks, vs, keys, (dk1, dk2), (dv1, dv2))):
+
+        def tail(_, xs, total=st[:, :, 2 + j]):  # + φ(k_a)·C_j(last), segment by segment
+            k, v, dk, dv = xs
+            dk_t, dv_t = _dkv(tail_cfg, k, v, sel, total)
+            return None, (dk + dk_t[..., : cfg.dim], dv + dv_t[..., : cfg.hv])
+
+        _, (dk, dv) = lax.scan(tail, None, (k, v, dk, dv))
+        dks.append(_keys_merge(dk, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
+        dvs.append(_keys_merge(dv, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
+    dq = _rows_merge(cfg, dq, b).astype(q.dtype)
+    return dq, tuple(dks), tuple(dvs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(cfg: _Config, sel, w, q, keys, values, valid):
     return _forward(cfg, sel, w, q, keys, values, valid)[0]
 
 
-def _attend_fwd(cfg, xla_options, sel, w, q, keys, values, valid):
-    out, inv_t = _forward(cfg, sel, w, q, keys, values, valid)
-    return out, (sel, w, (q, keys, values, valid, out, inv_t))
+def _attend_fwd(cfg, sel, w, q, keys, values, valid):
+    out, inv = _forward(cfg, sel, w, q, keys, values, valid)
+    return out, (sel, w, (q, keys, values, valid, out, inv))
 
 
-def _attend_bwd(cfg, xla_options, res, d_out):
+def _attend_bwd(cfg, res, d_out):
     sel, w, res = res
-    if cfg.causal or cfg.gradient == "xla":
-        dq, dks, dvs = _backward_xla(cfg, xla_options, res, d_out)
-    else:
-        dq, dks, dvs = _backward_fused(cfg, sel, w, res, d_out)
+    backward = _backward_causal if cfg.causal else _backward_fused
+    dq, dks, dvs = backward(cfg, sel, w, res, d_out)
     valid = res[3]
     return None, None, dq, dks, dvs, tuple(None for _ in valid)
 
@@ -797,51 +985,44 @@ def unsupported(q, keys, values, spec: AttentionSpec) -> str | None:
     return None
 
 
+def _segment(chunk: int, t: int, per_position: int, budget: int) -> int:
+    """Positions per causal segment: the largest power of two `>= chunk`, at most 16384 and
+    not above `t`'s, whose partial outputs (`per_position` bytes each) fit `budget`."""
+    seg = chunk
+    while seg < 16384 and seg < t and 2 * seg * per_position <= budget:
+        seg *= 2
+    return seg
+
+
+# Largest bytes of per-segment partial outputs of the causal kernels (all batch rows and
+# heads): the segment length follows from it (`_segment`).
+SEGMENT_BYTES = 1 << 27
+
+
 def attention(
     q,
     keys,
     values,
     spec: AttentionSpec,
+    config: PolynomialConfig,
     *,
-    degree: int = xla_polynomial.DEFAULT_DEGREE,
-    polynomial: str = "taylor",
+    degree: int,
     score_range: float | None = None,
-    precision: str = "bf16x3",
-    gradient: str = "fused",
-    tiles: FusedTiles | None = None,
-    interpret: bool | None = None,
 ):
     """Order-3 polynomial-method attention with the fused Pallas kernels.
 
     q `[B,T,N,H]`, keys `(k1, k2)` `[B,S_j,K,H]`, values `(v1, v2)` `[B,S_j,K,Hv]` (N % K == 0),
-    `spec` from `validate` (float scale, causal, key masks; no windows).
-    degree, polynomial ("taylor" | "chebyshev"), score_range (`R`, needed by Chebyshev):
-      the polynomial, `polynomial.coefficients(polynomial, degree, score_range)`. The
-      caller resolves degree/tolerance/bound and runs the accuracy check
-      (`polynomial.certificate`), as the XLA kernel's entry point does.
-    precision: "bf16x3" (default), "highest" (the XLA kernel's float32 numerics) or "bf16".
-    tiles: `FusedTiles` (None: defaults). interpret: Pallas interpret mode; None (default):
-      on without a GPU or when `TENSORATTN_PALLAS_INTERPRET=1`. `interpret=False` always
-      emits the Triton kernels (e.g. to lower for "cuda" on a host without a GPU).
-    gradient: the closed-form gradient of docs/math.md §5 (as the XLA kernel's default),
-      "fused" (default: fused kernels without causal masks; causal calls use "xla") or "xla"
-      (the XLA polynomial kernel's closed form, which recomputes its own forward).
-    Returns `[B,T,N,Hv]` in the inputs' dtype.
+    `spec` from `validate` (float scale, causal, key masks; no windows). `config`: the
+    `PolynomialConfig` (polynomial, precision, tiles, interpret); `degree` and `score_range`
+    (`R`, needed by Chebyshev) as `polynomial.attention` resolved them, which also runs the
+    accuracy check. The gradient is the closed form of docs/math.md §5 (as the XLA kernel's
+    default). Returns `[B,T,N,Hv]` in the inputs' dtype; `Unsupported` names a call it cannot
+    run.
     """
     keys, values = tuple(keys), tuple(values)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= 40:
-        raise ValueError(f"degree must be an int in [0, 40], got {degree!r}")
-    coeffs = xla_polynomial.coefficients(polynomial, degree, score_range)
+    coeffs = xla_polynomial.coefficients(config.polynomial, degree, score_range)
     coeffs = tuple(float(c) for c in coeffs)
-    if tiles is None:
-        tiles = FusedTiles()
-    elif not isinstance(tiles, FusedTiles):
-        raise ValueError(f"tiles must be a FusedTiles, got {type(tiles).__name__}")
-    interpret = _default_interpret() if interpret is None else bool(interpret)
+    interpret = _default_interpret() if config.interpret is None else config.interpret
     why = unsupported(q, keys, values, spec)
     if why is not None:
         raise Unsupported(f"the fused polynomial kernels do not support this call: {why}")
@@ -851,16 +1032,21 @@ def attention(
     rank = math.comb(h + degree, degree)
     group = n // kv
     vp = max(16, _next_pow2(hv + 1))
-    chunk = tiles.chunk or 16
-    rb = tiles.block_rank or min(32 if spec.causal else 64, max(16, _next_pow2(rank)))
-    rg = tiles.rank_group or (min(8 * rb, max(rb, _next_pow2(rank))) if spec.causal else rb)
+    chunk = config.causal_chunk or 16
+    rb = config.block_rank or min(32 if spec.causal else 64, max(16, _next_pow2(rank)))
+    rg = config.rank_group or (min(8 * rb, max(rb, _next_pow2(rank))) if spec.causal else rb)
     if rg % rb:
-        raise ValueError(f"FusedTiles.rank_group={rg} must be a multiple of block_rank={rb}")
+        raise ValueError(f"PolynomialConfig.rank_group={rg} must be a multiple of block_rank={rb}")
+    rank_padded = -(-rank // rg) * rg
     dtype = jnp.result_type(q, *keys, *values)
+    seg = bwd_seg = 0
+    if spec.causal:  # partial outputs per position: y; dQ, dK_j columns per y and dV_j
+        per = (rank_padded // rg) * 4 * b * kv
+        seg = _segment(chunk, t, per * group * vp, SEGMENT_BYTES)
+        bwd_seg = _segment(chunk, t, per * ((h + 1) * (group + 2) + 2 * vp), SEGMENT_BYTES)
     cfg = _Config(
         causal=spec.causal,
         scale=spec.scale,
-        gradient=gradient,
         t=t,
         s1=keys[0].shape[1],
         s2=keys[1].shape[1],
@@ -871,16 +1057,18 @@ def attention(
         hp=max(16, _next_pow2(h), _next_pow2(max(degree, 1))),
         vp=vp,
         degree=degree,
-        rank_padded=-(-rank // rg) * rg,
+        rank_padded=rank_padded,
         pieces=_PIECES[jnp.dtype(dtype)],
-        bq=tiles.block_q or min(max(16, 64 // group), max(16, _next_pow2(t))),
-        bk=tiles.block_k or min(64, max(16, _next_pow2(max(k.shape[1] for k in keys)))),
+        bq=config.block_q or min(max(16, 64 // group), max(16, _next_pow2(t))),
+        bk=config.block_k or min(64, max(16, _next_pow2(max(k.shape[1] for k in keys)))),
         rb=rb,
         rg=rg,
         chunk=chunk,
-        precision=precision,
-        num_warps=tiles.num_warps or (8 if spec.causal else 4),
-        num_stages=tiles.num_stages or 2,
+        seg=seg,
+        bwd_seg=bwd_seg,
+        precision=config.precision or "bf16x3",
+        num_warps=config.num_warps or (8 if spec.causal else 4),
+        num_stages=config.num_stages or 2,
         interpret=interpret,
     )
     q = q.astype(dtype)
@@ -891,40 +1079,4 @@ def attention(
     )
     sel = jnp.asarray(_selection(h, degree, cfg.hp, cfg.rank_padded), _BF16)
     w = _query_weights(h, coeffs, spec.scale, cfg.rank_padded)
-    xla_options = (
-        ("degree", degree),
-        ("polynomial", polynomial),
-        ("score_range", score_range),
-    )
-    return _attend(cfg, xla_options, sel, w, q, keys, values, valid)
-
-
-def fused_tensor_attention(
-    q,
-    k1,
-    k2,
-    v1,
-    v2,
-    *,
-    causal=False,
-    window=None,
-    k1_mask=None,
-    k2_mask=None,
-    scale=None,
-    **options,
-):
-    """`tensor_attention`-style entry point of the fused kernels (validates, then `attention`
-    with `options`: degree, polynomial, score_range, precision, tiles, interpret)."""
-    spec = _validation.validate(
-        q,
-        (k1, k2),
-        (v1, v2),
-        causal=causal,
-        windows=window,
-        key_masks=(k1_mask, k2_mask),
-        scale=scale,
-        key_names=("k1", "k2"),
-        value_names=("v1", "v2"),
-        mask_names=("k1_mask", "k2_mask"),
-    )
-    return attention(q, (k1, k2), (v1, v2), spec, **options)
+    return _attend(cfg, sel, w, q, keys, values, valid)
