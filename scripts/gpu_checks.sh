@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, each bounded in time, with their logs and rows in DIR.
+#
+#   scripts/gpu_checks.sh DIR                          # all sections, in this order
+#   scripts/gpu_checks.sh DIR tests                    # some of: tests kernels polynomial
+#
+# tests:      the whole test suite on this machine (GPU-compiled cases included), its log and
+#             a summary line (device, JAX version, counts, wall time) in DIR/gpu_checks.txt.
+# kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
+#             forward, on full attention and on the windowed, grouped-head shapes of issue 10.
+# polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal.
+# Each section runs under `timeout` (TIMEOUT_S, default 540 s) so that one fits a 10-minute slot;
+# a section cut by it says so in gpu_checks.txt and the rows it wrote are kept.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DIR=${1:?usage: $0 DIR [tests|kernels|polynomial]...}
+shift
+SECTIONS=${*:-tests kernels polynomial}
+TIMEOUT_S=${TIMEOUT_S:-540}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+for s in $SECTIONS; do
+  case $s in
+    tests | kernels | polynomial) ;;
+    *) echo "unknown section $s (tests, kernels, polynomial)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$DIR"
+SUMMARY=$DIR/gpu_checks.txt
+
+env_line=$("$PYTHON" -c 'import jax; d = jax.devices()[0]; print(f"{d.device_kind} ({d.platform}), jax {jax.__version__}")') ||
+  { echo "$PYTHON cannot import jax (PYTHON=.venv/bin/python?)" >&2; exit 2; }
+echo "== $(date -u +%FT%TZ) $env_line" | tee -a "$SUMMARY"
+
+section() {  # section NAME COMMAND...: runs COMMAND under the timeout, logs to DIR/NAME.log
+  local name=$1 t0 rc
+  shift
+  t0=$(date +%s)
+  timeout "$TIMEOUT_S" "$@" 2>&1 | tee "$DIR/$name.log"
+  rc=${PIPESTATUS[0]}
+  local what="exit $rc"
+  [ "$rc" = 124 ] && what="cut at ${TIMEOUT_S} s (timeout)"
+  local counts
+  counts=$(grep -E '[0-9]+ (passed|failed)' "$DIR/$name.log" | tail -1)
+  echo "$name: $what in $(($(date +%s) - t0)) s${counts:+; $counts}" | tee -a "$SUMMARY"
+}
+
+for s in $SECTIONS; do
+  case $s in
+    tests) section tests "$PYTHON" -m pytest -p no:cacheprovider -rs ;;
+    kernels) section kernels "$PYTHON" -m experiments.bench_pallas \
+      --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
+      --out="$DIR/bench_pallas.jsonl" ;;
+    polynomial)
+      section polynomial_noncausal "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
+        --out="$DIR/bench_polynomial_fused.jsonl"
+      section polynomial_causal "$PYTHON" -m experiments.bench_polynomial_fused --causal=1 \
+        --out="$DIR/bench_polynomial_fused.jsonl" ;;
+  esac
+done
