@@ -4,6 +4,7 @@ from tensorattn.kernels.api import higher_order_attention, tensor_attention
 from tensorattn.kernels.configs import (
     BlockedConfig,
     KernelConfig,
+    MosaicGPUConfig,
     PallasConfig,
     PolynomialConfig,
     ReferenceConfig,
@@ -18,6 +19,7 @@ from tensorattn.kernels.spine import Unsupported
 __all__ = [
     "BlockedConfig",
     "KernelConfig",
+    "MosaicGPUConfig",
     "PallasConfig",
     "PolynomialAccuracyError",
     "PolynomialAccuracyWarning",

@@ -9,7 +9,15 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from tensorattn.kernels import blocked, configs, pallas, polynomial, reference, spine
+from tensorattn.kernels import (
+    blocked,
+    configs,
+    mosaic_gpu,
+    pallas,
+    polynomial,
+    reference,
+    spine,
+)
 from tensorattn.kernels.configs import KernelConfig
 from tensorattn.kernels.spine import Unsupported
 
@@ -19,6 +27,8 @@ IMPLEMENTATIONS = {
     "blocked": blocked,
     "polynomial": polynomial,
     "pallas": pallas,
+    # Not tried by `implementation=None` until measured on a GPU (docs/pallas.md).
+    "mosaic_gpu": mosaic_gpu,
 }
 # Without an accelerator kernel, short key sequences go to "reference": with at most this many
 # key tuples per query and this many scores in all, materialising the scores beats the tiled

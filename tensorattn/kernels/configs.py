@@ -135,6 +135,41 @@ class PallasConfig(KernelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig(KernelConfig):
+    """Tiles of the Mosaic GPU forward kernel (order 3, Hopper; its backward is the Pallas
+    one with default `PallasConfig` tiles). None: chosen by the library for the call's shapes.
+
+    Not yet measured on a GPU: `implementation=None` keeps choosing `pallas` until a GPU
+    session has timed it (docs/pallas.md, "Mosaic GPU forward").
+
+    block_q: query positions per program; `G·block_q` rows must fill compute warpgroups of 64
+      or 128 rows (None: the fewest positions giving at least 64 rows).
+    block_k1: first keys per pipeline step (multiple of 8; loaded with each step).
+    block_k2: second keys per step, the columns of each score product (multiple of 64).
+    num_compute_wgs: consumer warpgroups splitting the rows (a producer warpgroup issues the
+      TMA copies).
+    max_concurrent_steps: shared-memory slots of the k1/v1/k2/v2 pipeline.
+    interpret: run in Mosaic GPU interpret mode on CPU (slow, for tests). None: the
+      environment variable TENSORATTN_MOSAIC_GPU_INTERPRET.
+    """
+
+    implementation: ClassVar[str] = "mosaic_gpu"
+    block_q: int | None = None
+    block_k1: int | None = None
+    block_k2: int | None = None
+    num_compute_wgs: int | None = None
+    max_concurrent_steps: int | None = None
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name != "interpret":
+                _positive_int(self, f.name, optional=True)
+        if self.interpret not in (None, True, False):
+            _fail(type(self), "interpret", "a bool or None", self.interpret)
+
+
+@dataclasses.dataclass(frozen=True)
 class PolynomialConfig(KernelConfig):
     """The polynomial method (docs/math.md §4-§5).
 
@@ -255,7 +290,8 @@ class PolynomialConfig(KernelConfig):
 
 
 CONFIGS: dict[str, type[KernelConfig]] = {
-    c.implementation: c for c in (ReferenceConfig, BlockedConfig, PallasConfig, PolynomialConfig)
+    c.implementation: c
+    for c in (ReferenceConfig, BlockedConfig, PallasConfig, MosaicGPUConfig, PolynomialConfig)
 }
 
 

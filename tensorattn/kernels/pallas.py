@@ -624,6 +624,25 @@ def _wider(w1, w2) -> bool:
     return w1 != w2 and (w1 is None or (w2 is not None and w1 > w2))
 
 
+def ordered_key_sets(q, keys, values, spec: AttentionSpec):
+    """`(keys, values, valid, spec)` of an order-3 call with the smaller window first: with
+    `w1 > w2` the two key/value sets (and masks, windows) are swapped, which leaves the
+    attention unchanged (it is symmetric in them); `valid` are the `[B, S_j]` validity masks."""
+    valid = spec.valid(q.shape[0], [k.shape[1] for k in keys])
+    if _wider(*spec.windows):
+        keys, values, valid = keys[::-1], values[::-1], valid[::-1]
+        spec = dataclasses.replace(spec, windows=spec.windows[::-1])
+    return tuple(keys), tuple(values), tuple(valid), spec
+
+
+# Shared with the Mosaic GPU forward (`kernels/mosaic_gpu.py`), which reuses this backward:
+# its residuals are these kernels' (inputs, output, base-2 log-sum-exp `[B,T,N,1]`).
+Plan = _Plan
+plan = _plan
+check = _check
+backward = _backward
+
+
 def attention(q, keys, values, spec: AttentionSpec, config: PallasConfig | None = None):
     """Exact order-3 attention with the Pallas kernels (custom_vjp: forward and backward).
 
@@ -637,10 +656,7 @@ def attention(q, keys, values, spec: AttentionSpec, config: PallasConfig | None 
         raise spine.Unsupported(
             f"order {len(keys) + 1} (the Pallas kernels implement order 3: two key sets)"
         )
-    valid = spec.valid(q.shape[0], [k.shape[1] for k in keys])
-    if _wider(*spec.windows):
-        keys, values, valid = keys[::-1], values[::-1], valid[::-1]
-        spec = dataclasses.replace(spec, windows=spec.windows[::-1])
+    keys, values, valid, spec = ordered_key_sets(q, keys, values, spec)
     plan = _plan(spec.call(q, keys), config or PallasConfig())
     _check(q, keys, values, plan)
     return _attend(plan, q, keys[0], keys[1], values[0], values[1], *valid)

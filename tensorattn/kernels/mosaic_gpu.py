@@ -1,0 +1,451 @@
+"""Exact order-3 tensor attention forward as a Pallas **Mosaic GPU** kernel (Hopper).
+
+Design (after FBGEMM's 2-simplicial kernel; docs/pallas.md "Mosaic GPU forward"): a program
+owns `R = G·block_q` rows (the `G` query heads of one key/value group times `block_q`
+positions), split over `num_compute_wgs` consumer warpgroups of 64 or 128 rows. The key sets
+are ordered so that the first one has the smaller window (`pallas.ordered_key_sets`). A
+producer warpgroup streams *steps* through `max_concurrent_steps` shared-memory slots with TMA:
+a step is (a tile of `block_k1` first keys, a tile of `block_k2` second keys) and loads
+`k1, v1, bias1` (`block_k1` rows), `k2ᵀ [H, block_k2]`, `v2, bias2`. For each first key `a` of
+the step, a consumer forms `x = q ∘ k1[a]` (stored to shared memory), `S = x @ k2ᵀ` (wgmma,
+float32), adds the masks (causal / window from positions, key padding as a 0 / -inf bias),
+runs the base-2 online softmax, stores `P` and accumulates `acc = α·acc + v1[a] ∘ (P @ v2)`
+(second wgmma). `tau·log2 e` is folded into `q` and the kernel saves the base-2 log-sum-exp
+(`m + log2 l`, 0 for rows with no allowed pair), the residual the portable Pallas backward
+(`pallas.backward`) consumes, so the gradient is that of `implementation="pallas"`.
+
+The same kernel source runs compiled (CUDA, sm_90a) and in Mosaic GPU's interpret mode on
+CPU (`MosaicGPUConfig(interpret=True)`): both operands of each wgmma are shared-memory refs
+(the interpreter has no register operands) and accumulators are `run_scoped` wgmma refs (the
+interpreter has no `run_state`); layout casts are hints that interpret mode skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from tensorattn.kernels import pallas, spine
+from tensorattn.kernels.configs import MosaicGPUConfig, PallasConfig
+from tensorattn.kernels.spine import AttentionSpec
+
+_F32 = jnp.float32
+_LOG2E = math.log2(math.e)
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# wgmma tiles: 64 rows per warpgroup instruction; 128-byte swizzle needs 64 16-bit columns.
+_WG_ROWS = 64
+_MINOR = 64
+_MAX_WG_ROWS = 128
+
+# Defaults (MosaicGPUConfig fields left at None); not yet tuned on a GPU.
+DEFAULT_ROWS = 64
+DEFAULT_BLOCK_K1 = 32
+DEFAULT_BLOCK_K2 = 64
+DEFAULT_STEPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of one forward call: the call and its tiles."""
+
+    call: spine.Call
+    bq: int
+    bk1: int
+    bk2: int
+    wgs: int
+    steps: int
+    interpret: bool
+
+    scale = property(lambda self: self.call.scale)
+    causal = property(lambda self: self.call.causal)
+    w1 = property(lambda self: self.call.windows[0])
+    w2 = property(lambda self: self.call.windows[1])
+    t = property(lambda self: self.call.t)
+    s1 = property(lambda self: self.call.lengths[0])
+    s2 = property(lambda self: self.call.lengths[1])
+    kv_heads = property(lambda self: self.call.kv_heads)
+    group = property(lambda self: self.call.group)
+
+    @property
+    def rows(self) -> int:
+        return self.group * self.bq
+
+    @property
+    def wg_rows(self) -> int:
+        return self.rows // self.wgs
+
+    @property
+    def nq(self) -> int:
+        return -(-self.t // self.bq)
+
+    @property
+    def s1_pad(self) -> int:
+        # First-key tiles start at each program's first allowed key (not tile-aligned).
+        return self.s1 + self.bk1
+
+    @property
+    def s2_pad(self) -> int:
+        return -(-self.s2 // self.bk2) * self.bk2
+
+
+def _default_interpret() -> bool:
+    return os.environ.get("TENSORATTN_MOSAIC_GPU_INTERPRET", "0").lower() in ("1", "true", "yes")
+
+
+def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
+    """The forward's tiles: `config`'s fields, None ones chosen here. Rows: the smallest
+    multiple of 64 that holds `block_q` whole positions of the group (`G·block_q`)."""
+    g = call.group
+    if config.block_q:
+        bq = config.block_q
+    else:
+        unit = _WG_ROWS // math.gcd(g, _WG_ROWS)  # fewest positions filling whole warpgroups
+        bq = unit * -(-max(1, DEFAULT_ROWS // g) // unit)
+    rows = g * bq
+    if config.num_compute_wgs:
+        wgs = config.num_compute_wgs
+    elif rows <= 2 * _WG_ROWS:
+        wgs = max(1, rows // _WG_ROWS)
+    else:
+        wgs = rows // _MAX_WG_ROWS if rows % _MAX_WG_ROWS == 0 else rows // _WG_ROWS
+    bk2 = config.block_k2 or DEFAULT_BLOCK_K2
+    bk1 = config.block_k1 or DEFAULT_BLOCK_K1
+    interpret = _default_interpret() if config.interpret is None else config.interpret
+    return _Config(
+        call=call,
+        bq=bq,
+        bk1=bk1,
+        bk2=bk2,
+        wgs=wgs,
+        steps=config.max_concurrent_steps or DEFAULT_STEPS,
+        interpret=interpret,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel. Refs (GMEM): q/o [BK, nq·R, H|Hv], k1/v1 [BK, S1p, H|Hv], k2t [BK, H, S2p],
+# v2 [BK, S2p, Hv], bias1/bias2 [B, S1p|S2p] float32 (0 valid, -inf padding), lse [BK, nq·R].
+
+
+def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref, o_ref, l_ref,
+            q_smem, o_smem, x_smem, p_smem, lse_smem, k1_smem, v1_smem, b1_smem, k2_smem, v2_smem,
+            b2_smem, q_bar, load_bars, free_bars):  # fmt: skip
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    layout = (lambda x, _: x) if cfg.interpret else plgpu.layout_cast
+
+    def load(ref, idx, layout_):
+        """`ref[idx]` as an array in `layout_` (interpret mode: a plain read)."""
+        return ref[idx] if cfg.interpret else plgpu.load(ref, idx, layout=layout_)
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
+
+    bk = lax.axis_index("bk")
+    qi = lax.axis_index("q")
+    wg = lax.axis_index("wg")
+    batch = lax.div(bk, jnp.int32(cfg.kv_heads))
+    p0 = qi * cfg.bq
+    p1 = p0 + cfg.bq - 1
+    a_lo, a_hi = spine.key_range(p0, p1, cfg.s1, cfg.causal, cfg.w1)
+    j_lo, j_hi = spine.tile_range(p0, p1, cfg.s2, cfg.bk2, cfg.causal, cfg.w2)
+    a_lo, a_hi, j_lo, j_hi = (jnp.asarray(x, jnp.int32) for x in (a_lo, a_hi, j_lo, j_hi))
+    n_j = jnp.maximum(j_hi - j_lo, 0)
+    n_a = lax.div(jnp.maximum(a_hi - a_lo, 0) + cfg.bk1 - 1, jnp.int32(cfg.bk1))
+    n_steps = n_a * n_j
+
+    def step_tiles(step):
+        """(first key of the step's k1 tile, first key of its k2 tile)."""
+        ta = lax.div(step, n_j)
+        j = j_lo + lax.rem(step, n_j)
+        return a_lo + ta * cfg.bk1, j * cfg.bk2
+
+    @pl.when(wg == cfg.wgs)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(step, slot):
+            a0, b0 = step_tiles(step)
+            bar = load_bars.at[slot]
+            plgpu.copy_gmem_to_smem(k1_ref.at[bk, pl.ds(a0, cfg.bk1)], k1_smem.at[slot], bar)
+            plgpu.copy_gmem_to_smem(v1_ref.at[bk, pl.ds(a0, cfg.bk1)], v1_smem.at[slot], bar)
+            plgpu.copy_gmem_to_smem(b1_ref.at[batch, pl.ds(a0, cfg.bk1)], b1_smem.at[slot], bar)
+            plgpu.copy_gmem_to_smem(k2t_ref.at[bk, :, pl.ds(b0, cfg.bk2)], k2_smem.at[slot], bar)
+            plgpu.copy_gmem_to_smem(v2_ref.at[bk, pl.ds(b0, cfg.bk2)], v2_smem.at[slot], bar)
+            plgpu.copy_gmem_to_smem(b2_ref.at[batch, pl.ds(b0, cfg.bk2)], b2_smem.at[slot], bar)
+
+        def body(step, carry):
+            slot = lax.rem(step, jnp.int32(cfg.steps))
+
+            @pl.when(step >= cfg.steps)
+            def _():
+                plgpu.barrier_wait(free_bars.at[slot])
+
+            load(step, slot)
+            return carry
+
+        lax.fori_loop(jnp.int32(0), n_steps, body, jnp.int32(0))
+
+    @pl.when(wg < cfg.wgs)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        rows, hv = cfg.wg_rows, o_ref.shape[-1]
+        r0 = qi * cfg.rows + wg * rows
+        o_smem_ = q_smem if o_smem is None else o_smem  # q's slot holds the output if it fits
+        q_wg, o_wg, x_wg, p_wg, lse_wg = (
+            s.at[wg] for s in (q_smem, o_smem_, x_smem, p_smem, lse_smem)
+        )
+        plgpu.copy_gmem_to_smem(q_ref.at[bk, pl.ds(r0, rows)], q_wg, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+
+        def iota(dim, cols):
+            return layout(lax.broadcasted_iota(jnp.int32, (rows, cols), dim), wgmma_layout)
+
+        # Query position of each row (rows are (head in group, position)).
+        pos = p0 + lax.rem(iota(0, cfg.bk2) + wg * rows, jnp.int32(cfg.bq))
+        col = iota(1, cfg.bk2)
+
+        def step_body(step, carry):
+            slot = lax.rem(step, jnp.int32(cfg.steps))
+            a0, b0 = step_tiles(step)
+            plgpu.barrier_wait(load_bars.at[slot])
+            b2 = load(b2_smem, slot, col_layout)
+            col_ok = spine.allowed(pos, b0 + col, cfg.causal, cfg.w2)
+            col_bias = jnp.where(col_ok, lax.broadcast_in_dim(b2, (rows, cfg.bk2), [1]), -jnp.inf)
+            count = jnp.minimum(jnp.int32(cfg.bk1), a_hi - a0)
+
+            def a_body(i, carry):
+                m, denom, acc = carry
+                a = a0 + i
+                k1a = load(k1_smem, (slot, i), col_layout).astype(_F32)
+                x = q_wg[...].astype(_F32) * lax.broadcast_in_dim(k1a, (rows, q_wg.shape[-1]), [1])
+                x_wg[...] = x.astype(x_wg.dtype)
+                plgpu.commit_smem()
+
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, x_wg, k2_smem.at[slot])
+                    return acc_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC((rows, cfg.bk2), _F32))
+                row_ok = spine.allowed(pos, a, cfg.causal, cfg.w1)
+                s = jnp.where(row_ok, s + col_bias + b1_smem[slot, i], -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                alpha = jnp.exp2(m - m_safe)
+                denom = alpha * denom + p.sum(axis=1)
+                p_wg[...] = p.astype(p_wg.dtype)
+                plgpu.commit_smem()
+
+                def values(acc_ref):
+                    plgpu.wgmma(acc_ref, p_wg, v2_smem.at[slot])
+                    return acc_ref[...]
+
+                w = pl.run_scoped(values, plgpu.ACC((rows, hv), _F32))
+                v1a = load(v1_smem, (slot, i), col_layout).astype(_F32)
+                acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + w * (
+                    lax.broadcast_in_dim(v1a, acc.shape, [1])
+                )
+                return m_new, denom, acc
+
+            carry = lax.fori_loop(jnp.int32(0), count, a_body, carry)
+            plgpu.barrier_arrive(free_bars.at[slot])
+            return carry
+
+        init = (
+            layout(jnp.full((rows,), -jnp.inf, _F32), row_layout),
+            layout(jnp.zeros((rows,), _F32), row_layout),
+            layout(jnp.zeros((rows, hv), _F32), wgmma_layout),
+        )
+        m, denom, acc = lax.fori_loop(jnp.int32(0), n_steps, step_body, init)
+        nonempty = denom > 0
+        l_safe = jnp.where(nonempty, denom, 1.0)
+        out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        o_wg[...] = out.astype(o_wg.dtype)
+        lse_wg[...] = jnp.where(nonempty, m + jnp.log2(l_safe), 0.0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_wg, o_ref.at[bk, pl.ds(r0, rows)])
+        plgpu.copy_smem_to_gmem(lse_wg, l_ref.at[bk, pl.ds(r0, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _call(cfg: _Config, bk: int, h: int, hv: int, dtype):
+    """The `plgpu.kernel` of one call (grid `(B·K, nq)`, `wgs + 1` warpgroups)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def swizzled(shape):
+        tiles = (plgpu.TilingTransform((8, _MINOR)), plgpu.SwizzleTransform(128))
+        return plgpu.SMEM(shape, dtype, transforms=tiles)
+
+    rows, wgs, steps = cfg.wg_rows, cfg.wgs, cfg.steps
+    scratch = [
+        swizzled((wgs, rows, h)),  # q, then the output if h == hv
+        None if h == hv else swizzled((wgs, rows, hv)),  # the output
+        swizzled((wgs, rows, h)),  # x = q ∘ k1[a]
+        swizzled((wgs, rows, cfg.bk2)),  # p
+        plgpu.SMEM((wgs, rows), _F32),  # lse
+        plgpu.SMEM((steps, cfg.bk1, h), dtype),  # k1 tile (rows read one at a time)
+        plgpu.SMEM((steps, cfg.bk1, hv), dtype),  # v1 tile
+        plgpu.SMEM((steps, cfg.bk1), _F32),  # bias1
+        swizzled((steps, h, cfg.bk2)),  # k2ᵀ tile
+        swizzled((steps, cfg.bk2, hv)),  # v2 tile
+        plgpu.SMEM((steps, cfg.bk2), _F32),  # bias2
+        plgpu.Barrier(num_barriers=wgs),
+        plgpu.Barrier(num_arrivals=6, num_barriers=steps),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
+    ]
+    kwargs = {}
+    if cfg.interpret:
+        kwargs["interpret"] = _interpret_params()
+    else:
+        kwargs["compiler_params"] = plgpu.CompilerParams(approx_math=True)
+    return plgpu.kernel(
+        functools.partial(_kernel, cfg),
+        out_type=[
+            jax.ShapeDtypeStruct((bk, cfg.nq * cfg.rows, hv), dtype),
+            jax.ShapeDtypeStruct((bk, cfg.nq * cfg.rows), _F32),
+        ],
+        grid=(bk, cfg.nq),
+        grid_names=("bk", "q"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        scratch_types=scratch,
+        **kwargs,
+    )
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and the custom_vjp.
+
+
+def _key_rows(x, padded: int):
+    """`[B,S,K,X]` -> `[B·K, padded, X]` (zero padding)."""
+    b, s, kv, d = x.shape
+    x = jnp.pad(spine.split_keys(x), ((0, 0), (0, 0), (0, padded - s), (0, 0)))
+    return x.reshape(b * kv, padded, d)
+
+
+def _bias(valid, padded: int):
+    """`[B,S]` validity -> `[B, padded]` float32 bias: 0 valid, -inf padding or masked."""
+    bias = jnp.where(valid, 0.0, -jnp.inf).astype(_F32)
+    return jnp.pad(bias, ((0, 0), (0, padded - valid.shape[1])), constant_values=-jnp.inf)
+
+
+def _forward(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
+    """`(out [B,T,N,Hv], lse [B,T,N,1])` (base-2 log-sum-exp, 0 for empty rows)."""
+    dtype = jnp.result_type(q, k1, k2, v1, v2)
+    b, _, _, h = q.shape
+    hv = v1.shape[-1]
+    q_s = (q.astype(_F32) * (cfg.scale * _LOG2E)).astype(dtype)
+    q_t = spine.row_tiles(q_s, cfg.kv_heads, cfg.bq).reshape(b * cfg.kv_heads, -1, h)
+    k2t = _key_rows(k2.astype(dtype), cfg.s2_pad).transpose(0, 2, 1)
+    out_t, lse_t = _call(cfg, b * cfg.kv_heads, h, hv, dtype)(
+        q_t,
+        _key_rows(k1.astype(dtype), cfg.s1_pad),
+        _key_rows(v1.astype(dtype), cfg.s1_pad),
+        _bias(valid1, cfg.s1_pad),
+        k2t,
+        _key_rows(v2.astype(dtype), cfg.s2_pad),
+        _bias(valid2, cfg.s2_pad),
+    )
+
+    def merge(x):
+        x = x.reshape(b, cfg.kv_heads, cfg.nq, cfg.rows, x.shape[-1])
+        return spine.merge_row_tiles(x, cfg.t, cfg.bq)
+
+    return merge(out_t).astype(q.dtype), merge(lse_t[..., None])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    fwd: _Config
+    bwd: pallas.Plan
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(plan: _Plan, q, k1, k2, v1, v2, valid1, valid2):
+    return _forward(plan.fwd, q, k1, k2, v1, v2, valid1, valid2)[0]
+
+
+def _attend_fwd(plan: _Plan, q, k1, k2, v1, v2, valid1, valid2):
+    out, lse = _forward(plan.fwd, q, k1, k2, v1, v2, valid1, valid2)
+    return out, (q, k1, k2, v1, v2, valid1, valid2, out, lse)
+
+
+def _attend_bwd(plan: _Plan, res, d_out):
+    return pallas.backward(plan.bwd, res, d_out)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _check(q, keys, values, cfg: _Config) -> None:
+    """Raises `Unsupported` saying why this call cannot run here."""
+    for x in (q, *keys, *values):
+        if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
+            raise spine.Unsupported(
+                f"dtype {jnp.result_type(x)} (the Mosaic GPU kernel takes bfloat16 or float16)"
+            )
+    h, hv = q.shape[-1], values[0].shape[-1]
+    for name, size in (("H", h), ("Hv", hv), ("block_k2", cfg.bk2)):
+        if size % _MINOR:
+            raise spine.Unsupported(f"{name}={size} (the Mosaic GPU kernel needs multiples of 64)")
+    if cfg.rows % cfg.wgs or cfg.wg_rows % _WG_ROWS or cfg.wg_rows > _MAX_WG_ROWS:
+        raise spine.Unsupported(
+            f"{cfg.rows} rows per program (G={cfg.group} query heads x block_q={cfg.bq}) over "
+            f"{cfg.wgs} compute warpgroups: each needs 64 or 128 rows"
+        )
+    if cfg.bk1 % 8 or cfg.steps < 1:
+        raise spine.Unsupported(
+            f"block_k1={cfg.bk1} must be a multiple of 8 and max_concurrent_steps>=1"
+        )
+    if cfg.interpret:
+        return
+    devices = jax.devices()
+    cc = getattr(devices[0], "compute_capability", None)
+    if jax.default_backend() != "gpu" or cc is None:
+        raise spine.Unsupported(
+            f"the Mosaic GPU kernel needs a CUDA GPU (default backend is "
+            f"{jax.default_backend()!r}); pass MosaicGPUConfig(interpret=True) or set "
+            "TENSORATTN_MOSAIC_GPU_INTERPRET=1 for the CPU interpreter"
+        )
+    if str(cc) != "9.0":
+        raise spine.Unsupported(f"compute capability {cc}: wgmma needs a Hopper GPU (sm_90a)")
+
+
+def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | None = None):
+    """Exact order-3 attention: Mosaic GPU forward, portable Pallas backward (custom_vjp).
+
+    Raises `Unsupported` (before any work) when the call cannot run here: order other than 3,
+    dtype other than bfloat16/float16, head dims not multiples of 64, tiles, no Hopper GPU
+    without interpret mode, or what the Pallas backward refuses.
+    """
+    keys, values = tuple(keys), tuple(values)
+    if len(keys) != 2:
+        raise spine.Unsupported(
+            f"order {len(keys) + 1} (the Mosaic GPU kernel implements order 3: two key sets)"
+        )
+    config = config or MosaicGPUConfig()
+    keys, values, valid, spec = pallas.ordered_key_sets(q, keys, values, spec)
+    call = spec.call(q, keys)
+    cfg = _plan(call, config)
+    _check(q, keys, values, cfg)
+    bwd = pallas.plan(call, PallasConfig(interpret=cfg.interpret or None))
+    pallas.check(q, keys, values, bwd)
+    return _attend(_Plan(cfg, bwd), q, keys[0], keys[1], values[0], values[1], *valid)
