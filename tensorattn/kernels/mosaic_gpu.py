@@ -192,6 +192,14 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
 
         lax.fori_loop(jnp.int32(0), n_steps, body, jnp.int32(0))
 
+        # Wait for the consumers to release the last slots too, so that every phase of each
+        # barrier is observed (the interpreter checks it; no step is left in flight).
+        def drain(step, carry):
+            plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(cfg.steps))])
+            return carry
+
+        lax.fori_loop(jnp.maximum(n_steps - cfg.steps, 0), n_steps, drain, jnp.int32(0))
+
     @pl.when(wg < cfg.wgs)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
