@@ -3,12 +3,17 @@ r"""GPU benchmark of the Pallas tensor-attention kernels against the blocked XLA
   PYTHONUNBUFFERED=1 python -m experiments.bench_pallas --out=$OUT/bench_pallas.jsonl
   TENSORATTN_PALLAS_INTERPRET=1 python -m experiments.bench_pallas --cases=tiny \
       --head_dims=16 --matmul_size=256 --variants_window=32:16:4   # any backend, slowly
+  # The Mosaic GPU forward beside the Triton-lowered one (Hopper; issue 10's shapes):
+  python -m experiments.bench_pallas --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
+      --cases=window16384,group64,group128 --head_dims=128 --out=$OUT/bench_mosaic.jsonl
 
 In one run: the device's bf16 matmul rate; a correctness check of the Pallas kernels against
 the blocked kernel (forward and gradients); then forward and forward+gradient TFLOP/s of
 "pallas" and "blocked" at T=4096 (full) and T=16384 with windows (512, 32), head dims 64 and
-128, grouped heads. Forward variants are `PallasConfig` tiles `rows:block_k2:warps`; the
-fastest one is also timed with its gradient. Rows follow the schema of `experiments.harness`
+128, grouped heads. Forward variants are `PallasConfig` tiles `rows:block_k2:warps` (for
+"mosaic_gpu", `MosaicGPUConfig` fields `block_k1:block_k2:max_concurrent_steps`); the
+fastest one is also timed with its gradient (mosaic_gpu's gradient is the Pallas backward).
+Rows follow the schema of `experiments.harness`
 (`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
 plus `case`, `variant`, `frac_matmul` and, for "fwd+grad", `bwd_tflops`: the backward alone
 (2.5x the forward's FLOPs, docs/math.md §3.4) over the time beyond the forward. Compile time is
@@ -44,6 +49,11 @@ def define_flags() -> None:
         ["128:64:8", "128:32:8", "64:32:4"],
         "Pallas rows:block_k2:warps (window).",
     )
+    flags.DEFINE_list(
+        "variants_mosaic",
+        ["32:64:2", "64:64:2", "32:128:2"],
+        "Mosaic GPU block_k1:block_k2:max_concurrent_steps.",
+    )
     flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
     flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
     flags.DEFINE_list("bwd_impls", ["pallas", "blocked"], "Implementations timed forward+gradient.")
@@ -54,13 +64,20 @@ CASES = {
     "full4096": (1, 4096, 8, 2, None),
     "window16384": (1, 16384, 16, 2, (512, 32)),
     "tiny": (1, 64, 4, 2, (16, 8)),
+    # Issue 10: 64 or 128 query heads per key/value head, narrow first window.
+    "group64": (1, 4096, 64, 1, (32, 256)),
+    "group128": (1, 4096, 128, 1, (32, 512)),
 }
 
 
-def variant_options(variant: str | None) -> dict:
-    """`PallasConfig` fields of a variant "rows:block_k2:warps" (forward and backward tiles)."""
+def variant_options(variant: str | None, impl: str = "pallas") -> dict:
+    """`PallasConfig` fields of a variant "rows:block_k2:warps" (forward and backward tiles),
+    or for "mosaic_gpu" the `MosaicGPUConfig` fields of "block_k1:block_k2:steps"."""
     if variant is None:
         return {}
+    if impl == "mosaic_gpu":
+        block_k1, block_k2, steps = map(int, variant.split(":"))
+        return {"block_k1": block_k1, "block_k2": block_k2, "max_concurrent_steps": steps}
     rows, block_k2, warps = map(int, variant.split(":"))
     return {
         "fwd_block_rows": rows,
@@ -88,14 +105,17 @@ def case_point(case: str, impl: str, head_dim: int, *, pass_="fwd", dtype="bfloa
     )
 
 
-def check_correctness(emit) -> None:
-    """Pallas vs blocked on the device: relative errors of the output and all five gradients
-    (largest entry error / largest entry), float32 full and bfloat16 windowed."""
-    for dtype, window in [("float32", None), ("bfloat16", (64, 16))]:
+def check_correctness(emit, impls=("pallas",)) -> None:
+    """Pallas (and mosaic_gpu, bfloat16 only) vs blocked on the device: relative errors of the
+    output and all five gradients (largest entry error / largest entry), float32 full and
+    bfloat16 windowed."""
+    cases = [("pallas", "float32", None)] if "pallas" in impls else []
+    cases += [(impl, "bfloat16", (64, 16)) for impl in impls if impl in ("pallas", "mosaic_gpu")]
+    for impl, dtype, window in cases:
         errors = []
         for pass_ in ("fwd", "fwd+grad"):
             point = harness.make_point(
-                "pallas",
+                impl,
                 256,
                 heads=8,
                 kv_heads=2,
@@ -110,6 +130,7 @@ def check_correctness(emit) -> None:
         emit(
             {
                 "kind": "check",
+                "implementation": impl,
                 "dtype": dtype,
                 "window": window,
                 "rel_err_out_dq_dk1_dk2_dv1_dv2": errors,
@@ -127,17 +148,20 @@ def time_case(
     *,
     impls=("pallas", "blocked"),
     variants=(None,),
+    mosaic_variants=(None,),
     bwd_impls=("pallas", "blocked"),
     repeats: int = 5,
     budget_s: float | None = None,
 ) -> list[dict]:
-    """Forward rows of every implementation (pallas: each of `variants`), then forward+gradient
-    rows of each of `bwd_impls` at its fastest variant; `peak`: the matmul TFLOP/s."""
+    """Forward rows of every implementation (pallas: each of `variants`, mosaic_gpu: each of
+    `mosaic_variants`), then forward+gradient rows of each of `bwd_impls` at its fastest
+    variant; `peak`: the matmul TFLOP/s."""
     timing = dict(repeats=repeats, budget_s=budget_s)
     rows, best = [], {}
+    variants_of = {"pallas": variants, "mosaic_gpu": mosaic_variants}
     for impl in impls:
-        for variant in variants if impl == "pallas" else [None]:
-            point = case_point(case, impl, head_dim, options=variant_options(variant))
+        for variant in variants_of.get(impl, [None]):
+            point = case_point(case, impl, head_dim, options=variant_options(variant, impl))
             row = harness.measure(point, **timing)
             row.update(kind="time", case=case, variant=variant)
             if row["status"] != "ok":
@@ -180,7 +204,7 @@ def main(argv):
     emit({"kind": "matmul", "tflops": peak, **env})
     print(f"bf16 matmul {FLAGS.matmul_size}^3: {peak:.1f} TFLOP/s", flush=True)
     if FLAGS.check:
-        check_correctness(lambda row: (emit(row), print(row, flush=True)))
+        check_correctness(lambda row: (emit(row), print(row, flush=True)), FLAGS.impls)
     table = []
     for case in FLAGS.cases:
         for h in map(int, FLAGS.head_dims):
@@ -188,7 +212,8 @@ def main(argv):
             variants = FLAGS.variants_full if window is None else FLAGS.variants_window
             table += time_case(
                 case, h, peak, emit, impls=FLAGS.impls, variants=variants,
-                bwd_impls=FLAGS.bwd_impls, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s,
+                mosaic_variants=FLAGS.variants_mosaic, bwd_impls=FLAGS.bwd_impls,
+                repeats=FLAGS.repeats, budget_s=FLAGS.budget_s,
             )  # fmt: skip
     print(f"\nbf16 matmul rate: {peak:.1f} TFLOP/s ({env['device_kind']}, jax {jax.__version__})")
     for r in table:

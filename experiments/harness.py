@@ -31,7 +31,7 @@ import numpy as np
 import tensorattn
 from tensorattn.kernels import cost
 
-EXACT = ("exact", "reference", "blocked", "pallas")
+EXACT = ("exact", "reference", "blocked", "pallas", "mosaic_gpu")
 IMPLEMENTATIONS = EXACT + ("polynomial",)
 PASSES = ("fwd", "fwd+grad")
 DTYPES = ("float32", "bfloat16", "float16")

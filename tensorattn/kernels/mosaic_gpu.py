@@ -43,6 +43,8 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _WG_ROWS = 64
 _MINOR = 64
 _MAX_WG_ROWS = 128
+# Shared memory per block on an H100 (227 KiB), less a margin for barriers and alignment.
+_SMEM_BYTES = 227 * 1024 - 1024
 
 # Defaults (MosaicGPUConfig fields left at None); not yet tuned on a GPU.
 DEFAULT_ROWS = 64
@@ -87,8 +89,9 @@ class _Config:
 
     @property
     def s1_pad(self) -> int:
-        # First-key tiles start at each program's first allowed key (not tile-aligned).
-        return self.s1 + self.bk1
+        # First-key tiles start at each program's first allowed key (not tile-aligned); TMA
+        # needs GMEM row strides that are multiples of 16 bytes (the float32 bias rows).
+        return -(-(self.s1 + self.bk1) // 64) * 64
 
     @property
     def s2_pad(self) -> int:
@@ -144,6 +147,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
     def load(ref, idx, layout_):
         """`ref[idx]` as an array in `layout_` (interpret mode: a plain read)."""
         return ref[idx] if cfg.interpret else plgpu.load(ref, idx, layout=layout_)
+
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
 
@@ -403,8 +407,8 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 # Entry point.
 
 
-def _check(q, keys, values, cfg: _Config) -> None:
-    """Raises `Unsupported` saying why this call cannot run here."""
+def _check_shapes(q, keys, values, cfg: _Config) -> None:
+    """Raises `Unsupported` for dtypes, head dims or tiles the kernel cannot take."""
     for x in (q, *keys, *values):
         if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
             raise spine.Unsupported(
@@ -419,14 +423,28 @@ def _check(q, keys, values, cfg: _Config) -> None:
             f"{cfg.rows} rows per program (G={cfg.group} query heads x block_q={cfg.bq}) over "
             f"{cfg.wgs} compute warpgroups: each needs 64 or 128 rows"
         )
-    if cfg.bk1 % 8 or cfg.steps < 1:
+    if cfg.bk1 % 8:
+        raise spine.Unsupported(f"block_k1={cfg.bk1} (must be a multiple of 8)")
+    if (need := _smem_bytes(cfg, h, hv, jnp.dtype(q.dtype).itemsize)) > _SMEM_BYTES:
         raise spine.Unsupported(
-            f"block_k1={cfg.bk1} must be a multiple of 8 and max_concurrent_steps>=1"
+            f"tiles need {need} bytes of shared memory (> {_SMEM_BYTES}): lower "
+            f"max_concurrent_steps={cfg.steps}, block_k1={cfg.bk1} or block_k2={cfg.bk2}"
         )
+
+
+def _smem_bytes(cfg: _Config, h: int, hv: int, itemsize: int) -> int:
+    """Shared memory of `_call`'s scratch (bytes)."""
+    rows = cfg.rows
+    per_wg = rows * (h + (0 if h == hv else hv) + h + cfg.bk2) * itemsize + rows * 4
+    per_step = (cfg.bk1 * (h + hv) + cfg.bk2 * (h + hv)) * itemsize + (cfg.bk1 + cfg.bk2) * 4
+    return per_wg + cfg.steps * per_step
+
+
+def _check_device(cfg: _Config) -> None:
+    """Raises `Unsupported` unless a Hopper GPU (or interpret mode) runs the kernel."""
     if cfg.interpret:
         return
-    devices = jax.devices()
-    cc = getattr(devices[0], "compute_capability", None)
+    cc = getattr(jax.devices()[0], "compute_capability", None)
     if jax.default_backend() != "gpu" or cc is None:
         raise spine.Unsupported(
             f"the Mosaic GPU kernel needs a CUDA GPU (default backend is "
@@ -437,6 +455,27 @@ def _check(q, keys, values, cfg: _Config) -> None:
         raise spine.Unsupported(f"compute capability {cc}: wgmma needs a Hopper GPU (sm_90a)")
 
 
+def _prepare(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | None):
+    keys, values = tuple(keys), tuple(values)
+    if len(keys) != 2:
+        raise spine.Unsupported(
+            f"order {len(keys) + 1} (the Mosaic GPU kernel implements order 3: two key sets)"
+        )
+    keys, values, valid, spec = pallas.ordered_key_sets(q, keys, values, spec)
+    call = spec.call(q, keys)
+    cfg = _plan(call, config or MosaicGPUConfig())
+    _check_shapes(q, keys, values, cfg)
+    return cfg, call, keys, values, valid
+
+
+def forward(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | None = None):
+    """The forward kernel alone: `(out [B,T,N,Hv], lse [B,T,N,1])`, without the device check,
+    so that it can be lowered for CUDA on any machine
+    (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`)."""
+    cfg, _, keys, values, valid = _prepare(q, keys, values, spec, config)
+    return _forward(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
+
+
 def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | None = None):
     """Exact order-3 attention: Mosaic GPU forward, portable Pallas backward (custom_vjp).
 
@@ -444,16 +483,8 @@ def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | No
     dtype other than bfloat16/float16, head dims not multiples of 64, tiles, no Hopper GPU
     without interpret mode, or what the Pallas backward refuses.
     """
-    keys, values = tuple(keys), tuple(values)
-    if len(keys) != 2:
-        raise spine.Unsupported(
-            f"order {len(keys) + 1} (the Mosaic GPU kernel implements order 3: two key sets)"
-        )
-    config = config or MosaicGPUConfig()
-    keys, values, valid, spec = pallas.ordered_key_sets(q, keys, values, spec)
-    call = spec.call(q, keys)
-    cfg = _plan(call, config)
-    _check(q, keys, values, cfg)
+    cfg, call, keys, values, valid = _prepare(q, keys, values, spec, config)
+    _check_device(cfg)
     bwd = pallas.plan(call, PallasConfig(interpret=cfg.interpret or None))
     pallas.check(q, keys, values, bwd)
     return _attend(_Plan(cfg, bwd), q, keys[0], keys[1], values[0], values[1], *valid)

@@ -1,0 +1,232 @@
+"""The Mosaic GPU forward kernel (`implementation="mosaic_gpu"`).
+
+Without a GPU: (1) the kernel lowers for CUDA (Pallas -> Mosaic GPU runs in Python: layouts,
+shared memory, TMA, wgmma shapes) at issue 10's shapes; (2) it runs in Mosaic GPU's interpret
+mode on tiny shapes against the float64 oracle, forward and one gradient (the gradient is the
+Pallas backward, in Pallas interpret mode). (3) On a GPU the same cases run compiled.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+
+import tensorattn
+from tensorattn import MosaicGPUConfig
+from tensorattn.kernels import api, mosaic_gpu, spine
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+INTERPRET = MosaicGPUConfig(interpret=True)
+on_gpu = jax.default_backend() == "gpu"
+
+
+def _spec(q, keys, values, *, causal=False, window=None, masks=None):
+    return spine.validate(
+        q, keys, values, causal=causal, windows=window, key_masks=masks, scale=None,
+        key_names=("k1", "k2"), value_names=("v1", "v2"), mask_names=("m1", "m2"),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# (1) Lowering for CUDA, no execution.
+
+# (B, T, N, K, H, Hv, dtype, window, causal, S1, S2, config)
+LOWER = {
+    "g64-d128-w32x256-bf16": (1, 1000, 64, 1, 128, 128, BF16, (32, 256), False, None, None, None),
+    "g128-d128-w512x32-bf16": (1, 2048, 128, 1, 128, 128, BF16, (512, 32), False, None, None, None),
+    "g64-d64-causal-f16": (1, 300, 64, 1, 64, 64, F16, None, True, None, None, None),
+    "g128-d64-hv128-w32x256-f16": (2, 100, 256, 2, 64, 128, F16, (32, 256), False, None, None, None),
+    "g4-d64-cross-lengths-masked": (2, 50, 8, 2, 64, 64, BF16, None, False, 100, 77, None),
+    "g2-d128-tiles": (1, 129, 2, 1, 128, 64, BF16, (32, 512), False, None, None,
+                      MosaicGPUConfig(block_k1=64, block_k2=128, max_concurrent_steps=2)),
+    "g128-one-wg": (1, 256, 128, 1, 64, 64, BF16, (32, 256), False, None, None,
+                    MosaicGPUConfig(num_compute_wgs=1)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(LOWER))
+def test_lowers_for_cuda(name):
+    b, t, n, kv, h, hv, dtype, window, causal, s1, s2, config = LOWER[name]
+    s1, s2 = s1 or t, s2 or t
+    shapes = [(b, t, n, h), (b, s1, kv, h), (b, s2, kv, h), (b, s1, kv, hv), (b, s2, kv, hv)]
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+    masked = s1 != t
+    if masked:
+        args += [jax.ShapeDtypeStruct((b, s1), bool), jax.ShapeDtypeStruct((b, s2), bool)]
+
+    def f(q, k1, k2, v1, v2, *masks):
+        keys, values = (k1, k2), (v1, v2)
+        spec = _spec(q, keys, values, causal=causal, window=window, masks=masks or None)
+        return mosaic_gpu.forward(q, keys, values, spec, config)
+
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) Numerics against the float64 oracle (interpret mode on CPU; compiled on a GPU).
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    t: int
+    heads: int = 4
+    kv_heads: int = 2
+    lengths: tuple | None = None  # (S1, S2); None: T
+    value_dim: int = 64
+    window: tuple | None = None
+    causal: bool = False
+    masked: bool = False
+    dtype: object = BF16
+    config: MosaicGPUConfig = MosaicGPUConfig()
+
+    def inputs(self, seed=0):
+        rng = np.random.default_rng(seed)
+        b, kv, h = 2, self.kv_heads, 64
+        s1, s2 = self.lengths or (self.t, self.t)
+        shapes = [(b, self.t, self.heads, h), (b, s1, kv, h), (b, s2, kv, h)]
+        shapes += [(b, s1, kv, self.value_dim), (b, s2, kv, self.value_dim)]
+        x = [jnp.asarray(rng.standard_normal(s), self.dtype) for s in shapes]
+        masks = [rng.random((b, s)) > 0.3 for s in (s1, s2)] if self.masked else None
+        return x, masks
+
+    def run(self, x, masks, config):
+        m = masks or (None, None)
+        return tensorattn.tensor_attention(
+            *x, config=config, window=self.window, causal=self.causal, k1_mask=m[0], k2_mask=m[1]
+        )
+
+    def oracle(self, x, masks):
+        x64 = [np.asarray(a.astype(jnp.float32), np.float64) for a in x]
+        causal = self.causal or self.window is not None
+        kw = dict(causal=causal, windows=self.window, masks=masks)
+        return x64, kw
+
+
+CASES = {
+    # G=2 query heads per kv head: 32 positions per program; w1 < w2: no swap.
+    "window-w1<w2-masked": Case(t=40, window=(5, 20), masked=True),
+    # w1 > w2: the key sets are swapped; several second-key tiles and pipeline steps.
+    "window-w1>w2-masked": Case(t=40, window=(20, 5), masked=True),
+    # Full causal, length not a tile multiple, more steps than pipeline slots (block_k1=8).
+    "causal-steps": Case(
+        t=33, causal=True, config=MosaicGPUConfig(block_k1=8, max_concurrent_steps=2)
+    ),
+    # 64 query heads per kv head (one position per program), Hv != H, float16.
+    "grouped-64-f16": Case(
+        t=9, heads=64, kv_heads=1, value_dim=128, window=(3, 6), dtype=F16, masked=True
+    ),
+    # Cross attention: S1 != S2 != T, two second-key tiles, key masks.
+    "cross-lengths-masked": Case(t=20, lengths=(12, 70), masked=True),
+}
+ATOL = {BF16: 3e-2, F16: 5e-3}
+
+
+def _check_forward(case: Case, config: MosaicGPUConfig):
+    x, masks = case.inputs()
+    out = case.run(x, masks, dataclasses.replace(case.config, interpret=config.interpret))
+    assert out.shape == x[0].shape[:3] + (case.value_dim,) and out.dtype == x[0].dtype
+    x64, kw = case.oracle(x, masks)
+    want = oracle.attention(x64[0], x64[1:3], x64[3:], **kw)
+    err = float(np.max(np.abs(np.asarray(out, np.float64) - want)))
+    assert err < ATOL[case.dtype], err
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_interpreter_matches_oracle(name):
+    _check_forward(CASES[name], INTERPRET)
+
+
+@pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gpu_matches_oracle(name):
+    _check_forward(CASES[name], MosaicGPUConfig(interpret=False))
+
+
+def _check_gradient(config: MosaicGPUConfig):
+    case = Case(t=20, window=(4, 9), masked=True)
+    x, masks = case.inputs(seed=3)
+    d_out = np.random.default_rng(4).standard_normal(x[0].shape[:3] + (case.value_dim,))
+
+    def loss(*x):
+        return jnp.sum(case.run(x, masks, config).astype(jnp.float32) * d_out)
+
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*x)
+    x64, kw = case.oracle(x, masks)
+    dq, dk, dv = oracle.attention_grads(x64[0], x64[1:3], x64[3:], d_out, **kw)
+    for g, want in zip(grads, [dq, *dk, *dv]):
+        g = np.asarray(g, np.float64)
+        rel = np.linalg.norm(g - want) / np.linalg.norm(want)
+        assert rel < 3e-2, rel
+
+
+def test_interpreter_gradient_matches_oracle():
+    _check_gradient(INTERPRET)
+
+
+@pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
+def test_gpu_gradient_matches_oracle():
+    _check_gradient(MosaicGPUConfig(interpret=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# What it refuses, and that it is not the default.
+
+
+def _small(dtype=BF16, h=64):
+    rng = np.random.default_rng(0)
+    shapes = [(1, 8, 4, h), (1, 8, 2, h), (1, 8, 2, h), (1, 8, 2, 64), (1, 8, 2, 64)]
+    return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dtype=jnp.float32), "bfloat16 or float16"),
+        (dict(h=32), "H=32"),
+    ],
+)
+def test_unsupported(kwargs, match):
+    x = _small(**kwargs)
+    spec = _spec(x[0], x[1:3], x[3:])
+    with pytest.raises(tensorattn.Unsupported, match=match):
+        mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, INTERPRET)
+
+
+def test_unsupported_order_tiles_and_device():
+    x = _small()
+    spec = _spec(x[0], x[1:3], x[3:])
+    with pytest.raises(tensorattn.Unsupported, match="order 2"):
+        mosaic_gpu.attention(x[0], x[1:2], x[3:4], dataclasses.replace(spec, windows=(None,)))
+    with pytest.raises(tensorattn.Unsupported, match="64 or 128 rows"):
+        mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, MosaicGPUConfig(block_q=3, interpret=True))
+    too_big = MosaicGPUConfig(block_k1=64, block_k2=128, max_concurrent_steps=4, interpret=True)
+    with pytest.raises(tensorattn.Unsupported, match="shared memory"):
+        mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, too_big)
+    if not on_gpu:
+        with pytest.raises(tensorattn.Unsupported, match="interpret=True"):
+            mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, MosaicGPUConfig(interpret=False))
+        with pytest.raises(ValueError, match="implementation='mosaic_gpu' cannot run"):
+            tensorattn.tensor_attention(*x, implementation="mosaic_gpu")
+
+
+def test_not_the_default():
+    x = _small()
+    assert "mosaic_gpu" not in api._candidates(x[0], x[1:3])
+    assert api.IMPLEMENTATIONS["mosaic_gpu"] is mosaic_gpu
+
+
+def test_default_tiles():
+    def plan(heads, kv_heads=1, config=MosaicGPUConfig()):
+        call = spine.Call(1.0, True, (32, None), 512, (512, 512), heads=heads, kv_heads=kv_heads)
+        cfg = mosaic_gpu._plan(call, config)
+        return cfg.bq, cfg.rows, cfg.wgs
+
+    assert plan(64) == (1, 64, 1)
+    assert plan(128) == (1, 128, 2)
+    assert plan(4) == (16, 64, 1)
+    assert plan(3) == (64, 192, 3)
+    assert plan(128, config=MosaicGPUConfig(num_compute_wgs=1)) == (1, 128, 1)
