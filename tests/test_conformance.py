@@ -20,7 +20,13 @@ import oracle
 import pytest
 
 import tensorattn
-from tensorattn import BlockedConfig, PallasConfig, PolynomialConfig, ReferenceConfig
+from tensorattn import (
+    BlockedConfig,
+    MosaicGPUConfig,
+    PallasConfig,
+    PolynomialConfig,
+    ReferenceConfig,
+)
 from tensorattn.kernels import polynomial
 
 F32, BF16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
@@ -56,6 +62,16 @@ IMPLS = {
     "blocked-small-tiles": Impl("blocked", BlockedConfig(block_q=4, block_outer=3, block_inner=4)),
     "pallas-interpret": Impl("pallas", PALLAS_SMALL, orders=(3,)),
     "pallas-gpu": Impl("pallas", PallasConfig(), orders=(3,), head_dims=(16, 16), needs_gpu=True),
+    # Mosaic GPU forward (Hopper) + Pallas backward; its interpret mode cannot run under this
+    # suite's jax.jit (tests/test_mosaic_gpu.py runs it eagerly).
+    "mosaic_gpu-gpu": Impl(
+        "mosaic_gpu",
+        MosaicGPUConfig(),
+        orders=(3,),
+        dtypes=(BF16,),
+        head_dims=(64, 64),
+        needs_gpu=True,
+    ),  # fmt: skip
     "polynomial": Impl(
         "polynomial",
         PolynomialConfig(degree=6, chunk_size=8, on_uncertified="error"),

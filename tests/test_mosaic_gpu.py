@@ -38,7 +38,8 @@ LOWER = {
     "g64-d128-w32x256-bf16": (1, 1000, 64, 1, 128, 128, BF16, (32, 256), False, None, None, None),
     "g128-d128-w512x32-bf16": (1, 2048, 128, 1, 128, 128, BF16, (512, 32), False, None, None, None),
     "g64-d64-causal-f16": (1, 300, 64, 1, 64, 64, F16, None, True, None, None, None),
-    "g128-d64-hv128-w32x256-f16": (2, 100, 256, 2, 64, 128, F16, (32, 256), False, None, None, None),
+    "g128-d64-hv128-w32x256-f16": (2, 100, 256, 2, 64, 128, F16, (32, 256), False, None, None,
+                                   None),
     "g4-d64-cross-lengths-masked": (2, 50, 8, 2, 64, 64, BF16, None, False, 100, 77, None),
     "g2-d128-tiles": (1, 129, 2, 1, 128, 64, BF16, (32, 512), False, None, None,
                       MosaicGPUConfig(block_k1=64, block_k2=128, max_concurrent_steps=2)),
@@ -73,6 +74,7 @@ def test_lowers_for_cuda(name):
 @dataclasses.dataclass(frozen=True)
 class Case:
     t: int
+    batch: int = 1
     heads: int = 4
     kv_heads: int = 2
     lengths: tuple | None = None  # (S1, S2); None: T
@@ -85,7 +87,7 @@ class Case:
 
     def inputs(self, seed=0):
         rng = np.random.default_rng(seed)
-        b, kv, h = 2, self.kv_heads, 64
+        b, kv, h = self.batch, self.kv_heads, 64
         s1, s2 = self.lengths or (self.t, self.t)
         shapes = [(b, self.t, self.heads, h), (b, s1, kv, h), (b, s2, kv, h)]
         shapes += [(b, s1, kv, self.value_dim), (b, s2, kv, self.value_dim)]
@@ -108,19 +110,19 @@ class Case:
 
 CASES = {
     # G=2 query heads per kv head: 32 positions per program; w1 < w2: no swap.
-    "window-w1<w2-masked": Case(t=40, window=(5, 20), masked=True),
-    # w1 > w2: the key sets are swapped; several second-key tiles and pipeline steps.
-    "window-w1>w2-masked": Case(t=40, window=(20, 5), masked=True),
+    "window-w1<w2-masked": Case(t=24, window=(4, 12), masked=True),
+    # w1 > w2: the key sets are swapped.
+    "window-w1>w2-masked": Case(t=24, window=(12, 4), masked=True),
     # Full causal, length not a tile multiple, more steps than pipeline slots (block_k1=8).
     "causal-steps": Case(
         t=33, causal=True, config=MosaicGPUConfig(block_k1=8, max_concurrent_steps=2)
     ),
     # 64 query heads per kv head (one position per program), Hv != H, float16.
     "grouped-64-f16": Case(
-        t=9, heads=64, kv_heads=1, value_dim=128, window=(3, 6), dtype=F16, masked=True
+        t=7, heads=64, kv_heads=1, value_dim=128, window=(3, 5), dtype=F16, masked=True
     ),
-    # Cross attention: S1 != S2 != T, two second-key tiles, key masks.
-    "cross-lengths-masked": Case(t=20, lengths=(12, 70), masked=True),
+    # Cross attention: S1 != S2 != T, two second-key tiles, key masks per batch row.
+    "cross-lengths-masked": Case(t=20, batch=2, lengths=(12, 70), masked=True),
 }
 ATOL = {BF16: 3e-2, F16: 5e-3}
 
@@ -132,6 +134,7 @@ def _check_forward(case: Case, config: MosaicGPUConfig):
     x64, kw = case.oracle(x, masks)
     want = oracle.attention(x64[0], x64[1:3], x64[3:], **kw)
     err = float(np.max(np.abs(np.asarray(out, np.float64) - want)))
+    print(f"max |out - oracle| = {err:.3g}")
     assert err < ATOL[case.dtype], err
 
 
@@ -147,19 +150,23 @@ def test_gpu_matches_oracle(name):
 
 
 def _check_gradient(config: MosaicGPUConfig):
-    case = Case(t=20, window=(4, 9), masked=True)
+    case = Case(t=16, window=(4, 9), masked=True)
     x, masks = case.inputs(seed=3)
     d_out = np.random.default_rng(4).standard_normal(x[0].shape[:3] + (case.value_dim,))
 
     def loss(*x):
         return jnp.sum(case.run(x, masks, config).astype(jnp.float32) * d_out)
 
-    grads = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*x)
+    grad = jax.grad(loss, argnums=tuple(range(5)))
+    # Interpret mode runs eagerly: under an outer jax.jit the interpreter's simulated
+    # warpgroups (threads blocking in callbacks) hang on jax 0.10.2.
+    grads = grad(*x) if config.interpret else jax.jit(grad)(*x)
     x64, kw = case.oracle(x, masks)
     dq, dk, dv = oracle.attention_grads(x64[0], x64[1:3], x64[3:], d_out, **kw)
     for g, want in zip(grads, [dq, *dk, *dv]):
         g = np.asarray(g, np.float64)
         rel = np.linalg.norm(g - want) / np.linalg.norm(want)
+        print(f"gradient relative error {rel:.3g}")
         assert rel < 3e-2, rel
 
 
@@ -220,9 +227,9 @@ def test_not_the_default():
 
 
 def test_default_tiles():
-    def plan(heads, kv_heads=1, config=MosaicGPUConfig()):
+    def plan(heads, kv_heads=1, config=None):
         call = spine.Call(1.0, True, (32, None), 512, (512, 512), heads=heads, kv_heads=kv_heads)
-        cfg = mosaic_gpu._plan(call, config)
+        cfg = mosaic_gpu._plan(call, config or MosaicGPUConfig())
         return cfg.bq, cfg.rows, cfg.wgs
 
     assert plan(64) == (1, 64, 1)
