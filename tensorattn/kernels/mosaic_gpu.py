@@ -132,6 +132,16 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     )
 
 
+# Registers per thread: the producer gives its share to the consumers (64K per block).
+_PRODUCER_REGISTERS = 40
+
+
+def _consumer_registers(wgs: int) -> int:
+    """Per-thread registers of `wgs` consumer warpgroups beside the producer (a multiple of 8,
+    at most 232; 65536 per block, 128 threads per warpgroup)."""
+    return min(232, (65536 // 128 - _PRODUCER_REGISTERS) // wgs // 8 * 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernel. Refs (GMEM): q/o [BK, nq·R, H|Hv], k1/v1 [BK, S1p, H|Hv], k2t [BK, H, S2p],
 # v2 [BK, S2p, Hv], bias1/bias2 [B, S1p|S2p] float32 (0 valid, -inf padding), lse [BK, nq·R].
@@ -172,7 +182,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
 
     @pl.when(wg == cfg.wgs)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
 
         def load(step, slot):
             a0, b0 = step_tiles(step)
@@ -206,7 +216,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
 
     @pl.when(wg < cfg.wgs)
     def _consumer():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(_consumer_registers(cfg.wgs), action="increase")
         rows, hv = cfg.wg_rows, o_ref.shape[-1]
         r0 = qi * cfg.rows + wg * rows
         o_smem_ = q_smem if o_smem is None else o_smem  # q's slot holds the output if it fits
