@@ -7,7 +7,7 @@
 # tests:      the whole test suite on this machine (GPU-compiled cases included), its log and
 #             a summary line (device, JAX version, counts, wall time) in DIR/gpu_checks.txt.
 # kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
-#             forward, on full attention and on the windowed, grouped-head shapes of issue 10.
+#             forward on the windowed, grouped-head shapes of issue 10, then full attention.
 # polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal.
 # Each section runs under `timeout` (TIMEOUT_S, default 540 s) so that one fits a 10-minute slot;
 # a section cut by it says so in gpu_checks.txt and the rows it wrote are kept.
@@ -48,9 +48,13 @@ section() {  # section NAME COMMAND...: runs COMMAND under the timeout, logs to 
 for s in $SECTIONS; do
   case $s in
     tests) section tests "$PYTHON" -m pytest -p no:cacheprovider -rs ;;
-    kernels) section kernels "$PYTHON" -m experiments.bench_pallas \
-      --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
-      --out="$DIR/bench_pallas.jsonl" ;;
+    kernels)
+      section kernels_grouped "$PYTHON" -m experiments.bench_pallas \
+        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
+        --cases=window16384,group64,group128 --head_dims=128 --out="$DIR/bench_pallas.jsonl"
+      section kernels_full "$PYTHON" -m experiments.bench_pallas \
+        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
+        --cases=full4096 --out="$DIR/bench_pallas.jsonl" ;;
     polynomial)
       section polynomial_noncausal "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
         --out="$DIR/bench_polynomial_fused.jsonl"
