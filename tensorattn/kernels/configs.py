@@ -50,6 +50,15 @@ def _choice(cfg, field: str, choices: tuple) -> None:
         _fail(type(cfg), field, f"one of {choices}", v)
 
 
+def _tiles_and_interpret(cfg) -> None:
+    """Checks a config whose fields are optional positive ints and `interpret` (bool/None)."""
+    for f in dataclasses.fields(cfg):
+        if f.name != "interpret":
+            _positive_int(cfg, f.name, optional=True)
+    if cfg.interpret not in (None, True, False):
+        _fail(type(cfg), "interpret", "a bool or None", cfg.interpret)
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Base class: `implementation` names the kernel that takes this config."""
@@ -127,11 +136,7 @@ class PallasConfig(KernelConfig):
     interpret: bool | None = None
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if f.name != "interpret":
-                _positive_int(self, f.name, optional=True)
-        if self.interpret not in (None, True, False):
-            _fail(type(self), "interpret", "a bool or None", self.interpret)
+        _tiles_and_interpret(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +167,7 @@ class MosaicGPUConfig(KernelConfig):
     interpret: bool | None = None
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if f.name != "interpret":
-                _positive_int(self, f.name, optional=True)
-        if self.interpret not in (None, True, False):
-            _fail(type(self), "interpret", "a bool or None", self.interpret)
+        _tiles_and_interpret(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,7 @@ DEFAULT_STEPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Config(spine.CallView):
     """Static description of one forward call: the call and its tiles."""
 
     call: spine.Call
@@ -65,27 +65,9 @@ class _Config:
     steps: int
     interpret: bool
 
-    scale = property(lambda self: self.call.scale)
-    causal = property(lambda self: self.call.causal)
-    w1 = property(lambda self: self.call.windows[0])
-    w2 = property(lambda self: self.call.windows[1])
-    t = property(lambda self: self.call.t)
-    s1 = property(lambda self: self.call.lengths[0])
-    s2 = property(lambda self: self.call.lengths[1])
-    kv_heads = property(lambda self: self.call.kv_heads)
-    group = property(lambda self: self.call.group)
-
-    @property
-    def rows(self) -> int:
-        return self.group * self.bq
-
     @property
     def wg_rows(self) -> int:
         return self.rows // self.wgs
-
-    @property
-    def nq(self) -> int:
-        return -(-self.t // self.bq)
 
     @property
     def s1_pad(self) -> int:

@@ -48,7 +48,7 @@ def _next_pow2(n: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Config(spine.CallView):
     """Static (hashable) description of one pass (forward or backward) of one call: the
     call and the pass's tiles."""
 
@@ -59,24 +59,6 @@ class _Config:
     num_warps: int
     num_stages: int
     interpret: bool
-
-    scale = property(lambda self: self.call.scale)
-    causal = property(lambda self: self.call.causal)
-    w1 = property(lambda self: self.call.windows[0])
-    w2 = property(lambda self: self.call.windows[1])
-    t = property(lambda self: self.call.t)
-    s1 = property(lambda self: self.call.lengths[0])
-    s2 = property(lambda self: self.call.lengths[1])
-    kv_heads = property(lambda self: self.call.kv_heads)
-    group = property(lambda self: self.call.group)
-
-    @property
-    def rows(self) -> int:
-        return self.group * self.bq
-
-    @property
-    def nq(self) -> int:
-        return -(-self.t // self.bq)
 
     @property
     def n1(self) -> int:

@@ -93,6 +93,31 @@ class Call:
         return self.heads // self.kv_heads
 
 
+class CallView:
+    """Mixin of a kernel's static tile config that holds `call: Call` and `bq` (query
+    positions per program): the call's fields as attributes, and the row tiling."""
+
+    scale = property(lambda self: self.call.scale)
+    causal = property(lambda self: self.call.causal)
+    w1 = property(lambda self: self.call.windows[0])
+    w2 = property(lambda self: self.call.windows[1])
+    t = property(lambda self: self.call.t)
+    s1 = property(lambda self: self.call.lengths[0])
+    s2 = property(lambda self: self.call.lengths[1])
+    kv_heads = property(lambda self: self.call.kv_heads)
+    group = property(lambda self: self.call.group)
+
+    @property
+    def rows(self) -> int:
+        """Rows of a program tile: the group's query heads times `bq` positions."""
+        return self.group * self.bq
+
+    @property
+    def nq(self) -> int:
+        """Query tiles."""
+        return -(-self.t // self.bq)
+
+
 def _shape(x) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
 
