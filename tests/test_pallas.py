@@ -53,7 +53,7 @@ def test_default_tiles_heuristic():
 
     def plan(t, heads, config=None):
         call = spine.Call(1.0, False, (None, None), t, (t, t), heads=heads, kv_heads=1)
-        return pallas._plan(call, config or PallasConfig())
+        return pallas.plan(call, config or PallasConfig())
 
     p = plan(512, 1)
     assert (p.fwd.rows, p.fwd.bk2, p.fwd.num_warps, p.fwd.num_stages) == (128, 64, 8, 2)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +79,8 @@ class _Config(spine.CallView):
         return -(-self.s2 // self.bk2) * self.bk2
 
 
-def _default_interpret() -> bool:
-    return os.environ.get("TENSORATTN_MOSAIC_GPU_INTERPRET", "0").lower() in ("1", "true", "yes")
+# Interpret mode for calls whose MosaicGPUConfig.interpret is None.
+INTERPRET_ENV = "TENSORATTN_MOSAIC_GPU_INTERPRET"
 
 
 def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
@@ -102,7 +101,7 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
         wgs = rows // _MAX_WG_ROWS if rows % _MAX_WG_ROWS == 0 else rows // _WG_ROWS
     bk2 = config.block_k2 or DEFAULT_BLOCK_K2
     bk1 = config.block_k1 or DEFAULT_BLOCK_K1
-    interpret = _default_interpret() if config.interpret is None else config.interpret
+    interpret = spine.env_flag(INTERPRET_ENV) if config.interpret is None else config.interpret
     return _Config(
         call=call,
         bq=bq,

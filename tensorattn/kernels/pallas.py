@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,8 @@ from tensorattn.kernels import spine
 from tensorattn.kernels.configs import PallasConfig
 from tensorattn.kernels.spine import AttentionSpec
 
+# Interpret mode for calls whose PallasConfig.interpret is None.
+INTERPRET_ENV = "TENSORATTN_PALLAS_INTERPRET"
 _F32 = jnp.float32
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -70,7 +71,7 @@ class _Config(spine.CallView):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
     """The forward and backward passes of one call."""
 
     fwd: _Config
@@ -105,9 +106,9 @@ def _pass(call: spine.Call, rows: int, bk1: int, bk2: int, config: PallasConfig,
     )
 
 
-def _plan(call: spine.Call, config: PallasConfig) -> _Plan:
+def plan(call: spine.Call, config: PallasConfig) -> Plan:
     """Tiles of both passes: `config`'s fields, None ones chosen here."""
-    interpret = _default_interpret() if config.interpret is None else config.interpret
+    interpret = spine.env_flag(INTERPRET_ENV) if config.interpret is None else config.interpret
     fwd_rows = LARGE_GROUP_FWD_ROWS if call.group >= LARGE_GROUP else DEFAULT_ROWS
     bk1 = config.bwd_block_k1 or DEFAULT_BWD_BLOCK_K1
     fwd = _pass(
@@ -126,7 +127,7 @@ def _plan(call: spine.Call, config: PallasConfig) -> _Plan:
         config,
         interpret,
     )
-    return _Plan(fwd, bwd)
+    return Plan(fwd, bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +479,9 @@ def _forward(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
     return _rows_merge(out_t, cfg, q.shape[0]), lse_t
 
 
-def _backward(plan: _Plan, res, d_out):
+def backward(plan: Plan, res, d_out):
+    """The three backward kernels. Residuals `(q, k1, k2, v1, v2, valid1, valid2, out, lse)`
+    with the base-2 log-sum-exp `lse [B,T,N,1]`; the Mosaic GPU forward reuses it."""
     cfg = plan.bwd
     q, k1, k2, v1, v2, valid1, valid2, out, lse = res
     q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
@@ -547,35 +550,31 @@ def _backward(plan: _Plan, res, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(plan: _Plan, q, k1, k2, v1, v2, valid1, valid2):
+def _attend(plan: Plan, q, k1, k2, v1, v2, valid1, valid2):
     return _forward(plan.fwd, q, k1, k2, v1, v2, valid1, valid2)[0]
 
 
-def _attend_fwd(plan: _Plan, q, k1, k2, v1, v2, valid1, valid2):
+def _attend_fwd(plan: Plan, q, k1, k2, v1, v2, valid1, valid2):
     out, lse_t = _forward(plan.fwd, q, k1, k2, v1, v2, valid1, valid2)
     lse = _rows_merge(lse_t, plan.fwd, q.shape[0])  # [B,T,N,1]: the backward's tiles may differ
     return out, (q, k1, k2, v1, v2, valid1, valid2, out, lse)
 
 
-_attend.defvjp(_attend_fwd, _backward)
+_attend.defvjp(_attend_fwd, backward)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry points (called by tensorattn.kernels.api after validation).
 
 
-def _default_interpret() -> bool:
-    return os.environ.get("TENSORATTN_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
-
-
 def _no_backend() -> str:
     return (
         f"the Pallas kernels need a GPU or TPU (default backend is {jax.default_backend()!r}); "
-        "pass PallasConfig(interpret=True) (interpret=True) or set TENSORATTN_PALLAS_INTERPRET=1"
+        f"pass PallasConfig(interpret=True) or set {INTERPRET_ENV}=1"
     )
 
 
-def _check(q, keys, values, plan: _Plan) -> None:
+def check(q, keys, values, plan: Plan) -> None:
     """Raises `Unsupported` saying why this call cannot run here."""
     for x in (q, *keys, *values):
         if jnp.dtype(jnp.result_type(x)) not in _DTYPES:
@@ -617,14 +616,6 @@ def ordered_key_sets(q, keys, values, spec: AttentionSpec):
     return tuple(keys), tuple(values), tuple(valid), spec
 
 
-# Shared with the Mosaic GPU forward (`kernels/mosaic_gpu.py`), which reuses this backward:
-# its residuals are these kernels' (inputs, output, base-2 log-sum-exp `[B,T,N,1]`).
-Plan = _Plan
-plan = _plan
-check = _check
-backward = _backward
-
-
 def attention(q, keys, values, spec: AttentionSpec, config: PallasConfig | None = None):
     """Exact order-3 attention with the Pallas kernels (custom_vjp: forward and backward).
 
@@ -639,6 +630,6 @@ def attention(q, keys, values, spec: AttentionSpec, config: PallasConfig | None 
             f"order {len(keys) + 1} (the Pallas kernels implement order 3: two key sets)"
         )
     keys, values, valid, spec = ordered_key_sets(q, keys, values, spec)
-    plan = _plan(spec.call(q, keys), config or PallasConfig())
-    _check(q, keys, values, plan)
-    return _attend(plan, q, keys[0], keys[1], values[0], values[1], *valid)
+    kernel_plan = plan(spec.call(q, keys), config or PallasConfig())
+    check(q, keys, values, kernel_plan)
+    return _attend(kernel_plan, q, keys[0], keys[1], values[0], values[1], *valid)

@@ -114,7 +114,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +121,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tensorattn.kernels import features
+from tensorattn.kernels import features, pallas, spine
 from tensorattn.kernels import polynomial as xla_polynomial
 from tensorattn.kernels.configs import PolynomialConfig
 from tensorattn.kernels.spine import AttentionSpec, Unsupported
@@ -967,8 +966,7 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _default_interpret() -> bool:
-    env = os.environ.get("TENSORATTN_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
-    return env or jax.default_backend() != "gpu"
+    return spine.env_flag(pallas.INTERPRET_ENV) or jax.default_backend() != "gpu"
 
 
 def unsupported(q, keys, values, spec: AttentionSpec) -> str | None:

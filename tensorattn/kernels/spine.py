@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import jax
@@ -91,6 +92,11 @@ class Call:
     def group(self) -> int:
         """Query heads per key/value head."""
         return self.heads // self.kv_heads
+
+
+def env_flag(name: str) -> bool:
+    """Whether the environment variable `name` is set to 1, true or yes (any case)."""
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
 
 
 class CallView:
