@@ -16,7 +16,9 @@ fastest one is also timed with its gradient (mosaic_gpu's gradient is the Pallas
 Rows follow the schema of `experiments.harness`
 (`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
 plus `case`, `variant`, `frac_matmul` and, for "fwd+grad", `bwd_tflops`: the backward alone
-(2.5x the forward's FLOPs, docs/math.md §3.4) over the time beyond the forward. Compile time is
+(2.5x the forward's FLOPs, docs/math.md §3.4) over the time beyond the forward, and
+`bwd_layout`: the Pallas backward's layout (`PallasConfig.bwd_fuse_k1`: "default" is the
+library's choice, "fused" dK1/dV1 inside the dQ kernel, "split" three kernels). Compile time is
 reported apart; times are medians after a warm-up.
 """
 
@@ -57,6 +59,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
     flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
     flags.DEFINE_list("bwd_impls", ["pallas", "blocked"], "Implementations timed forward+gradient.")
+    flags.DEFINE_list(
+        "bwd_layouts",
+        ["fused", "split"],
+        "Pallas backward layouts timed: default (the library's choice), fused (windowed cases "
+        "only), split.",
+    )
 
 
 # name -> (batch, T, heads N, kv heads K, window)
@@ -68,6 +76,10 @@ CASES = {
     "group64": (1, 4096, 64, 1, (32, 256)),
     "group128": (1, 4096, 128, 1, (32, 512)),
 }
+
+
+# Pallas backward layouts: `PallasConfig.bwd_fuse_k1` (None: the library's choice).
+BWD_LAYOUTS = {"default": None, "fused": True, "split": False}
 
 
 def variant_options(variant: str | None, impl: str = "pallas") -> dict:
@@ -150,12 +162,13 @@ def time_case(
     variants=(None,),
     mosaic_variants=(None,),
     bwd_impls=("pallas", "blocked"),
+    bwd_layouts=("default",),
     repeats: int = 5,
     budget_s: float | None = None,
 ) -> list[dict]:
     """Forward rows of every implementation (pallas: each of `variants`, mosaic_gpu: each of
     `mosaic_variants`), then forward+gradient rows of each of `bwd_impls` at its fastest
-    variant; `peak`: the matmul TFLOP/s."""
+    variant (pallas: each of `bwd_layouts`); `peak`: the matmul TFLOP/s."""
     timing = dict(repeats=repeats, budget_s=budget_s)
     rows, best = [], {}
     variants_of = {"pallas": variants, "mosaic_gpu": mosaic_variants}
@@ -176,19 +189,25 @@ def time_case(
         if impl not in best:
             continue
         fwd = best[impl]
-        point = case_point(case, impl, head_dim, pass_="fwd+grad", options=fwd["options"])
-        row = harness.measure(point, **timing)
-        row.update(kind="time", case=case, variant=fwd["variant"])
-        if row["status"] != "ok":
-            print(f"FAILED {case} H={head_dim} {impl} fwd+grad: {row['reason']}")
-            continue
-        bwd_flops = fwd["flops"] * cost.BACKWARD_FACTOR
-        bwd_s = max(row["median_ms"] - fwd["median_ms"], 1e-6) / 1e3
-        row["frac_matmul"] = row["tflops"] / peak
-        row["bwd_tflops"] = bwd_flops / bwd_s / 1e12
-        row["bwd_frac_matmul"] = row["bwd_tflops"] / peak
-        emit(row)
-        rows.append(row)
+        windowed = CASES[case][4] is not None
+        layouts = [x for x in bwd_layouts if windowed or x != "fused"] if impl == "pallas" else []
+        for layout in layouts or ["default"]:
+            options = dict(fwd["options"])
+            if BWD_LAYOUTS[layout] is not None:
+                options["bwd_fuse_k1"] = BWD_LAYOUTS[layout]
+            point = case_point(case, impl, head_dim, pass_="fwd+grad", options=options)
+            row = harness.measure(point, **timing)
+            row.update(kind="time", case=case, variant=fwd["variant"], bwd_layout=layout)
+            if row["status"] != "ok":
+                print(f"FAILED {case} H={head_dim} {impl} fwd+grad {layout}: {row['reason']}")
+                continue
+            bwd_flops = fwd["flops"] * cost.BACKWARD_FACTOR
+            bwd_s = max(row["median_ms"] - fwd["median_ms"], 1e-6) / 1e3
+            row["frac_matmul"] = row["tflops"] / peak
+            row["bwd_tflops"] = bwd_flops / bwd_s / 1e12
+            row["bwd_frac_matmul"] = row["bwd_tflops"] / peak
+            emit(row)
+            rows.append(row)
     return rows
 
 
@@ -213,7 +232,7 @@ def main(argv):
             table += time_case(
                 case, h, peak, emit, impls=FLAGS.impls, variants=variants,
                 mosaic_variants=FLAGS.variants_mosaic, bwd_impls=FLAGS.bwd_impls,
-                repeats=FLAGS.repeats, budget_s=FLAGS.budget_s,
+                bwd_layouts=FLAGS.bwd_layouts, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s,
             )  # fmt: skip
     print(f"\nbf16 matmul rate: {peak:.1f} TFLOP/s ({env['device_kind']}, jax {jax.__version__})")
     for r in table:
@@ -221,7 +240,8 @@ def main(argv):
         r["bwd %mm"] = 100 * r["bwd_frac_matmul"] if "bwd_frac_matmul" in r else None
     benchlib.print_table(
         table,
-        ["case", "head_dim", "implementation", "variant", "pass", "median_ms", "tflops", "%mm"]
+        ["case", "head_dim", "implementation", "variant", "pass", "bwd_layout", "median_ms"]
+        + ["tflops", "%mm"]
         + ["bwd_tflops", "bwd %mm", "compile_s"],
     )
 

@@ -6,6 +6,7 @@ run in tests/test_conformance.py with every other implementation.
 
 import dataclasses
 
+import cuda_target
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +107,79 @@ def test_wider_first_window_swaps_the_key_sets(monkeypatch):
     dq, dk, dv = oracle.attention_grads(x[0], x[1:3], x[3:], d_out, **okw)
     for got, want in zip(grads, [dq, *dk, *dv]):
         assert _rel(got, want) < 1e-5
+
+
+def test_fused_backward_choice():
+    """dK1/dV1 join the dQ kernel (partial sums) by default when the first key set has a
+    causal window short enough; the three-kernel backward otherwise, or when asked."""
+
+    def plan(t, heads, windows, config=None):
+        call = spine.Call(1.0, True, windows, t, (t, t), heads=heads, kv_heads=1)
+        return pallas.plan(call, config or PallasConfig()).bwd
+
+    assert plan(4096, 64, (32, 512)).fuse_k1  # rows 128, bq 2: span 33
+    assert plan(4096, 2, (32, 512)).fuse_k1  # bq 64: span 95 <= 256
+    assert not plan(4096, 2, (512, None)).fuse_k1  # span 575 > 256
+    assert not plan(4096, 2, (None, None)).fuse_k1  # causal, no window
+    assert not plan(4096, 64, (32, 512), PallasConfig(bwd_fuse_k1=False)).fuse_k1
+    x, _ = _inputs(8, t=6, s1=6, s2=6)
+    with pytest.raises(ValueError, match="bwd_fuse_k1=True needs a causal window"):
+        tensorattn.tensor_attention(
+            *x, implementation="pallas", causal=True, bwd_fuse_k1=True, interpret=True
+        )
+    with pytest.raises(ValueError, match="PallasConfig.bwd_fuse_k1"):
+        PallasConfig(bwd_fuse_k1=1)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_backward_variants_match_oracle(fuse):
+    """Both backward layouts, a window whose partial sums start before key 0, key masks,
+    a length that is not a tile multiple, one position per tile row block (bq = 2)."""
+    x, rng = _inputs(9, t=19, s1=19, s2=19)
+    masks = [rng.random((B, 19)) > 0.3 for _ in range(2)]
+    d_out = rng.standard_normal((B, 19, N, HV))
+    config = dataclasses.replace(SMALL, bwd_block_rows=4, bwd_fuse_k1=fuse)
+
+    def loss(*args):
+        out = tensorattn.tensor_attention(
+            *args, config=config, window=(5, 9), k1_mask=masks[0], k2_mask=masks[1]
+        )
+        return jnp.sum(out * d_out)
+
+    grads = jax.grad(loss, argnums=tuple(range(5)))(*x)
+    okw = dict(causal=True, windows=(5, 9), masks=masks)
+    dq, dk, dv = oracle.attention_grads(x[0], x[1:3], x[3:], d_out, **okw)
+    for got, want in zip(grads, [dq, *dk, *dv]):
+        assert _rel(got, want) < 1e-5
+
+
+# (B, T, N, K, D, window): issue 10's shapes, cut in length; lowering only, no execution.
+LOWER = {
+    "g64-d128-w512x32": (1, 1000, 64, 1, 128, (512, 32)),  # swapped; fused backward
+    "g2-d64-causal": (2, 300, 4, 2, 64, None),  # three-kernel backward
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOWER))
+def test_lowers_for_cuda(name, monkeypatch):
+    """Forward and backward lower to Triton custom calls for the "cuda" platform on any host
+    (compiling them to PTX needs a GPU machine)."""
+    target = cuda_target.abstract_gpu()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' launch settings
+    b, t, n, kv, d, window = LOWER[name]
+    shapes = [(b, t, n, d)] + [(b, t, kv, d)] * 4
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+
+    def loss(q, k1, k2, v1, v2):
+        spec = spine.validate(
+            q, (k1, k2), (v1, v2), causal=True, windows=window, key_masks=None, scale=None,
+            key_names=("k1", "k2"), value_names=("v1", "v2"), mask_names=("m1", "m2"),
+        )  # fmt: skip
+        out = pallas.attention(q, (k1, k2), (v1, v2), spec, PallasConfig(interpret=False))
+        return jnp.sum(out.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
+    with target:
+        text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    # The forward, then the backward: fused dQ/dK1/dV1 and dK2/dV2, or three kernels.
+    assert text.count("__gpu$xla.gpu.triton") == (3 if window else 4)

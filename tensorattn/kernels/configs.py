@@ -50,13 +50,15 @@ def _choice(cfg, field: str, choices: tuple) -> None:
         _fail(type(cfg), field, f"one of {choices}", v)
 
 
-def _tiles_and_interpret(cfg) -> None:
-    """Checks a config whose fields are optional positive ints and `interpret` (bool/None)."""
+def _tiles_and_interpret(cfg, flags: tuple[str, ...] = ("interpret",)) -> None:
+    """Checks a config whose fields are optional positive ints, but `flags` (bool/None)."""
     for f in dataclasses.fields(cfg):
-        if f.name != "interpret":
+        if f.name in flags:
+            value = getattr(cfg, f.name)
+            if value is not None and not isinstance(value, bool):
+                _fail(type(cfg), f.name, "a bool or None", value)
+        else:
             _positive_int(cfg, f.name, optional=True)
-    if cfg.interpret not in (None, True, False):
-        _fail(type(cfg), "interpret", "a bool or None", cfg.interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,10 @@ class PallasConfig(KernelConfig):
     fwd_block_k2: second-key positions per forward tile (the columns of each score product).
     bwd_block_rows, bwd_block_k2: the same for the backward kernels.
     bwd_block_k1: first-key positions per program of the dK1/dV1 backward kernel.
+    bwd_fuse_k1: compute dK1/dV1 inside the dQ kernel, as per-query-tile partial sums added
+      afterwards (two backward kernels and 8 tile products per step instead of three and 11;
+      needs a causal window on the first key set). None: fused when the partials are at most
+      twice a tile's rows per query tile (docs/pallas.md, "Backward").
     num_warps, num_stages: GPU launch settings.
     interpret: run in Pallas interpret mode (any backend; slow, for tests). None: the
       environment variable TENSORATTN_PALLAS_INTERPRET.
@@ -131,12 +137,13 @@ class PallasConfig(KernelConfig):
     bwd_block_rows: int | None = None
     bwd_block_k1: int | None = None
     bwd_block_k2: int | None = None
+    bwd_fuse_k1: bool | None = None
     num_warps: int | None = None
     num_stages: int | None = None
     interpret: bool | None = None
 
     def __post_init__(self):
-        _tiles_and_interpret(self)
+        _tiles_and_interpret(self, flags=("bwd_fuse_k1", "interpret"))
 
 
 @dataclasses.dataclass(frozen=True)

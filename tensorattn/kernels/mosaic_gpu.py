@@ -128,6 +128,15 @@ def _consumer_registers(wgs: int) -> int:
 # v2 [BK, S2p, Hv], bias1/bias2 [B, S1p|S2p] float32 (0 valid, -inf padding), lse [BK, nq·R].
 
 
+def _masked(ok, s):
+    """`s` where `ok`, else -inf. `ok` is the Python bool True when nothing constrains the pair
+    (`spine.allowed`): then `s` as is (Mosaic GPU's warpgroup lowering has no implicit broadcast
+    in `select`, jax 0.11)."""
+    if ok is True:
+        return s
+    return jnp.where(ok, s, jnp.full(s.shape, -jnp.inf, s.dtype))
+
+
 def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref, o_ref, l_ref,
             q_smem, o_smem, x_smem, p_smem, lse_smem, k1_smem, v1_smem, b1_smem, k2_smem, v2_smem,
             b2_smem, q_bar, load_bars, free_bars):  # fmt: skip
@@ -220,7 +229,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             plgpu.barrier_wait(load_bars.at[slot])
             b2 = load(b2_smem, slot, col_layout)
             col_ok = spine.allowed(pos, b0 + col, cfg.causal, cfg.w2)
-            col_bias = jnp.where(col_ok, lax.broadcast_in_dim(b2, (rows, cfg.bk2), [1]), -jnp.inf)
+            col_bias = _masked(col_ok, lax.broadcast_in_dim(b2, (rows, cfg.bk2), [1]))
             count = jnp.minimum(jnp.int32(cfg.bk1), a_hi - a0)
 
             def a_body(i, carry):
@@ -237,7 +246,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
 
                 s = pl.run_scoped(scores, plgpu.ACC((rows, cfg.bk2), _F32))
                 row_ok = spine.allowed(pos, a, cfg.causal, cfg.w1)
-                s = jnp.where(row_ok, s + col_bias + b1_smem[slot, i], -jnp.inf)
+                s = _masked(row_ok, s + col_bias + b1_smem[slot, i])
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))

@@ -8,9 +8,11 @@ the loop bounds (whole tiles and first keys are skipped); key padding masks and 
 are not tile multiples are handled by a per-key validity vector. Scores are kept in base 2
 (`tau·log2 e` is folded into `q`), and the forward saves the base-2 log-sum-exp.
 
-Backward (no atomics): three kernels recompute scores from the log-sum-exp, each owning one
-output: dQ (grid over query tiles), dK1/dV1 (grid over first-key tiles) and dK2/dV2 (grid
-over second-key tiles).
+Backward (no atomics): kernels recompute scores from the log-sum-exp, each owning its
+outputs: dQ (grid over query tiles), dK1/dV1 (grid over first-key tiles) and dK2/dV2 (grid
+over second-key tiles). With a causal window on the first key set, dK1/dV1 are instead formed
+inside the dQ kernel as per-query-tile partial sums, added afterwards (two kernels, 8 tile
+products per step instead of 11).
 
 The kernels use only portable Pallas (`pallas_call`, block specs, `jnp` ops, `dot_general`):
 on GPU they lower through Pallas' Triton backend, on TPU through Mosaic, and with
@@ -60,6 +62,13 @@ class _Config(spine.CallView):
     num_warps: int
     num_stages: int
     interpret: bool
+    fuse_k1: bool = False  # backward: dK1/dV1 as partial sums of the dQ kernel
+
+    @property
+    def span(self) -> int:
+        """First keys a query tile can see with a causal window `w1`: `[p0 - w1 + 1, p0 + bq)`
+        (the rows of its dK1/dV1 partial sums)."""
+        return self.bq + self.w1 - 1
 
     @property
     def n1(self) -> int:
@@ -87,6 +96,9 @@ DEFAULT_NUM_STAGES = 2
 # position per tile) and 4 warps ran 1.3x faster than 128 rows (measured on an H100, issue 10).
 LARGE_GROUP = 64
 LARGE_GROUP_FWD_ROWS = 64
+# The fused dQ/dK1/dV1 kernel runs by default when a query tile's partial sums have at most
+# this many rows per tile row (partials at most ~4x dQ's f32 bytes).
+FUSE_MAX_SPAN_PER_ROW = 2
 
 
 def _pass(call: spine.Call, rows: int, bk1: int, bk2: int, config: PallasConfig, interpret):
@@ -127,7 +139,16 @@ def plan(call: spine.Call, config: PallasConfig) -> Plan:
         config,
         interpret,
     )
-    return Plan(fwd, bwd)
+    fuse = config.bwd_fuse_k1
+    if fuse is None:
+        fuse = _can_fuse(bwd) and bwd.span <= FUSE_MAX_SPAN_PER_ROW * bwd.rows
+    return Plan(fwd, dataclasses.replace(bwd, fuse_k1=fuse))
+
+
+def _can_fuse(cfg: _Config) -> bool:
+    """The fused dQ/dK1/dV1 kernel needs a causal window on the first key set (a query tile
+    then sees a fixed number of first keys)."""
+    return cfg.causal and cfg.w1 is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +340,68 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
     lax.fori_loop(0, n_valid, a_step, jnp.int32(0))
 
 
+def _dqkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
+                  l_ref, d_ref, dq_ref, dk1_ref, dv1_ref):  # fmt: skip
+    """dQ of one query tile, and its partial sums of dK1/dV1: row `r` of `dk1_ref`/`dv1_ref`
+    [span, X] is this tile's share of first key `a = p0 - w1 + 1 + r` (zero where not
+    allowed). Every row is written once."""
+    qi = pl.program_id(1)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = l_ref[...], d_ref[...]
+    pos = _positions(cfg, qi)
+    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
+    j_lo, j_hi = _k2_tiles(cfg, p0, p1)
+    a_lo, a_hi = _k1_keys(cfg, p0, p1)
+    base = p0 - (cfg.w1 - 1)
+
+    def a_step(r, dq):
+        a = base + r
+        live = (a >= a_lo) & (a < a_hi)
+        a_in = jnp.clip(a, 0, cfg.s1 - 1)  # an in-bounds row to load when `a` is not live
+        k1a = k1_ref[pl.ds(a_in, 1), :]
+        v1a = v1_ref[pl.ds(a_in, 1), :]
+        row_ok = _row_ok(cfg, m1_ref[:, pl.ds(a_in, 1)], pos, a)
+        y = (do * v1a).astype(v2_ref.dtype)
+
+        def j_step(j, carry):
+            zq, wd = carry
+            b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
+            k2 = k2_ref[pl.ds(b0, cfg.bk2), :]
+            v2 = v2_ref[pl.ds(b0, cfg.bk2), :]
+            ok = row_ok & _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
+            s, _ = _scores(cfg, q, k1a, k2, ok)
+            p = jnp.exp2(s - lse)
+            ds = p * (_dot(y, v2, (1, 1)) - delta)
+            zq = zq + _dot(ds.astype(k2.dtype), k2, (1, 0))
+            wd = wd + _dot(p.astype(v2.dtype), v2, (1, 0))
+            return zq, wd
+
+        init = (jnp.zeros(q.shape, _F32), jnp.zeros(do.shape, _F32))
+        zq, wd = lax.fori_loop(j_lo, jnp.where(live, j_hi, j_lo), j_step, init)
+        dk = jnp.sum(q.astype(_F32) * zq, axis=0, keepdims=True)
+        dv = jnp.sum(do.astype(_F32) * wd, axis=0, keepdims=True)
+        dk1_ref[pl.ds(r, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
+        dv1_ref[pl.ds(r, 1), :] = dv.astype(dv1_ref.dtype)
+        return dq + zq * k1a.astype(_F32)
+
+    dq = lax.fori_loop(0, cfg.span, a_step, jnp.zeros(q_ref.shape, _F32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _fold_partials(part, cfg: _Config):
+    """Adds the query tiles' partial sums `[B·K, nq·span, X]` (row `r` of tile `qi` is first
+    key `qi·bq - w1 + 1 + r`) into `[B·K, S1, X]`: `span/bq` shifted block sums (overlap-add,
+    deterministic)."""
+    bk, _, d = part.shape
+    m = -(-cfg.span // cfg.bq)
+    part = part.reshape(bk, cfg.nq, cfg.span, d)
+    part = jnp.pad(part, ((0, 0), (0, 0), (0, m * cfg.bq - cfg.span), (0, 0)))
+    part = part.reshape(bk, cfg.nq, m, cfg.bq, d)
+    blocks = sum(jnp.pad(part[:, :, k], ((0, 0), (k, m - 1 - k), (0, 0), (0, 0))) for k in range(m))
+    keys = blocks.reshape(bk, -1, d)[:, cfg.w1 - 1 :]  # row 0 is first key 0
+    return jnp.pad(keys, ((0, 0), (0, max(0, cfg.s1 - keys.shape[1])), (0, 0)))[:, : cfg.s1]
+
+
 def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
                  l_ref, d_ref, dk2_ref, dv2_ref):  # fmt: skip
     bj = pl.program_id(1)
@@ -479,30 +562,28 @@ def _forward(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
     return _rows_merge(out_t, cfg, q.shape[0]), lse_t
 
 
-def backward(plan: Plan, res, d_out):
-    """The three backward kernels. Residuals `(q, k1, k2, v1, v2, valid1, valid2, out, lse)`
-    with the base-2 log-sum-exp `lse [B,T,N,1]`; the Mosaic GPU forward reuses it."""
-    cfg = plan.bwd
-    q, k1, k2, v1, v2, valid1, valid2, out, lse = res
-    q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
-    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
-    do_t = _rows_layout(d_out.astype(v1_t.dtype), cfg)
-    delta_t = _rows_layout(delta, cfg)
-    lse_t = _rows_layout(lse, cfg)
+def _query_grid_specs(cfg: _Config, sp: _Specs, h: int, keys_in, rows_in):
+    """Input specs of a backward kernel over query tiles: its q tile, the whole key sets and
+    validity vectors, its tiles of dO, lse and delta."""
+    m1, m2 = keys_in[4:]
+    return (
+        [sp.tile(cfg.rows, h)]
+        + [sp.whole(x.shape) for x in keys_in[:4]]
+        + [sp.valid_whole(m1), sp.valid_whole(m2)]
+        + [sp.tile(cfg.rows, x.shape[-1]) for x in rows_in]
+    )
+
+
+def _dq_dkv1_split(cfg: _Config, sp: _Specs, q_t, keys_in, rows_in):
+    """dQ (grid over query tiles) and dK1/dV1 (grid over first-key tiles): two kernels."""
+    k1_t, v1_t, k2_t, v2_t, m1, m2 = keys_in
     bk, rows_total, h = q_t.shape
     hv = v1_t.shape[-1]
-    sp = _Specs(cfg)
-    keys_in = [k1_t, v1_t, k2_t, v2_t, m1, m2]
-    rows_in = [do_t, lse_t, delta_t]
-
     dq_t = _call(
         cfg,
         _dq_kernel,
         grid=(bk, cfg.nq),
-        in_specs=[sp.tile(cfg.rows, h)]
-        + [sp.whole(x.shape) for x in keys_in[:4]]
-        + [sp.valid_whole(m1), sp.valid_whole(m2)]
-        + [sp.tile(cfg.rows, x.shape[-1]) for x in rows_in],
+        in_specs=_query_grid_specs(cfg, sp, h, keys_in, rows_in),
         out_specs=sp.tile(cfg.rows, h),
         out_shape=jax.ShapeDtypeStruct((bk, rows_total, h), _F32),
     )(q_t, *keys_in, *rows_in)
@@ -521,6 +602,53 @@ def backward(plan: Plan, res, d_out):
             jax.ShapeDtypeStruct(v1_t.shape, _F32),
         ],
     )(q_t, *keys_in, *rows_in)
+
+    return dq_t, dk1_t, dv1_t
+
+
+def _dq_dkv1_fused(cfg: _Config, sp: _Specs, q_t, keys_in, rows_in):
+    """dQ and per-query-tile partial sums of dK1/dV1 in one kernel (grid over query tiles),
+    then the partials added (`_fold_partials`)."""
+    v1_t = keys_in[1]
+    bk, rows_total, h = q_t.shape
+    hv = v1_t.shape[-1]
+    parts = cfg.nq * cfg.span
+    dq_t, dk1_p, dv1_p = _call(
+        cfg,
+        _dqkv1_kernel,
+        grid=(bk, cfg.nq),
+        in_specs=_query_grid_specs(cfg, sp, h, keys_in, rows_in),
+        out_specs=[sp.tile(cfg.rows, h), sp.tile(cfg.span, h), sp.tile(cfg.span, hv)],
+        out_shape=[
+            jax.ShapeDtypeStruct((bk, rows_total, h), _F32),
+            jax.ShapeDtypeStruct((bk, parts, h), _F32),
+            jax.ShapeDtypeStruct((bk, parts, hv), _F32),
+        ],
+    )(q_t, *keys_in, *rows_in)
+    return dq_t, _fold_partials(dk1_p, cfg), _fold_partials(dv1_p, cfg)
+
+
+def backward(plan: Plan, res, d_out):
+    """The backward kernels (two or three: `plan.bwd.fuse_k1`). Residuals `(q, k1, k2, v1, v2,
+    valid1, valid2, out, lse)` with the base-2 log-sum-exp `lse [B,T,N,1]`; the Mosaic GPU
+    forward reuses it."""
+    cfg = plan.bwd
+    q, k1, k2, v1, v2, valid1, valid2, out, lse = res
+    q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    do_t = _rows_layout(d_out.astype(v1_t.dtype), cfg)
+    delta_t = _rows_layout(delta, cfg)
+    lse_t = _rows_layout(lse, cfg)
+    bk, rows_total, h = q_t.shape
+    hv = v1_t.shape[-1]
+    sp = _Specs(cfg)
+    keys_in = [k1_t, v1_t, k2_t, v2_t, m1, m2]
+    rows_in = [do_t, lse_t, delta_t]
+
+    if cfg.fuse_k1:
+        dq_t, dk1_t, dv1_t = _dq_dkv1_fused(cfg, sp, q_t, keys_in, rows_in)
+    else:
+        dq_t, dk1_t, dv1_t = _dq_dkv1_split(cfg, sp, q_t, keys_in, rows_in)
 
     dk2_t, dv2_t = _call(
         cfg,
@@ -581,6 +709,11 @@ def check(q, keys, values, plan: Plan) -> None:
             raise spine.Unsupported(
                 f"dtype {jnp.result_type(x)} (supported: bfloat16, float16, float32)"
             )
+    if plan.bwd.fuse_k1 and not _can_fuse(plan.bwd):
+        raise spine.Unsupported(
+            "bwd_fuse_k1=True needs a causal window on the first key set (the smaller window "
+            "once the sets are ordered)"
+        )
     if plan.fwd.interpret:
         return
     backend = jax.default_backend()
