@@ -113,7 +113,7 @@ def kernel_config() -> ml_collections.ConfigDict:
     c.blocked = typed_section(BlockedConfig)
     # Tiles and launch settings of implementation="pallas" (PallasConfig; None: picked for
     # the shapes): fwd_block_rows, fwd_block_k2, bwd_block_rows, bwd_block_k1, bwd_block_k2,
-    # num_warps, num_stages, interpret.
+    # bwd_fuse_k1, num_warps, num_stages, interpret.
     c.pallas = typed_section(PallasConfig)
     return c
 

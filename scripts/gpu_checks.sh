@@ -2,12 +2,16 @@
 # The checks that need an NVIDIA GPU, each bounded in time, with their logs and rows in DIR.
 #
 #   scripts/gpu_checks.sh DIR                          # all sections, in this order
-#   scripts/gpu_checks.sh DIR tests                    # some of: tests kernels polynomial
+#   scripts/gpu_checks.sh DIR tests                    # some of: tests kernels peers polynomial
 #
 # tests:      the whole test suite on this machine (GPU-compiled cases included), its log and
 #             a summary line (device, JAX version, counts, wall time) in DIR/gpu_checks.txt.
 # kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
 #             forward on the windowed, grouped-head shapes of issue 10, then full attention.
+# peers:      the side-by-side run against the peers' Triton kernels (issue 10), needing a copy
+#             of them in .peers (see its run.sh): once with implementation=None (DIR/peers_*.jsonl,
+#             DIR/tensorattn_jax.jsonl), then tensorattn alone with implementation="mosaic_gpu"
+#             (DIR/mosaic_gpu/tensorattn_jax.jsonl, beside the same peer rows).
 # polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal.
 # Each section runs under `timeout` (TIMEOUT_S, default 540 s) so that one fits a 10-minute slot;
 # a section cut by it says so in gpu_checks.txt and the rows it wrote are kept.
@@ -15,14 +19,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:?usage: $0 DIR [tests|kernels|polynomial]...}
 shift
-SECTIONS=${*:-tests kernels polynomial}
+SECTIONS=${*:-tests kernels peers polynomial}
 TIMEOUT_S=${TIMEOUT_S:-540}
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 for s in $SECTIONS; do
   case $s in
-    tests | kernels | polynomial) ;;
-    *) echo "unknown section $s (tests, kernels, polynomial)" >&2; exit 2 ;;
+    tests | kernels | peers | polynomial) ;;
+    *) echo "unknown section $s (tests, kernels, peers, polynomial)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$DIR"
@@ -55,6 +59,16 @@ for s in $SECTIONS; do
       section kernels_full "$PYTHON" -m experiments.bench_pallas \
         --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
         --cases=full4096 --out="$DIR/bench_pallas.jsonl" ;;
+    peers)
+      if [ ! -f .peers/run.sh ]; then
+        echo "peers: skipped, no .peers/run.sh (the peers' comparison harness, not in this repository)" | tee -a "$SUMMARY"
+        continue
+      fi
+      section peers env OUT="$DIR" bash .peers/run.sh
+      mkdir -p "$DIR/mosaic_gpu"
+      cp "$DIR/peers_torch.jsonl" "$DIR/mosaic_gpu/" 2>/dev/null
+      section peers_mosaic_gpu env OUT="$DIR/mosaic_gpu" TENSORATTN_IMPL=mosaic_gpu \
+        PYTHONPATH="$PWD:${PYTHONPATH:-}" "$PYTHON" .peers/tensorattn_jax.py ;;
     polynomial)
       section polynomial_noncausal "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
         --out="$DIR/bench_polynomial_fused.jsonl"
