@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import jax
@@ -128,6 +129,15 @@ def _consumer_registers(wgs: int) -> int:
 # v2 [BK, S2p, Hv], bias1/bias2 [B, S1p|S2p] float32 (0 valid, -inf padding), lse [BK, nq·R].
 
 
+def _load_view(plgpu, view, layout):
+    """`plgpu.load` of a whole (already indexed) ref view: jax 0.10 requires an index
+    argument (`()`), 0.11 deprecates it and 0.12 takes none."""
+    idx = inspect.signature(plgpu.load).parameters.get("idx")
+    if idx is not None and idx.default is inspect.Parameter.empty:
+        return plgpu.load(view, (), layout=layout)
+    return plgpu.load(view, layout=layout)
+
+
 def _masked(ok, s):
     """`s` where `ok`, else -inf. `ok` is the Python bool True when nothing constrains the pair
     (`spine.allowed`): then `s` as is (Mosaic GPU's warpgroup lowering has no implicit broadcast
@@ -146,7 +156,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
 
     def load(ref, idx, layout_):
         """`ref[idx]` as an array in `layout_` (interpret mode: a plain read)."""
-        return ref[idx] if cfg.interpret else plgpu.load(ref, idx, layout=layout_)
+        return ref[idx] if cfg.interpret else _load_view(plgpu, ref.at[idx], layout_)
 
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)

@@ -251,15 +251,19 @@ def _fwd_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_
     l_ref[...] = jnp.where(nonempty, m + jnp.log2(l_safe), 0.0)
 
 
+def _query_tile(cfg: _Config, q_ref, do_ref, l_ref, d_ref):
+    """A backward program's query tile: `(q, do, lse, delta, pos)`, its first position `p0`,
+    and the second-key tiles and first keys its positions can see."""
+    qi = pl.program_id(1)
+    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
+    rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
+    return rows_in, p0, _k2_tiles(cfg, p0, p1), _k1_keys(cfg, p0, p1)
+
+
 def _dq_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
                l_ref, d_ref, dq_ref):  # fmt: skip
-    qi = pl.program_id(1)
-    q, do = q_ref[...], do_ref[...]
-    lse, delta = l_ref[...], d_ref[...]
-    pos = _positions(cfg, qi)
-    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
-    j_lo, j_hi = _k2_tiles(cfg, p0, p1)
-    a_lo, a_hi = _k1_keys(cfg, p0, p1)
+    rows_in, p0, (j_lo, j_hi), (a_lo, a_hi) = _query_tile(cfg, q_ref, do_ref, l_ref, d_ref)
+    q, do, lse, delta, pos = rows_in
 
     def j_step(j, dq):
         b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
@@ -284,6 +288,30 @@ def _dq_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_r
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
+def _first_key_sums(cfg: _Config, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_hi):
+    """For one query tile (`rows_in = (q, do, lse, delta, pos)`) and one first key `a`, summed
+    over second-key tiles `[j_lo, j_hi)`: `zq = Σ_b dS @ k2` (dQ's and dK1's factor) and
+    `wd = Σ_b p @ v2` (dV1's), both `[R, X]` float32. Four tile products per step."""
+    q, do, lse, delta, pos = rows_in
+    y = (do * v1a).astype(v2_ref.dtype)
+
+    def j_step(j, carry):
+        zq, wd = carry
+        b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
+        k2 = k2_ref[pl.ds(b0, cfg.bk2), :]
+        v2 = v2_ref[pl.ds(b0, cfg.bk2), :]
+        ok = row_ok & _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
+        s, _ = _scores(cfg, q, k1a, k2, ok)
+        p = jnp.exp2(s - lse)
+        ds = p * (_dot(y, v2, (1, 1)) - delta)
+        zq = zq + _dot(ds.astype(k2.dtype), k2, (1, 0))
+        wd = wd + _dot(p.astype(v2.dtype), v2, (1, 0))
+        return zq, wd
+
+    init = (jnp.zeros(q.shape, _F32), jnp.zeros(do.shape, _F32))
+    return lax.fori_loop(j_lo, j_hi, j_step, init)
+
+
 def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
                  l_ref, d_ref, dk1_ref, dv1_ref):  # fmt: skip
     ai = pl.program_id(1)
@@ -306,25 +334,11 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
             delta = d_ref[pl.ds(r0, rows), :]
             pos = _positions(cfg, qi)
             row_ok = _row_ok(cfg, valid1, pos, a)
-            y = (do * v1a).astype(v2_ref.dtype)
             j_lo, j_hi = _k2_tiles(cfg, qi * cfg.bq, qi * cfg.bq + cfg.bq - 1)
-
-            def j_step(j, carry):
-                zq, wd = carry
-                b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
-                k2 = k2_ref[pl.ds(b0, cfg.bk2), :]
-                v2 = v2_ref[pl.ds(b0, cfg.bk2), :]
-                ok = row_ok & _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
-                s, _ = _scores(cfg, q, k1a, k2, ok)
-                p = jnp.exp2(s - lse)
-                dp = _dot(y, v2, (1, 1))
-                ds = p * (dp - delta)
-                zq = zq + _dot(ds.astype(k2.dtype), k2, (1, 0))
-                wd = wd + _dot(p.astype(v2.dtype), v2, (1, 0))
-                return zq, wd
-
-            init = (jnp.zeros(q.shape, _F32), jnp.zeros(do.shape, _F32))
-            zq, wd = lax.fori_loop(j_lo, j_hi, j_step, init)
+            rows_in = (q, do, lse, delta, pos)
+            zq, wd = _first_key_sums(
+                cfg, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_hi
+            )
             dk, dv = carry
             dk = dk + jnp.sum(q.astype(_F32) * zq, axis=0, keepdims=True)
             dv = dv + jnp.sum(do.astype(_F32) * wd, axis=0, keepdims=True)
@@ -345,13 +359,8 @@ def _dqkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m
     """dQ of one query tile, and its partial sums of dK1/dV1: row `r` of `dk1_ref`/`dv1_ref`
     [span, X] is this tile's share of first key `a = p0 - w1 + 1 + r` (zero where not
     allowed). Every row is written once."""
-    qi = pl.program_id(1)
-    q, do = q_ref[...], do_ref[...]
-    lse, delta = l_ref[...], d_ref[...]
-    pos = _positions(cfg, qi)
-    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
-    j_lo, j_hi = _k2_tiles(cfg, p0, p1)
-    a_lo, a_hi = _k1_keys(cfg, p0, p1)
+    rows_in, p0, (j_lo, j_hi), (a_lo, a_hi) = _query_tile(cfg, q_ref, do_ref, l_ref, d_ref)
+    q, do, lse, delta, pos = rows_in
     base = p0 - (cfg.w1 - 1)
 
     def a_step(r, dq):
@@ -361,23 +370,10 @@ def _dqkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m
         k1a = k1_ref[pl.ds(a_in, 1), :]
         v1a = v1_ref[pl.ds(a_in, 1), :]
         row_ok = _row_ok(cfg, m1_ref[:, pl.ds(a_in, 1)], pos, a)
-        y = (do * v1a).astype(v2_ref.dtype)
-
-        def j_step(j, carry):
-            zq, wd = carry
-            b0 = pl.multiple_of(j * cfg.bk2, cfg.bk2)
-            k2 = k2_ref[pl.ds(b0, cfg.bk2), :]
-            v2 = v2_ref[pl.ds(b0, cfg.bk2), :]
-            ok = row_ok & _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
-            s, _ = _scores(cfg, q, k1a, k2, ok)
-            p = jnp.exp2(s - lse)
-            ds = p * (_dot(y, v2, (1, 1)) - delta)
-            zq = zq + _dot(ds.astype(k2.dtype), k2, (1, 0))
-            wd = wd + _dot(p.astype(v2.dtype), v2, (1, 0))
-            return zq, wd
-
-        init = (jnp.zeros(q.shape, _F32), jnp.zeros(do.shape, _F32))
-        zq, wd = lax.fori_loop(j_lo, jnp.where(live, j_hi, j_lo), j_step, init)
+        j_end = jnp.where(live, j_hi, j_lo)
+        zq, wd = _first_key_sums(
+            cfg, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_end
+        )
         dk = jnp.sum(q.astype(_F32) * zq, axis=0, keepdims=True)
         dv = jnp.sum(do.astype(_F32) * wd, axis=0, keepdims=True)
         dk1_ref[pl.ds(r, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
