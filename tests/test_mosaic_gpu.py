@@ -48,6 +48,9 @@ LOWER = {
     "g3-three-wgs": (1, 64, 3, 1, 64, 64, BF16, (32, 256), False, None, None, None),
     "g128-one-wg": (1, 256, 128, 1, 64, 64, BF16, (32, 256), False, None, None,
                     MosaicGPUConfig(num_compute_wgs=1)),
+    # The shared-memory operands of interpret mode, compiled (default: register operands).
+    "g64-smem-operands": (1, 1000, 64, 1, 128, 128, BF16, (32, 256), False, None, None,
+                          MosaicGPUConfig(register_operands=False)),
 }  # fmt: skip
 
 
@@ -144,7 +147,10 @@ ATOL = {BF16: 3e-2, F16: 5e-3}
 
 def _check_forward(case: Case, config: MosaicGPUConfig):
     x, masks = case.inputs()
-    out = case.run(x, masks, dataclasses.replace(case.config, interpret=config.interpret))
+    config = dataclasses.replace(
+        case.config, interpret=config.interpret, register_operands=config.register_operands
+    )
+    out = case.run(x, masks, config)
     assert out.shape == x[0].shape[:3] + (case.value_dim,) and out.dtype == x[0].dtype
     x64, kw = case.oracle(x, masks)
     want = oracle.attention(x64[0], x64[1:3], x64[3:], **kw)
@@ -165,9 +171,11 @@ def test_interpreter_two_warpgroups(name):
 
 
 @pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
+@pytest.mark.parametrize("registers", [True, False], ids=["registers", "smem"])
 @pytest.mark.parametrize("name", sorted(CASES | MANY_THREADS))
-def test_gpu_matches_oracle(name):
-    _check_forward((CASES | MANY_THREADS)[name], MosaicGPUConfig(interpret=False))
+def test_gpu_matches_oracle(name, registers):
+    config = MosaicGPUConfig(interpret=False, register_operands=registers)
+    _check_forward((CASES | MANY_THREADS)[name], config)
 
 
 def _check_gradient(config: MosaicGPUConfig):
@@ -230,6 +238,9 @@ def test_unsupported_order_tiles_and_device():
         mosaic_gpu.attention(x[0], x[1:2], x[3:4], dataclasses.replace(spec, windows=(None,)))
     with pytest.raises(tensorattn.Unsupported, match="64 or 128 rows"):
         mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, MosaicGPUConfig(block_q=3, interpret=True))
+    with pytest.raises(tensorattn.Unsupported, match="register_operands=True in interpret"):
+        config = MosaicGPUConfig(register_operands=True, interpret=True)
+        mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, config)
     too_big = MosaicGPUConfig(block_k1=64, block_k2=128, max_concurrent_steps=4, interpret=True)
     with pytest.raises(tensorattn.Unsupported, match="shared memory"):
         mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, too_big)

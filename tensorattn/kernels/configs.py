@@ -161,6 +161,9 @@ class MosaicGPUConfig(KernelConfig):
     num_compute_wgs: consumer warpgroups splitting the rows (a producer warpgroup issues the
       TMA copies).
     max_concurrent_steps: shared-memory slots of the k1/v1/k2/v2 pipeline.
+    register_operands: the first operands of both wgmma products (`x = q ∘ k1[a]`, `P`) from
+      registers, q held in registers (False: all three in shared memory, each store followed
+      by a fence). None: True when compiled; interpret mode needs False.
     interpret: run in Mosaic GPU interpret mode on CPU (slow, for tests). None: the
       environment variable TENSORATTN_MOSAIC_GPU_INTERPRET.
     """
@@ -171,10 +174,11 @@ class MosaicGPUConfig(KernelConfig):
     block_k2: int | None = None
     num_compute_wgs: int | None = None
     max_concurrent_steps: int | None = None
+    register_operands: bool | None = None
     interpret: bool | None = None
 
     def __post_init__(self):
-        _tiles_and_interpret(self)
+        _tiles_and_interpret(self, flags=("register_operands", "interpret"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,17 +7,18 @@ are ordered so that the first one has the smaller window (`pallas.ordered_key_se
 producer warpgroup streams *steps* through `max_concurrent_steps` shared-memory slots with TMA:
 a step is (a tile of `block_k1` first keys, a tile of `block_k2` second keys) and loads
 `k1, v1, bias1` (`block_k1` rows), `k2ᵀ [H, block_k2]`, `v2, bias2`. For each first key `a` of
-the step, a consumer forms `x = q ∘ k1[a]` (stored to shared memory), `S = x @ k2ᵀ` (wgmma,
-float32), adds the masks (causal / window from positions, key padding as a 0 / -inf bias),
-runs the base-2 online softmax, stores `P` and accumulates `acc = α·acc + v1[a] ∘ (P @ v2)`
-(second wgmma). `tau·log2 e` is folded into `q` and the kernel saves the base-2 log-sum-exp
+the step, a consumer forms `x = q ∘ k1[a]`, `S = x @ k2ᵀ` (wgmma, float32), adds the masks
+(causal / window from positions, key padding as a 0 / -inf bias), runs the base-2 online
+softmax and accumulates `acc = α·acc + v1[a] ∘ (P @ v2)` (second wgmma); `q`, `x` and `P` stay
+in registers (wgmma's register operand). `tau·log2 e` is folded into `q` and the kernel saves the base-2 log-sum-exp
 (`m + log2 l`, 0 for rows with no allowed pair), the residual the portable Pallas backward
 (`pallas.backward`) consumes, so the gradient is that of `implementation="pallas"`.
 
 The same kernel source runs compiled (CUDA, sm_90a) and in Mosaic GPU's interpret mode on
-CPU (`MosaicGPUConfig(interpret=True)`): both operands of each wgmma are shared-memory refs
-(the interpreter has no register operands) and accumulators are `run_scoped` wgmma refs (the
-interpreter has no `run_state`); layout casts are hints that interpret mode skips.
+CPU (`MosaicGPUConfig(interpret=True)`). The interpreter reads wgmma operands from shared
+memory only, so there `q`, `x` and `P` live in shared memory (stored, then fenced), the layout
+`register_operands=False` also selects when compiled; accumulators are `run_scoped` wgmma refs
+(jax 0.10's interpreter has no `run_state`); layout casts are hints that interpret mode skips.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class _Config(spine.CallView):
     wgs: int
     steps: int
     interpret: bool
+    registers: bool  # wgmma's first operands (x, P) from registers, not shared memory
 
     @property
     def wg_rows(self) -> int:
@@ -103,6 +105,7 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     bk2 = config.block_k2 or DEFAULT_BLOCK_K2
     bk1 = config.block_k1 or DEFAULT_BLOCK_K1
     interpret = spine.env_flag(INTERPRET_ENV) if config.interpret is None else config.interpret
+    registers = not interpret if config.register_operands is None else config.register_operands
     return _Config(
         call=call,
         bq=bq,
@@ -111,6 +114,7 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
         wgs=wgs,
         steps=config.max_concurrent_steps or DEFAULT_STEPS,
         interpret=interpret,
+        registers=registers,
     )
 
 
@@ -220,11 +224,28 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
         rows, hv = cfg.wg_rows, o_ref.shape[-1]
         r0 = qi * cfg.rows + wg * rows
         o_smem_ = q_smem if o_smem is None else o_smem  # q's slot holds the output if it fits
-        q_wg, o_wg, x_wg, p_wg, lse_wg = (
-            s.at[wg] for s in (q_smem, o_smem_, x_smem, p_smem, lse_smem)
-        )
+        q_wg, o_wg, lse_wg = (s.at[wg] for s in (q_smem, o_smem_, lse_smem))
+        x_wg, p_wg = (None, None) if cfg.registers else (x_smem.at[wg], p_smem.at[wg])
         plgpu.copy_gmem_to_smem(q_ref.at[bk, pl.ds(r0, rows)], q_wg, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
+        if cfg.registers:  # q stays in registers; x and P are wgmma's register operands
+            q_reg = load(q_wg, (), wgmma_layout)
+
+            def q_rows():
+                return q_reg
+
+            def operand(x, ref):
+                del ref
+                return x.astype(q_ref.dtype)
+        else:  # q, x and P in shared memory (the interpreter has no register operands)
+
+            def q_rows():
+                return q_wg[...]
+
+            def operand(x, ref):
+                ref[...] = x.astype(ref.dtype)
+                plgpu.commit_smem()
+                return ref
 
         def iota(dim, cols):
             return layout(lax.broadcasted_iota(jnp.int32, (rows, cols), dim), wgmma_layout)
@@ -246,12 +267,11 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
                 m, denom, acc = carry
                 a = a0 + i
                 k1a = load(k1_smem, (slot, i), col_layout).astype(_F32)
-                x = q_wg[...].astype(_F32) * lax.broadcast_in_dim(k1a, (rows, q_wg.shape[-1]), [1])
-                x_wg[...] = x.astype(x_wg.dtype)
-                plgpu.commit_smem()
+                x = q_rows().astype(_F32) * lax.broadcast_in_dim(k1a, (rows, q_wg.shape[-1]), [1])
+                x_op = operand(x, x_wg)
 
                 def scores(acc_ref):
-                    plgpu.wgmma(acc_ref, x_wg, k2_smem.at[slot])
+                    plgpu.wgmma(acc_ref, x_op, k2_smem.at[slot])
                     return acc_ref[...]
 
                 s = pl.run_scoped(scores, plgpu.ACC((rows, cfg.bk2), _F32))
@@ -262,11 +282,10 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
                 alpha = jnp.exp2(m - m_safe)
                 denom = alpha * denom + p.sum(axis=1)
-                p_wg[...] = p.astype(p_wg.dtype)
-                plgpu.commit_smem()
+                p_op = operand(p, p_wg)
 
                 def values(acc_ref):
-                    plgpu.wgmma(acc_ref, p_wg, v2_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p_op, v2_smem.at[slot])
                     return acc_ref[...]
 
                 w = pl.run_scoped(values, plgpu.ACC((rows, hv), _F32))
@@ -309,8 +328,8 @@ def _call(cfg: _Config, bk: int, h: int, hv: int, dtype):
     scratch = [
         swizzled((wgs, rows, h)),  # q, then the output if h == hv
         None if h == hv else swizzled((wgs, rows, hv)),  # the output
-        swizzled((wgs, rows, h)),  # x = q ∘ k1[a]
-        swizzled((wgs, rows, cfg.bk2)),  # p
+        None if cfg.registers else swizzled((wgs, rows, h)),  # x = q ∘ k1[a]
+        None if cfg.registers else swizzled((wgs, rows, cfg.bk2)),  # p
         plgpu.SMEM((wgs, rows), _F32),  # lse
         plgpu.SMEM((steps, cfg.bk1, h), dtype),  # k1 tile (rows read one at a time)
         plgpu.SMEM((steps, cfg.bk1, hv), dtype),  # v1 tile
@@ -435,6 +454,11 @@ def _check_shapes(q, keys, values, cfg: _Config) -> None:
         )
     if cfg.bk1 % 8:
         raise spine.Unsupported(f"block_k1={cfg.bk1} (must be a multiple of 8)")
+    if cfg.registers and cfg.interpret:
+        raise spine.Unsupported(
+            "register_operands=True in interpret mode (the Mosaic GPU interpreter reads wgmma "
+            "operands from shared memory only)"
+        )
     if (need := _smem_bytes(cfg, h, hv, jnp.dtype(q.dtype).itemsize)) > _SMEM_BYTES:
         raise spine.Unsupported(
             f"tiles need {need} bytes of shared memory (> {_SMEM_BYTES}): lower "
@@ -445,7 +469,8 @@ def _check_shapes(q, keys, values, cfg: _Config) -> None:
 def _smem_bytes(cfg: _Config, h: int, hv: int, itemsize: int) -> int:
     """Shared memory of `_call`'s scratch (bytes)."""
     rows = cfg.rows
-    per_wg = rows * (h + (0 if h == hv else hv) + h + cfg.bk2) * itemsize + rows * 4
+    operands = 0 if cfg.registers else h + cfg.bk2  # x and P in shared memory
+    per_wg = rows * (h + (0 if h == hv else hv) + operands) * itemsize + rows * 4
     per_step = (cfg.bk1 * (h + hv) + cfg.bk2 * (h + hv)) * itemsize + (cfg.bk1 + cfg.bk2) * 4
     return per_wg + cfg.steps * per_step
 
