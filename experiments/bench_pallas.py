@@ -53,7 +53,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_list(
         "variants_mosaic",
-        ["32:64:2", "64:64:2", "16:64:3"],
+        ["32:64:2", "32:64:3", "32:128:2", "64:64:2"],
         "Mosaic GPU block_k1:block_k2:max_concurrent_steps.",
     )
     flags.DEFINE_bool("check", True, "Check pallas against blocked first.")

@@ -260,11 +260,18 @@ def test_not_the_default():
 def test_default_tiles():
     def plan(heads, kv_heads=1, config=None):
         call = spine.Call(1.0, True, (32, None), 512, (512, 512), heads=heads, kv_heads=kv_heads)
-        cfg = mosaic_gpu._plan(call, config or MosaicGPUConfig())
+        return mosaic_gpu._plan(call, config or MosaicGPUConfig())
+
+    def tiles(*args, **kwargs):
+        cfg = plan(*args, **kwargs)
         return cfg.bq, cfg.rows, cfg.wgs
 
-    assert plan(64) == (1, 64, 1)
-    assert plan(128) == (1, 128, 2)
-    assert plan(4) == (16, 64, 1)
-    assert plan(3) == (64, 192, 3)
-    assert plan(128, config=MosaicGPUConfig(num_compute_wgs=1)) == (1, 128, 1)
+    # Compiled: two 64-row compute warpgroups and register operands; interpret mode: one
+    # warpgroup, shared-memory operands.
+    assert tiles(64) == (2, 128, 2) and plan(64).registers
+    assert tiles(64, config=INTERPRET) == (1, 64, 1) and not plan(64, config=INTERPRET).registers
+    assert tiles(128) == (1, 128, 2)
+    assert tiles(4) == (32, 128, 2)
+    assert tiles(4, config=INTERPRET) == (16, 64, 1)
+    assert tiles(3) == (64, 192, 3)
+    assert tiles(128, config=MosaicGPUConfig(num_compute_wgs=1)) == (1, 128, 1)

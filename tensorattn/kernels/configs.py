@@ -155,7 +155,8 @@ class MosaicGPUConfig(KernelConfig):
     session has timed it (docs/pallas.md, "Mosaic GPU forward").
 
     block_q: query positions per program; `G·block_q` rows must fill compute warpgroups of 64
-      or 128 rows (None: the fewest positions giving at least 64 rows).
+      or 128 rows (None: the fewest positions giving at least 128 rows, 64 in interpret
+      mode).
     block_k1: first keys per pipeline step (multiple of 8; loaded with each step).
     block_k2: second keys per step, the columns of each score product (multiple of 64).
     num_compute_wgs: consumer warpgroups splitting the rows (a producer warpgroup issues the

@@ -47,8 +47,12 @@ _MAX_WG_ROWS = 128
 # Shared memory per block on an H100 (227 KiB), less a margin for barriers and alignment.
 _SMEM_BYTES = 227 * 1024 - 1024
 
-# Defaults (MosaicGPUConfig fields left at None); not yet tuned on a GPU.
-DEFAULT_ROWS = 64
+# Defaults (MosaicGPUConfig fields left at None); not yet tuned on a GPU. Rows: two compute
+# warpgroups of 64 rows when compiled, so that one's softmax can overlap the other's wgmma
+# (one program per SM: the register split assumes the whole register file); one in interpret
+# mode (more simulated warpgroups than cores can hang the interpreter, docs/pallas.md).
+DEFAULT_ROWS = 128
+INTERPRET_ROWS = 64
 DEFAULT_BLOCK_K1 = 32
 DEFAULT_BLOCK_K2 = 64
 DEFAULT_STEPS = 2
@@ -88,13 +92,16 @@ INTERPRET_ENV = "TENSORATTN_MOSAIC_GPU_INTERPRET"
 
 def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     """The forward's tiles: `config`'s fields, None ones chosen here. Rows: the smallest
-    multiple of 64 that holds `block_q` whole positions of the group (`G·block_q`)."""
+    multiple of 64 that holds `block_q` whole positions of the group (`G·block_q`) and at
+    least `DEFAULT_ROWS` rows (`INTERPRET_ROWS` in interpret mode)."""
     g = call.group
+    interpret = spine.env_flag(INTERPRET_ENV) if config.interpret is None else config.interpret
     if config.block_q:
         bq = config.block_q
     else:
         unit = _WG_ROWS // math.gcd(g, _WG_ROWS)  # fewest positions filling whole warpgroups
-        bq = unit * -(-max(1, DEFAULT_ROWS // g) // unit)
+        target = INTERPRET_ROWS if interpret else DEFAULT_ROWS
+        bq = unit * -(-max(1, target // g) // unit)
     rows = g * bq
     if config.num_compute_wgs:
         wgs = config.num_compute_wgs
@@ -104,7 +111,6 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
         wgs = rows // _MAX_WG_ROWS if rows % _MAX_WG_ROWS == 0 else rows // _WG_ROWS
     bk2 = config.block_k2 or DEFAULT_BLOCK_K2
     bk1 = config.block_k1 or DEFAULT_BLOCK_K1
-    interpret = spine.env_flag(INTERPRET_ENV) if config.interpret is None else config.interpret
     registers = not interpret if config.register_operands is None else config.register_operands
     return _Config(
         call=call,
@@ -266,8 +272,10 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             def a_body(i, carry):
                 m, denom, acc = carry
                 a = a0 + i
-                k1a = load(k1_smem, (slot, i), col_layout).astype(_F32)
-                x = q_rows().astype(_F32) * lax.broadcast_in_dim(k1a, (rows, q_wg.shape[-1]), [1])
+                # In the input dtype: the product of two 16-bit floats is exact in float32, so
+                # one rounding either way (and half the registers of a float32 x).
+                k1a = load(k1_smem, (slot, i), col_layout)
+                x = q_rows() * lax.broadcast_in_dim(k1a, (rows, q_wg.shape[-1]), [1])
                 x_op = operand(x, x_wg)
 
                 def scores(acc_ref):
