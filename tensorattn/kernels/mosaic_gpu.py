@@ -9,10 +9,11 @@ a step is (a tile of `block_k1` first keys, a tile of `block_k2` second keys) an
 `k1, v1, bias1` (`block_k1` rows), `k2ᵀ [H, block_k2]`, `v2, bias2`. For each first key `a` of
 the step, a consumer forms `x = q ∘ k1[a]`, `S = x @ k2ᵀ` (wgmma, float32), adds the masks
 (causal / window from positions, key padding as a 0 / -inf bias), runs the base-2 online
-softmax and accumulates `acc = α·acc + v1[a] ∘ (P @ v2)` (second wgmma); `q`, `x` and `P` stay
-in registers (wgmma's register operand). `tau·log2 e` is folded into `q` and the kernel saves the base-2 log-sum-exp
-(`m + log2 l`, 0 for rows with no allowed pair), the residual the portable Pallas backward
-(`pallas.backward`) consumes, so the gradient is that of `implementation="pallas"`.
+softmax and accumulates `acc = α·acc + v1[a] ∘ (P @ v2)` (second wgmma); `q`, `x` and `P`
+stay in registers (wgmma's register operand). `tau·log2 e` is folded into `q` and the kernel
+saves the base-2 log-sum-exp (`m + log2 l`, 0 for rows with no allowed pair), the residual the
+portable Pallas backward (`pallas.backward`) consumes, so the gradient is that of
+`implementation="pallas"`.
 
 The same kernel source runs compiled (CUDA, sm_90a) and in Mosaic GPU's interpret mode on
 CPU (`MosaicGPUConfig(interpret=True)`). The interpreter reads wgmma operands from shared
