@@ -117,9 +117,11 @@ def test_fused_backward_choice():
         call = spine.Call(1.0, True, windows, t, (t, t), heads=heads, kv_heads=1)
         return pallas.plan(call, config or PallasConfig()).bwd
 
-    assert plan(4096, 64, (32, 512)).fuse_k1  # rows 128, bq 2: span 33
-    assert plan(4096, 2, (32, 512)).fuse_k1  # bq 64: span 95 <= 256
-    assert not plan(4096, 2, (512, None)).fuse_k1  # span 575 > 256
+    p = plan(4096, 64, (32, 512))  # fused tiles: 64 rows (bq 1), 8 warps; span 32
+    assert p.fuse_k1 and (p.rows, p.bq, p.span, p.num_warps) == (64, 1, 32, 8)
+    assert plan(4096, 2, (32, 512)).fuse_k1  # bq 32: span 63 <= 128
+    p = plan(4096, 2, (512, None))  # span 543 > 128: the split kernels' tiles
+    assert not p.fuse_k1 and (p.rows, p.num_warps) == (128, 8)
     assert not plan(4096, 2, (None, None)).fuse_k1  # causal, no window
     assert not plan(4096, 64, (32, 512), PallasConfig(bwd_fuse_k1=False)).fuse_k1
     x, _ = _inputs(8, t=6, s1=6, s2=6)

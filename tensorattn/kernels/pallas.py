@@ -97,16 +97,24 @@ DEFAULT_NUM_STAGES = 2
 LARGE_GROUP = 64
 LARGE_GROUP_FWD_ROWS = 64
 # The fused dQ/dK1/dV1 kernel runs by default when a query tile's partial sums have at most
-# this many rows per tile row (partials at most ~4x dQ's f32 bytes).
+# this many rows per tile row (partials at most ~4x dQ's f32 bytes). Its default tiles: it
+# carries three [rows, H] float32 accumulators (dq, and per first key z and p @ v2), so 64
+# rows on 8 warps keep them at 96 registers per thread (128 rows: 192, as many as the split
+# dK1/dV1 kernel's two plus its inputs; not yet measured).
 FUSE_MAX_SPAN_PER_ROW = 2
+FUSED_ROWS = 64
+FUSED_WARPS = 8
 
 
-def _pass(call: spine.Call, rows: int, bk1: int, bk2: int, config: PallasConfig, interpret):
+def _pass(
+    call: spine.Call, rows: int, bk1: int, bk2: int, config: PallasConfig, interpret, warps=None
+):
     """One pass's tiles: `rows // G` query positions (at least 1, at most T rounded up to a
-    power of two), `bk2` at most S2 rounded up to a power of two (at least 16)."""
+    power of two), `bk2` at most S2 rounded up to a power of two (at least 16); `warps`: the
+    default number of warps (None: by tile size)."""
     bq = min(max(1, rows // call.group), _next_pow2(call.t))
     bk2 = min(bk2, max(16, _next_pow2(call.lengths[1])))
-    num_warps = config.num_warps or (4 if call.group * bq * bk2 <= 64 * 64 else 8)
+    num_warps = config.num_warps or warps or (4 if call.group * bq * bk2 <= 64 * 64 else 8)
     return _Config(
         call=call,
         bq=bq,
@@ -131,18 +139,18 @@ def plan(call: spine.Call, config: PallasConfig) -> Plan:
         config,
         interpret,
     )
-    bwd = _pass(
-        call,
-        config.bwd_block_rows or DEFAULT_ROWS,
-        bk1,
-        config.bwd_block_k2 or DEFAULT_BLOCK_K2,
-        config,
-        interpret,
+    bk2 = config.bwd_block_k2 or DEFAULT_BLOCK_K2
+    fused = _pass(
+        call, config.bwd_block_rows or FUSED_ROWS, bk1, bk2, config, interpret, FUSED_WARPS
     )
     fuse = config.bwd_fuse_k1
     if fuse is None:
-        fuse = _can_fuse(bwd) and bwd.span <= FUSE_MAX_SPAN_PER_ROW * bwd.rows
-    return Plan(fwd, dataclasses.replace(bwd, fuse_k1=fuse))
+        fuse = _can_fuse(fused) and fused.span <= FUSE_MAX_SPAN_PER_ROW * fused.rows
+    if fuse:
+        return Plan(fwd, dataclasses.replace(fused, fuse_k1=True))
+    return Plan(
+        fwd, _pass(call, config.bwd_block_rows or DEFAULT_ROWS, bk1, bk2, config, interpret)
+    )
 
 
 def _can_fuse(cfg: _Config) -> bool:
