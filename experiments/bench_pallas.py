@@ -11,7 +11,8 @@ In one run: the device's bf16 matmul rate; a correctness check of the Pallas ker
 the blocked kernel (forward and gradients); then forward and forward+gradient TFLOP/s of
 "pallas" and "blocked" at T=4096 (full) and T=16384 with windows (512, 32), head dims 64 and
 128, grouped heads. Forward variants are `PallasConfig` tiles `rows:block_k2:warps` (for
-"mosaic_gpu", `MosaicGPUConfig` fields `block_k1:block_k2:max_concurrent_steps`); the
+"mosaic_gpu", `MosaicGPUConfig` fields `block_k1:block_k2:max_concurrent_steps`, and a
+fourth field `smem` for `register_operands=False`); the
 fastest one is also timed with its gradient (mosaic_gpu's gradient is the Pallas backward).
 Rows follow the schema of `experiments.harness`
 (`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
@@ -53,8 +54,8 @@ def define_flags() -> None:
     )
     flags.DEFINE_list(
         "variants_mosaic",
-        ["32:64:2", "32:64:3", "32:128:2", "64:64:2"],
-        "Mosaic GPU block_k1:block_k2:max_concurrent_steps.",
+        ["32:64:2", "32:64:2:smem", "32:64:3", "32:128:2", "64:64:2"],
+        "Mosaic GPU block_k1:block_k2:max_concurrent_steps[:smem] (smem: register_operands=False).",
     )
     flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
     flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
@@ -84,12 +85,17 @@ BWD_LAYOUTS = {"default": None, "fused": True, "split": False}
 
 def variant_options(variant: str | None, impl: str = "pallas") -> dict:
     """`PallasConfig` fields of a variant "rows:block_k2:warps" (forward and backward tiles),
-    or for "mosaic_gpu" the `MosaicGPUConfig` fields of "block_k1:block_k2:steps"."""
+    or for "mosaic_gpu" the `MosaicGPUConfig` fields of "block_k1:block_k2:steps[:smem]"
+    (`smem`: wgmma's first operands through shared memory, `register_operands=False`)."""
     if variant is None:
         return {}
     if impl == "mosaic_gpu":
-        block_k1, block_k2, steps = map(int, variant.split(":"))
-        return {"block_k1": block_k1, "block_k2": block_k2, "max_concurrent_steps": steps}
+        block_k1, block_k2, steps, *smem = variant.split(":")
+        if smem not in ([], ["smem"]):
+            raise ValueError(f"mosaic_gpu variant {variant!r}: block_k1:block_k2:steps[:smem]")
+        options = {"block_k1": int(block_k1), "block_k2": int(block_k2)}
+        options["max_concurrent_steps"] = int(steps)
+        return options | ({"register_operands": False} if smem else {})
     rows, block_k2, warps = map(int, variant.split(":"))
     return {
         "fwd_block_rows": rows,
