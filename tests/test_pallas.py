@@ -113,12 +113,15 @@ def test_fused_backward_choice():
     """dK1/dV1 join the dQ kernel (partial sums) by default when the first key set has a
     causal window short enough; the three-kernel backward otherwise, or when asked."""
 
-    def plan(t, heads, windows, config=None):
+    def plan(t, heads, windows, config=None, kernel="bwd"):
         call = spine.Call(1.0, True, windows, t, (t, t), heads=heads, kv_heads=1)
-        return pallas.plan(call, config or PallasConfig()).bwd
+        return getattr(pallas.plan(call, config or PallasConfig()), kernel)
 
     p = plan(4096, 64, (32, 512))  # fused tiles: 64 rows (bq 1), 8 warps; span 32
     assert p.fuse_k1 and (p.rows, p.bq, p.span, p.num_warps) == (64, 1, 32, 8)
+    p = plan(4096, 64, (32, 512), kernel="kv2")  # dK2/dV2 keeps the split tiles
+    assert not p.fuse_k1 and (p.rows, p.bq) == (128, 2)
+    assert not plan(4096, 128, (32, 512)).fuse_k1  # 128-row fused tiles would spill
     assert plan(4096, 2, (32, 512)).fuse_k1  # bq 32: span 63 <= 128
     p = plan(4096, 2, (512, None))  # span 543 > 128: the split kernels' tiles
     assert not p.fuse_k1 and (p.rows, p.num_warps) == (128, 8)
@@ -133,14 +136,20 @@ def test_fused_backward_choice():
         PallasConfig(bwd_fuse_k1=1)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_backward_variants_match_oracle(fuse):
+@pytest.mark.parametrize("layout", ["fused", "split", "default-tiles"])
+def test_backward_variants_match_oracle(layout):
     """Both backward layouts, a window whose partial sums start before key 0, key masks,
-    a length that is not a tile multiple, one position per tile row block (bq = 2)."""
-    x, rng = _inputs(9, t=19, s1=19, s2=19)
-    masks = [rng.random((B, 19)) > 0.3 for _ in range(2)]
-    d_out = rng.standard_normal((B, 19, N, HV))
-    config = dataclasses.replace(SMALL, bwd_block_rows=4, bwd_fuse_k1=fuse)
+    a length that is not a tile multiple, two positions per tile (bq = 2); with default
+    tiles, fused dQ/dK1/dV1 tiles (bq = 32) unlike dK2/dV2's (bq = 64)."""
+    t = 40 if layout == "default-tiles" else 19
+    x, rng = _inputs(9, t=t, s1=t, s2=t)
+    masks = [rng.random((B, t)) > 0.3 for _ in range(2)]
+    d_out = rng.standard_normal((B, t, N, HV))
+    config = {
+        "fused": dataclasses.replace(SMALL, bwd_block_rows=4, bwd_fuse_k1=True),
+        "split": dataclasses.replace(SMALL, bwd_block_rows=4, bwd_fuse_k1=False),
+        "default-tiles": PallasConfig(interpret=True),
+    }[layout]
 
     def loss(*args):
         out = tensorattn.tensor_attention(

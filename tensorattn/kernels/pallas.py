@@ -81,10 +81,13 @@ class _Config(spine.CallView):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The forward and backward passes of one call."""
+    """The forward and backward passes of one call: `bwd` the tiles of the backward kernels
+    over query tiles (dQ, fused with dK1/dV1 or beside the dK1/dV1 kernel), `kv2` those of
+    the dK2/dV2 kernel (the same unless fused)."""
 
     fwd: _Config
     bwd: _Config
+    kv2: _Config
 
 
 # Default tiles (PallasConfig fields left at None).
@@ -143,14 +146,14 @@ def plan(call: spine.Call, config: PallasConfig) -> Plan:
     fused = _pass(
         call, config.bwd_block_rows or FUSED_ROWS, bk1, bk2, config, interpret, FUSED_WARPS
     )
+    split = _pass(call, config.bwd_block_rows or DEFAULT_ROWS, bk1, bk2, config, interpret)
     fuse = config.bwd_fuse_k1
-    if fuse is None:
-        fuse = _can_fuse(fused) and fused.span <= FUSE_MAX_SPAN_PER_ROW * fused.rows
+    if fuse is None:  # fused tiles as small as asked (G >= 128 rows would spill: split)
+        small = fused.rows <= (config.bwd_block_rows or FUSED_ROWS)
+        fuse = small and _can_fuse(fused) and fused.span <= FUSE_MAX_SPAN_PER_ROW * fused.rows
     if fuse:
-        return Plan(fwd, dataclasses.replace(fused, fuse_k1=True))
-    return Plan(
-        fwd, _pass(call, config.bwd_block_rows or DEFAULT_ROWS, bk1, bk2, config, interpret)
-    )
+        return Plan(fwd, dataclasses.replace(fused, fuse_k1=True), split)
+    return Plan(fwd, split, split)
 
 
 def _can_fuse(cfg: _Config) -> bool:
@@ -632,29 +635,24 @@ def _dq_dkv1_fused(cfg: _Config, sp: _Specs, q_t, keys_in, rows_in):
     return dq_t, _fold_partials(dk1_p, cfg), _fold_partials(dv1_p, cfg)
 
 
-def backward(plan: Plan, res, d_out):
-    """The backward kernels (two or three: `plan.bwd.fuse_k1`). Residuals `(q, k1, k2, v1, v2,
-    valid1, valid2, out, lse)` with the base-2 log-sum-exp `lse [B,T,N,1]`; the Mosaic GPU
-    forward reuses it."""
-    cfg = plan.bwd
+def _backward_inputs(cfg: _Config, res, d_out):
+    """The backward's inputs in `cfg`'s tiles: `q_t`, the key sets and validity vectors, and
+    the row inputs `dO`, `lse`, `delta = Σ dO ∘ out`."""
     q, k1, k2, v1, v2, valid1, valid2, out, lse = res
     q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
     delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
-    do_t = _rows_layout(d_out.astype(v1_t.dtype), cfg)
-    delta_t = _rows_layout(delta, cfg)
-    lse_t = _rows_layout(lse, cfg)
-    bk, rows_total, h = q_t.shape
+    rows_in = [_rows_layout(d_out.astype(v1_t.dtype), cfg), _rows_layout(lse, cfg)]
+    rows_in.append(_rows_layout(delta, cfg))
+    return q_t, [k1_t, v1_t, k2_t, v2_t, m1, m2], rows_in
+
+
+def _dkv2(cfg: _Config, q_t, keys_in, rows_in):
+    """dK2/dV2 (grid over second-key tiles)."""
+    k1_t, v1_t, k2_t, v2_t, m1, _ = keys_in
+    bk, _, h = q_t.shape
     hv = v1_t.shape[-1]
     sp = _Specs(cfg)
-    keys_in = [k1_t, v1_t, k2_t, v2_t, m1, m2]
-    rows_in = [do_t, lse_t, delta_t]
-
-    if cfg.fuse_k1:
-        dq_t, dk1_t, dv1_t = _dq_dkv1_fused(cfg, sp, q_t, keys_in, rows_in)
-    else:
-        dq_t, dk1_t, dv1_t = _dq_dkv1_split(cfg, sp, q_t, keys_in, rows_in)
-
-    dk2_t, dv2_t = _call(
+    return _call(
         cfg,
         _dkv2_kernel,
         grid=(bk, cfg.n2),
@@ -669,6 +667,19 @@ def backward(plan: Plan, res, d_out):
         ],
     )(q_t, *keys_in, *rows_in)
 
+
+def backward(plan: Plan, res, d_out):
+    """The backward kernels (two or three: `plan.bwd.fuse_k1`). Residuals `(q, k1, k2, v1, v2,
+    valid1, valid2, out, lse)` with the base-2 log-sum-exp `lse [B,T,N,1]`; the Mosaic GPU
+    forward reuses it."""
+    cfg = plan.bwd
+    q, k1, k2, v1, v2 = res[:5]
+    inputs = _backward_inputs(cfg, res, d_out)
+    layout = _dq_dkv1_fused if cfg.fuse_k1 else _dq_dkv1_split
+    dq_t, dk1_t, dv1_t = layout(cfg, _Specs(cfg), *inputs)
+    if plan.kv2 != cfg:  # the fused layout's tiles differ from dK2/dV2's
+        inputs = _backward_inputs(plan.kv2, res, d_out)
+    dk2_t, dv2_t = _dkv2(plan.kv2, *inputs)
     dq = _rows_merge(dq_t, cfg, q.shape[0]).astype(q.dtype)
     return (
         dq,
@@ -724,7 +735,7 @@ def check(q, keys, values, plan: Plan) -> None:
     if backend == "gpu":
         h, hv = q.shape[-1], values[0].shape[-1]
         sizes = [("H", h), ("Hv", hv)]
-        for name, cfg in (("fwd", plan.fwd), ("bwd", plan.bwd)):
+        for name, cfg in (("fwd", plan.fwd), ("bwd", plan.bwd), ("bwd", plan.kv2)):
             sizes += [(f"{name} rows", cfg.rows), (f"{name}_block_k2", cfg.bk2)]
         for name, size in sizes:
             if not _is_pow2(size) or size < 16:
