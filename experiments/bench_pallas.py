@@ -10,10 +10,12 @@ r"""GPU benchmark of the Pallas tensor-attention kernels against the blocked XLA
 In one run: the device's bf16 matmul rate; a correctness check of the Pallas kernels against
 the blocked kernel (forward and gradients); then forward and forward+gradient TFLOP/s of
 "pallas" and "blocked" at T=4096 (full) and T=16384 with windows (512, 32), head dims 64 and
-128, grouped heads. Forward variants are `PallasConfig` tiles `rows:block_k2:warps` (for
-"mosaic_gpu", `MosaicGPUConfig` fields `block_k1:block_k2:max_concurrent_steps`, and a
-fourth field `smem` for `register_operands=False`); the
-fastest one is also timed with its gradient (mosaic_gpu's gradient is the Pallas backward).
+128, grouped heads. Each implementation runs at its default tiles (variant "default", what
+`implementation=None` users get), then at forward variants: `PallasConfig` tiles
+`rows:block_k2:warps` (for "mosaic_gpu", `MosaicGPUConfig` fields
+`block_k1:block_k2:max_concurrent_steps`, and a fourth field `smem` for
+`register_operands=False`). The default tiles are also timed with the gradient
+(mosaic_gpu's gradient is the Pallas backward).
 Rows follow the schema of `experiments.harness`
 (`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
 plus `case`, `variant`, `frac_matmul` and, for "fwd+grad", `bwd_tflops`: the backward alone
@@ -172,29 +174,31 @@ def time_case(
     repeats: int = 5,
     budget_s: float | None = None,
 ) -> list[dict]:
-    """Forward rows of every implementation (pallas: each of `variants`, mosaic_gpu: each of
-    `mosaic_variants`), then forward+gradient rows of each of `bwd_impls` at its fastest
-    variant (pallas: each of `bwd_layouts`); `peak`: the matmul TFLOP/s."""
+    """Forward rows of every implementation at its default tiles ("default": what
+    `implementation=None` users get) and, for pallas and mosaic_gpu, at each of `variants` /
+    `mosaic_variants`; then forward+gradient rows of each of `bwd_impls` at its default
+    tiles (pallas: each of `bwd_layouts`), the backward timed beyond the default forward;
+    `peak`: the matmul TFLOP/s."""
     timing = dict(repeats=repeats, budget_s=budget_s)
-    rows, best = [], {}
+    rows, default = [], {}
     variants_of = {"pallas": variants, "mosaic_gpu": mosaic_variants}
     for impl in impls:
-        for variant in variants_of.get(impl, [None]):
+        for variant in [None, *[v for v in variants_of.get(impl, []) if v is not None]]:
             point = case_point(case, impl, head_dim, options=variant_options(variant, impl))
             row = harness.measure(point, **timing)
-            row.update(kind="time", case=case, variant=variant)
+            row.update(kind="time", case=case, variant=variant or "default")
             if row["status"] != "ok":
                 print(f"FAILED {case} H={head_dim} {impl} {variant} fwd: {row['reason']}")
                 continue
             row["frac_matmul"] = row["tflops"] / peak
             emit(row)
             rows.append(row)
-            if impl not in best or row["median_ms"] < best[impl]["median_ms"]:
-                best[impl] = row
+            if variant is None:
+                default[impl] = row
     for impl in bwd_impls:
-        if impl not in best:
+        if impl not in default:
             continue
-        fwd = best[impl]
+        fwd = default[impl]
         windowed = CASES[case][4] is not None
         layouts = [x for x in bwd_layouts if windowed or x != "fused"] if impl == "pallas" else []
         for layout in layouts or ["default"]:

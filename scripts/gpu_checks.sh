@@ -17,8 +17,9 @@
 # a section cut by it says so in gpu_checks.txt and the rows it wrote are kept.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DIR=${1:?usage: $0 DIR [tests|kernels|polynomial]...}
+DIR=${1:?usage: $0 DIR [tests|kernels|peers|polynomial]...}
 shift
+mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)
 SECTIONS=${*:-tests kernels peers polynomial}
 TIMEOUT_S=${TIMEOUT_S:-540}
 PYTHON=${PYTHON:-python3}
@@ -29,7 +30,6 @@ for s in $SECTIONS; do
     *) echo "unknown section $s (tests, kernels, peers, polynomial)" >&2; exit 2 ;;
   esac
 done
-mkdir -p "$DIR"
 SUMMARY=$DIR/gpu_checks.txt
 
 env_line=$("$PYTHON" -c 'import jax; d = jax.devices()[0]; print(f"{d.device_kind} ({d.platform}), jax {jax.__version__}")') ||
@@ -66,7 +66,7 @@ for s in $SECTIONS; do
       fi
       section peers env OUT="$DIR" bash .peers/run.sh
       mkdir -p "$DIR/mosaic_gpu"
-      cp "$DIR/peers_torch.jsonl" "$DIR/mosaic_gpu/" 2>/dev/null
+      cp "$DIR"/peers_*.jsonl "$DIR/mosaic_gpu/" 2>/dev/null
       section peers_mosaic_gpu env OUT="$DIR/mosaic_gpu" TENSORATTN_IMPL=mosaic_gpu \
         PYTHONPATH="$PWD:${PYTHONPATH:-}" "$PYTHON" .peers/tensorattn_jax.py ;;
     polynomial)

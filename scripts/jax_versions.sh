@@ -17,9 +17,11 @@ ROOT=${JAXENV_DIR:-/tmp/tensorattn-jax}
 status=0
 for version in "$@"; do
   env=$ROOT/$version
-  if [ ! -x "$env/bin/python" ]; then
+  if [ ! -f "$env/.installed" ]; then  # a failed install is redone, not reused
+    rm -rf "$env"
     "$PYTHON" -m venv "$env"
     "$env/bin/pip" install -q "jax==$version" "jaxlib==$version" -r requirements.txt -e .
+    touch "$env/.installed"
   fi
   echo "== jax $version ($("$env/bin/python" --version))"
   # shellcheck disable=SC2086

@@ -216,9 +216,9 @@ def test_gpu_gradient_matches_oracle():
 # What it refuses, and that it is not the default.
 
 
-def _small(dtype=BF16, h=64):
+def _small(dtype=BF16, h=64, hv=64):
     rng = np.random.default_rng(0)
-    shapes = [(1, 8, 4, h), (1, 8, 2, h), (1, 8, 2, h), (1, 8, 2, 64), (1, 8, 2, 64)]
+    shapes = [(1, 8, 4, h), (1, 8, 2, h), (1, 8, 2, h), (1, 8, 2, hv), (1, 8, 2, hv)]
     return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
 
 
@@ -227,6 +227,7 @@ def _small(dtype=BF16, h=64):
     [
         (dict(dtype=jnp.float32), "bfloat16 or float16"),
         (dict(h=32), "H=32"),
+        (dict(hv=320), "Hv=320"),
     ],
 )
 def test_unsupported(kwargs, match):
@@ -265,7 +266,7 @@ def test_not_the_default():
 def test_default_tiles():
     def plan(heads, kv_heads=1, config=None):
         call = spine.Call(1.0, True, (32, None), 512, (512, 512), heads=heads, kv_heads=kv_heads)
-        return mosaic_gpu._plan(call, config or MosaicGPUConfig())
+        return mosaic_gpu._plan(call, config or MosaicGPUConfig(interpret=False))
 
     def tiles(*args, **kwargs):
         cfg = plan(*args, **kwargs)

@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
+
 POLYNOMIALS = ("taylor", "chebyshev")
 GRADIENTS = ("closed_form", "autodiff")
 ON_UNCERTIFIED = ("warn", "error", "ignore")
@@ -55,7 +57,7 @@ def _tiles_and_interpret(cfg, flags: tuple[str, ...] = ("interpret",)) -> None:
     for f in dataclasses.fields(cfg):
         if f.name in flags:
             value = getattr(cfg, f.name)
-            if value is not None and not isinstance(value, bool):
+            if value is not None and not isinstance(value, (bool, np.bool_)):
                 _fail(type(cfg), f.name, "a bool or None", value)
         else:
             _positive_int(cfg, f.name, optional=True)

@@ -45,6 +45,7 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _WG_ROWS = 64
 _MINOR = 64
 _MAX_WG_ROWS = 128
+_MAX_WGMMA_N = 256  # columns of one wgmma product (Hv for P @ v2, block_k2 for x @ k2ᵀ)
 # Shared memory per block on an H100 (227 KiB), less a margin for barriers and alignment.
 _SMEM_BYTES = 227 * 1024 - 1024
 
@@ -254,19 +255,20 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
                 plgpu.commit_smem()
                 return ref
 
-        def iota(dim, cols):
-            return layout(lax.broadcasted_iota(jnp.int32, (rows, cols), dim), wgmma_layout)
+        def iota(dim):
+            return layout(lax.broadcasted_iota(jnp.int32, (rows, cfg.bk2), dim), wgmma_layout)
 
-        # Query position of each row (rows are (head in group, position)).
-        pos = p0 + lax.rem(iota(0, cfg.bk2) + wg * rows, jnp.int32(cfg.bq))
-        col = iota(1, cfg.bk2)
+        def positions():
+            """[rows, bk2] query position of each row (rows are (head in group, position)),
+            formed where it is used rather than held across the loops (32 registers)."""
+            return p0 + lax.rem(iota(0) + wg * rows, jnp.int32(cfg.bq))
 
         def step_body(step, carry):
             slot = lax.rem(step, jnp.int32(cfg.steps))
             a0, b0 = step_tiles(step)
             plgpu.barrier_wait(load_bars.at[slot])
             b2 = load(b2_smem, slot, col_layout)
-            col_ok = spine.allowed(pos, b0 + col, cfg.causal, cfg.w2)
+            col_ok = spine.allowed(positions(), b0 + iota(1), cfg.causal, cfg.w2)
             col_bias = _masked(col_ok, lax.broadcast_in_dim(b2, (rows, cfg.bk2), [1]))
             count = jnp.minimum(jnp.int32(cfg.bk1), a_hi - a0)
 
@@ -284,7 +286,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
                     return acc_ref[...]
 
                 s = pl.run_scoped(scores, plgpu.ACC((rows, cfg.bk2), _F32))
-                row_ok = spine.allowed(pos, a, cfg.causal, cfg.w1)
+                row_ok = spine.allowed(positions(), a, cfg.causal, cfg.w1)
                 s = _masked(row_ok, s + col_bias + b1_smem[slot, i])
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -456,6 +458,9 @@ def _check_shapes(q, keys, values, cfg: _Config) -> None:
     for name, size in (("H", h), ("Hv", hv), ("block_k2", cfg.bk2)):
         if size % _MINOR:
             raise spine.Unsupported(f"{name}={size} (the Mosaic GPU kernel needs multiples of 64)")
+    for name, size in (("Hv", hv), ("block_k2", cfg.bk2)):
+        if size > _MAX_WGMMA_N:
+            raise spine.Unsupported(f"{name}={size} (a wgmma's N is at most {_MAX_WGMMA_N})")
     if cfg.rows % cfg.wgs or cfg.wg_rows % _WG_ROWS or cfg.wg_rows > _MAX_WG_ROWS:
         raise spine.Unsupported(
             f"{cfg.rows} rows per program (G={cfg.group} query heads x block_q={cfg.bq}) over "
