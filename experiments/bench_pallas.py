@@ -167,8 +167,8 @@ def time_case(
     emit,
     *,
     impls=("pallas", "blocked"),
-    variants=(None,),
-    mosaic_variants=(None,),
+    variants=(),
+    mosaic_variants=(),
     bwd_impls=("pallas", "blocked"),
     bwd_layouts=("default",),
     repeats: int = 5,
@@ -183,7 +183,7 @@ def time_case(
     rows, default = [], {}
     variants_of = {"pallas": variants, "mosaic_gpu": mosaic_variants}
     for impl in impls:
-        for variant in [None, *[v for v in variants_of.get(impl, []) if v is not None]]:
+        for variant in [None, *variants_of.get(impl, ())]:
             point = case_point(case, impl, head_dim, options=variant_options(variant, impl))
             row = harness.measure(point, **timing)
             row.update(kind="time", case=case, variant=variant or "default")

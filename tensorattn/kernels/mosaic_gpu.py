@@ -141,13 +141,18 @@ def _consumer_registers(wgs: int) -> int:
 # v2 [BK, S2p, Hv], bias1/bias2 [B, S1p|S2p] float32 (0 valid, -inf padding), lse [BK, nq·R].
 
 
+@functools.cache
+def _load_needs_index(load) -> bool:
+    """Whether `plgpu.load` requires its index argument (jax 0.10; 0.11 deprecates it, 0.12
+    has none)."""
+    idx = inspect.signature(load).parameters.get("idx")
+    return idx is not None and idx.default is inspect.Parameter.empty
+
+
 def _load_view(plgpu, view, layout):
-    """`plgpu.load` of a whole (already indexed) ref view: jax 0.10 requires an index
-    argument (`()`), 0.11 deprecates it and 0.12 takes none."""
-    idx = inspect.signature(plgpu.load).parameters.get("idx")
-    if idx is not None and idx.default is inspect.Parameter.empty:
-        return plgpu.load(view, (), layout=layout)
-    return plgpu.load(view, layout=layout)
+    """`plgpu.load` of a whole (already indexed) ref view, on jax 0.10 to 0.12."""
+    index = ((),) if _load_needs_index(plgpu.load) else ()
+    return plgpu.load(view, *index, layout=layout)
 
 
 def _masked(ok, s):
