@@ -51,6 +51,9 @@ LOWER = {
     # The shared-memory operands of interpret mode, compiled (default: register operands).
     "g64-smem-operands": (1, 1000, 64, 1, 128, 128, BF16, (32, 256), False, None, None,
                           MosaicGPUConfig(register_operands=False)),
+    # Two compute warpgroups without the ping-pong schedule barrier (default: with it).
+    "g64-no-schedule": (1, 1000, 64, 1, 128, 128, BF16, (512, 32), False, None, None,
+                        MosaicGPUConfig(schedule_barrier=False)),
 }  # fmt: skip
 
 
@@ -134,6 +137,11 @@ CASES = {
     ),
     # Cross attention: S1 != S2 != T, two second-key tiles, key masks per batch row.
     "cross-lengths-masked": Case(t=20, batch=2, lengths=(12, 70), masked=True),
+    # Pairs every row of a program sees skip the position masks: 16 positions per program
+    # and second-key tiles of 64, so that some tiles and first keys are inside both windows
+    # (swapped: w1 > w2), or below the causal diagonal.
+    "edge-masks-window": Case(t=136, heads=4, kv_heads=1, window=(90, 20), masked=True),
+    "edge-masks-causal": Case(t=80, heads=4, kv_heads=1, causal=True),
 }
 # The interpreter runs each simulated warpgroup as a concurrent XLA CPU computation blocking
 # in callbacks; with 2 cores a third one (two compute warpgroups + producer) can starve and
@@ -244,6 +252,9 @@ def test_unsupported_order_tiles_and_device():
         mosaic_gpu.attention(x[0], x[1:2], x[3:4], dataclasses.replace(spec, windows=(None,)))
     with pytest.raises(tensorattn.Unsupported, match="64 or 128 rows"):
         mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, MosaicGPUConfig(block_q=3, interpret=True))
+    with pytest.raises(tensorattn.Unsupported, match="schedule_barrier=True with 1"):
+        config = MosaicGPUConfig(schedule_barrier=True, interpret=True)
+        mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, config)
     with pytest.raises(tensorattn.Unsupported, match="register_operands=True in interpret"):
         config = MosaicGPUConfig(register_operands=True, interpret=True)
         mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, config)
@@ -274,8 +285,9 @@ def test_default_tiles():
 
     # Compiled: two 64-row compute warpgroups and register operands; interpret mode: one
     # warpgroup, shared-memory operands.
-    assert tiles(64) == (2, 128, 2) and plan(64).registers
+    assert tiles(64) == (2, 128, 2) and plan(64).registers and plan(64).schedule
     assert tiles(64, config=INTERPRET) == (1, 64, 1) and not plan(64, config=INTERPRET).registers
+    assert not plan(64, config=INTERPRET).schedule and not plan(3).schedule
     assert tiles(128) == (1, 128, 2)
     assert tiles(4) == (32, 128, 2)
     assert tiles(4, config=INTERPRET) == (16, 64, 1)

@@ -167,6 +167,9 @@ class MosaicGPUConfig(KernelConfig):
     register_operands: the first operands of both wgmma products (`x = q ∘ k1[a]`, `P`) from
       registers, q held in registers (False: all three in shared memory, each store followed
       by a fence). None: True when compiled; interpret mode needs False.
+    schedule_barrier: with two compute warpgroups, alternate them (FA3's ping-pong): one runs
+      its softmax while the other's products use the tensor cores. None: on with two compute
+      warpgroups when compiled; off in interpret mode.
     interpret: run in Mosaic GPU interpret mode on CPU (slow, for tests). None: the
       environment variable TENSORATTN_MOSAIC_GPU_INTERPRET.
     """
@@ -178,10 +181,11 @@ class MosaicGPUConfig(KernelConfig):
     num_compute_wgs: int | None = None
     max_concurrent_steps: int | None = None
     register_operands: bool | None = None
+    schedule_barrier: bool | None = None
     interpret: bool | None = None
 
     def __post_init__(self):
-        _tiles_and_interpret(self, flags=("register_operands", "interpret"))
+        _tiles_and_interpret(self, flags=("register_operands", "schedule_barrier", "interpret"))
 
 
 @dataclasses.dataclass(frozen=True)

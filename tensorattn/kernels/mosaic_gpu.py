@@ -72,6 +72,7 @@ class _Config(spine.CallView):
     steps: int
     interpret: bool
     registers: bool  # wgmma's first operands (x, P) from registers, not shared memory
+    schedule: bool  # the two compute warpgroups alternate (FA3 ping-pong)
 
     @property
     def wg_rows(self) -> int:
@@ -114,6 +115,9 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     bk2 = config.block_k2 or DEFAULT_BLOCK_K2
     bk1 = config.block_k1 or DEFAULT_BLOCK_K1
     registers = not interpret if config.register_operands is None else config.register_operands
+    schedule = config.schedule_barrier
+    if schedule is None:
+        schedule = wgs == 2 and not interpret
     return _Config(
         call=call,
         bq=bq,
@@ -123,6 +127,7 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
         steps=config.max_concurrent_steps or DEFAULT_STEPS,
         interpret=interpret,
         registers=registers,
+        schedule=schedule,
     )
 
 
@@ -166,7 +171,7 @@ def _masked(ok, s):
 
 def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref, o_ref, l_ref,
             q_smem, o_smem, x_smem, p_smem, lse_smem, k1_smem, v1_smem, b1_smem, k2_smem, v2_smem,
-            b2_smem, q_bar, load_bars, free_bars):  # fmt: skip
+            b2_smem, q_bar, load_bars, free_bars, sched_bar):  # fmt: skip
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     layout = (lambda x, _: x) if cfg.interpret else plgpu.layout_cast
@@ -268,50 +273,88 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             formed where it is used rather than held across the loops (32 registers)."""
             return p0 + lax.rem(iota(0) + wg * rows, jnp.int32(cfg.bq))
 
+        def schedule():
+            """FA3's ping-pong: the two compute warpgroups meet here, so that one's softmax
+            runs while the other's products hold the tensor cores (no-op when off)."""
+            if cfg.schedule:
+                plgpu.barrier_arrive(sched_bar)
+                plgpu.barrier_wait(sched_bar)
+
+        def attend(slot, a, i, b0, masked, carry):
+            """One first key `a` (row `i` of the step's k1 tile) against the step's second-key
+            tile at `b0`; `masked`: apply the causal/window masks (edge pairs only)."""
+            m, denom, acc = carry
+            # In the input dtype: the product of two 16-bit floats is exact in float32, so
+            # one rounding either way (and half the registers of a float32 x).
+            k1a = load(k1_smem, (slot, i), col_layout)
+            x = q_rows() * lax.broadcast_in_dim(k1a, (rows, q_wg.shape[-1]), [1])
+            x_op = operand(x, x_wg)
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, x_op, k2_smem.at[slot])
+                schedule()
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC((rows, cfg.bk2), _F32))
+            # Key padding: 0 / -inf biases (b2 a column vector, b1 one scalar per first key).
+            bias = load(b2_smem, slot, col_layout) + b1_smem[slot, i]
+            s = s + lax.broadcast_in_dim(bias, s.shape, [1])
+            if masked:
+                pos = positions()
+                ok = spine.allowed(pos, b0 + iota(1), cfg.causal, cfg.w2)
+                s = _masked(ok & spine.allowed(pos, a, cfg.causal, cfg.w1), s)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+            alpha = jnp.exp2(m - m_safe)
+            denom = alpha * denom + p.sum(axis=1)
+            p_op = operand(p, p_wg)
+            schedule()
+
+            def values(acc_ref):
+                plgpu.wgmma(acc_ref, p_op, v2_smem.at[slot])
+                return acc_ref[...]
+
+            w = pl.run_scoped(values, plgpu.ACC((rows, hv), _F32))
+            v1a = load(v1_smem, (slot, i), col_layout).astype(_F32)
+            acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + w * (
+                lax.broadcast_in_dim(v1a, acc.shape, [1])
+            )
+            return m_new, denom, acc
+
+        # Pairs every row of the program may see need no position mask: first keys in
+        # [af_lo, af_hi) with second-key tiles in [jf_lo, jf_hi) (causal calls; without causal
+        # masks every pair is such a pair).
+        af_lo, af_hi = spine.full_range(p0, p1, cfg.causal, cfg.w1)
+        bf_lo, bf_hi = spine.full_range(p0, p1, cfg.causal, cfg.w2)
+        jf_lo = lax.div(jnp.int32(bf_lo) + cfg.bk2 - 1, jnp.int32(cfg.bk2))
+        jf_hi = None if bf_hi is None else lax.div(bf_hi, jnp.int32(cfg.bk2))
+
         def step_body(step, carry):
             slot = lax.rem(step, jnp.int32(cfg.steps))
             a0, b0 = step_tiles(step)
+            a_end = jnp.minimum(a0 + cfg.bk1, a_hi)
             plgpu.barrier_wait(load_bars.at[slot])
-            b2 = load(b2_smem, slot, col_layout)
-            col_ok = spine.allowed(positions(), b0 + iota(1), cfg.causal, cfg.w2)
-            col_bias = _masked(col_ok, lax.broadcast_in_dim(b2, (rows, cfg.bk2), [1]))
-            count = jnp.minimum(jnp.int32(cfg.bk1), a_hi - a0)
 
-            def a_body(i, carry):
-                m, denom, acc = carry
-                a = a0 + i
-                # In the input dtype: the product of two 16-bit floats is exact in float32, so
-                # one rounding either way (and half the registers of a float32 x).
-                k1a = load(k1_smem, (slot, i), col_layout)
-                x = q_rows() * lax.broadcast_in_dim(k1a, (rows, q_wg.shape[-1]), [1])
-                x_op = operand(x, x_wg)
+            def run(masked):
+                return lambda a, carry: attend(slot, a, a - a0, b0, masked, carry)
 
-                def scores(acc_ref):
-                    plgpu.wgmma(acc_ref, x_op, k2_smem.at[slot])
-                    return acc_ref[...]
+            if not cfg.causal:
+                carry = lax.fori_loop(a0, a_end, run(False), carry)
+            else:
+                # This step's unmasked first keys [lo, hi), none unless its k2 tile is full;
+                # the masked ones before and after them run in one loop.
+                j = lax.div(b0, jnp.int32(cfg.bk2))
+                full = (j >= jf_lo) & (j < jf_hi)
+                lo = jnp.where(full, jnp.clip(af_lo, a0, a_end), a_end)
+                hi = jnp.where(full, jnp.clip(af_hi, lo, a_end), a_end)
+                front = lo - a0
 
-                s = pl.run_scoped(scores, plgpu.ACC((rows, cfg.bk2), _F32))
-                row_ok = spine.allowed(positions(), a, cfg.causal, cfg.w1)
-                s = _masked(row_ok, s + col_bias + b1_smem[slot, i])
-                m_new = jnp.maximum(m, s.max(axis=1))
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-                alpha = jnp.exp2(m - m_safe)
-                denom = alpha * denom + p.sum(axis=1)
-                p_op = operand(p, p_wg)
+                def edge(k, carry):
+                    return run(True)(jnp.where(k < front, a0 + k, hi + k - front), carry)
 
-                def values(acc_ref):
-                    plgpu.wgmma(acc_ref, p_op, v2_smem.at[slot])
-                    return acc_ref[...]
-
-                w = pl.run_scoped(values, plgpu.ACC((rows, hv), _F32))
-                v1a = load(v1_smem, (slot, i), col_layout).astype(_F32)
-                acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + w * (
-                    lax.broadcast_in_dim(v1a, acc.shape, [1])
-                )
-                return m_new, denom, acc
-
-            carry = lax.fori_loop(jnp.int32(0), count, a_body, carry)
+                carry = lax.fori_loop(jnp.int32(0), front + a_end - hi, edge, carry)
+                carry = lax.fori_loop(lo, hi, run(False), carry)
             plgpu.barrier_arrive(free_bars.at[slot])
             return carry
 
@@ -320,7 +363,11 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             layout(jnp.zeros((rows,), _F32), row_layout),
             layout(jnp.zeros((rows, hv), _F32), wgmma_layout),
         )
+        if cfg.schedule:  # offset the two warpgroups by one meeting (then alternate)
+            pl.when(wg == 1)(schedule)
         m, denom, acc = lax.fori_loop(jnp.int32(0), n_steps, step_body, init)
+        if cfg.schedule:
+            pl.when(wg == 0)(schedule)
         nonempty = denom > 0
         l_safe = jnp.where(nonempty, denom, 1.0)
         out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
@@ -356,6 +403,7 @@ def _call(cfg: _Config, bk: int, h: int, hv: int, dtype):
         plgpu.Barrier(num_barriers=wgs),
         plgpu.Barrier(num_arrivals=6, num_barriers=steps),
         plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
+        plgpu.Barrier(num_arrivals=2) if cfg.schedule else None,  # ping-pong of 2 warpgroups
     ]
     kwargs = {}
     if cfg.interpret:
@@ -470,6 +518,10 @@ def _check_shapes(q, keys, values, cfg: _Config) -> None:
         raise spine.Unsupported(
             f"{cfg.rows} rows per program (G={cfg.group} query heads x block_q={cfg.bq}) over "
             f"{cfg.wgs} compute warpgroups: each needs 64 or 128 rows"
+        )
+    if cfg.schedule and cfg.wgs != 2:
+        raise spine.Unsupported(
+            f"schedule_barrier=True with {cfg.wgs} compute warpgroups (it alternates two)"
         )
     if cfg.bk1 % 8:
         raise spine.Unsupported(f"block_k1={cfg.bk1} (must be a multiple of 8)")

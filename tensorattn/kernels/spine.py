@@ -354,6 +354,17 @@ def key_range(first, last, length: int, causal: bool, window: int | None):
     return lo, hi
 
 
+def full_range(first, last, causal: bool, window: int | None):
+    """Key positions `[lo, hi)` that every query in `first..last` may see (`hi` None: no
+    bound), so that pairs inside need no causal/window mask."""
+    lo, hi = 0, None
+    if causal:
+        hi = first + 1
+    if window is not None:
+        lo = _max(lo, last - window + 1)
+    return lo, hi
+
+
 def tile_range(first, last, length: int, block: int, causal: bool, window: int | None):
     """Key tiles `[lo, hi)` (of `block` positions) that can hold a key that some query in
     `first..last` may see."""
