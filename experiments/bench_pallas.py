@@ -56,8 +56,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_list(
         "variants_mosaic",
-        ["32:64:2", "32:64:2:smem", "32:64:3", "32:128:2", "64:64:2"],
-        "Mosaic GPU block_k1:block_k2:max_concurrent_steps[:smem] (smem: register_operands=False).",
+        ["32:64:2", "32:64:2:smem", "32:64:2:nosched", "32:64:3", "32:128:2", "64:64:2"],
+        "Mosaic GPU block_k1:block_k2:max_concurrent_steps[:smem][:nosched] (smem: "
+        "register_operands=False; nosched: schedule_barrier=False).",
     )
     flags.DEFINE_bool("check", True, "Check pallas against blocked first.")
     flags.DEFINE_integer("matmul_size", 8192, "Side of the bf16 matmul rate probe.")
@@ -87,17 +88,21 @@ BWD_LAYOUTS = {"default": None, "fused": True, "split": False}
 
 def variant_options(variant: str | None, impl: str = "pallas") -> dict:
     """`PallasConfig` fields of a variant "rows:block_k2:warps" (forward and backward tiles),
-    or for "mosaic_gpu" the `MosaicGPUConfig` fields of "block_k1:block_k2:steps[:smem]"
-    (`smem`: wgmma's first operands through shared memory, `register_operands=False`)."""
+    or for "mosaic_gpu" the `MosaicGPUConfig` fields of "block_k1:block_k2:steps[:smem]
+    [:nosched]" (`smem`: wgmma's first operands through shared memory, `register_operands=
+    False`; `nosched`: no ping-pong between the compute warpgroups, `schedule_barrier=False`)."""
     if variant is None:
         return {}
     if impl == "mosaic_gpu":
-        block_k1, block_k2, steps, *smem = variant.split(":")
-        if smem not in ([], ["smem"]):
-            raise ValueError(f"mosaic_gpu variant {variant!r}: block_k1:block_k2:steps[:smem]")
+        block_k1, block_k2, steps, *switches = variant.split(":")
+        offs = {"smem": "register_operands", "nosched": "schedule_barrier"}
+        if not set(switches) <= set(offs) or len(set(switches)) < len(switches):
+            raise ValueError(
+                f"mosaic_gpu variant {variant!r}: block_k1:block_k2:steps[:smem][:nosched]"
+            )
         options = {"block_k1": int(block_k1), "block_k2": int(block_k2)}
         options["max_concurrent_steps"] = int(steps)
-        return options | ({"register_operands": False} if smem else {})
+        return options | {offs[name]: False for name in switches}
     rows, block_k2, warps = map(int, variant.split(":"))
     return {
         "fwd_block_rows": rows,

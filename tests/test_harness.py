@@ -84,6 +84,27 @@ def test_bench_functions_run_without_their_flags():
     assert rows[1]["bwd_tflops"] > 0
 
 
+def test_bench_pallas_variants():
+    """Variant strings give the kernel config fields (and build valid configs)."""
+    import tensorattn
+    from experiments import bench_pallas
+
+    mosaic = bench_pallas.variant_options("32:64:2:smem:nosched", "mosaic_gpu")
+    assert mosaic == {
+        "block_k1": 32,
+        "block_k2": 64,
+        "max_concurrent_steps": 2,
+        "register_operands": False,
+        "schedule_barrier": False,
+    }
+    tensorattn.MosaicGPUConfig(**mosaic)
+    assert "schedule_barrier" not in bench_pallas.variant_options("32:64:2", "mosaic_gpu")
+    for bad in ("32:64:2:fast", "32:64:2:smem:smem"):
+        with pytest.raises(ValueError, match="block_k1:block_k2:steps"):
+            bench_pallas.variant_options(bad, "mosaic_gpu")
+    tensorattn.PallasConfig(**bench_pallas.variant_options("64:64:4"))
+
+
 def test_bench_polynomial_fused_quick_preset(tmp_path):
     """The GPU benchmark of the fused polynomial kernels runs on CPU (interpret mode) at its
     quick preset: time rows with compiled memory, then a slope row per series."""
