@@ -13,16 +13,18 @@ the blocked kernel (forward and gradients); then forward and forward+gradient TF
 128, grouped heads. Each implementation runs at its default tiles (variant "default", what
 `implementation=None` users get), then at forward variants: `PallasConfig` tiles
 `rows:block_k2:warps` (for "mosaic_gpu", `MosaicGPUConfig` fields
-`block_k1:block_k2:max_concurrent_steps`, and a fourth field `smem` for
-`register_operands=False`). The default tiles are also timed with the gradient
-(mosaic_gpu's gradient is the Pallas backward).
+`block_k1:block_k2:max_concurrent_steps`, then switches `smem` for
+`register_operands=False` and `nosched` for `schedule_barrier=False`). The default tiles are
+also timed with the gradient (mosaic_gpu's gradient is the Pallas backward).
 Rows follow the schema of `experiments.harness`
 (`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
 plus `case`, `variant`, `frac_matmul` and, for "fwd+grad", `bwd_tflops`: the backward alone
 (2.5x the forward's FLOPs, docs/math.md §3.4) over the time beyond the forward, and
-`bwd_layout`: the Pallas backward's layout (`PallasConfig.bwd_fuse_k1`: "default" is the
-library's choice, "fused" dK1/dV1 inside the dQ kernel, "split" three kernels). Compile time is
-reported apart; times are medians after a warm-up.
+`bwd_layout`: the Pallas backward's variant (`PallasConfig.bwd_fuse_k1`: "default" is the
+library's choice, "fused" dK1/dV1 inside the dQ kernel, "split" three kernels; or backward
+`PallasConfig` fields "name=value+...", by default the split tiles used before register
+reports chose today's, `PREVIOUS_BWD_TILES`). Compile time is reported apart; times are
+medians after a warm-up.
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ def define_flags() -> None:
     flags.DEFINE_list("bwd_impls", ["pallas", "blocked"], "Implementations timed forward+gradient.")
     flags.DEFINE_list(
         "bwd_layouts",
-        ["fused", "split"],
-        "Pallas backward layouts timed: default (the library's choice), fused (windowed cases "
-        "only), split.",
+        ["fused", "split", PREVIOUS_BWD_TILES],
+        "Pallas backward variants timed: default (the library's choice), fused (windowed cases "
+        "only), split, or PallasConfig fields name=value+name=value.",
     )
 
 
@@ -84,6 +86,16 @@ CASES = {
 
 # Pallas backward layouts: `PallasConfig.bwd_fuse_k1` (None: the library's choice).
 BWD_LAYOUTS = {"default": None, "fused": True, "split": False}
+# The split backward's tiles before they were chosen by register reports (commit a8cb9ca).
+PREVIOUS_BWD_TILES = "bwd_block_rows=128+bwd_block_k2=64+bwd_fuse_k1=false"
+
+
+def bwd_options(variant: str) -> dict:
+    """`PallasConfig` fields of a backward variant: a layout name or "name=value+..."."""
+    if variant in BWD_LAYOUTS:
+        fuse = BWD_LAYOUTS[variant]
+        return {} if fuse is None else {"bwd_fuse_k1": fuse}
+    return benchlib.config_fields(variant)
 
 
 def variant_options(variant: str | None, impl: str = "pallas") -> dict:
@@ -205,11 +217,10 @@ def time_case(
             continue
         fwd = default[impl]
         windowed = CASES[case][4] is not None
-        layouts = [x for x in bwd_layouts if windowed or x != "fused"] if impl == "pallas" else []
+        layouts = bwd_layouts if impl == "pallas" else []
+        layouts = [x for x in layouts if windowed or not bwd_options(x).get("bwd_fuse_k1")]
         for layout in layouts or ["default"]:
-            options = dict(fwd["options"])
-            if BWD_LAYOUTS[layout] is not None:
-                options["bwd_fuse_k1"] = BWD_LAYOUTS[layout]
+            options = dict(fwd["options"]) | bwd_options(layout)
             point = case_point(case, impl, head_dim, pass_="fwd+grad", options=options)
             row = harness.measure(point, **timing)
             row.update(kind="time", case=case, variant=fwd["variant"], bwd_layout=layout)

@@ -36,3 +36,16 @@ def print_table(rows: list[dict], columns: list[str], out=print) -> None:
     out("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         out("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def config_fields(text: str) -> dict:
+    """Kernel config fields written "name=value+name=value" (ints, or true/false) as a dict,
+    e.g. "bwd_block_rows=64+bwd_fuse_k1=false"; ValueError for other text."""
+    fields = {}
+    for item in text.split("+"):
+        name, sep, value = item.partition("=")
+        low = value.lower()
+        if not sep or not name or not (low in ("true", "false") or value.isdigit()):
+            raise ValueError(f"{text!r}: expected name=value items (int, true/false) joined by +")
+        fields[name] = low == "true" if low in ("true", "false") else int(value)
+    return fields

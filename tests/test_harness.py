@@ -103,6 +103,26 @@ def test_bench_pallas_variants():
         with pytest.raises(ValueError, match="block_k1:block_k2:steps"):
             bench_pallas.variant_options(bad, "mosaic_gpu")
     tensorattn.PallasConfig(**bench_pallas.variant_options("64:64:4"))
+    assert bench_pallas.bwd_options("split") == {"bwd_fuse_k1": False}
+    assert bench_pallas.bwd_options("default") == {}
+    previous = bench_pallas.bwd_options(bench_pallas.PREVIOUS_BWD_TILES)
+    assert previous == {"bwd_block_rows": 128, "bwd_block_k2": 64, "bwd_fuse_k1": False}
+    for bad in ("rows", "bwd_block_rows=x", "=4"):
+        with pytest.raises(ValueError, match="name=value"):
+            bench_pallas.bwd_options(bad)
+
+
+def test_kernel_registers_captures_the_triton_kernels():
+    """The register report lowers a case for CUDA on any host and keeps each Triton kernel's
+    IR and launch settings; compiling them (ptxas) needs the triton package."""
+    from experiments import kernel_registers
+
+    kernels = kernel_registers.lower_case("luc_16k_d64", kernel_registers.variant_config("default"))
+    assert [k["kernel"] for k in kernels] == ["_fwd_kernel", "_dqkv1_kernel", "_dkv2_kernel"]
+    assert [k["num_warps"] for k in kernels] == [4, 8, 8]
+    assert all("tt.func" in k["ttir"] for k in kernels)
+    with pytest.raises(ValueError, match="takes no option variant.rows"):
+        kernel_registers.variant_config("rows=64")
 
 
 def test_bench_polynomial_fused_quick_preset(tmp_path):
@@ -118,3 +138,13 @@ def test_bench_polynomial_fused_quick_preset(tmp_path):
     assert [r["table"] for r in lines] == ["time", "time", "slope"]
     assert lines[0]["options"]["fused"] and lines[0]["pass"] == "fwd" and lines[0]["causal"]
     assert summary[0]["slope_lengths"] == [16, 32] and summary[0]["meets_targets"] is False
+
+
+def test_kernel_registers_compiles_with_triton(tmp_path):
+    """With the triton package (GPU machines have it): registers and spills from ptxas."""
+    pytest.importorskip("triton")
+    from experiments import kernel_registers
+
+    kernel = kernel_registers.lower_case("luc_16k_d64", kernel_registers.variant_config("default"))
+    row = kernel_registers.compile_kernel(kernel[0], tmp_path)
+    assert 0 < row["registers"] <= 255 and row["spill_stores"] >= 0 and row["wgmma"] > 0

@@ -9,7 +9,6 @@ Pallas backward, in Pallas interpret mode). (3) On a GPU the same cases run comp
 import dataclasses
 import os
 
-import cuda_target
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 
 import tensorattn
 from tensorattn import MosaicGPUConfig
-from tensorattn.kernels import api, mosaic_gpu, spine
+from tensorattn.kernels import api, cuda_lowering, mosaic_gpu, spine
 
 BF16, F16 = jnp.bfloat16, jnp.float16
 INTERPRET = MosaicGPUConfig(interpret=True)
@@ -72,7 +71,7 @@ def test_lowers_for_cuda(name):
         spec = _spec(q, keys, values, causal=causal, window=window, masks=masks or None)
         return mosaic_gpu.forward(q, keys, values, spec, config)
 
-    with cuda_target.abstract_gpu():
+    with cuda_lowering.abstract_gpu():
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 

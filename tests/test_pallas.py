@@ -6,7 +6,6 @@ run in tests/test_conformance.py with every other implementation.
 
 import dataclasses
 
-import cuda_target
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 import tensorattn
 from tensorattn import PallasConfig
-from tensorattn.kernels import pallas, spine
+from tensorattn.kernels import cuda_lowering, pallas, spine
 
 SMALL = PallasConfig(
     fwd_block_rows=8, fwd_block_k2=8, bwd_block_rows=16, bwd_block_k1=4, bwd_block_k2=16,
@@ -58,10 +57,15 @@ def test_default_tiles_heuristic():
 
     p = plan(512, 1)
     assert (p.fwd.rows, p.fwd.bk2, p.fwd.num_warps, p.fwd.num_stages) == (128, 64, 8, 2)
-    assert (p.bwd.rows, p.bwd.bk1, p.bwd.bk2) == (128, 16, 64)
+    # Backward: 64 rows, 32 second keys, 8 warps (larger tiles spill at H = 128).
+    assert (p.bwd.rows, p.bwd.bk1, p.bwd.bk2, p.bwd.num_warps) == (64, 16, 32, 8)
+    assert (p.kv2.rows, p.kv2.bk2, p.kv2.num_warps) == (64, 64, 8)  # its products' rows: keys
     p = plan(512, 64)
     assert (p.fwd.rows, p.fwd.bk2, p.fwd.num_warps) == (64, 64, 4)
-    assert p.bwd.rows == 128
+    assert (p.bwd.rows, p.bwd.bq, p.bwd.splits) == (64, 1, 1)
+    p = plan(512, 128)  # the forward keeps whole groups; backward tiles hold half of one
+    assert (p.fwd.rows, p.fwd.splits, p.bwd.rows, p.bwd.bq, p.bwd.splits) == (128, 1, 64, 1, 2)
+    assert (p.bwd.nq, p.bwd.nq_pos) == (1024, 512)
     p = plan(5, 1)  # short sequences: tiles shrink to the lengths (powers of two)
     assert (p.fwd.bq, p.fwd.bk2) == (8, 16)
     p = plan(512, 4, PallasConfig(fwd_block_rows=32, bwd_block_k2=32, num_warps=2))
@@ -120,11 +124,12 @@ def test_fused_backward_choice():
     p = plan(4096, 64, (32, 512))  # fused tiles: 64 rows (bq 1), 8 warps; span 32
     assert p.fuse_k1 and (p.rows, p.bq, p.span, p.num_warps) == (64, 1, 32, 8)
     p = plan(4096, 64, (32, 512), kernel="kv2")  # dK2/dV2 keeps the split tiles
-    assert not p.fuse_k1 and (p.rows, p.bq) == (128, 2)
-    assert not plan(4096, 128, (32, 512)).fuse_k1  # 128-row fused tiles would spill
+    assert not p.fuse_k1 and (p.rows, p.bq, p.bk2) == (64, 1, 64)
+    p = plan(4096, 128, (32, 512))  # 64-row tiles of half a position's heads
+    assert p.fuse_k1 and (p.rows, p.bq, p.splits) == (64, 1, 2)
     assert plan(4096, 2, (32, 512)).fuse_k1  # bq 32: span 63 <= 128
     p = plan(4096, 2, (512, None))  # span 543 > 128: the split kernels' tiles
-    assert not p.fuse_k1 and (p.rows, p.num_warps) == (128, 8)
+    assert not p.fuse_k1 and (p.rows, p.num_warps) == (64, 8)
     assert not plan(4096, 2, (None, None)).fuse_k1  # causal, no window
     assert not plan(4096, 64, (32, 512), PallasConfig(bwd_fuse_k1=False)).fuse_k1
     x, _ = _inputs(8, t=6, s1=6, s2=6)
@@ -136,11 +141,14 @@ def test_fused_backward_choice():
         PallasConfig(bwd_fuse_k1=1)
 
 
-@pytest.mark.parametrize("layout", ["fused", "split", "default-tiles"])
+LAYOUTS = ["fused", "split", "fused-heads", "split-heads", "default-tiles"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_backward_variants_match_oracle(layout):
     """Both backward layouts, a window whose partial sums start before key 0, key masks,
-    a length that is not a tile multiple, two positions per tile (bq = 2); with default
-    tiles, fused dQ/dK1/dV1 tiles (bq = 32) unlike dK2/dV2's (bq = 64)."""
+    a length that is not a tile multiple, two positions per tile (bq = 2), or ("-heads") one
+    head of a position per tile (`_Config.splits` = G = 2); with default tiles, bq = 32."""
     t = 40 if layout == "default-tiles" else 19
     x, rng = _inputs(9, t=t, s1=t, s2=t)
     masks = [rng.random((B, t)) > 0.3 for _ in range(2)]
@@ -148,6 +156,8 @@ def test_backward_variants_match_oracle(layout):
     config = {
         "fused": dataclasses.replace(SMALL, bwd_block_rows=4, bwd_fuse_k1=True),
         "split": dataclasses.replace(SMALL, bwd_block_rows=4, bwd_fuse_k1=False),
+        "fused-heads": dataclasses.replace(SMALL, bwd_block_rows=1, bwd_fuse_k1=True),
+        "split-heads": dataclasses.replace(SMALL, bwd_block_rows=1, bwd_fuse_k1=False),
         "default-tiles": PallasConfig(interpret=True),
     }[layout]
 
@@ -167,6 +177,7 @@ def test_backward_variants_match_oracle(layout):
 # (B, T, N, K, D, window): issue 10's shapes, cut in length; lowering only, no execution.
 LOWER = {
     "g64-d128-w512x32": (1, 1000, 64, 1, 128, (512, 32)),  # swapped; fused backward
+    "g128-d128-w32x256": (1, 1000, 128, 1, 128, (32, 256)),  # fused, two tiles per position
     "g2-d64-causal": (2, 300, 4, 2, 64, None),  # three-kernel backward
 }
 
@@ -175,7 +186,7 @@ LOWER = {
 def test_lowers_for_cuda(name, monkeypatch):
     """Forward and backward lower to Triton custom calls for the "cuda" platform on any host
     (compiling them to PTX needs a GPU machine)."""
-    target = cuda_target.abstract_gpu()
+    target = cuda_lowering.abstract_gpu()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' launch settings
     b, t, n, kv, d, window = LOWER[name]
     shapes = [(b, t, n, d)] + [(b, t, kv, d)] * 4

@@ -63,6 +63,23 @@ class _Config(spine.CallView):
     num_stages: int
     interpret: bool
     fuse_k1: bool = False  # backward: dK1/dV1 as partial sums of the dQ kernel
+    # Row tiles per tile of `bq` positions: each holds `G / splits` of the group's heads
+    # (rows are ordered (head, position), so a tile is still a contiguous block of rows).
+    splits: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.group * self.bq // self.splits
+
+    @property
+    def nq(self) -> int:
+        """Row tiles (programs of the kernels over query tiles)."""
+        return self.nq_pos * self.splits
+
+    @property
+    def nq_pos(self) -> int:
+        """Tiles of `bq` query positions."""
+        return -(-self.t // self.bq)
 
     @property
     def span(self) -> int:
@@ -95,29 +112,48 @@ DEFAULT_ROWS = 128
 DEFAULT_BLOCK_K2 = 64
 DEFAULT_BWD_BLOCK_K1 = 16
 DEFAULT_NUM_STAGES = 2
+# Backward tiles: 64 rows (one position's 64 of a larger group's heads, `_Config.splits`),
+# 8 warps, 32 second keys (dK2/dV2: 64). The backward kernels carry [rows, H] float32
+# accumulators beside their inputs: at H = 128, 128-row tiles (or 4 warps) spill registers,
+# and 64-key tiles do in dQ/dK1/dV1 but not in dK2/dV2, whose products' rows are the keys
+# (under 64 rows Triton falls back from wgmma to mma.sync). From ptxas reports for sm_90a
+# (`experiments/kernel_registers.py`, docs/pallas.md "Registers"); not yet timed.
+DEFAULT_BWD_ROWS = 64
+DEFAULT_BWD_BLOCK_K2 = 32
+KV2_BLOCK_K2 = 64
+BWD_WARPS = 8
 # With G = 64 query heads per key/value head (D = 128), forward tiles of 64 rows (one query
 # position per tile) and 4 warps ran 1.3x faster than 128 rows (measured on an H100, issue 10).
 LARGE_GROUP = 64
 LARGE_GROUP_FWD_ROWS = 64
 # The fused dQ/dK1/dV1 kernel runs by default when a query tile's partial sums have at most
 # this many rows per tile row (partials at most ~4x dQ's f32 bytes). Its default tiles: it
-# carries three [rows, H] float32 accumulators (dq, and per first key z and p @ v2), so 64
-# rows on 8 warps keep them at 96 registers per thread (128 rows: 192, as many as the split
-# dK1/dV1 kernel's two plus its inputs; not yet measured).
+# carries three [rows, H] float32 accumulators (dq, and per first key z and p @ v2); at 64
+# rows on 8 warps and H = 128 ptxas spills 256 bytes per thread (32 rows: none, but
+# mma.sync instead of wgmma). Not yet timed against the split kernels.
 FUSE_MAX_SPAN_PER_ROW = 2
 FUSED_ROWS = 64
-FUSED_WARPS = 8
 
 
 def _pass(
-    call: spine.Call, rows: int, bk1: int, bk2: int, config: PallasConfig, interpret, warps=None
+    call: spine.Call,
+    rows: int,
+    bk1: int,
+    bk2: int,
+    config: PallasConfig,
+    interpret,
+    warps=None,
+    split_heads=False,
 ):
     """One pass's tiles: `rows // G` query positions (at least 1, at most T rounded up to a
     power of two), `bk2` at most S2 rounded up to a power of two (at least 16); `warps`: the
-    default number of warps (None: by tile size)."""
-    bq = min(max(1, rows // call.group), _next_pow2(call.t))
+    default number of warps (None: by tile size). `split_heads`: with `rows < G` (G a
+    multiple of `rows`), tiles of one position and `rows` of its heads instead of `G` rows."""
+    g = call.group
+    bq = min(max(1, rows // g), _next_pow2(call.t))
+    splits = g // rows if split_heads and rows < g and g % rows == 0 else 1
     bk2 = min(bk2, max(16, _next_pow2(call.lengths[1])))
-    num_warps = config.num_warps or warps or (4 if call.group * bq * bk2 <= 64 * 64 else 8)
+    num_warps = config.num_warps or warps or (4 if g * bq * bk2 // splits <= 64 * 64 else 8)
     return _Config(
         call=call,
         bq=bq,
@@ -126,6 +162,7 @@ def _pass(
         num_warps=num_warps,
         num_stages=config.num_stages or DEFAULT_NUM_STAGES,
         interpret=interpret,
+        splits=splits,
     )
 
 
@@ -142,18 +179,20 @@ def plan(call: spine.Call, config: PallasConfig) -> Plan:
         config,
         interpret,
     )
-    bk2 = config.bwd_block_k2 or DEFAULT_BLOCK_K2
-    fused = _pass(
-        call, config.bwd_block_rows or FUSED_ROWS, bk1, bk2, config, interpret, FUSED_WARPS
+    rows, bk2 = config.bwd_block_rows, config.bwd_block_k2
+    bwd = functools.partial(
+        _pass, call, bk1=bk1, config=config, interpret=interpret, warps=BWD_WARPS, split_heads=True
     )
-    split = _pass(call, config.bwd_block_rows or DEFAULT_ROWS, bk1, bk2, config, interpret)
+    fused = bwd(rows or FUSED_ROWS, bk2=bk2 or DEFAULT_BWD_BLOCK_K2)
+    split = bwd(rows or DEFAULT_BWD_ROWS, bk2=bk2 or DEFAULT_BWD_BLOCK_K2)
+    kv2 = bwd(rows or DEFAULT_BWD_ROWS, bk2=bk2 or KV2_BLOCK_K2)
     fuse = config.bwd_fuse_k1
-    if fuse is None:  # fused tiles as small as asked (G >= 128 rows would spill: split)
+    if fuse is None:  # fused tiles as small as asked (larger ones would spill: split)
         small = fused.rows <= (config.bwd_block_rows or FUSED_ROWS)
         fuse = small and _can_fuse(fused) and fused.span <= FUSE_MAX_SPAN_PER_ROW * fused.rows
     if fuse:
-        return Plan(fwd, dataclasses.replace(fused, fuse_k1=True), split)
-    return Plan(fwd, split, split)
+        return Plan(fwd, dataclasses.replace(fused, fuse_k1=True), kv2)
+    return Plan(fwd, split, kv2)
 
 
 def _can_fuse(cfg: _Config) -> bool:
@@ -180,15 +219,20 @@ def _k1_keys(cfg: _Config, p0, p1):
 
 
 def _q_tiles(cfg: _Config, k0, k1, window):
-    """Query tiles `[lo, hi)` whose positions can see a key in `k0..k1` (`window` of that set)."""
-    lo, hi = spine.query_tile_range(k0, k1, cfg.nq, cfg.bq, cfg.causal, window)
-    return jnp.int32(lo), jnp.int32(hi)
+    """Row tiles `[lo, hi)` whose positions can see a key in `k0..k1` (`window` of that set)."""
+    lo, hi = spine.query_tile_range(k0, k1, cfg.nq_pos, cfg.bq, cfg.causal, window)
+    return jnp.int32(lo) * cfg.splits, jnp.int32(hi) * cfg.splits
+
+
+def _first_position(cfg: _Config, qi):
+    """First query position of row tile `qi` (its last is this plus `bq - 1`)."""
+    return (qi // cfg.splits if cfg.splits > 1 else qi) * cfg.bq
 
 
 def _positions(cfg: _Config, qi):
     """`[R, 1]` query position of each row (rows are (head in group, position))."""
     r = lax.broadcasted_iota(jnp.int32, (cfg.rows, 1), 0)
-    return qi * cfg.bq + r % cfg.bq
+    return _first_position(cfg, qi) + r % cfg.bq
 
 
 def _col_ok(cfg: _Config, valid2, pos, b0):
@@ -223,7 +267,8 @@ def _fwd_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_
     qi = pl.program_id(1)
     q = q_ref[...]
     pos = _positions(cfg, qi)
-    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
+    p0 = _first_position(cfg, qi)
+    p1 = p0 + cfg.bq - 1
     j_lo, j_hi = _k2_tiles(cfg, p0, p1)
     a_lo, a_hi = _k1_keys(cfg, p0, p1)
 
@@ -266,7 +311,8 @@ def _query_tile(cfg: _Config, q_ref, do_ref, l_ref, d_ref):
     """A backward program's query tile: `(q, do, lse, delta, pos)`, its first position `p0`,
     and the second-key tiles and first keys its positions can see."""
     qi = pl.program_id(1)
-    p0, p1 = qi * cfg.bq, qi * cfg.bq + cfg.bq - 1
+    p0 = _first_position(cfg, qi)
+    p1 = p0 + cfg.bq - 1
     rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
     return rows_in, p0, _k2_tiles(cfg, p0, p1), _k1_keys(cfg, p0, p1)
 
@@ -345,7 +391,8 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
             delta = d_ref[pl.ds(r0, rows), :]
             pos = _positions(cfg, qi)
             row_ok = _row_ok(cfg, valid1, pos, a)
-            j_lo, j_hi = _k2_tiles(cfg, qi * cfg.bq, qi * cfg.bq + cfg.bq - 1)
+            p0 = _first_position(cfg, qi)
+            j_lo, j_hi = _k2_tiles(cfg, p0, p0 + cfg.bq - 1)
             rows_in = (q, do, lse, delta, pos)
             zq, wd = _first_key_sums(
                 cfg, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_hi
@@ -401,9 +448,9 @@ def _fold_partials(part, cfg: _Config):
     deterministic)."""
     bk, _, d = part.shape
     m = -(-cfg.span // cfg.bq)
-    part = part.reshape(bk, cfg.nq, cfg.span, d)
+    part = part.reshape(bk, cfg.nq_pos, cfg.splits, cfg.span, d).sum(axis=2)  # head chunks
     part = jnp.pad(part, ((0, 0), (0, 0), (0, m * cfg.bq - cfg.span), (0, 0)))
-    part = part.reshape(bk, cfg.nq, m, cfg.bq, d)
+    part = part.reshape(bk, cfg.nq_pos, m, cfg.bq, d)
     blocks = sum(jnp.pad(part[:, :, k], ((0, 0), (k, m - 1 - k), (0, 0), (0, 0))) for k in range(m))
     keys = blocks.reshape(bk, -1, d)[:, cfg.w1 - 1 :]  # row 0 is first key 0
     return jnp.pad(keys, ((0, 0), (0, max(0, cfg.s1 - keys.shape[1])), (0, 0)))[:, : cfg.s1]
@@ -426,7 +473,8 @@ def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
         delta = d_ref[pl.ds(r0, rows), :]
         pos = _positions(cfg, qi)
         col_ok = _col_ok(cfg, valid2, pos, b0)
-        a_lo, a_hi = _k1_keys(cfg, qi * cfg.bq, qi * cfg.bq + cfg.bq - 1)
+        p0 = _first_position(cfg, qi)
+        a_lo, a_hi = _k1_keys(cfg, p0, p0 + cfg.bq - 1)
 
         def a_step(a, carry):
             dk, dv = carry
@@ -460,7 +508,7 @@ def _rows_layout(x, cfg: _Config):
 
 
 def _rows_merge(x, cfg: _Config, b: int):
-    x = x.reshape(b, cfg.kv_heads, cfg.nq, cfg.rows, x.shape[-1])
+    x = x.reshape(b, cfg.kv_heads, cfg.nq_pos, cfg.group * cfg.bq, x.shape[-1])
     return spine.merge_row_tiles(x, cfg.t, cfg.bq)
 
 

@@ -1,6 +1,8 @@
-"""Lowering for CUDA on a host without a GPU (the tests' `lower(lowering_platforms=("cuda",))`)."""
+"""Lowering for CUDA on a host without a GPU: `jax.jit(f).trace(...).lower(lowering_platforms=
+("cuda",))` in the tests and in `experiments.kernel_registers`."""
 
 import contextlib
+from unittest import mock
 
 import jax
 
@@ -19,3 +21,11 @@ def abstract_gpu():
         (1,), ("x",), (sharding.AxisType.Explicit,), abstract_device=device
     )
     return sharding.use_abstract_mesh(mesh)
+
+
+@contextlib.contextmanager
+def gpu_target():
+    """`abstract_gpu()`, and `jax.default_backend()` answering "gpu" so that the kernels pick
+    their GPU launch settings (and skip the device check) while tracing."""
+    with abstract_gpu(), mock.patch.object(jax, "default_backend", lambda: "gpu"):
+        yield
