@@ -5,8 +5,9 @@ r"""Registers and spills of the Pallas kernels compiled for an H100 (sm_90a), on
   python -m experiments.kernel_registers --cases=fb_4k_h128 \
       --variants=default,bwd_block_rows=64,bwd_block_rows=64+num_warps=4
 
-Each case (issue 10's shapes, bfloat16) is lowered for CUDA as `implementation="pallas"`
-runs it on a GPU, forward and gradient; each Triton kernel's IR is compiled by the `triton`
+Each case (issue 10's shapes for `implementation="pallas"`, issue 14's for the fused
+polynomial kernels; bfloat16) is lowered for CUDA as it runs on a GPU, forward and gradient;
+each Triton kernel's IR is compiled by the `triton`
 package for compute capability 9.0 and its PTX assembled by ptxas with `-v`, which reports
 registers per thread and spill bytes. A kernel that spills keeps part of its tiles in local
 memory (global memory behind the L1 cache) instead of registers. No GPU is needed, so tile
@@ -15,7 +16,8 @@ defaults can be checked for spills before a GPU session times them.
 Caveat: a GPU runs the IR through the Triton compiler bundled with XLA, not the `triton`
 package's; the two versions' pipelines can allocate registers differently, so the counts are
 indicative. Variants: "default" (the library's tiles) or `PallasConfig` fields joined by "+",
-e.g. "bwd_block_rows=64+num_warps=4" (ints, or true/false for `bwd_fuse_k1`). One JSON line
+e.g. "bwd_block_rows=64+num_warps=4" (ints, or true/false for `bwd_fuse_k1`), and likewise
+`PolynomialConfig` fields for the polynomial cases (`--poly_variants`). One JSON line
 per kernel: case, variant, kernel, num_warps, num_stages, registers, spill_stores,
 spill_loads, shared_bytes, wgmma and mma_sync (tensor-core instructions in the PTX: Hopper's
 wgmma, or the older mma.sync that Triton falls back to for tiles under 64 rows), and the
@@ -25,6 +27,7 @@ compilers' versions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -37,37 +40,64 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+import tensorattn
 from experiments import benchlib
-from tensorattn import PallasConfig
-from tensorattn.kernels import cuda_lowering, pallas, spine
+from tensorattn import PallasConfig, PolynomialConfig
+from tensorattn.kernels import cuda_lowering
 
 FLAGS = flags.FLAGS
 
-# Issue 10's shapes (FBGEMM's and lucidrains' benchmark cases, and full causal attention):
-# (batch, T, query heads, key/value heads, head dim, windows (w1, w2) or None for causal).
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call, bfloat16: `implementation="pallas"` (causal, with `windows` (w1, w2) or
+    none), or the fused polynomial kernels (`PolynomialConfig(fused=True)`, Taylor degree 4,
+    scale 1/H)."""
+
+    batch: int
+    t: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    windows: tuple | None = None
+    causal: bool = True
+    polynomial: bool = False
+
+
+# Issue 10's shapes (FBGEMM's and lucidrains' benchmark cases, and full causal attention),
+# and issue 14's (the polynomial method at H = Hv = 16, rank 4,845).
 CASES = {
-    "fb_4k_h64": (4, 4096, 64, 1, 128, (32, 256)),
-    "fb_4k_h128": (4, 4096, 128, 1, 128, (32, 256)),
-    "fb_16k_h64": (4, 16384, 64, 1, 128, (32, 512)),
-    "fb_16k_h128": (4, 16384, 128, 1, 128, (32, 512)),
-    "paper_16k_512x32": (1, 16384, 64, 1, 128, (512, 32)),
-    "paper_16k_512x32_h128": (1, 16384, 128, 1, 128, (512, 32)),
-    "luc_16k_d64": (1, 16384, 64, 1, 64, (512, 32)),
-    "full_4k_h128": (1, 4096, 8, 2, 128, None),
+    "fb_4k_h64": Case(4, 4096, 64, 1, 128, (32, 256)),
+    "fb_4k_h128": Case(4, 4096, 128, 1, 128, (32, 256)),
+    "fb_16k_h64": Case(4, 16384, 64, 1, 128, (32, 512)),
+    "fb_16k_h128": Case(4, 16384, 128, 1, 128, (32, 512)),
+    "paper_16k_512x32": Case(1, 16384, 64, 1, 128, (512, 32)),
+    "paper_16k_512x32_h128": Case(1, 16384, 128, 1, 128, (512, 32)),
+    "luc_16k_d64": Case(1, 16384, 64, 1, 64, (512, 32)),
+    "full_4k_h128": Case(1, 4096, 8, 2, 128),
+    "poly_h16_65k": Case(1, 65536, 8, 8, 16, causal=False, polynomial=True),
+    "poly_h16_65k_causal": Case(1, 65536, 8, 8, 16, polynomial=True),
 }
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def define_flags() -> None:
     flags.DEFINE_list("cases", list(CASES), f"Cases: {', '.join(CASES)}.")
-    flags.DEFINE_list("variants", ["default"], 'Tile variants: "default" or field=value+...')
+    flags.DEFINE_list("variants", ["default"], 'PallasConfig variants: "default" or f=v+...')
+    flags.DEFINE_list("poly_variants", ["default"], "PolynomialConfig variants, likewise.")
     flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
 
 
-def variant_config(variant: str) -> PallasConfig:
-    """`PallasConfig` of a variant: "default", or fields "name=value+name=value"."""
-    fields = {} if variant == "default" else benchlib.config_fields(variant)
-    return PallasConfig.from_mapping(fields | {"interpret": False}, prefix="variant")
+def variant_config(variant: str, polynomial: bool = False):
+    """The kernel config of a variant: "default", or fields "name=value+name=value" of
+    `PallasConfig` (or of `PolynomialConfig(fused=True, degree=4)`)."""
+    fields = ({} if variant == "default" else benchlib.config_fields(variant)) | {
+        "interpret": False
+    }
+    if polynomial:
+        base = {"fused": True, "degree": 4, "on_uncertified": "ignore"}
+        return PolynomialConfig.from_mapping(base | fields, prefix="variant")
+    return PallasConfig.from_mapping(fields, prefix="variant")
 
 
 @contextlib.contextmanager
@@ -106,19 +136,19 @@ def _triton_kernels(kernels: list):
         lowering.lower_jaxpr_to_triton_module, mlir.custom_call = lower, custom_call
 
 
-def lower_case(case: str, config: PallasConfig) -> list[dict]:
+def lower_case(name: str, variant: str = "default") -> list[dict]:
     """The Triton kernels of one case's forward and gradient, lowered for CUDA."""
-    batch, t, n, kv, d, windows = CASES[case]
-    q = jax.ShapeDtypeStruct((batch, t, n, d), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((batch, t, kv, d), jnp.bfloat16)
+    case = CASES[name]
+    config = variant_config(variant, case.polynomial)
+    q = jax.ShapeDtypeStruct((case.batch, case.t, case.heads, case.head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((case.batch, case.t, case.kv_heads, case.head_dim), jnp.bfloat16)
+    scale = 1.0 / case.head_dim if case.polynomial else None
 
     def loss(q, k1, k2, v1, v2):
-        keys, values = (k1, k2), (v1, v2)
-        spec = spine.validate(
-            q, keys, values, causal=True, windows=windows, key_masks=None, scale=None,
-            key_names=("k1", "k2"), value_names=("v1", "v2"), mask_names=("m1", "m2"),
-        )  # fmt: skip
-        return jnp.sum(pallas.attention(q, keys, values, spec, config).astype(jnp.float32))
+        out = tensorattn.tensor_attention(
+            q, k1, k2, v1, v2, causal=case.causal, window=case.windows, scale=scale, config=config
+        )
+        return jnp.sum(out.astype(jnp.float32))
 
     kernels = []
     grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
@@ -181,13 +211,14 @@ def compile_kernel(kernel: dict, workdir: Path) -> dict:
     }
 
 
-def report(cases, variants, emit=None) -> list[dict]:
-    """One row per (case, variant, kernel); prints a table line per row."""
+def report(cases, variants, poly_variants=("default",), emit=None) -> list[dict]:
+    """One row per (case, variant, kernel); prints a table line per row. `variants` apply to
+    the Pallas cases, `poly_variants` to the polynomial ones."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            for variant in variants:
-                for kernel in lower_case(case, variant_config(variant)):
+            for variant in poly_variants if CASES[case].polynomial else variants:
+                for kernel in lower_case(case, variant):
                     row = {"kind": "registers", "case": case, "variant": variant}
                     row |= {k: v for k, v in kernel.items() if k != "ttir"}
                     row |= compile_kernel(kernel, Path(tmp))
@@ -215,9 +246,16 @@ def main(argv):
     unknown = [c for c in FLAGS.cases if c not in CASES]
     if unknown:
         sys.exit(f"unknown cases {unknown}; known: {', '.join(CASES)}")
-    for variant in FLAGS.variants:
-        variant_config(variant)  # bad variants fail before any compilation
-    report(FLAGS.cases, FLAGS.variants, lambda row: benchlib.append_jsonl(FLAGS.out, row))
+    for variant in FLAGS.variants:  # bad variants fail before any compilation
+        variant_config(variant)
+    for variant in FLAGS.poly_variants:
+        variant_config(variant, polynomial=True)
+    report(
+        FLAGS.cases,
+        FLAGS.variants,
+        FLAGS.poly_variants,
+        emit=lambda row: benchlib.append_jsonl(FLAGS.out, row),
+    )
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_kernel_registers_captures_the_triton_kernels():
     IR and launch settings; compiling them (ptxas) needs the triton package."""
     from experiments import kernel_registers
 
-    kernels = kernel_registers.lower_case("luc_16k_d64", kernel_registers.variant_config("default"))
+    kernels = kernel_registers.lower_case("luc_16k_d64")
     assert [k["kernel"] for k in kernels] == ["_fwd_kernel", "_dqkv1_kernel", "_dkv2_kernel"]
     assert [k["num_warps"] for k in kernels] == [4, 8, 8]
     assert all("tt.func" in k["ttir"] for k in kernels)
@@ -145,6 +145,6 @@ def test_kernel_registers_compiles_with_triton(tmp_path):
     pytest.importorskip("triton")
     from experiments import kernel_registers
 
-    kernel = kernel_registers.lower_case("luc_16k_d64", kernel_registers.variant_config("default"))
+    kernel = kernel_registers.lower_case("luc_16k_d64")
     row = kernel_registers.compile_kernel(kernel[0], tmp_path)
     assert 0 < row["registers"] <= 255 and row["spill_stores"] >= 0 and row["wgmma"] > 0

@@ -140,11 +140,15 @@ def test_bfloat16(causal):
     np.testing.assert_allclose(out, xla, atol=ulp)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_gradient(causal, small_segments):
+@pytest.mark.parametrize("causal,y_group", [(False, None), (False, 3), (True, None)])
+def test_gradient(causal, y_group, small_segments, monkeypatch):
     """The fused closed-form gradient kernels against the oracle's gradient (and the XLA
     kernel's); grouped heads, masks (a batch row with no valid first key), lengths not tile
-    multiples; causal: two segments (prefix states carried across), two rank groups."""
+    multiples; causal: two segments (prefix states carried across), two rank groups;
+    `y_group=3`: the key sums and Γ over groups of augmented coordinates, the last one padded
+    (H+1 = 4 = 3 + 1)."""
+    if y_group is not None:
+        monkeypatch.setattr(pf, "_y_group", lambda *args: y_group)
     t = 9
     s = (t, t) if causal else (t, 7)
     q, keys, values, masks = _inputs(4, t=t, s=s, b=2)

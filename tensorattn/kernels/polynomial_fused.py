@@ -66,8 +66,10 @@ bfloat16-exact; ~2^-16 relative per product), "bf16" (one bfloat16 product). Til
 settings and interpret mode: `PolynomialConfig` (`block_q`, `block_k`, `block_rank`,
 `rank_group`, `causal_chunk`, `num_warps`, `num_stages`, `interpret`); defaults: block_q
 `max(16, 64 // G)`, block_k 64, block_rank 64 (32 causal), rank_group 8 blocks (causal),
-causal_chunk 16, 4 warps (8 causal), 2 stages; untuned guesses for a GPU session to sweep
-(the gradient wants query/key tiles of >= 256 rows to stay compute-bound on its state reads).
+causal_chunk 16, 8 warps, 2 stages; untuned guesses for a GPU session to sweep (the gradient
+wants query/key tiles of >= 256 rows to stay compute-bound on its state reads), checked only
+for register spills on sm_90a (`SUM_REGISTERS`; the causal kernels still spill, docs/pallas.md
+"Registers").
 
 Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `G` query heads per kv head, `m`
 products per matmul (precision), `n_x` input pieces (1 for bfloat16). Issue 14's shape:
@@ -165,6 +167,16 @@ class _Config:
     num_warps: int
     num_stages: int
     interpret: bool
+    yg: int = 0  # augmented coordinates per program of the key-sum and Γ kernels (0: all)
+
+    @property
+    def y_group(self) -> int:
+        return self.yg or self.dim + 1
+
+    @property
+    def n_yg(self) -> int:
+        """Programs over the `H+1` augmented coordinates (the last group may be partial)."""
+        return -(-(self.dim + 1) // self.y_group)
 
     @property
     def q_step(self) -> int:
@@ -187,6 +199,25 @@ class _Config:
         if self.causal:
             return self.t_pad
         return -(-s // self.bk) * self.bk
+
+
+# The key-sum and Γ kernels keep one `[block_rank, Vp]` float32 accumulator per augmented
+# coordinate `y` (H+1 of them: 17 at H = 16, 136 KiB, more than a program's registers: ptxas
+# spilled 5.7 KB per thread with 4 warps, 2.4 KB with 8). Each program takes a group of
+# coordinates whose accumulators fit in this many registers per thread, recomputing the
+# features per group (at issue 14's shape, 8 warps: 3 groups of 6, 0.1-0.2 KB spilled, the
+# features built 3 times, ~+12% of the key sums' tensor-core work). 8 warps: no spills in the
+# other non-causal kernels either (4 warps: 16 bytes in the key phase, 4 in dK/dV).
+# From `experiments/kernel_registers.py` (sm_90a); not yet timed.
+SUM_REGISTERS = 64
+DEFAULT_WARPS = 8
+
+
+def _y_group(dim: int, rb: int, vp: int, warps: int) -> int:
+    """Augmented coordinates per program: the groups as even as `SUM_REGISTERS` allows."""
+    most = max(1, SUM_REGISTERS * 32 * warps // (rb * vp))
+    n_groups = -(-(dim + 1) // most)
+    return -(-(dim + 1) // n_groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +343,13 @@ def _column(x, j: int):
     """`[rows, 1]` column `j` of `x` (no static slicing of register tiles on GPU)."""
     col = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
     return jnp.sum(jnp.where(col == j, x, 0.0), axis=1, keepdims=True)
+
+
+def _column_at(x, y, ones):
+    """`[rows, 1]` column `y` (traced) of `[x, 1]`: `ones` is 1.0 where `y` is that last
+    column, else 0.0 (`x`'s padding columns are zero)."""
+    col = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+    return jnp.sum(jnp.where(col == y, x, 0.0), axis=1, keepdims=True) + ones
 
 
 def _place(x, j: int, width: int):
@@ -581,23 +619,43 @@ def _normalise_xla(y, hv: int):
 # Sums with two augmented indices are stored y-major: `[H+1, r, Vp]`, entry `[y, α, x]`.
 
 
+def _augmented_columns(cfg: _Config, x, y0):
+    """Columns `y0 .. y0 + y_group - 1` of `[x, 1]` (this program's group of augmented
+    coordinates) as `[rows, 1]` columns, zero past `H` (the last group's padding). `x`'s
+    padding columns are zero."""
+    cols = []
+    for i in range(cfg.y_group):
+        y = y0 + i
+        # As a [1, 1] tile: Triton's lowering has no select of a scalar condition.
+        ones = jnp.where(lax.broadcasted_iota(jnp.int32, (1, 1), 0) + y == cfg.dim, 1.0, 0.0)
+        cols.append(_column_at(x, y, ones))
+    return cols
+
+
+def _add_products(cfg: _Config, accs, feats, x, cols):
+    """`accs[i] + featsᵀ (x ∘ cols[i])`, each right operand formed just before its product
+    (not all at once: they are as large as the accumulators)."""
+    return tuple(acc + _matmul(cfg, feats, x * col, (0, 0), False) for acc, col in zip(accs, cols))
+
+
 def _key_grad_kernel(cfg: _Config, sel_ref, k_ref, v_ref, n_ref):
-    """`N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` for one rank block (one key set)."""
+    """`N_j[y, α, x] = Σ_a φ(k_a)_α ṽ_a[x] k̃_a[y]` for one rank block (one key set) and one
+    group of `y` (`y_group` accumulators, so that they stay in registers)."""
     n_tiles = k_ref.shape[0] // cfg.bk
+    y0 = pl.program_id(2) * cfg.y_group
 
     def step(i, accs):
         a0 = pl.multiple_of(i * cfg.bk, cfg.bk)
         k = k_ref[pl.ds(a0, cfg.bk), :]
         v = v_ref[pl.ds(a0, cfg.bk), :].astype(_F32)
         phi = _features(cfg, k, sel_ref, 0, cfg.rb)
-        kf = k.astype(_F32)
-        rhs = [v * _column(kf, y) for y in range(cfg.dim)] + [v]  # k̃ = [k, 1]
-        return tuple(acc + _matmul(cfg, phi, z, (0, 0), False) for acc, z in zip(accs, rhs))
+        cols = _augmented_columns(cfg, k.astype(_F32), y0)  # k̃ = [k, 1]
+        return _add_products(cfg, accs, phi, v, cols)
 
     zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
-    accs = lax.fori_loop(0, n_tiles, step, (zero,) * (cfg.dim + 1))
-    for y in range(cfg.dim + 1):
-        n_ref[y] = accs[y]
+    accs = lax.fori_loop(0, n_tiles, step, (zero,) * cfg.y_group)
+    for i in range(cfg.y_group):
+        n_ref[i] = accs[i]
 
 
 def _psi(cfg: _Config, q, sel_ref, w, inv, lo, base=None):
@@ -621,23 +679,23 @@ def _dq_kernel(cfg: _Config, q_ref, d_ref, inv_ref, sel_ref, w_ref, n_ref, dq_re
 
 
 def _gamma_kernel(cfg: _Config, sel_ref, w_ref, q_ref, d_ref, inv_ref, g_ref):
-    """`Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` for one rank block."""
+    """`Γ[y, α, x] = Σ_i ψ_i[α] d̃_i[x] q̃_i[y]` for one rank block and one group of `y`."""
     rows = cfg.group * cfg.bq
     w = w_ref[...]
+    y0 = pl.program_id(2) * cfg.y_group
 
     def step(i, accs):
         r0 = pl.multiple_of(i * rows, rows)
         q = q_ref[pl.ds(r0, rows), :]
         d = d_ref[pl.ds(r0, rows), :]
         psi = _psi(cfg, q, sel_ref, w, inv_ref[pl.ds(r0, rows), :], 0)
-        qf = q.astype(_F32)
-        rhs = [d * _column(qf, y) for y in range(cfg.dim)] + [d]  # q̃ = [q, 1]
-        return tuple(acc + _matmul(cfg, psi, z, (0, 0), False) for acc, z in zip(accs, rhs))
+        cols = _augmented_columns(cfg, q.astype(_F32), y0)  # q̃ = [q, 1]
+        return _add_products(cfg, accs, psi, d, cols)
 
     zero = jnp.zeros((cfg.rb, cfg.vp), _F32)
-    accs = lax.fori_loop(0, q_ref.shape[0] // rows, step, (zero,) * (cfg.dim + 1))
-    for y in range(cfg.dim + 1):
-        g_ref[y] = accs[y]
+    accs = lax.fori_loop(0, q_ref.shape[0] // rows, step, (zero,) * cfg.y_group)
+    for i in range(cfg.y_group):
+        g_ref[i] = accs[i]
 
 
 def _dkv_kernel(cfg: _Config, k_ref, v_ref, sel_ref, w_ref, dk_ref, dv_ref):
@@ -677,24 +735,33 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
     g = sel.shape[0]
     n_rb = cfg.rank_padded // cfg.rb
     rows = cfg.group * cfg.bq
-    sel_block = pl.BlockSpec((g, cfg.hp, cfg.rb), lambda i, j: (0, 0, j))
     sel_all = pl.BlockSpec(sel.shape, lambda i, j: (0, 0, 0))
+    # The key sums and Γ: grid (B·K, rank blocks, groups of y), `[H+1, r, Vp]` states.
+    y_pad = cfg.n_yg * cfg.y_group
+    grid_sums = (bkv, n_rb, cfg.n_yg)
+    sel_block = pl.BlockSpec((g, cfg.hp, cfg.rb), lambda i, j, y: (0, 0, j))
+    sums_shape = jax.ShapeDtypeStruct((bkv, y_pad, cfg.rank_padded, cfg.vp), _F32)
+    sums_block = pl.BlockSpec((None, cfg.y_group, cfg.rb, cfg.vp), lambda i, j, y: (i, y, j, 0))
     state_shape = jax.ShapeDtypeStruct((bkv, cfg.dim + 1, cfg.rank_padded, cfg.vp), _F32)
-    state_block = pl.BlockSpec((None, cfg.dim + 1, cfg.rb, cfg.vp), lambda i, j: (i, 0, j, 0))
     state_all = pl.BlockSpec((None, *state_shape.shape[1:]), lambda i, j: (i, 0, 0, 0))
+
+    def states(x):  # [B·K, y_pad, r, Vp] -> [B·K, H+1, r, Vp]
+        return x if y_pad == cfg.dim + 1 else x[:, : cfg.dim + 1]
 
     def tile(size, width):
         return pl.BlockSpec((None, size, width), lambda i, j: (i, j, 0))
 
     ns = [
-        _call(
-            cfg,
-            _key_grad_kernel,
-            grid=(bkv, n_rb),
-            in_specs=[sel_block, _whole(k.shape), _whole(v.shape)],
-            out_specs=state_block,
-            out_shape=state_shape,
-        )(sel, k, v)
+        states(
+            _call(
+                cfg,
+                _key_grad_kernel,
+                grid=grid_sums,
+                in_specs=[sel_block, _whole(k.shape), _whole(v.shape)],
+                out_specs=sums_block,
+                out_shape=sums_shape,
+            )(sel, k, v)
+        )
         for k, v in zip(ks, vs)
     ]
     dq_t = _call(
@@ -715,17 +782,18 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
     gamma = _call(
         cfg,
         _gamma_kernel,
-        grid=(bkv, n_rb),
+        grid=grid_sums,
         in_specs=[
             sel_block,
-            pl.BlockSpec((1, cfg.rb), lambda i, j: (0, j)),
+            pl.BlockSpec((1, cfg.rb), lambda i, j, y: (0, j)),
             _whole(q_t.shape),
             _whole(d_t.shape),
             _whole(inv_t.shape),
         ],
-        out_specs=state_block,
-        out_shape=state_shape,
+        out_specs=sums_block,
+        out_shape=sums_shape,
     )(sel, w, q_t, d_t, inv_t)
+    gamma = states(gamma)
     dks, dvs = [], []
     for j, (k, v, key) in enumerate(zip(ks, vs, keys)):
         dk_t, dv_t = _dkv(cfg, k, v, sel, gamma * ns[1 - j])
@@ -741,13 +809,6 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
 # (summed over the query heads of the group) and `C_j(i) = Σ_{i'<=i} W_j(i')`. Key `a` gets
 # `φ(k_a)·Σ_{i>=a} W_j(i) = φ(k_a)·C_j(last) − φ(k_a)·C_j(a−1)`: the second term here, the
 # first after the scan (`_dkv_kernel` on the totals `C_j(last)`).
-
-
-def _column_at(x, y, ones):
-    """`[rows, 1]` column `y` (traced) of `[x, 1]`: `ones` is 1.0 where `y` is that last
-    column, else 0.0 (`x`'s padding columns are zero)."""
-    col = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
-    return jnp.sum(jnp.where(col == y, x, 0.0), axis=1, keepdims=True) + ones
 
 
 def _causal_grad_kernel(
@@ -1065,9 +1126,10 @@ def attention(
         seg=seg,
         bwd_seg=bwd_seg,
         precision=config.precision or "bf16x3",
-        num_warps=config.num_warps or (8 if spec.causal else 4),
+        num_warps=config.num_warps or DEFAULT_WARPS,
         num_stages=config.num_stages or 2,
         interpret=interpret,
+        yg=_y_group(h, rb, vp, config.num_warps or DEFAULT_WARPS),
     )
     q = q.astype(dtype)
     keys = tuple(k.astype(dtype) for k in keys)
