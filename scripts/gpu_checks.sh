@@ -12,8 +12,7 @@
 #             of them in .peers (see its run.sh): once with implementation=None (DIR/peers_*.jsonl,
 #             DIR/tensorattn_jax.jsonl), then tensorattn alone with implementation="mosaic_gpu"
 #             (DIR/mosaic_gpu/tensorattn_jax.jsonl, beside the same peer rows).
-# polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal
-#             (causal: forward only, see below).
+# polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal.
 # Each section runs under `timeout` (TIMEOUT_S, default 540 s) so that one fits a 10-minute slot;
 # a section cut by it says so in gpu_checks.txt and the rows it wrote are kept.
 set -uo pipefail
@@ -73,10 +72,7 @@ for s in $SECTIONS; do
     polynomial)
       section polynomial_noncausal "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
         --out="$DIR/bench_polynomial_fused.jsonl"
-      # Causal: the forward only. The causal gradient kernel compiles to 32 registers and 39 KB
-      # of spills per thread, in 443 s with Triton 3.9 (docs/pallas.md "Registers"): once per
-      # length, it would spend the section's time limit compiling.
       section polynomial_causal "$PYTHON" -m experiments.bench_polynomial_fused --causal=1 \
-        --passes=fwd --out="$DIR/bench_polynomial_fused.jsonl" ;;
+        --out="$DIR/bench_polynomial_fused.jsonl" ;;
   esac
 done

@@ -215,7 +215,8 @@ class PolynomialConfig(KernelConfig):
     block_q: query positions per program (non-causal forward, dQ, Γ); block_k: key positions
       per step or program (key sums, dK/dV); block_rank: monomials per on-chip feature block;
       rank_group: monomials per causal program (a multiple of block_rank); causal_chunk:
-      positions per step of the causal kernels. Powers of two (>= 16 on a GPU).
+      positions per step of the causal kernels. Powers of two (>= 16 on a GPU, but
+      causal_chunk, 8 by default: its 8-row products compile with Triton 3.9).
     num_warps, num_stages: GPU launch settings.
     interpret: Pallas interpret mode (any backend; slow, for tests). None: on without a GPU or
       with TENSORATTN_PALLAS_INTERPRET=1; False always emits the GPU kernels.

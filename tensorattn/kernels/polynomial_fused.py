@@ -30,16 +30,17 @@ monomials (`rank_group / block_rank` sub-blocks), reads their prefix sums
 by chunk (`causal_chunk` positions) with `P_j` on chip, and writes `P_j` back. Within a chunk
 the per-row states `N_j(i) = P_j + cumsum_{a <= i} φ(k_j,a) ⊗ ṽ_j,a` (`[chunk, block_rank,
 Vp]`) give `y_i += Σ_α (w φ(q_i))_α N_1(i)_α ∘ N_2(i)_α`; each program writes its partial `y`
-for the segment and XLA sums the groups and normalises. `seg` (a power of two, <= 16384) is
-the longest whose partials fit `SEGMENT_BYTES` (128 MiB; 4096 positions at issue 14's
-shape). Memory, in bytes (`s` the input dtype's size, `r_pad` the padded rank): inputs laid
-out per segment `B·K·T·((G+2)·Hp + 2·Vp)·s`, outputs and `1/den` `B·N·T·(Hv·s + 4)`,
-partials `<= SEGMENT_BYTES`, states `2·B·K·r_pad·Vp·4` (twice: in and out of a step): linear
-in T, 2.0 KiB per position at issue 14's shape (B=1, N=K=8, bfloat16), ~2.1 GiB at T = 2^20.
-Measured on CPU (`memory_analysis` of the interpret-mode program, where XLA holds the bfloat16
-layouts in float32): 232 MiB at T = 2^15, 584 MiB at 2^17, 3.79 GiB at 2^20 (3.8 KB per
-position); before segments, the partials alone were `B·N·T·Vp·4·r/rank_group` (171 MiB at
-T = 2^13, ~21 GiB at 2^20).
+for the segment and XLA sums the groups and normalises. `seg` (a power of two, <= 16384) is the
+longest whose partials fit `SEGMENT_BYTES` (128 MiB; 4096 positions at issue 14's shape with
+the previous tiles; 512 with today's, `CAUSAL_CHUNK`). Memory, in bytes (`s` the input dtype's
+size, `r_pad` the padded rank): inputs laid out per segment `B·K·T·((G+2)·Hp + 2·Vp)·s`,
+outputs and `1/den` `B·N·T·(Hv·s + 4)`, partials `<= SEGMENT_BYTES`, states `2·B·K·r_pad·Vp·4`
+(twice: in and out of a step): linear in T, 2.0 KiB per position at issue 14's shape (B=1,
+N=K=8, bfloat16), ~2.1 GiB at T = 2^20. Measured on CPU with the previous tiles
+(`memory_analysis` of the interpret-mode program, where XLA holds the bfloat16 layouts in
+float32): 232 MiB at T = 2^15, 584 MiB at 2^17, 3.79 GiB at 2^20 (3.8 KB per position); before
+segments, the partials alone were `B·N·T·Vp·4·r/rank_group` (171 MiB at T = 2^13, ~21 GiB at
+2^20).
 
 Gradient: the closed form of docs/math.md §5 (the XLA kernel's default gradient), same
 accuracy. Without causal mask, four kernels on the same on-chip features: the key sums
@@ -53,10 +54,11 @@ key coordinate `y`, carries `N_j(i)` (coordinate `y` of `k̃`) and `C_j(i) = Σ_
 `W_j(i) = Σ_heads ψ_i ⊗ d̃_i q̃_i[y] ∘ N_other(i)`, and writes its share of column `y` of dQ
 and of `−φ(k_a)·C_j(a−1)` (dK_j; dV_j at `y = H`). After the scan, key `a` adds
 `φ(k_a)·C_j(last)` (the dK/dV kernel on the totals), so it gets `φ(k_a)·Σ_{i>=a} W_j(i)`.
-Its memory: states `2·4·B·K·(H+1)·r_pad·Vp·4` (646 MiB at issue 14's shape, independent of
-T), partials `<= SEGMENT_BYTES` (1024 positions per segment), and linear layouts and
-gradients (CPU-measured: 1.30 GiB at T = 2^15, 2.08 GiB at 2^17, 12.3 GiB at 2^20: 8.6 KB
-per position, against the XLA kernel's causal gradient 26 KB per position).
+Its memory: states `2·4·B·K·(H+1)·r_pad·Vp·4` (646 MiB at issue 14's shape, independent of T),
+partials `<= SEGMENT_BYTES` (1024 positions per segment with the previous tiles, 128 with
+today's), and linear layouts and gradients (CPU-measured with the previous tiles: 1.30 GiB at T
+= 2^15, 2.08 GiB at 2^17, 12.3 GiB at 2^20: 8.6 KB per position, against the XLA kernel's
+causal gradient 26 KB per position).
 
 Matmul precision (`PolynomialConfig.precision`, the key/query/gradient products; the
 selection is always exact): "highest" (float32 dots at `Precision.HIGHEST`: the numerics of
@@ -65,11 +67,10 @@ three bfloat16 products with float32 accumulation, two when the right operand is
 bfloat16-exact; ~2^-16 relative per product), "bf16" (one bfloat16 product). Tiles, launch
 settings and interpret mode: `PolynomialConfig` (`block_q`, `block_k`, `block_rank`,
 `rank_group`, `causal_chunk`, `num_warps`, `num_stages`, `interpret`); defaults: block_q
-`max(16, 64 // G)`, block_k 64, block_rank 64 (32 causal), rank_group 8 blocks (causal),
-causal_chunk 16, 8 warps, 2 stages; untuned guesses for a GPU session to sweep (the gradient
+`max(16, 64 // G)`, block_k 64, block_rank 64 (32 causal), rank_group 1 block, causal_chunk
+8, 8 warps, 2 stages; untuned guesses for a GPU session to sweep (the gradient
 wants query/key tiles of >= 256 rows to stay compute-bound on its state reads), checked only
-for register spills on sm_90a (`SUM_REGISTERS`; the causal kernels still spill, docs/pallas.md
-"Registers").
+for register spills on sm_90a (`SUM_REGISTERS`, `CAUSAL_CHUNK`; docs/pallas.md "Registers").
 
 Cost per (batch, kv head), order 3, `r = C(H+g, g)`, `G` query heads per kv head, `m`
 products per matmul (precision), `n_x` input pieces (1 for bfloat16). Issue 14's shape:
@@ -211,6 +212,13 @@ class _Config:
 # From `experiments/kernel_registers.py` (sm_90a); not yet timed.
 SUM_REGISTERS = 64
 DEFAULT_WARPS = 8
+# The causal kernels carry per-row prefix states `[causal_chunk, block_rank, Vp]` for every
+# rank block of their group (unrolled). With chunks of 16 and 8 blocks of 32 per program the
+# causal gradient compiled to 32 registers and 39 KB of spills per thread (in 443 s), the
+# forward spilled 1.3 KB; chunks of 8 and one block per program: 16 and 0 bytes, compiled in
+# seconds (at the price of 8x more programs re-reading the inputs and 8x more partial
+# outputs per position, which the segments keep under SEGMENT_BYTES). Not yet timed.
+CAUSAL_CHUNK = 8
 
 
 def _y_group(dim: int, rb: int, vp: int, warps: int) -> int:
@@ -1091,9 +1099,9 @@ def attention(
     rank = math.comb(h + degree, degree)
     group = n // kv
     vp = max(16, _next_pow2(hv + 1))
-    chunk = config.causal_chunk or 16
+    chunk = config.causal_chunk or CAUSAL_CHUNK
     rb = config.block_rank or min(32 if spec.causal else 64, max(16, _next_pow2(rank)))
-    rg = config.rank_group or (min(8 * rb, max(rb, _next_pow2(rank))) if spec.causal else rb)
+    rg = config.rank_group or rb  # causal: one rank block per program (see CAUSAL_CHUNK)
     if rg % rb:
         raise ValueError(f"PolynomialConfig.rank_group={rg} must be a multiple of block_rank={rb}")
     rank_padded = -(-rank // rg) * rg
