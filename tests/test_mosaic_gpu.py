@@ -254,6 +254,9 @@ def test_unsupported_order_tiles_and_device():
     with pytest.raises(tensorattn.Unsupported, match="schedule_barrier=True with 1"):
         config = MosaicGPUConfig(schedule_barrier=True, interpret=True)
         mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, config)
+    with pytest.raises(tensorattn.Unsupported, match="max_concurrent_steps=1"):
+        config = MosaicGPUConfig(block_q=64, max_concurrent_steps=1, schedule_barrier=True)
+        mosaic_gpu.forward(x[0], x[1:3], x[3:], spec, config)  # compiled: two warpgroups
     with pytest.raises(tensorattn.Unsupported, match="register_operands=True in interpret"):
         config = MosaicGPUConfig(register_operands=True, interpret=True)
         mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, config)
@@ -287,6 +290,7 @@ def test_default_tiles():
     assert tiles(64) == (2, 128, 2) and plan(64).registers and plan(64).schedule
     assert tiles(64, config=INTERPRET) == (1, 64, 1) and not plan(64, config=INTERPRET).registers
     assert not plan(64, config=INTERPRET).schedule and not plan(3).schedule
+    assert not plan(64, config=MosaicGPUConfig(interpret=False, max_concurrent_steps=1)).schedule
     assert tiles(128) == (1, 128, 2)
     assert tiles(4) == (32, 128, 2)
     assert tiles(4, config=INTERPRET) == (16, 64, 1)

@@ -169,7 +169,7 @@ class MosaicGPUConfig(KernelConfig):
       by a fence). None: True when compiled; interpret mode needs False.
     schedule_barrier: with two compute warpgroups, alternate them (FA3's ping-pong): one runs
       its softmax while the other's products use the tensor cores. None: on with two compute
-      warpgroups when compiled; off in interpret mode.
+      warpgroups and at least two pipeline slots when compiled; off in interpret mode.
     interpret: run in Mosaic GPU interpret mode on CPU (slow, for tests). None: the
       environment variable TENSORATTN_MOSAIC_GPU_INTERPRET.
     """

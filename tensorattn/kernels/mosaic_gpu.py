@@ -115,16 +115,17 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     bk2 = config.block_k2 or DEFAULT_BLOCK_K2
     bk1 = config.block_k1 or DEFAULT_BLOCK_K1
     registers = not interpret if config.register_operands is None else config.register_operands
+    steps = config.max_concurrent_steps or DEFAULT_STEPS
     schedule = config.schedule_barrier
     if schedule is None:
-        schedule = wgs == 2 and not interpret
+        schedule = wgs == 2 and steps >= 2 and not interpret
     return _Config(
         call=call,
         bq=bq,
         bk1=bk1,
         bk2=bk2,
         wgs=wgs,
-        steps=config.max_concurrent_steps or DEFAULT_STEPS,
+        steps=steps,
         interpret=interpret,
         registers=registers,
         schedule=schedule,
@@ -523,6 +524,11 @@ def _check_shapes(q, keys, values, cfg: _Config) -> None:
         raise spine.Unsupported(
             f"schedule_barrier=True with {cfg.wgs} compute warpgroups (it alternates two)"
         )
+    if cfg.schedule and cfg.steps < 2:
+        # The second warpgroup's last meeting of a step pairs with the first warpgroup's first
+        # of the next step, which waits for that step's load, which waits for the one slot's
+        # release by the second warpgroup: a deadlock.
+        raise spine.Unsupported("schedule_barrier=True with max_concurrent_steps=1 (needs >= 2)")
     if cfg.bk1 % 8:
         raise spine.Unsupported(f"block_k1={cfg.bk1} (must be a multiple of 8)")
     if cfg.registers and cfg.interpret:

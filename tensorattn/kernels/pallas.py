@@ -1,12 +1,13 @@
 """Exact order-3 tensor attention as Pallas kernels, forward and backward (docs/math.md §1-§3).
 
-One program owns a tile of `R = G·block_q` rows: the `G` query heads of a key/value group
-times `block_q` query positions. For each tile of second keys `b` and each first key `a` it
-forms `x = q_tile ∘ k1[a]`, takes one matrix product `x @ k2_tile^T` and updates an online
-softmax; the values enter as `acc += v1[a] ∘ (p @ v2_tile)`. Causal and window masks shrink
-the loop bounds (whole tiles and first keys are skipped); key padding masks and lengths that
-are not tile multiples are handled by a per-key validity vector. Scores are kept in base 2
-(`tau·log2 e` is folded into `q`), and the forward saves the base-2 log-sum-exp.
+One program owns a tile of `R = G·block_q` rows: the `G` query heads of a key/value group times
+`block_q` query positions (backward tiles may hold part of a large group's heads). For each
+tile of second keys `b` and each first key `a` it forms `x = q_tile ∘ k1[a]`, takes one matrix
+product `x @ k2_tile^T` and updates an online softmax; the values enter as `acc += v1[a] ∘ (p @
+v2_tile)`. Causal and window masks shrink the loop bounds (whole tiles and first keys are
+skipped); key padding masks and lengths that are not tile multiples are handled by a per-key
+validity vector. Scores are kept in base 2 (`tau·log2 e` is folded into `q`), and the forward
+saves the base-2 log-sum-exp.
 
 Backward (no atomics): kernels recompute scores from the log-sum-exp, each owning its
 outputs: dQ (grid over query tiles), dK1/dV1 (grid over first-key tiles) and dK2/dV2 (grid
@@ -100,7 +101,7 @@ class _Config(spine.CallView):
 class Plan:
     """The forward and backward passes of one call: `bwd` the tiles of the backward kernels
     over query tiles (dQ, fused with dK1/dV1 or beside the dK1/dV1 kernel), `kv2` those of
-    the dK2/dV2 kernel (the same unless fused)."""
+    the dK2/dV2 kernel (by default a wider `block_k2`)."""
 
     fwd: _Config
     bwd: _Config
@@ -443,8 +444,9 @@ def _dqkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m
 
 
 def _fold_partials(part, cfg: _Config):
-    """Adds the query tiles' partial sums `[B·K, nq·span, X]` (row `r` of tile `qi` is first
-    key `qi·bq - w1 + 1 + r`) into `[B·K, S1, X]`: `span/bq` shifted block sums (overlap-add,
+    """Adds the row tiles' partial sums `[B·K, nq·span, X]` (row `r` of a tile whose first
+    position is `p0` is first key `p0 - w1 + 1 + r`) into `[B·K, S1, X]`: the head chunks of a
+    position tile summed (`splits`), then `span/bq` shifted block sums (overlap-add,
     deterministic)."""
     bk, _, d = part.shape
     m = -(-cfg.span // cfg.bq)
