@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -165,6 +166,12 @@ def _ptxas_candidates():
     return [str(p) for p in found + [bin_dir / "ptxas", shutil.which("ptxas")] if p]
 
 
+@functools.cache
+def _ptxas_version(exe: str) -> str:
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
 def _ptxas(ptx: Path) -> tuple[str, str]:
     """`(ptxas -v report, ptxas version)` from the first ptxas that takes this PTX's version."""
     errors = []
@@ -174,8 +181,7 @@ def _ptxas(ptx: Path) -> tuple[str, str]:
         cmd = [exe, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(ptx.with_suffix(".cubin"))]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode == 0:
-            version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-            return run.stderr + run.stdout, version.strip().splitlines()[-1]
+            return run.stderr + run.stdout, _ptxas_version(exe)
         errors.append(f"{exe}: {run.stderr.strip()[:200]}")
     raise RuntimeError("no ptxas took the PTX: " + "; ".join(errors))
 
@@ -189,10 +195,10 @@ def compile_kernel(kernel: dict, workdir: Path) -> dict:
     src.write_text(kernel["ttir"])
     options = {"num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]}
     compiled = triton.compile(str(src), target=GPUTarget("cuda", 90, 32), options=options)
-    ptx = src.with_suffix(".ptx")
-    ptx.write_text(compiled.asm["ptx"])
-    report, ptxas_version = _ptxas(ptx)
     ptx_text = compiled.asm["ptx"]
+    ptx = src.with_suffix(".ptx")
+    ptx.write_text(ptx_text)
+    report, ptxas_version = _ptxas(ptx)
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     if not (regs and spills):

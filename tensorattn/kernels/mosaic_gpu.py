@@ -323,13 +323,13 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             )
             return m_new, denom, acc
 
-        # Pairs every row of the program may see need no position mask: first keys in
-        # [af_lo, af_hi) with second-key tiles in [jf_lo, jf_hi) (causal calls; without causal
-        # masks every pair is such a pair).
-        af_lo, af_hi = spine.full_range(p0, p1, cfg.causal, cfg.w1)
-        bf_lo, bf_hi = spine.full_range(p0, p1, cfg.causal, cfg.w2)
-        jf_lo = lax.div(jnp.int32(bf_lo) + cfg.bk2 - 1, jnp.int32(cfg.bk2))
-        jf_hi = None if bf_hi is None else lax.div(bf_hi, jnp.int32(cfg.bk2))
+        if cfg.causal:  # (windows imply causal; without masks every pair is unmasked)
+            # Pairs every row of the program may see need no position mask: first keys in
+            # [af_lo, af_hi) with second-key tiles in [jf_lo, jf_hi).
+            af_lo, af_hi = spine.full_range(p0, p1, True, cfg.w1)
+            bf_lo, bf_hi = spine.full_range(p0, p1, True, cfg.w2)
+            jf_lo = lax.div(jnp.int32(bf_lo) + cfg.bk2 - 1, jnp.int32(cfg.bk2))
+            jf_hi = lax.div(bf_hi, jnp.int32(cfg.bk2))
 
         def step_body(step, carry):
             slot = lax.rem(step, jnp.int32(cfg.steps))

@@ -64,23 +64,7 @@ class _Config(spine.CallView):
     num_stages: int
     interpret: bool
     fuse_k1: bool = False  # backward: dK1/dV1 as partial sums of the dQ kernel
-    # Row tiles per tile of `bq` positions: each holds `G / splits` of the group's heads
-    # (rows are ordered (head, position), so a tile is still a contiguous block of rows).
-    splits: int = 1
-
-    @property
-    def rows(self) -> int:
-        return self.group * self.bq // self.splits
-
-    @property
-    def nq(self) -> int:
-        """Row tiles (programs of the kernels over query tiles)."""
-        return self.nq_pos * self.splits
-
-    @property
-    def nq_pos(self) -> int:
-        """Tiles of `bq` query positions."""
-        return -(-self.t // self.bq)
+    splits: int = 1  # row tiles per tile of positions (`spine.CallView`; backward only)
 
     @property
     def span(self) -> int:
@@ -189,7 +173,7 @@ def plan(call: spine.Call, config: PallasConfig) -> Plan:
     kv2 = bwd(rows or DEFAULT_BWD_ROWS, bk2=bk2 or KV2_BLOCK_K2)
     fuse = config.bwd_fuse_k1
     if fuse is None:  # fused tiles as small as asked (larger ones would spill: split)
-        small = fused.rows <= (config.bwd_block_rows or FUSED_ROWS)
+        small = fused.rows <= (rows or FUSED_ROWS)
         fuse = small and _can_fuse(fused) and fused.span <= FUSE_MAX_SPAN_PER_ROW * fused.rows
     if fuse:
         return Plan(fwd, dataclasses.replace(fused, fuse_k1=True), kv2)
@@ -225,15 +209,16 @@ def _q_tiles(cfg: _Config, k0, k1, window):
     return jnp.int32(lo) * cfg.splits, jnp.int32(hi) * cfg.splits
 
 
-def _first_position(cfg: _Config, qi):
-    """First query position of row tile `qi` (its last is this plus `bq - 1`)."""
-    return (qi // cfg.splits if cfg.splits > 1 else qi) * cfg.bq
+def _tile_positions(cfg: _Config, qi):
+    """First and last query positions `(p0, p1)` of row tile `qi`."""
+    p0 = (qi // cfg.splits if cfg.splits > 1 else qi) * cfg.bq
+    return p0, p0 + cfg.bq - 1
 
 
 def _positions(cfg: _Config, qi):
     """`[R, 1]` query position of each row (rows are (head in group, position))."""
     r = lax.broadcasted_iota(jnp.int32, (cfg.rows, 1), 0)
-    return _first_position(cfg, qi) + r % cfg.bq
+    return _tile_positions(cfg, qi)[0] + r % cfg.bq
 
 
 def _col_ok(cfg: _Config, valid2, pos, b0):
@@ -268,8 +253,7 @@ def _fwd_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_
     qi = pl.program_id(1)
     q = q_ref[...]
     pos = _positions(cfg, qi)
-    p0 = _first_position(cfg, qi)
-    p1 = p0 + cfg.bq - 1
+    p0, p1 = _tile_positions(cfg, qi)
     j_lo, j_hi = _k2_tiles(cfg, p0, p1)
     a_lo, a_hi = _k1_keys(cfg, p0, p1)
 
@@ -312,8 +296,7 @@ def _query_tile(cfg: _Config, q_ref, do_ref, l_ref, d_ref):
     """A backward program's query tile: `(q, do, lse, delta, pos)`, its first position `p0`,
     and the second-key tiles and first keys its positions can see."""
     qi = pl.program_id(1)
-    p0 = _first_position(cfg, qi)
-    p1 = p0 + cfg.bq - 1
+    p0, p1 = _tile_positions(cfg, qi)
     rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
     return rows_in, p0, _k2_tiles(cfg, p0, p1), _k1_keys(cfg, p0, p1)
 
@@ -392,8 +375,7 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
             delta = d_ref[pl.ds(r0, rows), :]
             pos = _positions(cfg, qi)
             row_ok = _row_ok(cfg, valid1, pos, a)
-            p0 = _first_position(cfg, qi)
-            j_lo, j_hi = _k2_tiles(cfg, p0, p0 + cfg.bq - 1)
+            j_lo, j_hi = _k2_tiles(cfg, *_tile_positions(cfg, qi))
             rows_in = (q, do, lse, delta, pos)
             zq, wd = _first_key_sums(
                 cfg, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_hi
@@ -475,8 +457,7 @@ def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
         delta = d_ref[pl.ds(r0, rows), :]
         pos = _positions(cfg, qi)
         col_ok = _col_ok(cfg, valid2, pos, b0)
-        p0 = _first_position(cfg, qi)
-        a_lo, a_hi = _k1_keys(cfg, p0, p0 + cfg.bq - 1)
+        a_lo, a_hi = _k1_keys(cfg, *_tile_positions(cfg, qi))
 
         def a_step(a, carry):
             dk, dv = carry
@@ -685,12 +666,11 @@ def _dq_dkv1_fused(cfg: _Config, sp: _Specs, q_t, keys_in, rows_in):
     return dq_t, _fold_partials(dk1_p, cfg), _fold_partials(dv1_p, cfg)
 
 
-def _backward_inputs(cfg: _Config, res, d_out):
+def _backward_inputs(cfg: _Config, res, d_out, delta):
     """The backward's inputs in `cfg`'s tiles: `q_t`, the key sets and validity vectors, and
     the row inputs `dO`, `lse`, `delta = Σ dO ∘ out`."""
-    q, k1, k2, v1, v2, valid1, valid2, out, lse = res
+    q, k1, k2, v1, v2, valid1, valid2, _, lse = res
     q_t, k1_t, k2_t, v1_t, v2_t, m1, m2 = _prepare(cfg, q, k1, k2, v1, v2, valid1, valid2)
-    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
     rows_in = [_rows_layout(d_out.astype(v1_t.dtype), cfg), _rows_layout(lse, cfg)]
     rows_in.append(_rows_layout(delta, cfg))
     return q_t, [k1_t, v1_t, k2_t, v2_t, m1, m2], rows_in
@@ -724,11 +704,13 @@ def backward(plan: Plan, res, d_out):
     forward reuses it."""
     cfg = plan.bwd
     q, k1, k2, v1, v2 = res[:5]
-    inputs = _backward_inputs(cfg, res, d_out)
+    out = res[7]
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    inputs = _backward_inputs(cfg, res, d_out, delta)
     layout = _dq_dkv1_fused if cfg.fuse_k1 else _dq_dkv1_split
     dq_t, dk1_t, dv1_t = layout(cfg, _Specs(cfg), *inputs)
-    if plan.kv2 != cfg:  # the fused layout's tiles differ from dK2/dV2's
-        inputs = _backward_inputs(plan.kv2, res, d_out)
+    if plan.kv2 != cfg:  # dK2/dV2's tiles (block_k2) differ
+        inputs = _backward_inputs(plan.kv2, res, d_out, delta)
     dk2_t, dv2_t = _dkv2(plan.kv2, *inputs)
     dq = _rows_merge(dq_t, cfg, q.shape[0]).astype(q.dtype)
     return (

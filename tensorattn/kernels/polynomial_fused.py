@@ -168,11 +168,7 @@ class _Config:
     num_warps: int
     num_stages: int
     interpret: bool
-    yg: int = 0  # augmented coordinates per program of the key-sum and Γ kernels (0: all)
-
-    @property
-    def y_group(self) -> int:
-        return self.yg or self.dim + 1
+    y_group: int  # augmented coordinates per program of the key-sum and Γ kernels
 
     @property
     def n_yg(self) -> int:
@@ -353,11 +349,13 @@ def _column(x, j: int):
     return jnp.sum(jnp.where(col == j, x, 0.0), axis=1, keepdims=True)
 
 
-def _column_at(x, y, ones):
-    """`[rows, 1]` column `y` (traced) of `[x, 1]`: `ones` is 1.0 where `y` is that last
-    column, else 0.0 (`x`'s padding columns are zero)."""
+def _column_at(x, y, dim: int):
+    """`[rows, 1]` column `y` (traced) of `[x, 1]`, whose column `dim` is the constant 1
+    (`x`'s padding columns are zero; past `dim`: zero)."""
     col = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
-    return jnp.sum(jnp.where(col == y, x, 0.0), axis=1, keepdims=True) + ones
+    # The constant as a [1, 1] tile: Triton's lowering has no select of a scalar condition.
+    one = jnp.where(lax.broadcasted_iota(jnp.int32, (1, 1), 0) + y == dim, 1.0, 0.0)
+    return jnp.sum(jnp.where(col == y, x, 0.0), axis=1, keepdims=True) + one
 
 
 def _place(x, j: int, width: int):
@@ -631,13 +629,7 @@ def _augmented_columns(cfg: _Config, x, y0):
     """Columns `y0 .. y0 + y_group - 1` of `[x, 1]` (this program's group of augmented
     coordinates) as `[rows, 1]` columns, zero past `H` (the last group's padding). `x`'s
     padding columns are zero."""
-    cols = []
-    for i in range(cfg.y_group):
-        y = y0 + i
-        # As a [1, 1] tile: Triton's lowering has no select of a scalar condition.
-        ones = jnp.where(lax.broadcasted_iota(jnp.int32, (1, 1), 0) + y == cfg.dim, 1.0, 0.0)
-        cols.append(_column_at(x, y, ones))
-    return cols
+    return [_column_at(x, y0 + i, cfg.dim) for i in range(cfg.y_group)]
 
 
 def _add_products(cfg: _Config, accs, feats, x, cols):
@@ -845,7 +837,6 @@ def _causal_grad_kernel(
     c, g, rb = cfg.chunk, cfg.group, cfg.rb
     n_sub = cfg.rg // rb
     y = pl.program_id(2)
-    ones = jnp.where(lax.broadcasted_iota(jnp.int32, (1, 1), 0) + y == cfg.dim, 1.0, 0.0)
     dk_refs, dv_refs = (dk1_ref, dk2_ref), (dv1_ref, dv2_ref)
 
     def step(i, carry):
@@ -853,11 +844,11 @@ def _causal_grad_kernel(
         r0 = pl.multiple_of(i * c * g, c * g)
         ks = (k1_ref[pl.ds(p0, c), :], k2_ref[pl.ds(p0, c), :])
         vs = (v1_ref[pl.ds(p0, c), :].astype(_F32), v2_ref[pl.ds(p0, c), :].astype(_F32))
-        kts = [v * _column_at(k.astype(_F32), y, ones) for k, v in zip(ks, vs)]  # ṽ k̃[y]
+        kts = [v * _column_at(k.astype(_F32), y, cfg.dim) for k, v in zip(ks, vs)]  # ṽ k̃[y]
         qs = [q_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
         ds = [d_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
         invs = [inv_ref[pl.ds(r0 + h * c, c), :] for h in range(g)]
-        dqts = [d * _column_at(q.astype(_F32), y, ones) for q, d in zip(qs, ds)]  # d̃ q̃[y]
+        dqts = [d * _column_at(q.astype(_F32), y, cfg.dim) for q, d in zip(qs, ds)]  # d̃ q̃[y]
         dq = [jnp.zeros((c, 1), _F32) for _ in range(g)]
         dk = [jnp.zeros((c, 1), _F32) for _ in range(2)]
         dv = [jnp.zeros((c, cfg.vp), _F32) for _ in range(2)]
@@ -1100,6 +1091,7 @@ def attention(
     group = n // kv
     vp = max(16, _next_pow2(hv + 1))
     chunk = config.causal_chunk or CAUSAL_CHUNK
+    warps = config.num_warps or DEFAULT_WARPS
     rb = config.block_rank or min(32 if spec.causal else 64, max(16, _next_pow2(rank)))
     rg = config.rank_group or rb  # causal: one rank block per program (see CAUSAL_CHUNK)
     if rg % rb:
@@ -1134,10 +1126,10 @@ def attention(
         seg=seg,
         bwd_seg=bwd_seg,
         precision=config.precision or "bf16x3",
-        num_warps=config.num_warps or DEFAULT_WARPS,
+        num_warps=warps,
         num_stages=config.num_stages or 2,
         interpret=interpret,
-        yg=_y_group(h, rb, vp, config.num_warps or DEFAULT_WARPS),
+        y_group=_y_group(h, rb, vp, warps),
     )
     q = q.astype(dtype)
     keys = tuple(k.astype(dtype) for k in keys)

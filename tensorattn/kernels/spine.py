@@ -101,7 +101,12 @@ def env_flag(name: str) -> bool:
 
 class CallView:
     """Mixin of a kernel's static tile config that holds `call: Call` and `bq` (query
-    positions per program): the call's fields as attributes, and the row tiling."""
+    positions per program): the call's fields as attributes, and the row tiling. A config may
+    set `splits` > 1: each tile of `bq` positions is then `splits` row tiles, each with
+    `G / splits` of the group's heads (rows are ordered (head, position), so a row tile is
+    still a contiguous block of rows)."""
+
+    splits = 1
 
     scale = property(lambda self: self.call.scale)
     causal = property(lambda self: self.call.causal)
@@ -115,12 +120,18 @@ class CallView:
 
     @property
     def rows(self) -> int:
-        """Rows of a program tile: the group's query heads times `bq` positions."""
-        return self.group * self.bq
+        """Rows of a program tile: the group's query heads times `bq` positions (over
+        `splits`)."""
+        return self.group * self.bq // self.splits
 
     @property
     def nq(self) -> int:
-        """Query tiles."""
+        """Row tiles (programs over query tiles)."""
+        return self.nq_pos * self.splits
+
+    @property
+    def nq_pos(self) -> int:
+        """Tiles of `bq` query positions."""
         return -(-self.t // self.bq)
 
 
