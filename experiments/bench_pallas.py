@@ -15,7 +15,8 @@ the blocked kernel (forward and gradients); then forward and forward+gradient TF
 `rows:block_k2:warps` (for "mosaic_gpu", `MosaicGPUConfig` fields
 `block_k1:block_k2:max_concurrent_steps`, then switches `smem` for
 `register_operands=False` and `nosched` for `schedule_barrier=False`). The default tiles are
-also timed with the gradient (mosaic_gpu's gradient is the Pallas backward).
+also timed with the gradient (mosaic_gpu's: the Pallas backward, `bwd_layout` "default", and
+the Mosaic GPU one, "mosaic_bwd").
 Rows follow the schema of `experiments.harness`
 (`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
 plus `case`, `variant`, `frac_matmul` and, for "fwd+grad", `bwd_tflops`: the backward alone
@@ -86,6 +87,8 @@ CASES = {
 
 # Pallas backward layouts: `PallasConfig.bwd_fuse_k1` (None: the library's choice).
 BWD_LAYOUTS = {"default": None, "fused": True, "split": False}
+# Mosaic GPU backward layouts: `MosaicGPUConfig.backward` (the default is the Pallas one).
+MOSAIC_BWD_LAYOUTS = {"default": {}, "mosaic_bwd": {"backward": "mosaic_gpu"}}
 # The split backward's tiles before they were chosen by register reports (commit a8cb9ca).
 PREVIOUS_BWD_TILES = "bwd_block_rows=128+bwd_block_k2=64+bwd_fuse_k1=false"
 
@@ -146,9 +149,11 @@ def check_correctness(emit, impls=("pallas",)) -> None:
     """Pallas (and mosaic_gpu, bfloat16 only) vs blocked on the device: relative errors of the
     output and all five gradients (largest entry error / largest entry), float32 full and
     bfloat16 windowed."""
-    cases = [("pallas", "float32", None)] if "pallas" in impls else []
-    cases += [(impl, "bfloat16", (64, 16)) for impl in impls if impl in ("pallas", "mosaic_gpu")]
-    for impl, dtype, window in cases:
+    cases = [("pallas", "float32", None, {})] if "pallas" in impls else []
+    cases += [(impl, "bfloat16", (64, 16), {}) for impl in impls if impl in ("pallas", "mosaic_gpu")]
+    if "mosaic_gpu" in impls:
+        cases.append(("mosaic_gpu", "bfloat16", (64, 16), MOSAIC_BWD_LAYOUTS["mosaic_bwd"]))
+    for impl, dtype, window, options in cases:
         errors = []
         for pass_ in ("fwd", "fwd+grad"):
             point = harness.make_point(
@@ -160,6 +165,7 @@ def check_correctness(emit, impls=("pallas",)) -> None:
                 dtype=dtype,
                 window=window,
                 causal=window is not None,
+                options=options,
                 **{"pass": pass_},
             )
             inputs = harness.make_inputs(point, seed=1)
@@ -170,6 +176,7 @@ def check_correctness(emit, impls=("pallas",)) -> None:
                 "implementation": impl,
                 "dtype": dtype,
                 "window": window,
+                "options": options,
                 "rel_err_out_dq_dk1_dk2_dv1_dv2": errors,
                 "finite": all(e == e for e in errors),  # nan compares unequal
                 **harness.environment(),
@@ -217,10 +224,14 @@ def time_case(
             continue
         fwd = default[impl]
         windowed = CASES[case][4] is not None
-        layouts = bwd_layouts if impl == "pallas" else []
-        layouts = [x for x in layouts if windowed or not bwd_options(x).get("bwd_fuse_k1")]
+        if impl == "mosaic_gpu":
+            layouts, options_of = list(MOSAIC_BWD_LAYOUTS), MOSAIC_BWD_LAYOUTS.get
+        else:
+            layouts = bwd_layouts if impl == "pallas" else []
+            layouts = [x for x in layouts if windowed or not bwd_options(x).get("bwd_fuse_k1")]
+            options_of = bwd_options
         for layout in layouts or ["default"]:
-            options = dict(fwd["options"]) | bwd_options(layout)
+            options = dict(fwd["options"]) | options_of(layout)
             point = case_point(case, impl, head_dim, pass_="fwd+grad", options=options)
             row = harness.measure(point, **timing)
             row.update(kind="time", case=case, variant=fwd["variant"], bwd_layout=layout)

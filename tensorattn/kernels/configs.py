@@ -22,6 +22,7 @@ GRADIENTS = ("closed_form", "autodiff")
 ON_UNCERTIFIED = ("warn", "error", "ignore")
 MAX_DEGREE = 40
 FUSED_PRECISIONS = ("bf16x3", "highest", "bf16")
+MOSAIC_BACKWARDS = ("pallas", "mosaic_gpu")
 
 
 def _fail(cls, field: str, what: str, value) -> None:
@@ -52,9 +53,12 @@ def _choice(cfg, field: str, choices: tuple) -> None:
         _fail(type(cfg), field, f"one of {choices}", v)
 
 
-def _tiles_and_interpret(cfg, flags: tuple[str, ...] = ("interpret",)) -> None:
-    """Checks a config whose fields are optional positive ints, but `flags` (bool/None)."""
+def _tiles_and_interpret(cfg, flags: tuple[str, ...] = ("interpret",), others=()) -> None:
+    """Checks a config whose fields are optional positive ints, but `flags` (bool/None) and
+    `others` (checked by the caller)."""
     for f in dataclasses.fields(cfg):
+        if f.name in others:
+            continue
         if f.name in flags:
             value = getattr(cfg, f.name)
             if value is not None and not isinstance(value, (bool, np.bool_)):
@@ -150,8 +154,8 @@ class PallasConfig(KernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig(KernelConfig):
-    """Tiles of the Mosaic GPU forward kernel (order 3, Hopper; its backward is the Pallas
-    one with default `PallasConfig` tiles). None: chosen by the library for the call's shapes.
+    """Tiles of the Mosaic GPU forward kernel (order 3, Hopper), and its backward. None:
+    chosen by the library for the call's shapes.
 
     Not yet measured on a GPU: `implementation=None` keeps choosing `pallas` until a GPU
     session has timed it (docs/pallas.md, "Mosaic GPU forward").
@@ -172,6 +176,8 @@ class MosaicGPUConfig(KernelConfig):
       warpgroups and at least two pipeline slots when compiled; off in interpret mode.
     interpret: run in Mosaic GPU interpret mode on CPU (slow, for tests). None: the
       environment variable TENSORATTN_MOSAIC_GPU_INTERPRET.
+    backward: "pallas" (the portable Pallas backward, default tiles) or "mosaic_gpu" (the
+      Mosaic GPU dQ and dK/dV kernels, `mosaic_gpu_bwd`; not yet measured). None: "pallas".
     """
 
     implementation: ClassVar[str] = "mosaic_gpu"
@@ -183,9 +189,13 @@ class MosaicGPUConfig(KernelConfig):
     register_operands: bool | None = None
     schedule_barrier: bool | None = None
     interpret: bool | None = None
+    backward: str | None = None
 
     def __post_init__(self):
-        _tiles_and_interpret(self, flags=("register_operands", "schedule_barrier", "interpret"))
+        flags = ("register_operands", "schedule_barrier", "interpret")
+        _tiles_and_interpret(self, flags=flags, others=("backward",))
+        if self.backward is not None:
+            _choice(self, "backward", MOSAIC_BACKWARDS)
 
 
 @dataclasses.dataclass(frozen=True)

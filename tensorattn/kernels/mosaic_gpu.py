@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tensorattn.kernels import pallas, spine
+from tensorattn.kernels import mosaic_gpu_bwd, pallas, spine
 from tensorattn.kernels.configs import MosaicGPUConfig, PallasConfig
 from tensorattn.kernels.spine import AttentionSpec
 
@@ -477,7 +477,7 @@ def _forward(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     fwd: _Config
-    bwd: pallas.Plan
+    bwd: pallas.Plan | mosaic_gpu_bwd._Config  # the Pallas backward or the Mosaic GPU one
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -491,7 +491,9 @@ def _attend_fwd(plan: _Plan, q, k1, k2, v1, v2, valid1, valid2):
 
 
 def _attend_bwd(plan: _Plan, res, d_out):
-    return pallas.backward(plan.bwd, res, d_out)
+    if isinstance(plan.bwd, pallas.Plan):
+        return pallas.backward(plan.bwd, res, d_out)
+    return mosaic_gpu_bwd.backward(plan.bwd, res, d_out)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -588,15 +590,33 @@ def forward(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | None
     return _forward(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
 
 
+def gradients(q, keys, values, d_out, spec: AttentionSpec, config: MosaicGPUConfig | None = None):
+    """The Mosaic GPU backward alone (forward, then `mosaic_gpu_bwd.backward`): `(dq, dk1, dk2,
+    dv1, dv2)` of the ordered key sets, without the device check, so that it can be lowered
+    for CUDA on any machine."""
+    cfg, _, keys, values, valid = _prepare(q, keys, values, spec, config)
+    bwd = mosaic_gpu_bwd.plan(cfg)
+    mosaic_gpu_bwd.check(bwd, q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+    out, lse = _forward(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
+    res = (q, keys[0], keys[1], values[0], values[1], *valid, out, lse)
+    return mosaic_gpu_bwd.backward(bwd, res, d_out)[:5]
+
+
 def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | None = None):
-    """Exact order-3 attention: Mosaic GPU forward, portable Pallas backward (custom_vjp).
+    """Exact order-3 attention: Mosaic GPU forward; the portable Pallas backward, or the Mosaic
+    GPU one (`config.backward`) (custom_vjp).
 
     Raises `Unsupported` (before any work) when the call cannot run here: order other than 3,
     dtype other than bfloat16/float16, head dims not multiples of 64, tiles, no Hopper GPU
-    without interpret mode, or what the Pallas backward refuses.
+    without interpret mode, or what the chosen backward refuses.
     """
+    config = config or MosaicGPUConfig()
     cfg, call, keys, values, valid = _prepare(q, keys, values, spec, config)
     _check_device(cfg)
-    bwd = pallas.plan(call, PallasConfig(interpret=cfg.interpret or None))
-    pallas.check(q, keys, values, bwd)
+    if config.backward == "mosaic_gpu":
+        bwd = mosaic_gpu_bwd.plan(cfg)
+        mosaic_gpu_bwd.check(bwd, q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+    else:
+        bwd = pallas.plan(call, PallasConfig(interpret=cfg.interpret or None))
+        pallas.check(q, keys, values, bwd)
     return _attend(_Plan(cfg, bwd), q, keys[0], keys[1], values[0], values[1], *valid)

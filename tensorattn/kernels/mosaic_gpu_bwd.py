@@ -1,0 +1,628 @@
+"""Exact order-3 tensor attention backward as Pallas **Mosaic GPU** kernels (Hopper).
+
+The gradient of `mosaic_gpu`'s forward when `MosaicGPUConfig(backward="mosaic_gpu")`
+(docs/pallas.md, "Mosaic GPU backward"). Residuals are the forward's: q, the key and value
+sets (ordered so that the first has the smaller window), the key validity, the output and the
+base-2 log-sum-exp. With `x_a = q ∘ k1[a]`, `P = exp2(S - lse)` and `dS = P ∘ (dP - delta)`
+(`dP = (dO ∘ v1[a]) @ v2ᵀ`, `delta = Σ dO ∘ out`), two kernels:
+
+- **dQ** (one program per query tile, like the forward; rows split over compute warpgroups):
+  per pipeline step (a tile of first keys, a tile of second keys) and first key `a`,
+  `S = x_a @ k2ᵀ`, `dP`, and `dQ += (dS @ k2) ∘ k1[a]`: three wgmma products.
+- **dK/dV of one key set** (one program per tile of that set's keys, 64 per compute
+  warpgroup, held in shared memory: the *stationary* set; the other set is *streamed* one key
+  `a` at a time, with query tiles): the transposed scores `Sᵀ = (k_s ∘ k_t[a]) @ qᵀ` and
+  `dPᵀ = (v_s ∘ v_t[a]) @ dOᵀ`, then `dK_s += (dSᵀ @ q) ∘ k_t[a]` and
+  `dV_s += (Pᵀ @ dO) ∘ v_t[a]`: four products, accumulators in registers, no atomics. Tensor
+  attention is symmetric in its two key/value sets, so the same kernel gives dK2/dV2
+  (stationary: the second set) and dK1/dV1 (stationary: the first).
+
+Eleven products per (query tile, first key, second-key tile), as the portable Pallas split
+layout. Producer warpgroups stream the steps through shared-memory slots with TMA, as in the
+forward. Compiled, the transposed operands are `transpose_ref` views and the products' first
+operands come from registers; in interpret mode (jax 0.10's interpreter has neither) the
+transposes are loaded from device memory laid out by XLA and every operand is stored to shared
+memory first. Not yet measured on a GPU (issue 10), so not the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from tensorattn.kernels import mosaic_gpu as fwd
+from tensorattn.kernels import spine
+
+_F32 = jnp.float32
+_LN2 = math.log(2.0)
+_KEYS_PER_WG = 64  # stationary keys per compute warpgroup (the rows of its products)
+
+# Defaults, chosen for shared memory (227 KiB) and registers, not yet timed on a GPU.
+DQ_BLOCK_K1 = 32
+DQ_BLOCK_K2 = 64
+DKV_BLOCK_K = 16  # streamed keys per pipeline step of the dK/dV kernel
+# A TMA copy moves a multiple of 128 bytes: the float32 biases of a streamed tile are copied
+# `_BIAS_COPY` at a time (the tile's own first).
+_BIAS_COPY = 32
+# Compute warpgroups of the dK/dV kernel: two compiled; one in interpret mode (more simulated
+# warpgroups than cores can hang the interpreter, docs/pallas.md).
+DKV_WGS = 2
+STEPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config(spine.CallView):
+    """Static description of one backward call. The key sets keep their order: `dkv` kernels
+    get a `side` (the stationary set: 0 first, 1 second)."""
+
+    call: spine.Call
+    bq: int
+    wgs: int  # compute warpgroups of the dQ kernel (rows split among them)
+    kv_wgs: int  # compute warpgroups of the dK/dV kernel (64 stationary keys each)
+    steps: int
+    interpret: bool
+    registers: bool
+
+    @property
+    def wg_rows(self) -> int:
+        return self.rows // self.wgs
+
+    def window(self, side: int):
+        return self.call.windows[side]
+
+    def length(self, side: int) -> int:
+        return self.call.lengths[side]
+
+
+def plan(forward: fwd._Config) -> _Config:
+    """The backward's tiles: the forward's query tiles (rows and warpgroups)."""
+    return _Config(
+        call=forward.call,
+        bq=forward.bq,
+        wgs=forward.wgs,
+        kv_wgs=1 if forward.interpret else DKV_WGS,
+        steps=STEPS,
+        interpret=forward.interpret,
+        registers=forward.registers,
+    )
+
+
+def _streamed_pad(length: int, block: int) -> int:
+    """Padded length of a streamed key set: tiles start at any key (the first one a query
+    tile may see) and TMA needs 16-byte row strides (the float32 bias rows)."""
+    return -(-(length + block) // 64) * 64
+
+
+def _stationary_pad(cfg: _Config, length: int) -> int:
+    block = cfg.kv_wgs * _KEYS_PER_WG
+    return -(-length // block) * block
+
+
+class _Ops:
+    """The operations that differ between compiled and interpret mode."""
+
+    def __init__(self, cfg: _Config, dtype):
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        self.plgpu, self.cfg, self.dtype = plgpu, cfg, dtype
+        self.wgmma = plgpu.Layout.WGMMA
+        self.rows_vec, self.cols_vec = self.wgmma.reduce(1), self.wgmma.reduce(0)
+
+    def layout(self, x, layout):
+        return x if self.cfg.interpret else self.plgpu.layout_cast(x, layout)
+
+    def load(self, ref, idx, layout):
+        """`ref[idx]` as an array in `layout` (interpret mode: a plain read)."""
+        if self.cfg.interpret:
+            return ref[...] if isinstance(idx, tuple) and not idx else ref[idx]
+        return fwd._load_view(self.plgpu, ref.at[idx], layout)
+
+    def operand(self, x, ref):
+        """`x` as a wgmma first operand: itself (registers) or stored to `ref`."""
+        if self.cfg.registers:
+            return x.astype(self.dtype)
+        ref[...] = x.astype(ref.dtype)
+        self.plgpu.commit_smem()
+        return ref
+
+    def transposed(self, ref, ref_t):
+        """`refᵀ` as a wgmma second operand: a view (compiled) or XLA's transpose `ref_t`."""
+        if ref_t is not None:
+            return ref_t
+        return self.plgpu.transpose_ref(ref, (1, 0))
+
+    def product(self, a, b, shape):
+        """`a @ b` (float32, one wgmma)."""
+
+        def run(acc_ref):
+            self.plgpu.wgmma(acc_ref, a, b)
+            return acc_ref[...]
+
+        return pl.run_scoped(run, self.plgpu.ACC(shape, _F32))
+
+    def row_bcast(self, v, shape):
+        """A vector per row, broadcast along the columns."""
+        return lax.broadcast_in_dim(v, shape, [0])
+
+    def col_bcast(self, v, shape):
+        """A vector per column, broadcast along the rows."""
+        return lax.broadcast_in_dim(v, shape, [1])
+
+
+# ---------------------------------------------------------------------------------------------
+# dQ. Refs (GMEM): q/do/dq [BK, nq·R, H|Hv], lse/delta [BK, nq·R], k1/v1 [BK, S1p, H|Hv],
+# k2/v2 [BK, S2p, H|Hv], k2t/v2t [BK, H|Hv, S2p] (interpret mode; else None), bias1/bias2
+# [B, S1p|S2p].
+
+
+def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref, k2_ref, v2_ref,
+               b2_ref, k2t_ref, v2t_ref, dq_ref, q_smem, do_smem, l_smem, d_smem, x_smem, y_smem,
+               ds_smem, k1_smem, v1_smem, b1_smem, k2_smem, v2_smem, b2_smem, k2t_smem, v2t_smem,
+               row_bar, load_bars, free_bars):  # fmt: skip
+    ops = _Ops(cfg, q_ref.dtype)
+    plgpu = ops.plgpu
+    bk1, bk2 = DQ_BLOCK_K1, DQ_BLOCK_K2
+    bk = lax.axis_index("bk")
+    qi = lax.axis_index("q")
+    wg = lax.axis_index("wg")
+    batch = lax.div(bk, jnp.int32(cfg.kv_heads))
+    p0 = qi * cfg.bq
+    p1 = p0 + cfg.bq - 1
+    a_lo, a_hi = spine.key_range(p0, p1, cfg.s1, cfg.causal, cfg.w1)
+    j_lo, j_hi = spine.tile_range(p0, p1, cfg.s2, bk2, cfg.causal, cfg.w2)
+    a_lo, a_hi, j_lo, j_hi = (jnp.asarray(x, jnp.int32) for x in (a_lo, a_hi, j_lo, j_hi))
+    n_j = jnp.maximum(j_hi - j_lo, 0)
+    n_a = lax.div(jnp.maximum(a_hi - a_lo, 0) + bk1 - 1, jnp.int32(bk1))
+    n_steps = n_a * n_j
+    interpret_t = k2t_ref is not None
+
+    def step_tiles(step):
+        return a_lo + lax.div(step, n_j) * bk1, (j_lo + lax.rem(step, n_j)) * bk2
+
+    def load_step(step, slot):
+        a0, b0 = step_tiles(step)
+        bar = load_bars.at[slot]
+        copies = [
+            (k1_ref.at[bk, pl.ds(a0, bk1)], k1_smem),
+            (v1_ref.at[bk, pl.ds(a0, bk1)], v1_smem),
+            (b1_ref.at[batch, pl.ds(a0, bk1)], b1_smem),
+            (k2_ref.at[bk, pl.ds(b0, bk2)], k2_smem),
+            (v2_ref.at[bk, pl.ds(b0, bk2)], v2_smem),
+            (b2_ref.at[batch, pl.ds(b0, bk2)], b2_smem),
+        ]
+        if interpret_t:
+            copies += [
+                (k2t_ref.at[bk, :, pl.ds(b0, bk2)], k2t_smem),
+                (v2t_ref.at[bk, :, pl.ds(b0, bk2)], v2t_smem),
+            ]
+        for src, dst in copies:
+            plgpu.copy_gmem_to_smem(src, dst.at[slot], bar)
+
+    @pl.when(wg == cfg.wgs)
+    def _producer():
+        plgpu.set_max_registers(fwd._PRODUCER_REGISTERS, action="decrease")
+        _produce(cfg, n_steps, load_step, free_bars)
+
+    @pl.when(wg < cfg.wgs)
+    def _consumer():
+        plgpu.set_max_registers(fwd._consumer_registers(cfg.wgs), action="increase")
+        rows, h, hv = cfg.wg_rows, q_ref.shape[-1], do_ref.shape[-1]
+        r0 = qi * cfg.rows + wg * rows
+        q_wg, do_wg, l_wg, d_wg = (s.at[wg] for s in (q_smem, do_smem, l_smem, d_smem))
+        for src, dst in ((q_ref, q_wg), (do_ref, do_wg), (l_ref, l_wg), (d_ref, d_wg)):
+            plgpu.copy_gmem_to_smem(src.at[bk, pl.ds(r0, rows)], dst, row_bar.at[wg])
+        plgpu.barrier_wait(row_bar.at[wg])
+        lse = ops.load(l_wg, (), ops.rows_vec)
+        delta = ops.load(d_wg, (), ops.rows_vec)
+        x_wg, y_wg, ds_wg = (None,) * 3 if cfg.registers else (
+            s.at[wg] for s in (x_smem, y_smem, ds_smem)
+        )  # fmt: skip
+        shape = (rows, bk2)
+
+        def iota(dim):
+            return ops.layout(lax.broadcasted_iota(jnp.int32, shape, dim), ops.wgmma)
+
+        def first_key(slot, a, i, b0, dq):
+            k1a = ops.load(k1_smem, (slot, i), ops.cols_vec)
+            v1a = ops.load(v1_smem, (slot, i), ops.cols_vec)
+            q = ops.load(q_wg, (), ops.wgmma)
+            x = ops.operand(q * ops.col_bcast(k1a, (rows, h)), x_wg)
+            k2t = ops.transposed(k2_smem.at[slot], k2t_smem.at[slot] if interpret_t else None)
+            s = ops.product(x, k2t, shape)
+            bias = ops.load(b2_smem, slot, ops.cols_vec) + b1_smem[slot, i]
+            s = s + ops.col_bcast(bias, shape)
+            if cfg.causal:
+                pos = p0 + lax.rem(iota(0) + wg * rows, jnp.int32(cfg.bq))
+                ok = spine.allowed(pos, b0 + iota(1), cfg.causal, cfg.w2)
+                s = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, cfg.w1), s)
+            p = jnp.exp2(s - ops.row_bcast(lse, shape))
+            do = ops.load(do_wg, (), ops.wgmma)
+            y = ops.operand(do * ops.col_bcast(v1a, (rows, hv)), y_wg)
+            v2t = ops.transposed(v2_smem.at[slot], v2t_smem.at[slot] if interpret_t else None)
+            dp = ops.product(y, v2t, shape)
+            ds = ops.operand(p * (dp - ops.row_bcast(delta, shape)), ds_wg)
+            z = ops.product(ds, k2_smem.at[slot], (rows, h))
+            return dq + z * ops.col_bcast(k1a.astype(_F32), (rows, h))
+
+        def step_body(step, dq):
+            slot = lax.rem(step, jnp.int32(cfg.steps))
+            a0, b0 = step_tiles(step)
+            plgpu.barrier_wait(load_bars.at[slot])
+            dq = lax.fori_loop(
+                a0, jnp.minimum(a0 + bk1, a_hi),
+                lambda a, dq: first_key(slot, a, a - a0, b0, dq), dq,
+            )  # fmt: skip
+            plgpu.barrier_arrive(free_bars.at[slot])
+            return dq
+
+        dq = lax.fori_loop(
+            jnp.int32(0), n_steps, step_body, ops.layout(jnp.zeros((rows, h), _F32), ops.wgmma)
+        )
+        q_wg[...] = (dq * cfg.scale).astype(q_wg.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_wg, dq_ref.at[bk, pl.ds(r0, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _produce(cfg: _Config, n_steps, load_step, free_bars):
+    """The producer's loop: step `i` into slot `i % steps` once the consumers freed it; then
+    wait for the last slots' release, so that every barrier phase is observed."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(step, carry):
+        slot = lax.rem(step, jnp.int32(cfg.steps))
+
+        @pl.when(step >= cfg.steps)
+        def _():
+            plgpu.barrier_wait(free_bars.at[slot])
+
+        load_step(step, slot)
+        return carry
+
+    lax.fori_loop(jnp.int32(0), n_steps, body, jnp.int32(0))
+
+    def drain(step, carry):
+        plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(cfg.steps))])
+        return carry
+
+    lax.fori_loop(jnp.maximum(n_steps - cfg.steps, 0), n_steps, drain, jnp.int32(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# dK/dV of the stationary set `side`. Refs: q/do [BK, nq·R, H|Hv], lse/delta [BK, nq·R],
+# qt/dot [BK, H|Hv, nq·R] (interpret mode; else None), ks/vs [BK, Ssp, H|Hv], bias_s
+# [B, Ssp], kt/vt [BK, Stp, H|Hv], bias_t [B, Stp]; out dks/dvs [BK, Ssp, H|Hv].
+
+
+def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, dot_ref, ks_ref,
+                vs_ref, bs_ref, kt_ref, vt_ref, bt_ref, dks_ref, dvs_ref, ks_smem, vs_smem,
+                bs_smem, a1_smem, a2_smem, p_smem, ds_smem, q_smem, do_smem, l_smem, d_smem,
+                qt_smem, dot_smem, kt_smem, vt_smem, bt_smem, key_bar, load_bars,
+                free_bars):  # fmt: skip
+    ops = _Ops(cfg, q_ref.dtype)
+    plgpu = ops.plgpu
+    bkt, kw, rows = DKV_BLOCK_K, _KEYS_PER_WG, cfg.rows
+    ws, wt = cfg.window(side), cfg.window(1 - side)
+    st = cfg.length(1 - side)
+    bk = lax.axis_index("bk")
+    kj = lax.axis_index("k")
+    wg = lax.axis_index("wg")
+    batch = lax.div(bk, jnp.int32(cfg.kv_heads))
+    c0 = kj * (cfg.kv_wgs * kw)
+    qi_lo, qi_hi = spine.query_tile_range(
+        c0, c0 + cfg.kv_wgs * kw - 1, cfg.nq_pos, cfg.bq, cfg.causal, ws
+    )
+    qi_lo, qi_hi = jnp.asarray(qi_lo, jnp.int32), jnp.asarray(qi_hi, jnp.int32)
+    interpret_t = qt_ref is not None
+
+    def streamed(qi):
+        """The streamed keys `[lo, hi)` query tile `qi` may see, and their tiles."""
+        lo, hi = spine.key_range(qi * cfg.bq, qi * cfg.bq + cfg.bq - 1, st, cfg.causal, wt)
+        lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+        return lo, hi, lax.div(jnp.maximum(hi - lo, 0) + bkt - 1, jnp.int32(bkt))
+
+    def steps_of(body, carry):
+        """`body(step, qi, a0, a_hi, carry)` over the steps (query tile, streamed tile) in
+        order; the carry's first element counts the steps."""
+
+        def q_body(qi, carry):
+            lo, hi, n = streamed(qi)
+            return lax.fori_loop(
+                jnp.int32(0), n, lambda t, c: body(c[0], qi, lo + t * bkt, hi, c), carry
+            )
+
+        return lax.fori_loop(qi_lo, qi_hi, q_body, carry)
+
+    @pl.when(wg == cfg.kv_wgs)
+    def _producer():
+        plgpu.set_max_registers(fwd._PRODUCER_REGISTERS, action="decrease")
+
+        def load(step, qi, a0, a_hi, carry):
+            del a_hi
+            slot = lax.rem(step, jnp.int32(cfg.steps))
+
+            @pl.when(step >= cfg.steps)
+            def _():
+                plgpu.barrier_wait(free_bars.at[slot])
+
+            r0 = qi * rows
+            copies = [
+                (q_ref.at[bk, pl.ds(r0, rows)], q_smem),
+                (do_ref.at[bk, pl.ds(r0, rows)], do_smem),
+                (l_ref.at[bk, pl.ds(r0, rows)], l_smem),
+                (d_ref.at[bk, pl.ds(r0, rows)], d_smem),
+                (kt_ref.at[bk, pl.ds(a0, bkt)], kt_smem),
+                (vt_ref.at[bk, pl.ds(a0, bkt)], vt_smem),
+                (bt_ref.at[batch, pl.ds(a0, _BIAS_COPY)], bt_smem),
+            ]
+            if interpret_t:
+                copies += [
+                    (qt_ref.at[bk, :, pl.ds(r0, rows)], qt_smem),
+                    (dot_ref.at[bk, :, pl.ds(r0, rows)], dot_smem),
+                ]
+            for src, dst in copies:
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], load_bars.at[slot])
+            return (step + 1,) + carry[1:]
+
+        (n_steps,) = steps_of(load, (jnp.int32(0),))
+
+        def drain(step, carry):
+            plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(cfg.steps))])
+            return carry
+
+        lax.fori_loop(jnp.maximum(n_steps - cfg.steps, 0), n_steps, drain, jnp.int32(0))
+
+    @pl.when(wg < cfg.kv_wgs)
+    def _consumer():
+        plgpu.set_max_registers(fwd._consumer_registers(cfg.kv_wgs), action="increase")
+        h, hv = q_ref.shape[-1], do_ref.shape[-1]
+        k0 = c0 + wg * kw
+        ks_wg, vs_wg, bs_wg = (s.at[wg] for s in (ks_smem, vs_smem, bs_smem))
+        for src, dst in ((ks_ref.at[bk], ks_wg), (vs_ref.at[bk], vs_wg)):
+            plgpu.copy_gmem_to_smem(src.at[pl.ds(k0, kw)], dst, key_bar.at[wg])
+        plgpu.copy_gmem_to_smem(bs_ref.at[batch, pl.ds(k0, kw)], bs_wg, key_bar.at[wg])
+        plgpu.barrier_wait(key_bar.at[wg])
+        bias_s = ops.load(bs_wg, (), ops.rows_vec)
+        a1_wg, a2_wg, p_wg, ds_wg = (None,) * 4 if cfg.registers else (
+            s.at[wg] for s in (a1_smem, a2_smem, p_smem, ds_smem)
+        )  # fmt: skip
+        shape = (kw, rows)
+
+        def iota(dim):
+            return ops.layout(lax.broadcasted_iota(jnp.int32, shape, dim), ops.wgmma)
+
+        def streamed_key(slot, qi, a, i, carry):
+            dk, dv = carry
+            kta = ops.load(kt_smem, (slot, i), ops.cols_vec)
+            vta = ops.load(vt_smem, (slot, i), ops.cols_vec)
+            a1 = ops.operand(ops.load(ks_wg, (), ops.wgmma) * ops.col_bcast(kta, (kw, h)), a1_wg)
+            q_t = ops.transposed(q_smem.at[slot], qt_smem.at[slot] if interpret_t else None)
+            s_t = ops.product(a1, q_t, shape)  # Sᵀ [keys, rows]
+            s_t = s_t + ops.row_bcast(bias_s + bt_smem[slot, i], shape)
+            if cfg.causal:
+                pos = qi * cfg.bq + lax.rem(iota(1), jnp.int32(cfg.bq))
+                ok = spine.allowed(pos, k0 + iota(0), cfg.causal, ws)
+                s_t = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, wt), s_t)
+            lse = ops.load(l_smem, slot, ops.cols_vec)
+            p_t = jnp.exp2(s_t - ops.col_bcast(lse, shape))
+            a2 = ops.operand(ops.load(vs_wg, (), ops.wgmma) * ops.col_bcast(vta, (kw, hv)), a2_wg)
+            do_t = ops.transposed(do_smem.at[slot], dot_smem.at[slot] if interpret_t else None)
+            dp_t = ops.product(a2, do_t, shape)
+            delta = ops.load(d_smem, slot, ops.cols_vec)
+            ds_t = ops.operand(p_t * (dp_t - ops.col_bcast(delta, shape)), ds_wg)
+            p_op = ops.operand(p_t, p_wg)
+            dk = dk + ops.product(ds_t, q_smem.at[slot], (kw, h)) * ops.col_bcast(
+                kta.astype(_F32), (kw, h)
+            )
+            dv = dv + ops.product(p_op, do_smem.at[slot], (kw, hv)) * ops.col_bcast(
+                vta.astype(_F32), (kw, hv)
+            )
+            return dk, dv
+
+        def step(step, qi, a0, a_hi, carry):
+            slot = lax.rem(step, jnp.int32(cfg.steps))
+            plgpu.barrier_wait(load_bars.at[slot])
+            acc = lax.fori_loop(
+                a0, jnp.minimum(a0 + bkt, a_hi),
+                lambda a, acc: streamed_key(slot, qi, a, a - a0, acc), carry[1:],
+            )  # fmt: skip
+            plgpu.barrier_arrive(free_bars.at[slot])
+            return (step + 1, *acc)
+
+        zeros = [ops.layout(jnp.zeros((kw, d), _F32), ops.wgmma) for d in (h, hv)]
+        _, dk, dv = steps_of(step, (jnp.int32(0), *zeros))
+        ks_wg[...] = (dk * _LN2).astype(ks_wg.dtype)
+        vs_wg[...] = dv.astype(vs_wg.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(ks_wg, dks_ref.at[bk, pl.ds(k0, kw)])
+        plgpu.copy_smem_to_gmem(vs_wg, dvs_ref.at[bk, pl.ds(k0, kw)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' calls, shared memory, and the layout.
+
+
+def _swizzled(plgpu, shape, dtype):
+    tiles = (plgpu.TilingTransform((8, fwd._MINOR)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=tiles)
+
+
+def _kwargs(cfg: _Config) -> dict:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if cfg.interpret:
+        return {"interpret": fwd._interpret_params()}
+    return {"compiler_params": plgpu.CompilerParams(approx_math=True)}
+
+
+def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows, wgs, steps, bk1, bk2 = cfg.wg_rows, cfg.wgs, cfg.steps, DQ_BLOCK_K1, DQ_BLOCK_K2
+    smem = lambda shape: _swizzled(plgpu, shape, dtype)  # noqa: E731
+    smem_t = None if cfg.registers else smem  # wgmma first operands stored by the consumers
+    interpret_t = cfg.interpret
+    scratch = [
+        smem((wgs, rows, h)),  # q, then dQ
+        smem((wgs, rows, hv)),  # dO
+        plgpu.SMEM((wgs, rows), _F32),  # lse
+        plgpu.SMEM((wgs, rows), _F32),  # delta
+        smem_t and smem_t((wgs, rows, h)),  # x = q ∘ k1[a]
+        smem_t and smem_t((wgs, rows, hv)),  # y = dO ∘ v1[a]
+        smem_t and smem_t((wgs, rows, bk2)),  # dS
+        plgpu.SMEM((steps, bk1, h), dtype),  # k1 tile (rows read one at a time)
+        plgpu.SMEM((steps, bk1, hv), dtype),  # v1 tile
+        plgpu.SMEM((steps, bk1), _F32),  # bias1
+        smem((steps, bk2, h)),  # k2 tile
+        smem((steps, bk2, hv)),  # v2 tile
+        plgpu.SMEM((steps, bk2), _F32),  # bias2
+        smem((steps, h, bk2)) if interpret_t else None,  # k2ᵀ (interpret mode)
+        smem((steps, hv, bk2)) if interpret_t else None,  # v2ᵀ
+        plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
+        plgpu.Barrier(num_arrivals=8 if interpret_t else 6, num_barriers=steps),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
+    ]
+    return plgpu.kernel(
+        lambda *refs: _dq_kernel(cfg, *refs),
+        out_type=jax.ShapeDtypeStruct((bk, cfg.nq * cfg.rows, h), dtype),
+        grid=(bk, cfg.nq),
+        grid_names=("bk", "q"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        scratch_types=scratch,
+        **_kwargs(cfg),
+    )
+
+
+def _dkv_call(cfg: _Config, side: int, bk: int, padded: int, h: int, hv: int, dtype):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows, kw, steps, bkt, wgs = cfg.rows, _KEYS_PER_WG, cfg.steps, DKV_BLOCK_K, cfg.kv_wgs
+    smem = lambda shape: _swizzled(plgpu, shape, dtype)  # noqa: E731
+    smem_t = None if cfg.registers else smem
+    interpret_t = cfg.interpret
+    scratch = [
+        smem((wgs, kw, h)),  # stationary keys, then dK
+        smem((wgs, kw, hv)),  # stationary values, then dV
+        plgpu.SMEM((wgs, kw), _F32),  # their bias
+        smem_t and smem_t((wgs, kw, h)),  # k_s ∘ k_t[a]
+        smem_t and smem_t((wgs, kw, hv)),  # v_s ∘ v_t[a]
+        smem_t and smem_t((wgs, kw, rows)),  # Pᵀ
+        smem_t and smem_t((wgs, kw, rows)),  # dSᵀ
+        smem((steps, rows, h)),  # q tile
+        smem((steps, rows, hv)),  # dO tile
+        plgpu.SMEM((steps, rows), _F32),  # lse
+        plgpu.SMEM((steps, rows), _F32),  # delta
+        smem((steps, h, rows)) if interpret_t else None,  # qᵀ (interpret mode)
+        smem((steps, hv, rows)) if interpret_t else None,  # dOᵀ
+        plgpu.SMEM((steps, bkt, h), dtype),  # streamed keys (rows read one at a time)
+        plgpu.SMEM((steps, bkt, hv), dtype),  # streamed values
+        plgpu.SMEM((steps, max(bkt, _BIAS_COPY)), _F32),  # their bias
+        plgpu.Barrier(num_arrivals=3, num_barriers=wgs),
+        plgpu.Barrier(num_arrivals=9 if interpret_t else 7, num_barriers=steps),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
+    ]
+    return plgpu.kernel(
+        lambda *refs: _dkv_kernel(cfg, side, *refs),
+        out_type=[
+            jax.ShapeDtypeStruct((bk, padded, h), dtype),
+            jax.ShapeDtypeStruct((bk, padded, hv), dtype),
+        ],
+        grid=(bk, padded // (wgs * kw)),
+        grid_names=("bk", "k"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        scratch_types=scratch,
+        **_kwargs(cfg),
+    )
+
+
+def smem_bytes(cfg: _Config, h: int, hv: int, itemsize: int) -> dict[str, int]:
+    """Shared memory of each kernel's scratch (bytes), as `_dq_call`/`_dkv_call` lay it out."""
+    t = 0 if cfg.registers else 1
+    rows, bk1, bk2 = cfg.wg_rows, DQ_BLOCK_K1, DQ_BLOCK_K2
+    tr = 1 if cfg.interpret else 0
+    dq = cfg.wgs * (rows * ((h + hv) * (1 + t) + t * bk2) * itemsize + 2 * rows * 4)
+    dq += cfg.steps * ((bk1 + bk2 * (1 + tr)) * (h + hv) * itemsize + (bk1 + bk2) * 4)
+    kw, r, bkt = _KEYS_PER_WG, cfg.rows, DKV_BLOCK_K
+    dkv = cfg.kv_wgs * (kw * ((h + hv) * (1 + t) + 2 * t * r) * itemsize + kw * 4)
+    dkv += cfg.steps * ((r * (1 + tr) + bkt) * (h + hv) * itemsize + (2 * r + _BIAS_COPY) * 4)
+    return {"dq": dq, "dkv": dkv}
+
+
+def check(cfg: _Config, h: int, hv: int, itemsize: int) -> None:
+    """Raises `Unsupported` for tiles the backward kernels cannot take."""
+    if cfg.rows % 64 or cfg.rows > fwd._MAX_WGMMA_N:
+        raise spine.Unsupported(
+            f"the Mosaic GPU backward needs 64 to {fwd._MAX_WGMMA_N} rows per query tile in "
+            f"multiples of 64 (G={cfg.group} query heads x block_q={cfg.bq})"
+        )
+    for name, need in smem_bytes(cfg, h, hv, itemsize).items():
+        if need > fwd._SMEM_BYTES:
+            raise spine.Unsupported(
+                f"the Mosaic GPU backward's {name} kernel needs {need} bytes of shared memory "
+                f"(> {fwd._SMEM_BYTES}) at H={h}, Hv={hv} and {cfg.rows} rows per query tile"
+            )
+
+
+def _rows(x, cfg: _Config):
+    """`[B,T,N,X]` -> `[B·K, nq·R, X]` row tiles."""
+    b, d = x.shape[0], x.shape[-1]
+    return spine.row_tiles(x, cfg.kv_heads, cfg.bq).reshape(b * cfg.kv_heads, -1, d)
+
+
+def _keys_merge(x, like):
+    """`[B·K, S_pad, X]` -> `like`'s `[B,S,K,X]`."""
+    b, s, kv, d = like.shape
+    return x.reshape(b, kv, -1, d).transpose(0, 2, 1, 3)[:, :s].astype(like.dtype)
+
+
+def backward(cfg: _Config, res, d_out):
+    """The five gradients `(dq, dk1, dk2, dv1, dv2, None, None)` from the forward's residuals
+    `(q, k1, k2, v1, v2, valid1, valid2, out, lse)` (base-2 `lse [B,T,N,1]`)."""
+    q, k1, k2, v1, v2, valid1, valid2, out, lse = res
+    dtype = jnp.result_type(q, k1, k2, v1, v2)
+    b, _, _, h = q.shape
+    hv = v1.shape[-1]
+    bk = b * cfg.kv_heads
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    q_t = _rows((q.astype(_F32) * (cfg.scale * fwd._LOG2E)).astype(dtype), cfg)
+    do_t = _rows(d_out.astype(dtype), cfg)
+    rows_in = (q_t, do_t, _rows(lse, cfg)[..., 0], _rows(delta, cfg)[..., 0])
+    transposes = (None, None)
+    if cfg.interpret:
+        transposes = (q_t.transpose(0, 2, 1), do_t.transpose(0, 2, 1))
+
+    def keys(k, v, valid, padded):
+        return (
+            fwd._key_rows(k.astype(dtype), padded),
+            fwd._key_rows(v.astype(dtype), padded),
+            fwd._bias(valid, padded),
+        )
+
+    s1p = _streamed_pad(cfg.s1, DQ_BLOCK_K1)
+    s2p = -(-cfg.s2 // DQ_BLOCK_K2) * DQ_BLOCK_K2
+    set1, set2 = keys(k1, v1, valid1, s1p), keys(k2, v2, valid2, s2p)
+    t2 = (set2[0].transpose(0, 2, 1), set2[1].transpose(0, 2, 1)) if cfg.interpret else (None,) * 2
+    dq_t = _dq_call(cfg, bk, h, hv, dtype)(*rows_in, *set1, *set2, *t2)
+    dq = dq_t.reshape(b, cfg.kv_heads, cfg.nq, cfg.rows, h)
+    dq = spine.merge_row_tiles(dq, cfg.t, cfg.bq).astype(q.dtype)
+
+    sets = ((k1, v1, valid1), (k2, v2, valid2))
+    grads = []
+    for side in (0, 1):
+        stationary, streamed = sets[side], sets[1 - side]
+        ssp = _stationary_pad(cfg, cfg.length(side))
+        stp = _streamed_pad(cfg.length(1 - side), max(DKV_BLOCK_K, _BIAS_COPY))
+        dks, dvs = _dkv_call(cfg, side, bk, ssp, h, hv, dtype)(
+            *rows_in, *transposes, *keys(*stationary, ssp), *keys(*streamed, stp)
+        )
+        grads.append((_keys_merge(dks, stationary[0]), _keys_merge(dvs, stationary[1])))
+    (dk1, dv1), (dk2, dv2) = grads
+    return dq, dk1, dk2, dv1, dv2, None, None
