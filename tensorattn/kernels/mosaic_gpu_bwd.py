@@ -134,7 +134,7 @@ class _Ops:
         """`refᵀ` as a wgmma second operand: a view (compiled) or XLA's transpose `ref_t`."""
         if ref_t is not None:
             return ref_t
-        return self.plgpu.transpose_ref(ref, (1, 0))
+        return ref.T
 
     def product(self, a, b, shape):
         """`a @ b` (float32, one wgmma)."""
