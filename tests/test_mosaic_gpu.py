@@ -18,7 +18,7 @@ import pytest
 
 import tensorattn
 from tensorattn import MosaicGPUConfig
-from tensorattn.kernels import api, cuda_lowering, mosaic_gpu, spine
+from tensorattn.kernels import api, cuda_lowering, mosaic_gpu, mosaic_gpu_bwd, spine
 
 BF16, F16 = jnp.bfloat16, jnp.float16
 INTERPRET = MosaicGPUConfig(interpret=True)
@@ -234,6 +234,8 @@ BWD_CASES = {
 } | {
     # Cross attention with key masks; dK1/dV1's streamed set is the longer second one.
     "cross-lengths-masked": Case(t=20, batch=2, lengths=(12, 70), masked=True),
+    # G = 128: dQ on one 128-row warpgroup; dK/dV on 64-row tiles holding half the heads.
+    "grouped-128-split": CASES["grouped-128-one-wg"],
 }
 MOSAIC_BWD = MosaicGPUConfig(backward="mosaic_gpu")
 
@@ -271,6 +273,23 @@ def test_gpu_backward_matches_oracle(name):
     _check_gradient(
         dataclasses.replace(MOSAIC_BWD, interpret=False), (BWD_CASES | MANY_THREADS)[name]
     )  # fmt: skip
+
+
+def test_backward_tiles():
+    def tiles(group, interpret=False):
+        call = spine.Call(1.0, True, (32, None), 512, (512, 512), heads=group, kv_heads=1)
+        config = MosaicGPUConfig(interpret=interpret)
+        plan = mosaic_gpu_bwd.plan(mosaic_gpu._plan(call, config))
+        return (plan.dq.bq, plan.dq.rows, plan.dq.wgs), (plan.kv.bq, plan.kv.splits, plan.kv.rows)
+
+    # dK/dV query tiles of 64 rows (the columns of its score tiles), a position's heads split
+    # when G > 64; dQ keeps the forward's tiles.
+    assert tiles(64) == ((2, 128, 2), (1, 1, 64))
+    assert tiles(128) == ((1, 128, 2), (1, 2, 64))
+    assert tiles(4) == ((32, 128, 2), (16, 1, 64))
+    assert tiles(3) == ((64, 192, 3), (64, 3, 64))
+    assert tiles(96) == ((2, 192, 3), (2, 3, 64))
+    assert tiles(64, interpret=True)[1] == (1, 1, 64)
 
 
 def test_backward_refusals():

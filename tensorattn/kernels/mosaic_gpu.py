@@ -477,7 +477,7 @@ def _forward(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     fwd: _Config
-    bwd: pallas.Plan | mosaic_gpu_bwd._Config  # the Pallas backward or the Mosaic GPU one
+    bwd: pallas.Plan | mosaic_gpu_bwd.Plan  # the Pallas backward or the Mosaic GPU one
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -53,20 +53,23 @@ _BIAS_COPY = 32
 # warpgroups than cores can hang the interpreter, docs/pallas.md).
 DKV_WGS = 2
 STEPS = 2
+KV_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config(spine.CallView):
-    """Static description of one backward call. The key sets keep their order: `dkv` kernels
-    get a `side` (the stationary set: 0 first, 1 second)."""
+    """Static description of one backward kernel's tiles: `bq` query positions per tile (over
+    `splits` row tiles, each with `G / splits` of the group's heads), `wgs` compute warpgroups
+    (dQ: they split the rows; dK/dV: 64 stationary keys each). The key sets keep their order:
+    the dK/dV kernel gets a `side` (the stationary set: 0 first, 1 second)."""
 
     call: spine.Call
     bq: int
-    wgs: int  # compute warpgroups of the dQ kernel (rows split among them)
-    kv_wgs: int  # compute warpgroups of the dK/dV kernel (64 stationary keys each)
+    wgs: int
     steps: int
     interpret: bool
     registers: bool
+    splits: int = 1
 
     @property
     def wg_rows(self) -> int:
@@ -79,16 +82,37 @@ class _Config(spine.CallView):
         return self.call.lengths[side]
 
 
-def plan(forward: fwd._Config) -> _Config:
-    """The backward's tiles: the forward's query tiles (rows and warpgroups)."""
-    return _Config(
-        call=forward.call,
-        bq=forward.bq,
-        wgs=forward.wgs,
-        kv_wgs=1 if forward.interpret else DKV_WGS,
-        steps=STEPS,
-        interpret=forward.interpret,
-        registers=forward.registers,
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    dq: _Config
+    kv: _Config
+
+
+def _kv_tiles(group: int) -> tuple[int, int]:
+    """`(bq, splits)` of the dK/dV kernel's query tiles: `KV_ROWS` rows (the columns of its
+    score products) where the group allows, so that its two float32 accumulators, one product
+    and the two score tiles fit a thread's registers (`[64, 64]` float32 tiles are 32 registers
+    each; at 128 rows they would be 64)."""
+    unit = KV_ROWS // math.gcd(group, KV_ROWS)  # fewest positions filling whole tiles
+    bq = unit * -(-max(1, KV_ROWS // group) // unit)
+    splits = group * bq // KV_ROWS
+    return (bq, splits) if group % splits == 0 else (bq, 1)
+
+
+def plan(forward: fwd._Config) -> Plan:
+    """The backward's tiles: dQ on the forward's query tiles (rows and warpgroups), dK/dV on
+    query tiles of `KV_ROWS` rows (a position's heads split in tiles when G > 64)."""
+    common = dict(call=forward.call, steps=STEPS, interpret=forward.interpret)
+    kv_bq, splits = _kv_tiles(forward.call.group)
+    return Plan(
+        dq=_Config(bq=forward.bq, wgs=forward.wgs, registers=forward.registers, **common),
+        kv=_Config(
+            bq=kv_bq,
+            splits=splits,
+            wgs=1 if forward.interpret else DKV_WGS,
+            registers=forward.registers,
+            **common,
+        ),
     )
 
 
@@ -99,7 +123,7 @@ def _streamed_pad(length: int, block: int) -> int:
 
 
 def _stationary_pad(cfg: _Config, length: int) -> int:
-    block = cfg.kv_wgs * _KEYS_PER_WG
+    block = cfg.wgs * _KEYS_PER_WG
     return -(-length // block) * block
 
 
@@ -313,16 +337,20 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
     kj = lax.axis_index("k")
     wg = lax.axis_index("wg")
     batch = lax.div(bk, jnp.int32(cfg.kv_heads))
-    c0 = kj * (cfg.kv_wgs * kw)
+    c0 = kj * (cfg.wgs * kw)
     qi_lo, qi_hi = spine.query_tile_range(
-        c0, c0 + cfg.kv_wgs * kw - 1, cfg.nq_pos, cfg.bq, cfg.causal, ws
+        c0, c0 + cfg.wgs * kw - 1, cfg.nq_pos, cfg.bq, cfg.causal, ws
     )
-    qi_lo, qi_hi = jnp.asarray(qi_lo, jnp.int32), jnp.asarray(qi_hi, jnp.int32)
+    qi_lo, qi_hi = (jnp.asarray(x, jnp.int32) * cfg.splits for x in (qi_lo, qi_hi))
     interpret_t = qt_ref is not None
 
+    def first_position(qi):
+        return (lax.div(qi, jnp.int32(cfg.splits)) if cfg.splits > 1 else qi) * cfg.bq
+
     def streamed(qi):
-        """The streamed keys `[lo, hi)` query tile `qi` may see, and their tiles."""
-        lo, hi = spine.key_range(qi * cfg.bq, qi * cfg.bq + cfg.bq - 1, st, cfg.causal, wt)
+        """The streamed keys `[lo, hi)` row tile `qi` may see, and their tiles."""
+        p0 = first_position(qi)
+        lo, hi = spine.key_range(p0, p0 + cfg.bq - 1, st, cfg.causal, wt)
         lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
         return lo, hi, lax.div(jnp.maximum(hi - lo, 0) + bkt - 1, jnp.int32(bkt))
 
@@ -338,7 +366,7 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
 
         return lax.fori_loop(qi_lo, qi_hi, q_body, carry)
 
-    @pl.when(wg == cfg.kv_wgs)
+    @pl.when(wg == cfg.wgs)
     def _producer():
         plgpu.set_max_registers(fwd._PRODUCER_REGISTERS, action="decrease")
 
@@ -377,9 +405,9 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
 
         lax.fori_loop(jnp.maximum(n_steps - cfg.steps, 0), n_steps, drain, jnp.int32(0))
 
-    @pl.when(wg < cfg.kv_wgs)
+    @pl.when(wg < cfg.wgs)
     def _consumer():
-        plgpu.set_max_registers(fwd._consumer_registers(cfg.kv_wgs), action="increase")
+        plgpu.set_max_registers(fwd._consumer_registers(cfg.wgs), action="increase")
         h, hv = q_ref.shape[-1], do_ref.shape[-1]
         k0 = c0 + wg * kw
         ks_wg, vs_wg, bs_wg = (s.at[wg] for s in (ks_smem, vs_smem, bs_smem))
@@ -405,7 +433,7 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             s_t = ops.product(a1, q_t, shape)  # Sᵀ [keys, rows]
             s_t = s_t + ops.row_bcast(bias_s + bt_smem[slot, i], shape)
             if cfg.causal:
-                pos = qi * cfg.bq + lax.rem(iota(1), jnp.int32(cfg.bq))
+                pos = first_position(qi) + lax.rem(iota(1), jnp.int32(cfg.bq))
                 ok = spine.allowed(pos, k0 + iota(0), cfg.causal, ws)
                 s_t = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, wt), s_t)
             lse = ops.load(l_smem, slot, ops.cols_vec)
@@ -503,7 +531,7 @@ def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
 def _dkv_call(cfg: _Config, side: int, bk: int, padded: int, h: int, hv: int, dtype):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    rows, kw, steps, bkt, wgs = cfg.rows, _KEYS_PER_WG, cfg.steps, DKV_BLOCK_K, cfg.kv_wgs
+    rows, kw, steps, bkt, wgs = cfg.rows, _KEYS_PER_WG, cfg.steps, DKV_BLOCK_K, cfg.wgs
     smem = lambda shape: _swizzled(plgpu, shape, dtype)  # noqa: E731
     smem_t = None if cfg.registers else smem
     interpret_t = cfg.interpret
@@ -543,31 +571,34 @@ def _dkv_call(cfg: _Config, side: int, bk: int, padded: int, h: int, hv: int, dt
     )
 
 
-def smem_bytes(cfg: _Config, h: int, hv: int, itemsize: int) -> dict[str, int]:
+def smem_bytes(plan_: Plan, h: int, hv: int, itemsize: int) -> dict[str, int]:
     """Shared memory of each kernel's scratch (bytes), as `_dq_call`/`_dkv_call` lay it out."""
-    t = 0 if cfg.registers else 1
+    cfg = plan_.dq
+    t = 0 if cfg.registers else 1  # first operands stored to shared memory
+    tr = 1 if cfg.interpret else 0  # transposes loaded from device memory
     rows, bk1, bk2 = cfg.wg_rows, DQ_BLOCK_K1, DQ_BLOCK_K2
-    tr = 1 if cfg.interpret else 0
     dq = cfg.wgs * (rows * ((h + hv) * (1 + t) + t * bk2) * itemsize + 2 * rows * 4)
     dq += cfg.steps * ((bk1 + bk2 * (1 + tr)) * (h + hv) * itemsize + (bk1 + bk2) * 4)
+    cfg = plan_.kv
     kw, r, bkt = _KEYS_PER_WG, cfg.rows, DKV_BLOCK_K
-    dkv = cfg.kv_wgs * (kw * ((h + hv) * (1 + t) + 2 * t * r) * itemsize + kw * 4)
+    dkv = cfg.wgs * (kw * ((h + hv) * (1 + t) + 2 * t * r) * itemsize + kw * 4)
     dkv += cfg.steps * ((r * (1 + tr) + bkt) * (h + hv) * itemsize + (2 * r + _BIAS_COPY) * 4)
     return {"dq": dq, "dkv": dkv}
 
 
-def check(cfg: _Config, h: int, hv: int, itemsize: int) -> None:
+def check(plan_: Plan, h: int, hv: int, itemsize: int) -> None:
     """Raises `Unsupported` for tiles the backward kernels cannot take."""
-    if cfg.rows % 64 or cfg.rows > fwd._MAX_WGMMA_N:
+    rows = plan_.kv.rows
+    if rows % 64 or rows > fwd._MAX_WGMMA_N:
         raise spine.Unsupported(
-            f"the Mosaic GPU backward needs 64 to {fwd._MAX_WGMMA_N} rows per query tile in "
-            f"multiples of 64 (G={cfg.group} query heads x block_q={cfg.bq})"
+            f"the Mosaic GPU backward's dK/dV kernel needs query tiles of 64 to "
+            f"{fwd._MAX_WGMMA_N} rows in multiples of 64; G={plan_.kv.group} gives {rows}"
         )
-    for name, need in smem_bytes(cfg, h, hv, itemsize).items():
+    for name, need in smem_bytes(plan_, h, hv, itemsize).items():
         if need > fwd._SMEM_BYTES:
             raise spine.Unsupported(
                 f"the Mosaic GPU backward's {name} kernel needs {need} bytes of shared memory "
-                f"(> {fwd._SMEM_BYTES}) at H={h}, Hv={hv} and {cfg.rows} rows per query tile"
+                f"(> {fwd._SMEM_BYTES}) at H={h}, Hv={hv} with {plan_.dq.rows}-row query tiles"
             )
 
 
@@ -583,21 +614,22 @@ def _keys_merge(x, like):
     return x.reshape(b, kv, -1, d).transpose(0, 2, 1, 3)[:, :s].astype(like.dtype)
 
 
-def backward(cfg: _Config, res, d_out):
+def backward(plan_: Plan, res, d_out):
     """The five gradients `(dq, dk1, dk2, dv1, dv2, None, None)` from the forward's residuals
     `(q, k1, k2, v1, v2, valid1, valid2, out, lse)` (base-2 `lse [B,T,N,1]`)."""
     q, k1, k2, v1, v2, valid1, valid2, out, lse = res
+    cfg = plan_.dq
     dtype = jnp.result_type(q, k1, k2, v1, v2)
     b, _, _, h = q.shape
     hv = v1.shape[-1]
     bk = b * cfg.kv_heads
     delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
-    q_t = _rows((q.astype(_F32) * (cfg.scale * fwd._LOG2E)).astype(dtype), cfg)
-    do_t = _rows(d_out.astype(dtype), cfg)
-    rows_in = (q_t, do_t, _rows(lse, cfg)[..., 0], _rows(delta, cfg)[..., 0])
-    transposes = (None, None)
-    if cfg.interpret:
-        transposes = (q_t.transpose(0, 2, 1), do_t.transpose(0, 2, 1))
+    q_s = (q.astype(_F32) * (cfg.scale * fwd._LOG2E)).astype(dtype)
+
+    def rows_in(cfg):
+        """q (scaled), dO, lse and delta in `cfg`'s row tiles."""
+        lse_delta = (_rows(lse, cfg)[..., 0], _rows(delta, cfg)[..., 0])
+        return (_rows(q_s, cfg), _rows(d_out.astype(dtype), cfg), *lse_delta)
 
     def keys(k, v, valid, padded):
         return (
@@ -610,10 +642,15 @@ def backward(cfg: _Config, res, d_out):
     s2p = -(-cfg.s2 // DQ_BLOCK_K2) * DQ_BLOCK_K2
     set1, set2 = keys(k1, v1, valid1, s1p), keys(k2, v2, valid2, s2p)
     t2 = (set2[0].transpose(0, 2, 1), set2[1].transpose(0, 2, 1)) if cfg.interpret else (None,) * 2
-    dq_t = _dq_call(cfg, bk, h, hv, dtype)(*rows_in, *set1, *set2, *t2)
+    dq_t = _dq_call(cfg, bk, h, hv, dtype)(*rows_in(cfg), *set1, *set2, *t2)
     dq = dq_t.reshape(b, cfg.kv_heads, cfg.nq, cfg.rows, h)
     dq = spine.merge_row_tiles(dq, cfg.t, cfg.bq).astype(q.dtype)
 
+    cfg = plan_.kv
+    kv_rows = rows_in(cfg)
+    transposes = (None, None)
+    if cfg.interpret:
+        transposes = (kv_rows[0].transpose(0, 2, 1), kv_rows[1].transpose(0, 2, 1))
     sets = ((k1, v1, valid1), (k2, v2, valid2))
     grads = []
     for side in (0, 1):
@@ -621,7 +658,7 @@ def backward(cfg: _Config, res, d_out):
         ssp = _stationary_pad(cfg, cfg.length(side))
         stp = _streamed_pad(cfg.length(1 - side), max(DKV_BLOCK_K, _BIAS_COPY))
         dks, dvs = _dkv_call(cfg, side, bk, ssp, h, hv, dtype)(
-            *rows_in, *transposes, *keys(*stationary, ssp), *keys(*streamed, stp)
+            *kv_rows, *transposes, *keys(*stationary, ssp), *keys(*streamed, stp)
         )
         grads.append((_keys_merge(dks, stationary[0]), _keys_merge(dvs, stationary[1])))
     (dk1, dv1), (dk2, dv2) = grads
