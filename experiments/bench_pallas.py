@@ -16,7 +16,8 @@ the blocked kernel (forward and gradients); then forward and forward+gradient TF
 `block_k1:block_k2:max_concurrent_steps`, then switches `smem` for
 `register_operands=False` and `nosched` for `schedule_barrier=False`). The default tiles are
 also timed with the gradient (mosaic_gpu's: the Pallas backward, `bwd_layout` "default", and
-the Mosaic GPU one, "mosaic_bwd").
+the Mosaic GPU one, "mosaic_bwd", and with windows "mosaic_bwd_split": dK1/dV1 by the dK/dV
+kernel instead of the dQ kernel's partial sums).
 Rows follow the schema of `experiments.harness`
 (`n`, `pass`, `median_ms`, `tflops`, `status`, ...; FLOPs from `tensorattn.kernels.cost`),
 plus `case`, `variant`, `frac_matmul` and, for "fwd+grad", `bwd_tflops`: the backward alone
@@ -88,7 +89,13 @@ CASES = {
 # Pallas backward layouts: `PallasConfig.bwd_fuse_k1` (None: the library's choice).
 BWD_LAYOUTS = {"default": None, "fused": True, "split": False}
 # Mosaic GPU backward layouts: `MosaicGPUConfig.backward` (the default is the Pallas one).
-MOSAIC_BWD_LAYOUTS = {"default": {}, "mosaic_bwd": {"backward": "mosaic_gpu"}}
+# "mosaic_bwd": the library's choice (dK1/dV1 fused into dQ under a narrow causal first window);
+# "mosaic_bwd_split": dK1/dV1 from the dK/dV kernel.
+MOSAIC_BWD_LAYOUTS = {
+    "default": {},
+    "mosaic_bwd": {"backward": "mosaic_gpu"},
+    "mosaic_bwd_split": {"backward": "mosaic_gpu", "bwd_fuse_k1": False},
+}
 # The split backward's tiles before they were chosen by register reports (commit a8cb9ca).
 PREVIOUS_BWD_TILES = "bwd_block_rows=128+bwd_block_k2=64+bwd_fuse_k1=false"
 
@@ -226,7 +233,8 @@ def time_case(
         fwd = default[impl]
         windowed = CASES[case][4] is not None
         if impl == "mosaic_gpu":
-            layouts, options_of = list(MOSAIC_BWD_LAYOUTS), MOSAIC_BWD_LAYOUTS.get
+            layouts = [x for x in MOSAIC_BWD_LAYOUTS if windowed or x != "mosaic_bwd_split"]
+            options_of = MOSAIC_BWD_LAYOUTS.get
         else:
             layouts = bwd_layouts if impl == "pallas" else []
             layouts = [x for x in layouts if windowed or not bwd_options(x).get("bwd_fuse_k1")]

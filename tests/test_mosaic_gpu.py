@@ -195,9 +195,8 @@ def _check_gradient(config: MosaicGPUConfig, case: Case = Case(t=16, window=(4, 
     """All five gradients against the float64 oracle."""
     x, masks = case.inputs(seed=3)
     d_out = np.random.default_rng(4).standard_normal(x[0].shape[:3] + (case.value_dim,))
-    config = dataclasses.replace(
-        case.config, interpret=config.interpret, backward=config.backward
-    )  # fmt: skip
+    backward = config.backward or case.config.backward
+    config = dataclasses.replace(case.config, interpret=config.interpret, backward=backward)
 
     def loss(*x):
         return jnp.sum(case.run(x, masks, config).astype(jnp.float32) * d_out)
@@ -236,8 +235,18 @@ BWD_CASES = {
     "cross-lengths-masked": Case(t=20, batch=2, lengths=(12, 70), masked=True),
     # G = 128: dQ on one 128-row warpgroup; dK/dV on 64-row tiles holding half the heads.
     "grouped-128-split": CASES["grouped-128-one-wg"],
+    # Windows: dK1/dV1 from the dQ kernel's partial sums by default; here the dK/dV kernel.
+    "window-w1>w2-unfused": Case(
+        t=24,
+        window=(12, 4),
+        masked=True,
+        config=MosaicGPUConfig(backward="mosaic_gpu", bwd_fuse_k1=False),
+    ),
 }
 MOSAIC_BWD = MosaicGPUConfig(backward="mosaic_gpu")
+
+
+FUSED_AT = ("g64-d128-w32x256-bf16", "g128-d128-w512x32-bf16", "g64-no-schedule")
 
 
 @pytest.mark.parametrize(
@@ -251,15 +260,21 @@ def test_backward_lowers_for_cuda(name):
     if s1 != t:
         args += [jax.ShapeDtypeStruct((b, s1), bool), jax.ShapeDtypeStruct((b, s2), bool)]
 
+    fused = []
+
     def f(q, k1, k2, v1, v2, d_out, *masks):
         keys, values = (k1, k2), (v1, v2)
         spec = _spec(q, keys, values, causal=causal, window=window, masks=masks or None)
+        cfg = mosaic_gpu._prepare(q, keys, values, spec, config)[0]
+        fused.append(mosaic_gpu_bwd.plan(cfg, h, hv, jnp.dtype(dtype).itemsize).dq.fuse)
         return mosaic_gpu.gradients(q, keys, values, d_out, spec, config)
 
     with cuda_lowering.abstract_gpu():
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    # The forward, dQ, dK1/dV1 and dK2/dV2 kernels.
-    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4
+    # The forward, dQ (with dK1/dV1's partial sums when fused) and dK/dV kernels.
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == (3 if fused[0] else 4)
+    # FBGEMM's and the paper's shapes (first window 32 once ordered) take the fused layout.
+    assert fused[0] or name not in FUSED_AT
 
 
 @pytest.mark.parametrize("name", sorted(BWD_CASES))
@@ -279,7 +294,7 @@ def test_backward_tiles():
     def tiles(group, interpret=False):
         call = spine.Call(1.0, True, (32, None), 512, (512, 512), heads=group, kv_heads=1)
         config = MosaicGPUConfig(interpret=interpret)
-        plan = mosaic_gpu_bwd.plan(mosaic_gpu._plan(call, config))
+        plan = mosaic_gpu_bwd.plan(mosaic_gpu._plan(call, config), 128, 128, 2)
         return (plan.dq.bq, plan.dq.rows, plan.dq.wgs), (plan.kv.bq, plan.kv.splits, plan.kv.rows)
 
     # dK/dV query tiles of 64 rows (the columns of its score tiles), a position's heads split
@@ -297,9 +312,14 @@ def test_backward_refusals():
     spec = _spec(x[0], x[1:3], x[3:])
     with pytest.raises(ValueError, match="backward must be one of"):
         MosaicGPUConfig(backward="triton")
-    # Shared-memory operands compiled: the dQ kernel's scratch exceeds an H100's.
+    with pytest.raises(ValueError, match="bwd_fuse_k1 is an option of the Mosaic GPU backward"):
+        MosaicGPUConfig(bwd_fuse_k1=False)
+    fused = MosaicGPUConfig(backward="mosaic_gpu", bwd_fuse_k1=True, interpret=True)
+    with pytest.raises(tensorattn.Unsupported, match="needs a causal window on the first"):
+        mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, fused)
+    # Shared-memory operands compiled: the kernels' scratch exceeds an H100's.
     config = MosaicGPUConfig(block_q=64, register_operands=False, backward="mosaic_gpu")
-    with pytest.raises(tensorattn.Unsupported, match="backward's dq kernel needs"):
+    with pytest.raises(tensorattn.Unsupported, match="backward's dkv kernel needs"):
         mosaic_gpu.gradients(x[0], x[1:3], x[3:], x[0], spec, config)
 
 

@@ -178,6 +178,10 @@ class MosaicGPUConfig(KernelConfig):
       environment variable TENSORATTN_MOSAIC_GPU_INTERPRET.
     backward: "pallas" (the portable Pallas backward, default tiles) or "mosaic_gpu" (the
       Mosaic GPU dQ and dK/dV kernels, `mosaic_gpu_bwd`; not yet measured). None: "pallas".
+    bwd_fuse_k1: with backward="mosaic_gpu", dK1/dV1 as partial sums inside the dQ kernel
+      (needs a causal window on the first key set, the smaller once ordered, and shared
+      memory for `block_q + w1 - 1` rows) instead of the dK/dV kernel. None: fused when
+      possible.
     """
 
     implementation: ClassVar[str] = "mosaic_gpu"
@@ -190,12 +194,18 @@ class MosaicGPUConfig(KernelConfig):
     schedule_barrier: bool | None = None
     interpret: bool | None = None
     backward: str | None = None
+    bwd_fuse_k1: bool | None = None
 
     def __post_init__(self):
-        flags = ("register_operands", "schedule_barrier", "interpret")
+        flags = ("register_operands", "schedule_barrier", "interpret", "bwd_fuse_k1")
         _tiles_and_interpret(self, flags=flags, others=("backward",))
         if self.backward is not None:
             _choice(self, "backward", MOSAIC_BACKWARDS)
+        if self.bwd_fuse_k1 is not None and self.backward != "mosaic_gpu":
+            raise ValueError(
+                "MosaicGPUConfig.bwd_fuse_k1 is an option of the Mosaic GPU backward: set "
+                "backward='mosaic_gpu' (or leave it None)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -595,8 +595,9 @@ def gradients(q, keys, values, d_out, spec: AttentionSpec, config: MosaicGPUConf
     dv1, dv2)` of the ordered key sets, without the device check, so that it can be lowered
     for CUDA on any machine."""
     cfg, _, keys, values, valid = _prepare(q, keys, values, spec, config)
-    bwd = mosaic_gpu_bwd.plan(cfg)
-    mosaic_gpu_bwd.check(bwd, q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+    sizes = (q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+    bwd = mosaic_gpu_bwd.plan(cfg, *sizes, fuse=(config or MosaicGPUConfig()).bwd_fuse_k1)
+    mosaic_gpu_bwd.check(bwd, *sizes)
     out, lse = _forward(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
     res = (q, keys[0], keys[1], values[0], values[1], *valid, out, lse)
     return mosaic_gpu_bwd.backward(bwd, res, d_out)[:5]
@@ -614,8 +615,9 @@ def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | No
     cfg, call, keys, values, valid = _prepare(q, keys, values, spec, config)
     _check_device(cfg)
     if config.backward == "mosaic_gpu":
-        bwd = mosaic_gpu_bwd.plan(cfg)
-        mosaic_gpu_bwd.check(bwd, q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+        sizes = (q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+        bwd = mosaic_gpu_bwd.plan(cfg, *sizes, fuse=config.bwd_fuse_k1)
+        mosaic_gpu_bwd.check(bwd, *sizes)
     else:
         bwd = pallas.plan(call, PallasConfig(interpret=cfg.interpret or None))
         pallas.check(q, keys, values, bwd)

@@ -28,6 +28,7 @@ memory first. Not yet measured on a GPU (issue 10), so not the default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -36,14 +37,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from tensorattn.kernels import mosaic_gpu as fwd
-from tensorattn.kernels import spine
+from tensorattn.kernels import pallas, spine
 
 _F32 = jnp.float32
 _LN2 = math.log(2.0)
 _KEYS_PER_WG = 64  # stationary keys per compute warpgroup (the rows of its products)
 
 # Defaults, chosen for shared memory (227 KiB) and registers, not yet timed on a GPU.
-DQ_BLOCK_K1 = 32
+DQ_BLOCK_K1 = 16
 DQ_BLOCK_K2 = 64
 DKV_BLOCK_K = 16  # streamed keys per pipeline step of the dK/dV kernel
 # A TMA copy moves a multiple of 128 bytes: the float32 biases of a streamed tile are copied
@@ -70,10 +71,16 @@ class _Config(spine.CallView):
     interpret: bool
     registers: bool
     splits: int = 1
+    fuse: bool = False  # dQ kernel: also dK1/dV1's partial sums (a causal first window)
 
     @property
     def wg_rows(self) -> int:
         return self.rows // self.wgs
+
+    @property
+    def span(self) -> int:
+        """First keys a query tile may see under a causal window `w1`."""
+        return self.bq + self.w1 - 1
 
     def window(self, side: int):
         return self.call.windows[side]
@@ -99,21 +106,28 @@ def _kv_tiles(group: int) -> tuple[int, int]:
     return (bq, splits) if group % splits == 0 else (bq, 1)
 
 
-def plan(forward: fwd._Config) -> Plan:
+def plan(forward: fwd._Config, h: int, hv: int, itemsize: int, fuse: bool | None = None) -> Plan:
     """The backward's tiles: dQ on the forward's query tiles (rows and warpgroups), dK/dV on
-    query tiles of `KV_ROWS` rows (a position's heads split in tiles when G > 64)."""
+    query tiles of `KV_ROWS` rows (a position's heads split in tiles when G > 64). dK1/dV1
+    come from the dQ kernel's partial sums when the first key set has a causal window and
+    they fit in shared memory (a query tile sees `span = bq + w1 - 1` first keys), else from
+    the dK/dV kernel (whose 64-key tiles would see about `w1 / (w1 + 63)` of their pairs).
+    `fuse` (`MosaicGPUConfig.bwd_fuse_k1`): True or False forces the choice (`check` refuses
+    a fused plan that cannot run)."""
     common = dict(call=forward.call, steps=STEPS, interpret=forward.interpret)
+    common["registers"] = forward.registers
     kv_bq, splits = _kv_tiles(forward.call.group)
-    return Plan(
-        dq=_Config(bq=forward.bq, wgs=forward.wgs, registers=forward.registers, **common),
-        kv=_Config(
-            bq=kv_bq,
-            splits=splits,
-            wgs=1 if forward.interpret else DKV_WGS,
-            registers=forward.registers,
-            **common,
-        ),
-    )
+    kv = _Config(bq=kv_bq, splits=splits, wgs=1 if forward.interpret else DKV_WGS, **common)
+    dq = _Config(bq=forward.bq, wgs=forward.wgs, **common)
+    fused = Plan(dataclasses.replace(dq, fuse=True), kv)
+    if fuse or (
+        fuse is None
+        and forward.causal
+        and forward.w1 is not None
+        and max(smem_bytes(fused, h, hv, itemsize).values()) <= fwd._SMEM_BYTES
+    ):
+        return fused
+    return Plan(dq, kv)
 
 
 def _streamed_pad(length: int, block: int) -> int:
@@ -154,6 +168,19 @@ class _Ops:
         self.plgpu.commit_smem()
         return ref
 
+    def store_row(self, ref, r, v):
+        """`ref[r] = v` (a row of a float32 shared-memory buffer)."""
+        if self.cfg.interpret:
+            ref[r] = v
+        else:
+            ref.at[r][...] = v
+
+    def add_row(self, ref, r, v):
+        """`ref[r] += v`, then a fence and warpgroup barrier (the row is read back by threads
+        that may not have written it)."""
+        self.store_row(ref, r, self.load(ref, r, self.cols_vec) + v)
+        self.plgpu.commit_smem()
+
     def transposed(self, ref, ref_t):
         """`refᵀ` as a wgmma second operand: a view (compiled) or XLA's transpose `ref_t`."""
         if ref_t is not None:
@@ -185,9 +212,10 @@ class _Ops:
 
 
 def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref, k2_ref, v2_ref,
-               b2_ref, k2t_ref, v2t_ref, dq_ref, q_smem, do_smem, l_smem, d_smem, x_smem, y_smem,
-               ds_smem, k1_smem, v1_smem, b1_smem, k2_smem, v2_smem, b2_smem, k2t_smem, v2t_smem,
-               row_bar, load_bars, free_bars):  # fmt: skip
+               b2_ref, k2t_ref, v2t_ref, dq_ref, pk_ref, pv_ref, q_smem, do_smem, l_smem, d_smem,
+               x_smem, y_smem, ds_smem, p_smem, pk_smem, pv_smem, k1_smem, v1_smem, b1_smem,
+               k2_smem, v2_smem, b2_smem, k2t_smem, v2t_smem, row_bar, load_bars,
+               free_bars):  # fmt: skip
     ops = _Ops(cfg, q_ref.dtype)
     plgpu = ops.plgpu
     bk1, bk2 = DQ_BLOCK_K1, DQ_BLOCK_K2
@@ -214,7 +242,7 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         copies = [
             (k1_ref.at[bk, pl.ds(a0, bk1)], k1_smem),
             (v1_ref.at[bk, pl.ds(a0, bk1)], v1_smem),
-            (b1_ref.at[batch, pl.ds(a0, bk1)], b1_smem),
+            (b1_ref.at[batch, pl.ds(a0, _BIAS_COPY)], b1_smem),
             (k2_ref.at[bk, pl.ds(b0, bk2)], k2_smem),
             (v2_ref.at[bk, pl.ds(b0, bk2)], v2_smem),
             (b2_ref.at[batch, pl.ds(b0, bk2)], b2_smem),
@@ -243,10 +271,21 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         plgpu.barrier_wait(row_bar.at[wg])
         lse = ops.load(l_wg, (), ops.rows_vec)
         delta = ops.load(d_wg, (), ops.rows_vec)
-        x_wg, y_wg, ds_wg = (None,) * 3 if cfg.registers else (
-            s.at[wg] for s in (x_smem, y_smem, ds_smem)
+        x_wg, y_wg, ds_wg, p_wg = (None,) * 4 if cfg.registers else (
+            s and s.at[wg] for s in (x_smem, y_smem, ds_smem, p_smem)
         )  # fmt: skip
         shape = (rows, bk2)
+        if cfg.fuse:  # dK1/dV1 partial sums of first keys base .. base + span - 1
+            base = p0 - (cfg.w1 - 1)
+            pk_wg, pv_wg = pk_smem.at[wg], pv_smem.at[wg]
+
+            def zero_row(r, carry):
+                for ref, d in ((pk_wg, h), (pv_wg, hv)):
+                    ops.store_row(ref, r, ops.layout(jnp.zeros((d,), _F32), ops.cols_vec))
+                return carry
+
+            lax.fori_loop(jnp.int32(0), jnp.int32(cfg.span), zero_row, jnp.int32(0))
+            plgpu.commit_smem()
 
         def iota(dim):
             return ops.layout(lax.broadcasted_iota(jnp.int32, shape, dim), ops.wgmma)
@@ -271,6 +310,11 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             dp = ops.product(y, v2t, shape)
             ds = ops.operand(p * (dp - ops.row_bcast(delta, shape)), ds_wg)
             z = ops.product(ds, k2_smem.at[slot], (rows, h))
+            if cfg.fuse:  # this (first key, second-key tile)'s share of dK1[a] and dV1[a]
+                w = ops.product(ops.operand(p, p_wg), v2_smem.at[slot], (rows, hv))
+                r = a - base
+                ops.add_row(pk_wg, r, (q.astype(_F32) * z).sum(axis=0))
+                ops.add_row(pv_wg, r, (do.astype(_F32) * w).sum(axis=0))
             return dq + z * ops.col_bcast(k1a.astype(_F32), (rows, h))
 
         def step_body(step, dq):
@@ -290,6 +334,10 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         q_wg[...] = (dq * cfg.scale).astype(q_wg.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_wg, dq_ref.at[bk, pl.ds(r0, rows)])
+        if cfg.fuse:
+            part = pl.ds((qi * cfg.wgs + wg) * cfg.span, cfg.span)
+            plgpu.copy_smem_to_gmem(pk_wg, pk_ref.at[bk, part])
+            plgpu.copy_smem_to_gmem(pv_wg, pv_ref.at[bk, part])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -504,9 +552,12 @@ def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
         smem_t and smem_t((wgs, rows, h)),  # x = q ∘ k1[a]
         smem_t and smem_t((wgs, rows, hv)),  # y = dO ∘ v1[a]
         smem_t and smem_t((wgs, rows, bk2)),  # dS
+        smem_t((wgs, rows, bk2)) if smem_t and cfg.fuse else None,  # P
+        plgpu.SMEM((wgs, cfg.span, h), _F32) if cfg.fuse else None,  # dK1 partial sums
+        plgpu.SMEM((wgs, cfg.span, hv), _F32) if cfg.fuse else None,  # dV1 partial sums
         plgpu.SMEM((steps, bk1, h), dtype),  # k1 tile (rows read one at a time)
         plgpu.SMEM((steps, bk1, hv), dtype),  # v1 tile
-        plgpu.SMEM((steps, bk1), _F32),  # bias1
+        plgpu.SMEM((steps, max(bk1, _BIAS_COPY)), _F32),  # bias1
         smem((steps, bk2, h)),  # k2 tile
         smem((steps, bk2, hv)),  # v2 tile
         plgpu.SMEM((steps, bk2), _F32),  # bias2
@@ -516,9 +567,14 @@ def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
         plgpu.Barrier(num_arrivals=8 if interpret_t else 6, num_barriers=steps),
         plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
     ]
+    parts = (bk, cfg.nq * wgs * cfg.span) if cfg.fuse else None
     return plgpu.kernel(
         lambda *refs: _dq_kernel(cfg, *refs),
-        out_type=jax.ShapeDtypeStruct((bk, cfg.nq * cfg.rows, h), dtype),
+        out_type=[
+            jax.ShapeDtypeStruct((bk, cfg.nq * cfg.rows, h), dtype),
+            jax.ShapeDtypeStruct((*parts, h), _F32) if cfg.fuse else None,
+            jax.ShapeDtypeStruct((*parts, hv), _F32) if cfg.fuse else None,
+        ],
         grid=(bk, cfg.nq),
         grid_names=("bk", "q"),
         num_threads=wgs + 1,
@@ -577,8 +633,10 @@ def smem_bytes(plan_: Plan, h: int, hv: int, itemsize: int) -> dict[str, int]:
     t = 0 if cfg.registers else 1  # first operands stored to shared memory
     tr = 1 if cfg.interpret else 0  # transposes loaded from device memory
     rows, bk1, bk2 = cfg.wg_rows, DQ_BLOCK_K1, DQ_BLOCK_K2
-    dq = cfg.wgs * (rows * ((h + hv) * (1 + t) + t * bk2) * itemsize + 2 * rows * 4)
-    dq += cfg.steps * ((bk1 + bk2 * (1 + tr)) * (h + hv) * itemsize + (bk1 + bk2) * 4)
+    operands = (h + hv) * (1 + t) + t * bk2 * (2 if cfg.fuse else 1)  # q, dO, x, y, dS, P
+    partials = cfg.span * (h + hv) * 4 if cfg.fuse else 0
+    dq = cfg.wgs * (rows * operands * itemsize + 2 * rows * 4 + partials)
+    dq += cfg.steps * ((bk1 + bk2 * (1 + tr)) * (h + hv) * itemsize + (_BIAS_COPY + bk2) * 4)
     cfg = plan_.kv
     kw, r, bkt = _KEYS_PER_WG, cfg.rows, DKV_BLOCK_K
     dkv = cfg.wgs * (kw * ((h + hv) * (1 + t) + 2 * t * r) * itemsize + kw * 4)
@@ -588,6 +646,11 @@ def smem_bytes(plan_: Plan, h: int, hv: int, itemsize: int) -> dict[str, int]:
 
 def check(plan_: Plan, h: int, hv: int, itemsize: int) -> None:
     """Raises `Unsupported` for tiles the backward kernels cannot take."""
+    if plan_.dq.fuse and not (plan_.dq.causal and plan_.dq.w1 is not None):
+        raise spine.Unsupported(
+            "bwd_fuse_k1=True needs a causal window on the first key set (the smaller window "
+            "once the sets are ordered)"
+        )
     rows = plan_.kv.rows
     if rows % 64 or rows > fwd._MAX_WGMMA_N:
         raise spine.Unsupported(
@@ -638,13 +701,18 @@ def backward(plan_: Plan, res, d_out):
             fwd._bias(valid, padded),
         )
 
-    s1p = _streamed_pad(cfg.s1, DQ_BLOCK_K1)
+    s1p = _streamed_pad(cfg.s1, max(DQ_BLOCK_K1, _BIAS_COPY))
     s2p = -(-cfg.s2 // DQ_BLOCK_K2) * DQ_BLOCK_K2
     set1, set2 = keys(k1, v1, valid1, s1p), keys(k2, v2, valid2, s2p)
     t2 = (set2[0].transpose(0, 2, 1), set2[1].transpose(0, 2, 1)) if cfg.interpret else (None,) * 2
-    dq_t = _dq_call(cfg, bk, h, hv, dtype)(*rows_in(cfg), *set1, *set2, *t2)
+    dq_t, pk, pv = _dq_call(cfg, bk, h, hv, dtype)(*rows_in(cfg), *set1, *set2, *t2)
     dq = dq_t.reshape(b, cfg.kv_heads, cfg.nq, cfg.rows, h)
     dq = spine.merge_row_tiles(dq, cfg.t, cfg.bq).astype(q.dtype)
+    grads = {}
+    if cfg.fuse:  # partial sums per (query tile, warpgroup): folded as head chunks
+        chunks = dataclasses.replace(cfg, splits=cfg.wgs)
+        fold = functools.partial(pallas._fold_partials, cfg=chunks)
+        grads[0] = (_keys_merge(fold(pk) * _LN2, k1), _keys_merge(fold(pv), v1))
 
     cfg = plan_.kv
     kv_rows = rows_in(cfg)
@@ -652,14 +720,15 @@ def backward(plan_: Plan, res, d_out):
     if cfg.interpret:
         transposes = (kv_rows[0].transpose(0, 2, 1), kv_rows[1].transpose(0, 2, 1))
     sets = ((k1, v1, valid1), (k2, v2, valid2))
-    grads = []
     for side in (0, 1):
+        if side in grads:
+            continue
         stationary, streamed = sets[side], sets[1 - side]
         ssp = _stationary_pad(cfg, cfg.length(side))
         stp = _streamed_pad(cfg.length(1 - side), max(DKV_BLOCK_K, _BIAS_COPY))
         dks, dvs = _dkv_call(cfg, side, bk, ssp, h, hv, dtype)(
             *kv_rows, *transposes, *keys(*stationary, ssp), *keys(*streamed, stp)
         )
-        grads.append((_keys_merge(dks, stationary[0]), _keys_merge(dvs, stationary[1])))
-    (dk1, dv1), (dk2, dv2) = grads
+        grads[side] = (_keys_merge(dks, stationary[0]), _keys_merge(dvs, stationary[1]))
+    (dk1, dv1), (dk2, dv2) = grads[0], grads[1]
     return dq, dk1, dk2, dv1, dv2, None, None
