@@ -8,21 +8,26 @@ base-2 log-sum-exp. With `x_a = q ∘ k1[a]`, `P = exp2(S - lse)` and `dS = P �
 
 - **dQ** (one program per query tile, like the forward; rows split over compute warpgroups):
   per pipeline step (a tile of first keys, a tile of second keys) and first key `a`,
-  `S = x_a @ k2ᵀ`, `dP`, and `dQ += (dS @ k2) ∘ k1[a]`: three wgmma products.
+  `S = x_a @ k2ᵀ`, `dP`, and `dQ += (dS @ k2) ∘ k1[a]`: three wgmma products. Under a causal
+  first window `w1` (fused, `MosaicGPUConfig.bwd_fuse_k1`) a query tile sees only
+  `bq + w1 - 1` first keys, so the kernel also forms `P @ v2` and adds each warpgroup's column
+  sums `Σ_rows q ∘ (dS @ k2)` and `Σ_rows dO ∘ (P @ v2)` into shared-memory rows of dK1/dV1
+  partial sums, which XLA folds per key (`pallas._fold_partials`): four products.
 - **dK/dV of one key set** (one program per tile of that set's keys, 64 per compute
   warpgroup, held in shared memory: the *stationary* set; the other set is *streamed* one key
-  `a` at a time, with query tiles): the transposed scores `Sᵀ = (k_s ∘ k_t[a]) @ qᵀ` and
-  `dPᵀ = (v_s ∘ v_t[a]) @ dOᵀ`, then `dK_s += (dSᵀ @ q) ∘ k_t[a]` and
-  `dV_s += (Pᵀ @ dO) ∘ v_t[a]`: four products, accumulators in registers, no atomics. Tensor
-  attention is symmetric in its two key/value sets, so the same kernel gives dK2/dV2
-  (stationary: the second set) and dK1/dV1 (stationary: the first).
+  `a` at a time, with query tiles of 64 rows): the transposed scores
+  `Sᵀ = (k_s ∘ k_t[a]) @ qᵀ` and `dPᵀ = (v_s ∘ v_t[a]) @ dOᵀ`, then
+  `dK_s += (dSᵀ @ q) ∘ k_t[a]` and `dV_s += (Pᵀ @ dO) ∘ v_t[a]`: four products, accumulators
+  in registers, no atomics. Tensor attention is symmetric in its two key/value sets, so the
+  same kernel gives dK2/dV2 (stationary: the second set) and, unless fused, dK1/dV1.
 
-Eleven products per (query tile, first key, second-key tile), as the portable Pallas split
-layout. Producer warpgroups stream the steps through shared-memory slots with TMA, as in the
-forward. Compiled, the transposed operands are `transpose_ref` views and the products' first
-operands come from registers; in interpret mode (jax 0.10's interpreter has neither) the
-transposes are loaded from device memory laid out by XLA and every operand is stored to shared
-memory first. Not yet measured on a GPU (issue 10), so not the default.
+Eight products per (query tile, first key, second-key tile) fused, eleven otherwise, as the
+portable Pallas backward's two layouts. Producer warpgroups stream the steps through
+shared-memory slots with TMA, as in the forward. Compiled, the transposed operands are
+`ref.T` views and the products' first operands come from registers; in interpret mode (jax
+0.10's interpreter has neither) the transposes are loaded from device memory laid out by XLA
+and every operand is stored to shared memory first. Not yet measured on a GPU (issue 10), so
+not the default.
 """
 
 from __future__ import annotations
@@ -310,12 +315,14 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             dp = ops.product(y, v2t, shape)
             ds = ops.operand(p * (dp - ops.row_bcast(delta, shape)), ds_wg)
             z = ops.product(ds, k2_smem.at[slot], (rows, h))
+            dq = dq + z * ops.col_bcast(k1a.astype(_F32), (rows, h))
             if cfg.fuse:  # this (first key, second-key tile)'s share of dK1[a] and dV1[a]
-                w = ops.product(ops.operand(p, p_wg), v2_smem.at[slot], (rows, hv))
+                # (in this order, so that z and w = P @ v2 are not held at once)
                 r = a - base
                 ops.add_row(pk_wg, r, (q.astype(_F32) * z).sum(axis=0))
+                w = ops.product(ops.operand(p, p_wg), v2_smem.at[slot], (rows, hv))
                 ops.add_row(pv_wg, r, (do.astype(_F32) * w).sum(axis=0))
-            return dq + z * ops.col_bcast(k1a.astype(_F32), (rows, h))
+            return dq
 
         def step_body(step, dq):
             slot = lax.rem(step, jnp.int32(cfg.steps))
