@@ -93,6 +93,13 @@ class _Config(spine.CallView):
 INTERPRET_ENV = "TENSORATTN_MOSAIC_GPU_INTERPRET"
 
 
+def positions_for_rows(group: int, target: int) -> int:
+    """The fewest query positions whose `group·positions` rows fill whole 64-row warpgroup
+    tiles and number at least `target`."""
+    unit = _WG_ROWS // math.gcd(group, _WG_ROWS)
+    return unit * -(-max(1, target // group) // unit)
+
+
 def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     """The forward's tiles: `config`'s fields, None ones chosen here. Rows: the smallest
     multiple of 64 that holds `block_q` whole positions of the group (`G·block_q`) and at
@@ -102,9 +109,7 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     if config.block_q:
         bq = config.block_q
     else:
-        unit = _WG_ROWS // math.gcd(g, _WG_ROWS)  # fewest positions filling whole warpgroups
-        target = INTERPRET_ROWS if interpret else DEFAULT_ROWS
-        bq = unit * -(-max(1, target // g) // unit)
+        bq = positions_for_rows(g, INTERPRET_ROWS if interpret else DEFAULT_ROWS)
     rows = g * bq
     if config.num_compute_wgs:
         wgs = config.num_compute_wgs
@@ -159,6 +164,42 @@ def _load_view(plgpu, view, layout):
     """`plgpu.load` of a whole (already indexed) ref view, on jax 0.10 to 0.12."""
     index = ((),) if _load_needs_index(plgpu.load) else ()
     return plgpu.load(view, *index, layout=layout)
+
+
+def wait_for_slot(steps: int, step, free_bars):
+    """Before loading pipeline step `step`: wait until the consumers released its slot
+    (`step % steps`), unless it is one of the first `steps`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @pl.when(step >= steps)
+    def _():
+        plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(steps))])
+
+
+def drain(steps: int, n_steps, free_bars):
+    """After the last load: wait for the consumers to release the last slots too, so that
+    every phase of each barrier is observed (the interpreter checks it; no step is left in
+    flight)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(step, carry):
+        plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(steps))])
+        return carry
+
+    lax.fori_loop(jnp.maximum(n_steps - steps, 0), n_steps, body, jnp.int32(0))
+
+
+def produce(steps: int, n_steps, load_step, free_bars):
+    """A producer's loop: `load_step(step, slot)` for each of `n_steps` steps into slot
+    `step % steps` once it is free, then `drain`."""
+
+    def body(step, carry):
+        wait_for_slot(steps, step, free_bars)
+        load_step(step, lax.rem(step, jnp.int32(steps)))
+        return carry
+
+    lax.fori_loop(jnp.int32(0), n_steps, body, jnp.int32(0))
+    drain(steps, n_steps, free_bars)
 
 
 def _masked(ok, s):
@@ -217,25 +258,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             plgpu.copy_gmem_to_smem(v2_ref.at[bk, pl.ds(b0, cfg.bk2)], v2_smem.at[slot], bar)
             plgpu.copy_gmem_to_smem(b2_ref.at[batch, pl.ds(b0, cfg.bk2)], b2_smem.at[slot], bar)
 
-        def body(step, carry):
-            slot = lax.rem(step, jnp.int32(cfg.steps))
-
-            @pl.when(step >= cfg.steps)
-            def _():
-                plgpu.barrier_wait(free_bars.at[slot])
-
-            load(step, slot)
-            return carry
-
-        lax.fori_loop(jnp.int32(0), n_steps, body, jnp.int32(0))
-
-        # Wait for the consumers to release the last slots too, so that every phase of each
-        # barrier is observed (the interpreter checks it; no step is left in flight).
-        def drain(step, carry):
-            plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(cfg.steps))])
-            return carry
-
-        lax.fori_loop(jnp.maximum(n_steps - cfg.steps, 0), n_steps, drain, jnp.int32(0))
+        produce(cfg.steps, n_steps, load, free_bars)
 
     @pl.when(wg < cfg.wgs)
     def _consumer():

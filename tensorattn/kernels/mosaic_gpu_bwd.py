@@ -105,8 +105,7 @@ def _kv_tiles(group: int) -> tuple[int, int]:
     score products) where the group allows, so that its two float32 accumulators, one product
     and the two score tiles fit a thread's registers (`[64, 64]` float32 tiles are 32 registers
     each; at 128 rows they would be 64)."""
-    unit = KV_ROWS // math.gcd(group, KV_ROWS)  # fewest positions filling whole tiles
-    bq = unit * -(-max(1, KV_ROWS // group) // unit)
+    bq = fwd.positions_for_rows(group, KV_ROWS)
     splits = group * bq // KV_ROWS
     return (bq, splits) if group % splits == 0 else (bq, 1)
 
@@ -263,7 +262,7 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
     @pl.when(wg == cfg.wgs)
     def _producer():
         plgpu.set_max_registers(fwd._PRODUCER_REGISTERS, action="decrease")
-        _produce(cfg, n_steps, load_step, free_bars)
+        fwd.produce(cfg.steps, n_steps, load_step, free_bars)
 
     @pl.when(wg < cfg.wgs)
     def _consumer():
@@ -348,30 +347,6 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         plgpu.wait_smem_to_gmem(0)
 
 
-def _produce(cfg: _Config, n_steps, load_step, free_bars):
-    """The producer's loop: step `i` into slot `i % steps` once the consumers freed it; then
-    wait for the last slots' release, so that every barrier phase is observed."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    def body(step, carry):
-        slot = lax.rem(step, jnp.int32(cfg.steps))
-
-        @pl.when(step >= cfg.steps)
-        def _():
-            plgpu.barrier_wait(free_bars.at[slot])
-
-        load_step(step, slot)
-        return carry
-
-    lax.fori_loop(jnp.int32(0), n_steps, body, jnp.int32(0))
-
-    def drain(step, carry):
-        plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(cfg.steps))])
-        return carry
-
-    lax.fori_loop(jnp.maximum(n_steps - cfg.steps, 0), n_steps, drain, jnp.int32(0))
-
-
 # ---------------------------------------------------------------------------------------------
 # dK/dV of the stationary set `side`. Refs: q/do [BK, nq·R, H|Hv], lse/delta [BK, nq·R],
 # qt/dot [BK, H|Hv, nq·R] (interpret mode; else None), ks/vs [BK, Ssp, H|Hv], bias_s
@@ -428,10 +403,7 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
         def load(step, qi, a0, a_hi, carry):
             del a_hi
             slot = lax.rem(step, jnp.int32(cfg.steps))
-
-            @pl.when(step >= cfg.steps)
-            def _():
-                plgpu.barrier_wait(free_bars.at[slot])
+            fwd.wait_for_slot(cfg.steps, step, free_bars)
 
             r0 = qi * rows
             copies = [
@@ -453,12 +425,7 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             return (step + 1,) + carry[1:]
 
         (n_steps,) = steps_of(load, (jnp.int32(0),))
-
-        def drain(step, carry):
-            plgpu.barrier_wait(free_bars.at[lax.rem(step, jnp.int32(cfg.steps))])
-            return carry
-
-        lax.fori_loop(jnp.maximum(n_steps - cfg.steps, 0), n_steps, drain, jnp.int32(0))
+        fwd.drain(cfg.steps, n_steps, free_bars)
 
     @pl.when(wg < cfg.wgs)
     def _consumer():
