@@ -266,7 +266,7 @@ def test_backward_lowers_for_cuda(name):
         keys, values = (k1, k2), (v1, v2)
         spec = _spec(q, keys, values, causal=causal, window=window, masks=masks or None)
         cfg = mosaic_gpu._prepare(q, keys, values, spec, config)[0]
-        fused.append(mosaic_gpu_bwd.plan(cfg, h, hv, jnp.dtype(dtype).itemsize).dq.fuse)
+        fused.append(mosaic_gpu_bwd.plan(cfg, h, hv, dtype).dq.fuse)
         return mosaic_gpu.gradients(q, keys, values, d_out, spec, config)
 
     with cuda_lowering.abstract_gpu():
@@ -282,6 +282,13 @@ def test_interpreter_backward_matches_oracle(name):
     _check_gradient(dataclasses.replace(MOSAIC_BWD, interpret=True), BWD_CASES[name])
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 4, reason="the interpreter can hang on < 4 cores")
+@pytest.mark.parametrize("name", sorted(MANY_THREADS))
+def test_interpreter_backward_two_warpgroups(name):
+    """Two compute warpgroups in the fused dQ kernel: they take turns on the column sums."""
+    _check_gradient(dataclasses.replace(MOSAIC_BWD, interpret=True), MANY_THREADS[name])
+
+
 @pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
 @pytest.mark.parametrize("name", sorted(BWD_CASES | MANY_THREADS))
 def test_gpu_backward_matches_oracle(name):
@@ -294,7 +301,7 @@ def test_backward_tiles():
     def tiles(group, interpret=False):
         call = spine.Call(1.0, True, (32, None), 512, (512, 512), heads=group, kv_heads=1)
         config = MosaicGPUConfig(interpret=interpret)
-        plan = mosaic_gpu_bwd.plan(mosaic_gpu._plan(call, config), 128, 128, 2)
+        plan = mosaic_gpu_bwd.plan(mosaic_gpu._plan(call, config), 128, 128, BF16)
         return (plan.dq.bq, plan.dq.rows, plan.dq.wgs), (plan.kv.bq, plan.kv.splits, plan.kv.rows)
 
     # dK/dV query tiles of 64 rows (the columns of its score tiles), a position's heads split
@@ -319,7 +326,7 @@ def test_backward_refusals():
         mosaic_gpu.attention(x[0], x[1:3], x[3:], spec, fused)
     # Shared-memory operands compiled: the kernels' scratch exceeds an H100's.
     config = MosaicGPUConfig(block_q=64, register_operands=False, backward="mosaic_gpu")
-    with pytest.raises(tensorattn.Unsupported, match="backward's dkv kernel needs"):
+    with pytest.raises(tensorattn.Unsupported, match="backward's dq kernel needs"):
         mosaic_gpu.gradients(x[0], x[1:3], x[3:], x[0], spec, config)
 
 

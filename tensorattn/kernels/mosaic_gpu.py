@@ -403,32 +403,64 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
         plgpu.wait_smem_to_gmem(0)
 
 
-def _call(cfg: _Config, bk: int, h: int, hv: int, dtype):
-    """The `plgpu.kernel` of one call (grid `(B·K, nq)`, `wgs + 1` warpgroups)."""
+def swizzled(shape, dtype):
+    """A shared-memory buffer of 16-bit tiles with the 128-byte swizzle wgmma reads."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    def swizzled(shape):
-        tiles = (plgpu.TilingTransform((8, _MINOR)), plgpu.SwizzleTransform(128))
-        return plgpu.SMEM(shape, dtype, transforms=tiles)
+    tiles = (plgpu.TilingTransform((8, _MINOR)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=tiles)
+
+
+# Pallas Mosaic GPU aligns each scratch buffer to 1 KiB; cross-warp sums take 2 KiB more
+# (`CompilerParams.reduction_scratch_bytes`' default).
+_SMEM_ALIGN = 1024
+REDUCTION_SCRATCH = 2048
+
+
+def scratch_bytes(scratch) -> int:
+    """Shared memory of a kernel's scratch list (buffers and barriers, 8 bytes each), each
+    entry rounded up to `_SMEM_ALIGN` bytes as Pallas lays it out."""
+    total = 0
+    for entry in scratch:
+        if entry is None:
+            continue
+        if hasattr(entry, "shape"):
+            size = math.prod(entry.shape) * jnp.dtype(entry.dtype).itemsize
+        else:  # a barrier group
+            size = 8 * math.prod(entry.num_barriers)
+        total += -(-size // _SMEM_ALIGN) * _SMEM_ALIGN
+    return total
+
+
+def _scratch(cfg: _Config, h: int, hv: int, dtype) -> list:
+    """The forward kernel's shared memory and barriers."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows, wgs, steps = cfg.wg_rows, cfg.wgs, cfg.steps
-    scratch = [
-        swizzled((wgs, rows, h)),  # q, then the output if h == hv
-        None if h == hv else swizzled((wgs, rows, hv)),  # the output
-        None if cfg.registers else swizzled((wgs, rows, h)),  # x = q ∘ k1[a]
-        None if cfg.registers else swizzled((wgs, rows, cfg.bk2)),  # p
+    return [
+        swizzled((wgs, rows, h), dtype),  # q, then the output if h == hv
+        None if h == hv else swizzled((wgs, rows, hv), dtype),  # the output
+        None if cfg.registers else swizzled((wgs, rows, h), dtype),  # x = q ∘ k1[a]
+        None if cfg.registers else swizzled((wgs, rows, cfg.bk2), dtype),  # p
         plgpu.SMEM((wgs, rows), _F32),  # lse
         plgpu.SMEM((steps, cfg.bk1, h), dtype),  # k1 tile (rows read one at a time)
         plgpu.SMEM((steps, cfg.bk1, hv), dtype),  # v1 tile
         plgpu.SMEM((steps, cfg.bk1), _F32),  # bias1
-        swizzled((steps, h, cfg.bk2)),  # k2ᵀ tile
-        swizzled((steps, cfg.bk2, hv)),  # v2 tile
+        swizzled((steps, h, cfg.bk2), dtype),  # k2ᵀ tile
+        swizzled((steps, cfg.bk2, hv), dtype),  # v2 tile
         plgpu.SMEM((steps, cfg.bk2), _F32),  # bias2
         plgpu.Barrier(num_barriers=wgs),
         plgpu.Barrier(num_arrivals=6, num_barriers=steps),
         plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
         plgpu.Barrier(num_arrivals=2) if cfg.schedule else None,  # ping-pong of 2 warpgroups
     ]
+
+
+def _call(cfg: _Config, bk: int, h: int, hv: int, dtype):
+    """The `plgpu.kernel` of one call (grid `(B·K, nq)`, `wgs + 1` warpgroups)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    scratch = _scratch(cfg, h, hv, dtype)
     kwargs = {}
     if cfg.interpret:
         kwargs["interpret"] = _interpret_params()
@@ -442,7 +474,7 @@ def _call(cfg: _Config, bk: int, h: int, hv: int, dtype):
         ],
         grid=(bk, cfg.nq),
         grid_names=("bk", "q"),
-        num_threads=wgs + 1,
+        num_threads=cfg.wgs + 1,
         thread_name="wg",
         scratch_types=scratch,
         **kwargs,
@@ -561,20 +593,11 @@ def _check_shapes(q, keys, values, cfg: _Config) -> None:
             "register_operands=True in interpret mode (the Mosaic GPU interpreter reads wgmma "
             "operands from shared memory only)"
         )
-    if (need := _smem_bytes(cfg, h, hv, jnp.dtype(q.dtype).itemsize)) > _SMEM_BYTES:
+    if (need := scratch_bytes(_scratch(cfg, h, hv, q.dtype))) > _SMEM_BYTES:
         raise spine.Unsupported(
             f"tiles need {need} bytes of shared memory (> {_SMEM_BYTES}): lower "
             f"max_concurrent_steps={cfg.steps}, block_k1={cfg.bk1} or block_k2={cfg.bk2}"
         )
-
-
-def _smem_bytes(cfg: _Config, h: int, hv: int, itemsize: int) -> int:
-    """Shared memory of `_call`'s scratch (bytes)."""
-    rows = cfg.rows
-    operands = 0 if cfg.registers else h + cfg.bk2  # x and P in shared memory
-    per_wg = rows * (h + (0 if h == hv else hv) + operands) * itemsize + rows * 4
-    per_step = (cfg.bk1 * (h + hv) + cfg.bk2 * (h + hv)) * itemsize + (cfg.bk1 + cfg.bk2) * 4
-    return per_wg + cfg.steps * per_step
 
 
 def _check_device(cfg: _Config) -> None:
@@ -618,7 +641,7 @@ def gradients(q, keys, values, d_out, spec: AttentionSpec, config: MosaicGPUConf
     dv1, dv2)` of the ordered key sets, without the device check, so that it can be lowered
     for CUDA on any machine."""
     cfg, _, keys, values, valid = _prepare(q, keys, values, spec, config)
-    sizes = (q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+    sizes = (q.shape[-1], values[0].shape[-1], q.dtype)
     bwd = mosaic_gpu_bwd.plan(cfg, *sizes, fuse=(config or MosaicGPUConfig()).bwd_fuse_k1)
     mosaic_gpu_bwd.check(bwd, *sizes)
     out, lse = _forward(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
@@ -638,7 +661,7 @@ def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | No
     cfg, call, keys, values, valid = _prepare(q, keys, values, spec, config)
     _check_device(cfg)
     if config.backward == "mosaic_gpu":
-        sizes = (q.shape[-1], values[0].shape[-1], jnp.dtype(q.dtype).itemsize)
+        sizes = (q.shape[-1], values[0].shape[-1], q.dtype)
         bwd = mosaic_gpu_bwd.plan(cfg, *sizes, fuse=config.bwd_fuse_k1)
         mosaic_gpu_bwd.check(bwd, *sizes)
     else:

@@ -110,7 +110,7 @@ def _kv_tiles(group: int) -> tuple[int, int]:
     return (bq, splits) if group % splits == 0 else (bq, 1)
 
 
-def plan(forward: fwd._Config, h: int, hv: int, itemsize: int, fuse: bool | None = None) -> Plan:
+def plan(forward: fwd._Config, h: int, hv: int, dtype, fuse: bool | None = None) -> Plan:
     """The backward's tiles: dQ on the forward's query tiles (rows and warpgroups), dK/dV on
     query tiles of `KV_ROWS` rows (a position's heads split in tiles when G > 64). dK1/dV1
     come from the dQ kernel's partial sums when the first key set has a causal window and
@@ -128,7 +128,7 @@ def plan(forward: fwd._Config, h: int, hv: int, itemsize: int, fuse: bool | None
         fuse is None
         and forward.causal
         and forward.w1 is not None
-        and max(smem_bytes(fused, h, hv, itemsize).values()) <= fwd._SMEM_BYTES
+        and max(smem_bytes(fused, h, hv, dtype).values()) <= fwd._SMEM_BYTES
     ):
         return fused
     return Plan(dq, kv)
@@ -180,9 +180,12 @@ class _Ops:
             ref.at[r][...] = v
 
     def add_row(self, ref, r, v):
-        """`ref[r] += v`, then a fence and warpgroup barrier (the row is read back by threads
-        that may not have written it)."""
-        self.store_row(ref, r, self.load(ref, r, self.cols_vec) + v)
+        """`ref[r] += v`. The row's layout repeats each column in every warp: a warpgroup
+        barrier between the load and the store keeps one warp's store from reaching another
+        warp's load (which would add `v` twice), and one after it orders the next update."""
+        old = self.load(ref, r, self.cols_vec)
+        self.plgpu.commit_smem()
+        self.store_row(ref, r, old + v)
         self.plgpu.commit_smem()
 
     def transposed(self, ref, ref_t):
@@ -218,8 +221,8 @@ class _Ops:
 def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref, k2_ref, v2_ref,
                b2_ref, k2t_ref, v2t_ref, dq_ref, pk_ref, pv_ref, q_smem, do_smem, l_smem, d_smem,
                x_smem, y_smem, ds_smem, p_smem, pk_smem, pv_smem, k1_smem, v1_smem, b1_smem,
-               k2_smem, v2_smem, b2_smem, k2t_smem, v2t_smem, row_bar, load_bars,
-               free_bars):  # fmt: skip
+               k2_smem, v2_smem, b2_smem, k2t_smem, v2t_smem, row_bar, load_bars, free_bars,
+               turn_bar):  # fmt: skip
     ops = _Ops(cfg, q_ref.dtype)
     plgpu = ops.plgpu
     bk1, bk2 = DQ_BLOCK_K1, DQ_BLOCK_K2
@@ -294,6 +297,18 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         def iota(dim):
             return ops.layout(lax.broadcasted_iota(jnp.int32, shape, dim), ops.wgmma)
 
+        def in_turn(body):
+            """`body()` (a cross-warp column sum) one warpgroup at a time: Pallas places
+            every warpgroup's reduction scratch at the same shared-memory offset. All
+            warpgroups meet before each one's turn, so the next turn starts only once the
+            previous one is done (both run the same steps and first keys)."""
+            if not _turns(cfg):
+                return body()
+            for turn in range(cfg.wgs):
+                plgpu.barrier_arrive(turn_bar)
+                plgpu.barrier_wait(turn_bar)
+                pl.when(wg == turn)(body)
+
         def first_key(slot, a, i, b0, dq):
             k1a = ops.load(k1_smem, (slot, i), ops.cols_vec)
             v1a = ops.load(v1_smem, (slot, i), ops.cols_vec)
@@ -318,9 +333,9 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             if cfg.fuse:  # this (first key, second-key tile)'s share of dK1[a] and dV1[a]
                 # (in this order, so that z and w = P @ v2 are not held at once)
                 r = a - base
-                ops.add_row(pk_wg, r, (q.astype(_F32) * z).sum(axis=0))
+                in_turn(lambda: ops.add_row(pk_wg, r, (q.astype(_F32) * z).sum(axis=0)))
                 w = ops.product(ops.operand(p, p_wg), v2_smem.at[slot], (rows, hv))
-                ops.add_row(pv_wg, r, (do.astype(_F32) * w).sum(axis=0))
+                in_turn(lambda: ops.add_row(pv_wg, r, (do.astype(_F32) * w).sum(axis=0)))
             return dq
 
         def step_body(step, dq):
@@ -498,11 +513,6 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
 # The kernels' calls, shared memory, and the layout.
 
 
-def _swizzled(plgpu, shape, dtype):
-    tiles = (plgpu.TilingTransform((8, fwd._MINOR)), plgpu.SwizzleTransform(128))
-    return plgpu.SMEM(shape, dtype, transforms=tiles)
-
-
 def _kwargs(cfg: _Config) -> dict:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -511,22 +521,25 @@ def _kwargs(cfg: _Config) -> dict:
     return {"compiler_params": plgpu.CompilerParams(approx_math=True)}
 
 
-def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
+def _dq_scratch(cfg: _Config, h: int, hv: int, dtype) -> list:
+    """The dQ kernel's shared memory and barriers."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows, wgs, steps, bk1, bk2 = cfg.wg_rows, cfg.wgs, cfg.steps, DQ_BLOCK_K1, DQ_BLOCK_K2
-    smem = lambda shape: _swizzled(plgpu, shape, dtype)  # noqa: E731
-    smem_t = None if cfg.registers else smem  # wgmma first operands stored by the consumers
-    interpret_t = cfg.interpret
-    scratch = [
+
+    def smem(shape, when=True):
+        return fwd.swizzled(shape, dtype) if when else None
+
+    stored = not cfg.registers  # wgmma first operands stored by the consumers
+    return [
         smem((wgs, rows, h)),  # q, then dQ
         smem((wgs, rows, hv)),  # dO
         plgpu.SMEM((wgs, rows), _F32),  # lse
         plgpu.SMEM((wgs, rows), _F32),  # delta
-        smem_t and smem_t((wgs, rows, h)),  # x = q ∘ k1[a]
-        smem_t and smem_t((wgs, rows, hv)),  # y = dO ∘ v1[a]
-        smem_t and smem_t((wgs, rows, bk2)),  # dS
-        smem_t((wgs, rows, bk2)) if smem_t and cfg.fuse else None,  # P
+        smem((wgs, rows, h), stored),  # x = q ∘ k1[a]
+        smem((wgs, rows, hv), stored),  # y = dO ∘ v1[a]
+        smem((wgs, rows, bk2), stored),  # dS
+        smem((wgs, rows, bk2), stored and cfg.fuse),  # P
         plgpu.SMEM((wgs, cfg.span, h), _F32) if cfg.fuse else None,  # dK1 partial sums
         plgpu.SMEM((wgs, cfg.span, hv), _F32) if cfg.fuse else None,  # dV1 partial sums
         plgpu.SMEM((steps, bk1, h), dtype),  # k1 tile (rows read one at a time)
@@ -535,13 +548,25 @@ def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
         smem((steps, bk2, h)),  # k2 tile
         smem((steps, bk2, hv)),  # v2 tile
         plgpu.SMEM((steps, bk2), _F32),  # bias2
-        smem((steps, h, bk2)) if interpret_t else None,  # k2ᵀ (interpret mode)
-        smem((steps, hv, bk2)) if interpret_t else None,  # v2ᵀ
+        smem((steps, h, bk2), cfg.interpret),  # k2ᵀ (interpret mode)
+        smem((steps, hv, bk2), cfg.interpret),  # v2ᵀ
         plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
-        plgpu.Barrier(num_arrivals=8 if interpret_t else 6, num_barriers=steps),
+        plgpu.Barrier(num_arrivals=8 if cfg.interpret else 6, num_barriers=steps),
         plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
+        # The warpgroups take turns on the cross-warp column sums (their scratch is shared).
+        plgpu.Barrier(num_arrivals=wgs) if _turns(cfg) else None,
     ]
-    parts = (bk, cfg.nq * wgs * cfg.span) if cfg.fuse else None
+
+
+def _turns(cfg: _Config) -> bool:
+    """Whether the dQ kernel's compute warpgroups take turns on the fused column sums."""
+    return cfg.fuse and cfg.wgs > 1
+
+
+def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    parts = (bk, cfg.nq * cfg.wgs * cfg.span) if cfg.fuse else None
     return plgpu.kernel(
         lambda *refs: _dq_kernel(cfg, *refs),
         out_type=[
@@ -551,74 +576,72 @@ def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
         ],
         grid=(bk, cfg.nq),
         grid_names=("bk", "q"),
-        num_threads=wgs + 1,
+        num_threads=cfg.wgs + 1,
         thread_name="wg",
-        scratch_types=scratch,
+        scratch_types=_dq_scratch(cfg, h, hv, dtype),
         **_kwargs(cfg),
     )
+
+
+def _dkv_scratch(cfg: _Config, h: int, hv: int, dtype) -> list:
+    """The dK/dV kernel's shared memory and barriers."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows, kw, steps, bkt, wgs = cfg.rows, _KEYS_PER_WG, cfg.steps, DKV_BLOCK_K, cfg.wgs
+
+    def smem(shape, when=True):
+        return fwd.swizzled(shape, dtype) if when else None
+
+    stored = not cfg.registers
+    return [
+        smem((wgs, kw, h)),  # stationary keys, then dK
+        smem((wgs, kw, hv)),  # stationary values, then dV
+        plgpu.SMEM((wgs, kw), _F32),  # their bias
+        smem((wgs, kw, h), stored),  # k_s ∘ k_t[a]
+        smem((wgs, kw, hv), stored),  # v_s ∘ v_t[a]
+        smem((wgs, kw, rows), stored),  # Pᵀ
+        smem((wgs, kw, rows), stored),  # dSᵀ
+        smem((steps, rows, h)),  # q tile
+        smem((steps, rows, hv)),  # dO tile
+        plgpu.SMEM((steps, rows), _F32),  # lse
+        plgpu.SMEM((steps, rows), _F32),  # delta
+        smem((steps, h, rows), cfg.interpret),  # qᵀ (interpret mode)
+        smem((steps, hv, rows), cfg.interpret),  # dOᵀ
+        plgpu.SMEM((steps, bkt, h), dtype),  # streamed keys (rows read one at a time)
+        plgpu.SMEM((steps, bkt, hv), dtype),  # streamed values
+        plgpu.SMEM((steps, max(bkt, _BIAS_COPY)), _F32),  # their bias
+        plgpu.Barrier(num_arrivals=3, num_barriers=wgs),
+        plgpu.Barrier(num_arrivals=9 if cfg.interpret else 7, num_barriers=steps),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
+    ]
 
 
 def _dkv_call(cfg: _Config, side: int, bk: int, padded: int, h: int, hv: int, dtype):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    rows, kw, steps, bkt, wgs = cfg.rows, _KEYS_PER_WG, cfg.steps, DKV_BLOCK_K, cfg.wgs
-    smem = lambda shape: _swizzled(plgpu, shape, dtype)  # noqa: E731
-    smem_t = None if cfg.registers else smem
-    interpret_t = cfg.interpret
-    scratch = [
-        smem((wgs, kw, h)),  # stationary keys, then dK
-        smem((wgs, kw, hv)),  # stationary values, then dV
-        plgpu.SMEM((wgs, kw), _F32),  # their bias
-        smem_t and smem_t((wgs, kw, h)),  # k_s ∘ k_t[a]
-        smem_t and smem_t((wgs, kw, hv)),  # v_s ∘ v_t[a]
-        smem_t and smem_t((wgs, kw, rows)),  # Pᵀ
-        smem_t and smem_t((wgs, kw, rows)),  # dSᵀ
-        smem((steps, rows, h)),  # q tile
-        smem((steps, rows, hv)),  # dO tile
-        plgpu.SMEM((steps, rows), _F32),  # lse
-        plgpu.SMEM((steps, rows), _F32),  # delta
-        smem((steps, h, rows)) if interpret_t else None,  # qᵀ (interpret mode)
-        smem((steps, hv, rows)) if interpret_t else None,  # dOᵀ
-        plgpu.SMEM((steps, bkt, h), dtype),  # streamed keys (rows read one at a time)
-        plgpu.SMEM((steps, bkt, hv), dtype),  # streamed values
-        plgpu.SMEM((steps, max(bkt, _BIAS_COPY)), _F32),  # their bias
-        plgpu.Barrier(num_arrivals=3, num_barriers=wgs),
-        plgpu.Barrier(num_arrivals=9 if interpret_t else 7, num_barriers=steps),
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
-    ]
     return plgpu.kernel(
         lambda *refs: _dkv_kernel(cfg, side, *refs),
         out_type=[
             jax.ShapeDtypeStruct((bk, padded, h), dtype),
             jax.ShapeDtypeStruct((bk, padded, hv), dtype),
         ],
-        grid=(bk, padded // (wgs * kw)),
+        grid=(bk, padded // (cfg.wgs * _KEYS_PER_WG)),
         grid_names=("bk", "k"),
-        num_threads=wgs + 1,
+        num_threads=cfg.wgs + 1,
         thread_name="wg",
-        scratch_types=scratch,
+        scratch_types=_dkv_scratch(cfg, h, hv, dtype),
         **_kwargs(cfg),
     )
 
 
-def smem_bytes(plan_: Plan, h: int, hv: int, itemsize: int) -> dict[str, int]:
-    """Shared memory of each kernel's scratch (bytes), as `_dq_call`/`_dkv_call` lay it out."""
-    cfg = plan_.dq
-    t = 0 if cfg.registers else 1  # first operands stored to shared memory
-    tr = 1 if cfg.interpret else 0  # transposes loaded from device memory
-    rows, bk1, bk2 = cfg.wg_rows, DQ_BLOCK_K1, DQ_BLOCK_K2
-    operands = (h + hv) * (1 + t) + t * bk2 * (2 if cfg.fuse else 1)  # q, dO, x, y, dS, P
-    partials = cfg.span * (h + hv) * 4 if cfg.fuse else 0
-    dq = cfg.wgs * (rows * operands * itemsize + 2 * rows * 4 + partials)
-    dq += cfg.steps * ((bk1 + bk2 * (1 + tr)) * (h + hv) * itemsize + (_BIAS_COPY + bk2) * 4)
-    cfg = plan_.kv
-    kw, r, bkt = _KEYS_PER_WG, cfg.rows, DKV_BLOCK_K
-    dkv = cfg.wgs * (kw * ((h + hv) * (1 + t) + 2 * t * r) * itemsize + kw * 4)
-    dkv += cfg.steps * ((r * (1 + tr) + bkt) * (h + hv) * itemsize + (2 * r + _BIAS_COPY) * 4)
-    return {"dq": dq, "dkv": dkv}
+def smem_bytes(plan_: Plan, h: int, hv: int, dtype) -> dict[str, int]:
+    """Shared memory of each kernel (bytes), from its scratch list as Pallas lays it out."""
+    dq = fwd.scratch_bytes(_dq_scratch(plan_.dq, h, hv, dtype))
+    dq += fwd.REDUCTION_SCRATCH if plan_.dq.fuse else 0
+    return {"dq": dq, "dkv": fwd.scratch_bytes(_dkv_scratch(plan_.kv, h, hv, dtype))}
 
 
-def check(plan_: Plan, h: int, hv: int, itemsize: int) -> None:
+def check(plan_: Plan, h: int, hv: int, dtype) -> None:
     """Raises `Unsupported` for tiles the backward kernels cannot take."""
     if plan_.dq.fuse and not (plan_.dq.causal and plan_.dq.w1 is not None):
         raise spine.Unsupported(
@@ -631,7 +654,7 @@ def check(plan_: Plan, h: int, hv: int, itemsize: int) -> None:
             f"the Mosaic GPU backward's dK/dV kernel needs query tiles of 64 to "
             f"{fwd._MAX_WGMMA_N} rows in multiples of 64; G={plan_.kv.group} gives {rows}"
         )
-    for name, need in smem_bytes(plan_, h, hv, itemsize).items():
+    for name, need in smem_bytes(plan_, h, hv, dtype).items():
         if need > fwd._SMEM_BYTES:
             raise spine.Unsupported(
                 f"the Mosaic GPU backward's {name} kernel needs {need} bytes of shared memory "
