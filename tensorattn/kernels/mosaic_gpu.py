@@ -411,24 +411,25 @@ def swizzled(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=tiles)
 
 
-# Pallas Mosaic GPU aligns each scratch buffer to 1 KiB; cross-warp sums take 2 KiB more
-# (`CompilerParams.reduction_scratch_bytes`' default).
+# Pallas Mosaic GPU aligns each scratch buffer to 1 KiB, and a kernel with any reduction gets
+# 2 KiB of reduction scratch (`CompilerParams.reduction_scratch_bytes`' default).
 _SMEM_ALIGN = 1024
 REDUCTION_SCRATCH = 2048
 
 
-def scratch_bytes(scratch) -> int:
-    """Shared memory of a kernel's scratch list (buffers and barriers, 8 bytes each), each
-    entry rounded up to `_SMEM_ALIGN` bytes as Pallas lays it out."""
-    total = 0
+def scratch_bytes(scratch, reductions: bool = True) -> int:
+    """Shared memory of a kernel's scratch list as Pallas lays it out: each buffer rounded up
+    to `_SMEM_ALIGN` bytes, 8 bytes per barrier, and the reduction scratch if `reductions`
+    (an upper bound: checked against the lowering at 14 shapes, 2-4 KB above)."""
+    total = REDUCTION_SCRATCH if reductions else 0
     for entry in scratch:
         if entry is None:
             continue
         if hasattr(entry, "shape"):
             size = math.prod(entry.shape) * jnp.dtype(entry.dtype).itemsize
+            total += -(-size // _SMEM_ALIGN) * _SMEM_ALIGN
         else:  # a barrier group
-            size = 8 * math.prod(entry.num_barriers)
-        total += -(-size // _SMEM_ALIGN) * _SMEM_ALIGN
+            total += 8 * math.prod(entry.num_barriers)
     return total
 
 

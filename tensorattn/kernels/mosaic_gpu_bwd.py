@@ -182,7 +182,9 @@ class _Ops:
     def add_row(self, ref, r, v):
         """`ref[r] += v`. The row's layout repeats each column in every warp: a warpgroup
         barrier between the load and the store keeps one warp's store from reaching another
-        warp's load (which would add `v` twice), and one after it orders the next update."""
+        warp's load (which would add `v` twice), and one after it orders the next update.
+        (jax 0.10's lowering also puts barriers around each store unless
+        `unsafe_no_auto_barriers`; these keep the update safe without them.)"""
         old = self.load(ref, r, self.cols_vec)
         self.plgpu.commit_smem()
         self.store_row(ref, r, old + v)
@@ -636,9 +638,9 @@ def _dkv_call(cfg: _Config, side: int, bk: int, padded: int, h: int, hv: int, dt
 
 def smem_bytes(plan_: Plan, h: int, hv: int, dtype) -> dict[str, int]:
     """Shared memory of each kernel (bytes), from its scratch list as Pallas lays it out."""
-    dq = fwd.scratch_bytes(_dq_scratch(plan_.dq, h, hv, dtype))
-    dq += fwd.REDUCTION_SCRATCH if plan_.dq.fuse else 0
-    return {"dq": dq, "dkv": fwd.scratch_bytes(_dkv_scratch(plan_.kv, h, hv, dtype))}
+    dq = fwd.scratch_bytes(_dq_scratch(plan_.dq, h, hv, dtype), reductions=plan_.dq.fuse)
+    dkv = fwd.scratch_bytes(_dkv_scratch(plan_.kv, h, hv, dtype), reductions=False)
+    return {"dq": dq, "dkv": dkv}
 
 
 def check(plan_: Plan, h: int, hv: int, dtype) -> None:
