@@ -637,14 +637,20 @@ def forward(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | None
     return _forward(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
 
 
+def _mosaic_backward(cfg: _Config, q, values, config: MosaicGPUConfig):
+    """The Mosaic GPU backward's plan for this call; raises `Unsupported` if it cannot run."""
+    sizes = (q.shape[-1], values[0].shape[-1], q.dtype)
+    bwd = mosaic_gpu_bwd.plan(cfg, *sizes, fuse=config.bwd_fuse_k1)
+    mosaic_gpu_bwd.check(bwd, *sizes)
+    return bwd
+
+
 def gradients(q, keys, values, d_out, spec: AttentionSpec, config: MosaicGPUConfig | None = None):
     """The Mosaic GPU backward alone (forward, then `mosaic_gpu_bwd.backward`): `(dq, dk1, dk2,
     dv1, dv2)` of the ordered key sets, without the device check, so that it can be lowered
     for CUDA on any machine."""
     cfg, _, keys, values, valid = _prepare(q, keys, values, spec, config)
-    sizes = (q.shape[-1], values[0].shape[-1], q.dtype)
-    bwd = mosaic_gpu_bwd.plan(cfg, *sizes, fuse=(config or MosaicGPUConfig()).bwd_fuse_k1)
-    mosaic_gpu_bwd.check(bwd, *sizes)
+    bwd = _mosaic_backward(cfg, q, values, config or MosaicGPUConfig())
     out, lse = _forward(cfg, q, keys[0], keys[1], values[0], values[1], *valid)
     res = (q, keys[0], keys[1], values[0], values[1], *valid, out, lse)
     return mosaic_gpu_bwd.backward(bwd, res, d_out)[:5]
@@ -662,9 +668,7 @@ def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | No
     cfg, call, keys, values, valid = _prepare(q, keys, values, spec, config)
     _check_device(cfg)
     if config.backward == "mosaic_gpu":
-        sizes = (q.shape[-1], values[0].shape[-1], q.dtype)
-        bwd = mosaic_gpu_bwd.plan(cfg, *sizes, fuse=config.bwd_fuse_k1)
-        mosaic_gpu_bwd.check(bwd, *sizes)
+        bwd = _mosaic_backward(cfg, q, values, config)
     else:
         bwd = pallas.plan(call, PallasConfig(interpret=cfg.interpret or None))
         pallas.check(q, keys, values, bwd)

@@ -664,18 +664,6 @@ def check(plan_: Plan, h: int, hv: int, dtype) -> None:
             )
 
 
-def _rows(x, cfg: _Config):
-    """`[B,T,N,X]` -> `[B·K, nq·R, X]` row tiles."""
-    b, d = x.shape[0], x.shape[-1]
-    return spine.row_tiles(x, cfg.kv_heads, cfg.bq).reshape(b * cfg.kv_heads, -1, d)
-
-
-def _keys_merge(x, like):
-    """`[B·K, S_pad, X]` -> `like`'s `[B,S,K,X]`."""
-    b, s, kv, d = like.shape
-    return x.reshape(b, kv, -1, d).transpose(0, 2, 1, 3)[:, :s].astype(like.dtype)
-
-
 def backward(plan_: Plan, res, d_out):
     """The five gradients `(dq, dk1, dk2, dv1, dv2, None, None)` from the forward's residuals
     `(q, k1, k2, v1, v2, valid1, valid2, out, lse)` (base-2 `lse [B,T,N,1]`)."""
@@ -690,8 +678,8 @@ def backward(plan_: Plan, res, d_out):
 
     def rows_in(cfg):
         """q (scaled), dO, lse and delta in `cfg`'s row tiles."""
-        lse_delta = (_rows(lse, cfg)[..., 0], _rows(delta, cfg)[..., 0])
-        return (_rows(q_s, cfg), _rows(d_out.astype(dtype), cfg), *lse_delta)
+        rows = functools.partial(pallas._rows_layout, cfg=cfg)
+        return rows(q_s), rows(d_out.astype(dtype)), rows(lse)[..., 0], rows(delta)[..., 0]
 
     def keys(k, v, valid, padded):
         return (
@@ -711,7 +699,7 @@ def backward(plan_: Plan, res, d_out):
     if cfg.fuse:  # partial sums per (query tile, warpgroup): folded as head chunks
         chunks = dataclasses.replace(cfg, splits=cfg.wgs)
         fold = functools.partial(pallas._fold_partials, cfg=chunks)
-        grads[0] = (_keys_merge(fold(pk) * _LN2, k1), _keys_merge(fold(pv), v1))
+        grads[0] = (spine.merge_key_tiles(fold(pk) * _LN2, k1), spine.merge_key_tiles(fold(pv), v1))
 
     cfg = plan_.kv
     kv_rows = rows_in(cfg)
@@ -728,6 +716,9 @@ def backward(plan_: Plan, res, d_out):
         dks, dvs = _dkv_call(cfg, side, bk, ssp, h, hv, dtype)(
             *kv_rows, *transposes, *keys(*stationary, ssp), *keys(*streamed, stp)
         )
-        grads[side] = (_keys_merge(dks, stationary[0]), _keys_merge(dvs, stationary[1]))
+        grads[side] = (
+            spine.merge_key_tiles(dks, stationary[0]),
+            spine.merge_key_tiles(dvs, stationary[1]),
+        )
     (dk1, dv1), (dk2, dv2) = grads[0], grads[1]
     return dq, dk1, dk2, dv1, dv2, None, None
