@@ -60,6 +60,7 @@ _BIAS_COPY = 32
 DKV_WGS = 2
 STEPS = 2
 KV_ROWS = 64
+CHUNK = 64  # columns of the gradients' products per wgmma (`_Ops.add_products`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +205,30 @@ class _Ops:
             return acc_ref[...]
 
         return pl.run_scoped(run, self.plgpu.ACC(shape, _F32))
+
+    def add_products(self, accs, a, b_ref, scale_ref, rows):
+        """`accs + (a @ b) ∘ scale` over column chunks: `accs` holds `[rows, CHUNK]` float32
+        chunks of the result's columns, `b_ref [K, N]` and the column scale `scale_ref [N]`
+        are read a chunk at a time, so that one chunk's product (32 registers at 64 rows)
+        rather than the whole `[rows, N]` (64 at N = 128) is live beside the accumulators."""
+        out = []
+        for c, acc in enumerate(accs):
+            cols = pl.ds(c * CHUNK, CHUNK)
+            scale = self.load(scale_ref, cols, self.cols_vec).astype(_F32)
+            z = self.product(a, b_ref.at[:, cols], (rows, CHUNK))
+            out.append(acc + z * self.col_bcast(scale, (rows, CHUNK)))
+        return tuple(out)
+
+    def zero_chunks(self, rows, cols):
+        """`[rows, cols]` float32 zeros as `add_products`' column chunks."""
+        zero = self.layout(jnp.zeros((rows, CHUNK), _F32), self.wgmma)
+        return (zero,) * (cols // CHUNK)
+
+    def store_chunks(self, ref, chunks):
+        """`ref[...] = concatenate(chunks, axis=1)` in `ref`'s dtype."""
+        for c, x in enumerate(chunks):
+            view = ref.at[:, pl.ds(c * CHUNK, CHUNK)]
+            view[...] = x.astype(ref.dtype)
 
     def row_bcast(self, v, shape):
         """A vector per row, broadcast along the columns."""
@@ -483,12 +508,9 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             delta = ops.load(d_smem, slot, ops.cols_vec)
             ds_t = ops.operand(p_t * (dp_t - ops.col_bcast(delta, shape)), ds_wg)
             p_op = ops.operand(p_t, p_wg)
-            dk = dk + ops.product(ds_t, q_smem.at[slot], (kw, h)) * ops.col_bcast(
-                kta.astype(_F32), (kw, h)
-            )
-            dv = dv + ops.product(p_op, do_smem.at[slot], (kw, hv)) * ops.col_bcast(
-                vta.astype(_F32), (kw, hv)
-            )
+            # dK_s += (dSᵀ @ q) ∘ k_t[a] and dV_s += (Pᵀ @ dO) ∘ v_t[a], 64 columns at a time
+            dk = ops.add_products(dk, ds_t, q_smem.at[slot], kt_smem.at[slot, i], kw)
+            dv = ops.add_products(dv, p_op, do_smem.at[slot], vt_smem.at[slot, i], kw)
             return dk, dv
 
         def step(step, qi, a0, a_hi, carry):
@@ -501,10 +523,10 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             plgpu.barrier_arrive(free_bars.at[slot])
             return (step + 1, *acc)
 
-        zeros = [ops.layout(jnp.zeros((kw, d), _F32), ops.wgmma) for d in (h, hv)]
+        zeros = [ops.zero_chunks(kw, d) for d in (h, hv)]
         _, dk, dv = steps_of(step, (jnp.int32(0), *zeros))
-        ks_wg[...] = (dk * _LN2).astype(ks_wg.dtype)
-        vs_wg[...] = dv.astype(vs_wg.dtype)
+        ops.store_chunks(ks_wg, [c * _LN2 for c in dk])
+        ops.store_chunks(vs_wg, dv)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(ks_wg, dks_ref.at[bk, pl.ds(k0, kw)])
         plgpu.copy_smem_to_gmem(vs_wg, dvs_ref.at[bk, pl.ds(k0, kw)])
@@ -570,7 +592,7 @@ def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
 
     parts = (bk, cfg.nq * cfg.wgs * cfg.span) if cfg.fuse else None
     return plgpu.kernel(
-        lambda *refs: _dq_kernel(cfg, *refs),
+        fwd.named("tensor_attention_dq" + ("_dk1_dv1" if cfg.fuse else ""), _dq_kernel, cfg),
         out_type=[
             jax.ShapeDtypeStruct((bk, cfg.nq * cfg.rows, h), dtype),
             jax.ShapeDtypeStruct((*parts, h), _F32) if cfg.fuse else None,
@@ -622,7 +644,7 @@ def _dkv_call(cfg: _Config, side: int, bk: int, padded: int, h: int, hv: int, dt
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     return plgpu.kernel(
-        lambda *refs: _dkv_kernel(cfg, side, *refs),
+        fwd.named(f"tensor_attention_dk{side + 1}_dv{side + 1}", _dkv_kernel, cfg, side),
         out_type=[
             jax.ShapeDtypeStruct((bk, padded, h), dtype),
             jax.ShapeDtypeStruct((bk, padded, hv), dtype),
