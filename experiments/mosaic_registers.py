@@ -93,6 +93,11 @@ def define_flags() -> None:
     flags.DEFINE_list("variants", ["default"], 'MosaicGPUConfig variants: "default" or f=v+...')
     flags.DEFINE_string("plugin_dir", "", "Where jax-cuda12-plugin and -pjrt are installed.")
     flags.DEFINE_string("ptxas", "", "ptxas to run ('' = the first on PATH).")
+    flags.DEFINE_string(
+        "nvdisasm",
+        "",
+        "nvdisasm for the SASS counts ('' = beside ptxas or on PATH; none: no SASS counts).",
+    )
     flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
 
 
@@ -149,16 +154,21 @@ def compile_modules(paths: list[str]) -> None:
         sys.stdout.flush()
 
 
-def _toolchain(workdir: Path, ptxas: str) -> dict:
-    """The subprocess' environment: the stub driver, a CUDA root holding `ptxas`."""
+def _toolchain(workdir: Path, ptxas: str, nvdisasm: str | None) -> dict:
+    """The subprocess' environment: the stub driver, a CUDA root holding `ptxas` (and
+    `nvdisasm`, for the SASS counts)."""
     stub = workdir / "driver"
     stub.mkdir()
     (stub / "stub.c").write_text(_STUB_DRIVER)
     cc = ["cc", "-shared", "-fPIC", "-o", str(stub / "libcuda.so.1"), str(stub / "stub.c")]
     subprocess.run(cc, check=True)
     (workdir / "cuda" / "bin").mkdir(parents=True)
-    (workdir / "cuda" / "bin" / "ptxas").symlink_to(Path(ptxas).resolve())
     env = dict(os.environ, JAX_PLATFORMS="cpu", MOSAIC_GPU_DUMP_PTXAS="1")
+    for tool, exe in (("ptxas", ptxas), ("nvdisasm", nvdisasm)):
+        if exe:
+            (workdir / "cuda" / "bin" / tool).symlink_to(Path(exe).resolve())
+    if nvdisasm:
+        env["MOSAIC_GPU_DUMP_SASS"] = "1"
     env["CUDA_ROOT"] = env["MOSAIC_GPU_CUDA_ROOT"] = str(workdir / "cuda")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(stub), env.get("LD_LIBRARY_PATH")]))
     path = [FLAGS.plugin_dir, str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]
@@ -166,38 +176,58 @@ def _toolchain(workdir: Path, ptxas: str) -> dict:
     return env
 
 
-def parse_report(text: str) -> dict[str, dict]:
-    """Per kernel: registers, spill stores/loads and stack bytes from `ptxas -v`."""
-    rows, kernel = {}, None
-    for line in text.splitlines():
-        if m := re.search(r"Compiling entry function '(\w+)'", line):
-            kernel = m.group(1)
-            rows[kernel] = {}
-        elif kernel and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                        r"(\d+) bytes spill loads", line)):  # fmt: skip
-            rows[kernel] |= dict(zip(("stack_bytes", "spill_stores", "spill_loads"),
-                                     map(int, m.groups())))  # fmt: skip
-        elif kernel and (m := re.search(r"Used (\d+) registers", line)):
-            rows[kernel]["registers"] = int(m.group(1))
-    return rows
+def parse_report(text: str) -> dict:
+    """One kernel's `ptxas -v` report (and SASS, when dumped): kernel name, registers, spill
+    stores/loads and stack bytes; with SASS, `loop_spills`: local-memory loads and stores
+    (`LDL`/`STL` instructions) inside the loops that run wgmma, the compute warpgroups' main
+    loops (spills elsewhere, e.g. in the producer or before the loops, cost little)."""
+    row = {}
+    if m := re.search(r"Compiling entry function '(\w+)'", text):
+        row["kernel"] = m.group(1).removesuffix("_mosaic_gpu_kernel")
+    if m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                      r"loads", text):  # fmt: skip
+        row |= dict(zip(("stack_bytes", "spill_stores", "spill_loads"), map(int, m.groups())))
+    if m := re.search(r"Used (\d+) registers", text):
+        row["registers"] = int(m.group(1))
+    lines = text.splitlines()
+    labels = {
+        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))
+    }
+    wgmma = [i for i, line in enumerate(lines) if "HGMMA" in line]
+    if wgmma:
+        in_loop = [False] * len(lines)
+        for j, line in enumerate(lines):  # a backward branch around a wgmma closes a loop
+            m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+            t = labels.get(m.group(1), j) if m else j
+            if t < j and any(t < i < j for i in wgmma):
+                in_loop[t:j] = [True] * (j - t)
+        row["wgmma"] = len(wgmma)
+        row["loop_spills"] = sum(
+            ok and bool(re.search(r"\b(LDL|STL)(\.\w+)*\s", line))
+            for ok, line in zip(in_loop, lines)
+        )
+    return row
 
 
 def compile_case(name: str, variant: str, workdir: Path, env: dict) -> list[dict]:
+    """The kernels of one case and variant, compiled: one row each."""
     modules = []
     for i, module in enumerate(lower_case(name, variant)):
-        path = workdir / f"{name}.{len(list(workdir.glob('*.mlirbc')))}.{i}.mlirbc"
+        path = workdir / f"{name}.{variant}.{i}.mlirbc"
         path.write_bytes(module)
         modules.append(str(path))
-    cmd = [sys.executable, "-c", "from experiments.mosaic_registers import compile_modules; import sys; "
-           "compile_modules(sys.argv[1:])", *modules]  # fmt: skip
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    rows = parse_report(run.stdout + run.stderr)
-    if len(rows) != len(modules):
+    code = (
+        "import sys; from experiments.mosaic_registers import compile_modules as c; c(sys.argv[1:])"
+    )
+    run = subprocess.run([sys.executable, "-c", code, *modules], env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    reports = (run.stdout + run.stderr).split(_MARK)[1:]
+    rows = [parse_report(text) for text in reports]
+    if len(rows) != len(modules) or not all("registers" in row for row in rows):
         tail = (run.stdout + run.stderr)[-2000:]
-        raise RuntimeError(f"{name}/{variant}: ptxas reported {len(rows)} of "
-                           f"{len(modules)} kernels:\n{tail}")  # fmt: skip
+        raise RuntimeError(f"{name}/{variant}: no ptxas report for every kernel:\n{tail}")
     meta = {"kind": "mosaic_registers", "case": name, "variant": variant}
-    return [{**meta, "kernel": k, **v} for k, v in rows.items()]
+    return [meta | row for row in rows]
 
 
 def _ptxas_version(exe: str) -> str:
@@ -218,18 +248,21 @@ def main(argv) -> None:
             raise app.UsageError(f"--cases: unknown {name!r}; known: {', '.join(CASES)}")
     for variant in FLAGS.variants:
         variant_config(variant)  # refuse a bad variant before any work
+    nvdisasm = FLAGS.nvdisasm or shutil.which("nvdisasm", path=str(Path(ptxas).parent))
+    nvdisasm = nvdisasm or shutil.which("nvdisasm")
     versions = {"jax": jax.__version__, "ptxas": _ptxas_version(ptxas)}
-    print(f"{'case':<24}{'variant':<22}{'kernel':<30}{'regs':>5}{'spill st/ld':>14}")
+    header = f"{'case':<24}{'variant':<22}{'kernel':<30}{'regs':>5}{'spill st/ld':>14}"
+    print(header + ("  loop spills" if nvdisasm else "  (no nvdisasm: no loop spill counts)"))
     with tempfile.TemporaryDirectory() as tmp:
-        env = _toolchain(Path(tmp), ptxas)
+        env = _toolchain(Path(tmp), ptxas, nvdisasm)
         for name in FLAGS.cases:
             for variant in FLAGS.variants:
                 for row in compile_case(name, variant, Path(tmp), env):
                     row |= versions
                     spills = f"{row['spill_stores']}/{row['spill_loads']}"
-                    kernel = row["kernel"].removesuffix("_mosaic_gpu_kernel")
-                    print(f"{name:<24}{variant:<22}{kernel:<30}"
-                          f"{row['registers']:>5}{spills:>14}", flush=True)  # fmt: skip
+                    loop = f"{row['loop_spills']:>13}" if "loop_spills" in row else ""
+                    print(f"{name:<24}{variant:<22}{row['kernel']:<30}"
+                          f"{row['registers']:>5}{spills:>14}{loop}", flush=True)  # fmt: skip
                     benchlib.append_jsonl(FLAGS.out, row)
 
 

@@ -60,7 +60,7 @@ _BIAS_COPY = 32
 DKV_WGS = 2
 STEPS = 2
 KV_ROWS = 64
-CHUNK = 64  # columns of the gradients' products per wgmma (`_Ops.add_products`)
+CHUNK = 64  # columns per step of `_Ops.scaled_rows`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +146,14 @@ def _stationary_pad(cfg: _Config, length: int) -> int:
     return -(-length // block) * block
 
 
+@dataclasses.dataclass(frozen=True)
+class _Scaled:
+    """A scaled row tile in shared memory as wgmma operands: `rows [R, N]` and `T [N, R]`."""
+
+    rows: object
+    T: object
+
+
 class _Ops:
     """The operations that differ between compiled and interpret mode."""
 
@@ -206,29 +214,42 @@ class _Ops:
 
         return pl.run_scoped(run, self.plgpu.ACC(shape, _F32))
 
-    def add_products(self, accs, a, b_ref, scale_ref, rows):
-        """`accs + (a @ b) ∘ scale` over column chunks: `accs` holds `[rows, CHUNK]` float32
-        chunks of the result's columns, `b_ref [K, N]` and the column scale `scale_ref [N]`
-        are read a chunk at a time, so that one chunk's product (32 registers at 64 rows)
-        rather than the whole `[rows, N]` (64 at N = 128) is live beside the accumulators."""
-        out = []
-        for c, acc in enumerate(accs):
-            cols = pl.ds(c * CHUNK, CHUNK)
-            scale = self.load(scale_ref, cols, self.cols_vec).astype(_F32)
-            z = self.product(a, b_ref.at[:, cols], (rows, CHUNK))
-            out.append(acc + z * self.col_bcast(scale, (rows, CHUNK)))
-        return tuple(out)
+    def scaled_rows(self, src, scale_ref, dst, src_t=None, dst_t=None) -> _Scaled:
+        """`dst = src ∘ scale` (`src [rows, N]` in shared memory, `scale [N]` a column scale) as
+        wgmma operands: `dst` and its transpose (a view, or in interpret mode `dst_t`,
+        formed from XLA's transpose `src_t`)."""
+        for c in range(src.shape[-1] // CHUNK):  # (64 columns at a time: fewer registers)
+            cols = (slice(None), pl.ds(c * CHUNK, CHUNK))
+            scale = self.load(scale_ref, cols[1], self.cols_vec)
+            x = self.load(src, cols, self.wgmma)
+            dst.at[cols][...] = x * self.col_bcast(scale, x.shape)
+        if dst_t is not None:
+            dst_t[...] = src_t[...] * self.row_bcast(scale_ref[...], dst_t.shape)
+        self.plgpu.commit_smem()
+        return _Scaled(dst, dst_t if dst_t is not None else dst.T)
 
-    def zero_chunks(self, rows, cols):
-        """`[rows, cols]` float32 zeros as `add_products`' column chunks."""
-        zero = self.layout(jnp.zeros((rows, CHUNK), _F32), self.wgmma)
-        return (zero,) * (cols // CHUNK)
+    def accumulate(self, acc, a, b):
+        """`acc + a @ b`: wgmma accumulating into `acc`'s registers (interpret mode, which
+        has no `run_state`: a product, then a sum)."""
+        if self.cfg.interpret:
+            return acc + self.product(a, b, acc.shape)
 
-    def store_chunks(self, ref, chunks):
-        """`ref[...] = concatenate(chunks, axis=1)` in `ref`'s dtype."""
-        for c, x in enumerate(chunks):
-            view = ref.at[:, pl.ds(c * CHUNK, CHUNK)]
-            view[...] = x.astype(ref.dtype)
+        def run(acc_ref):
+            self.plgpu.wgmma(acc_ref, a, b)
+
+        return pl.run_state(run)(self.plgpu.ACC.init(acc))
+
+    def accumulate_and_product(self, acc, a, b, c, d, shape):
+        """`(acc + a @ b, c @ d)`, the two wgmmas awaited together."""
+        if self.cfg.interpret:
+            return self.accumulate(acc, a, b), self.product(c, d, shape)
+
+        def run(refs):
+            self.plgpu.wgmma(refs[0], a, b)
+            self.plgpu.wgmma(refs[1], c, d)
+
+        zeros = self.layout(jnp.zeros(shape, _F32), self.wgmma)
+        return pl.run_state(run)((self.plgpu.ACC.init(acc), self.plgpu.ACC.init(zeros)))
 
     def row_bcast(self, v, shape):
         """A vector per row, broadcast along the columns."""
@@ -397,8 +418,8 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
 
 def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, dot_ref, ks_ref,
                 vs_ref, bs_ref, kt_ref, vt_ref, bt_ref, dks_ref, dvs_ref, ks_smem, vs_smem,
-                bs_smem, a1_smem, a2_smem, p_smem, ds_smem, q_smem, do_smem, l_smem, d_smem,
-                qt_smem, dot_smem, kt_smem, vt_smem, bt_smem, key_bar, load_bars,
+                bs_smem, xq_smem, xd_smem, xqt_smem, xdt_smem, p_smem, ds_smem, q_smem, do_smem,
+                l_smem, d_smem, qt_smem, dot_smem, kt_smem, vt_smem, bt_smem, key_bar, load_bars,
                 free_bars):  # fmt: skip
     ops = _Ops(cfg, q_ref.dtype)
     plgpu = ops.plgpu
@@ -480,37 +501,40 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
         plgpu.copy_gmem_to_smem(bs_ref.at[batch, pl.ds(k0, kw)], bs_wg, key_bar.at[wg])
         plgpu.barrier_wait(key_bar.at[wg])
         bias_s = ops.load(bs_wg, (), ops.rows_vec)
-        a1_wg, a2_wg, p_wg, ds_wg = (None,) * 4 if cfg.registers else (
-            s.at[wg] for s in (a1_smem, a2_smem, p_smem, ds_smem)
-        )  # fmt: skip
+        xq_wg, xd_wg = xq_smem.at[wg], xd_smem.at[wg]
+        xqt_wg, xdt_wg = (x and x.at[wg] for x in (xqt_smem, xdt_smem))
+        p_wg, ds_wg = (None,) * 2 if cfg.registers else (p_smem.at[wg], ds_smem.at[wg])
         shape = (kw, rows)
 
         def iota(dim):
             return ops.layout(lax.broadcasted_iota(jnp.int32, shape, dim), ops.wgmma)
 
         def streamed_key(slot, qi, a, i, carry):
+            """Streamed key `a` (row `i` of the step's tile) against the stationary keys and
+            the step's query rows. The row tiles scaled by `a`'s key and value, `xq = q ∘
+            k_t[a]` and `xd = dO ∘ v_t[a]`, serve two products each from shared memory:
+            `Sᵀ = k_s @ xqᵀ`, `dK_s += dSᵀ @ xq`, `dPᵀ = v_s @ xdᵀ`, `dV_s += Pᵀ @ xd`, so
+            the gradients accumulate in wgmma's own registers."""
             dk, dv = carry
-            kta = ops.load(kt_smem, (slot, i), ops.cols_vec)
-            vta = ops.load(vt_smem, (slot, i), ops.cols_vec)
-            a1 = ops.operand(ops.load(ks_wg, (), ops.wgmma) * ops.col_bcast(kta, (kw, h)), a1_wg)
-            q_t = ops.transposed(q_smem.at[slot], qt_smem.at[slot] if interpret_t else None)
-            s_t = ops.product(a1, q_t, shape)  # Sᵀ [keys, rows]
+            q_t, do_t = (None,) * 2
+            if interpret_t:
+                q_t, do_t = qt_smem.at[slot], dot_smem.at[slot]
+            xq = ops.scaled_rows(q_smem.at[slot], kt_smem.at[slot, i], xq_wg, q_t, xqt_wg)
+            xd = ops.scaled_rows(do_smem.at[slot], vt_smem.at[slot, i], xd_wg, do_t, xdt_wg)
+            s_t = ops.product(ks_wg, xq.T, shape)  # Sᵀ [keys, rows]
             s_t = s_t + ops.row_bcast(bias_s + bt_smem[slot, i], shape)
             if cfg.causal:
                 pos = first_position(qi) + lax.rem(iota(1), jnp.int32(cfg.bq))
                 ok = spine.allowed(pos, k0 + iota(0), cfg.causal, ws)
                 s_t = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, wt), s_t)
             lse = ops.load(l_smem, slot, ops.cols_vec)
-            p_t = jnp.exp2(s_t - ops.col_bcast(lse, shape))
-            a2 = ops.operand(ops.load(vs_wg, (), ops.wgmma) * ops.col_bcast(vta, (kw, hv)), a2_wg)
-            do_t = ops.transposed(do_smem.at[slot], dot_smem.at[slot] if interpret_t else None)
-            dp_t = ops.product(a2, do_t, shape)
-            delta = ops.load(d_smem, slot, ops.cols_vec)
-            ds_t = ops.operand(p_t * (dp_t - ops.col_bcast(delta, shape)), ds_wg)
+            # P in the input dtype (half the registers; it is a wgmma operand in that dtype)
+            p_t = jnp.exp2(s_t - ops.col_bcast(lse, shape)).astype(ops.dtype)
             p_op = ops.operand(p_t, p_wg)
-            # dK_s += (dSᵀ @ q) ∘ k_t[a] and dV_s += (Pᵀ @ dO) ∘ v_t[a], 64 columns at a time
-            dk = ops.add_products(dk, ds_t, q_smem.at[slot], kt_smem.at[slot, i], kw)
-            dv = ops.add_products(dv, p_op, do_smem.at[slot], vt_smem.at[slot, i], kw)
+            dv, dp_t = ops.accumulate_and_product(dv, p_op, xd.rows, vs_wg, xd.T, shape)
+            delta = ops.load(d_smem, slot, ops.cols_vec)
+            ds_t = p_t.astype(_F32) * (dp_t - ops.col_bcast(delta, shape))
+            dk = ops.accumulate(dk, ops.operand(ds_t, ds_wg), xq.rows)
             return dk, dv
 
         def step(step, qi, a0, a_hi, carry):
@@ -523,10 +547,10 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             plgpu.barrier_arrive(free_bars.at[slot])
             return (step + 1, *acc)
 
-        zeros = [ops.zero_chunks(kw, d) for d in (h, hv)]
+        zeros = [ops.layout(jnp.zeros((kw, d), _F32), ops.wgmma) for d in (h, hv)]
         _, dk, dv = steps_of(step, (jnp.int32(0), *zeros))
-        ops.store_chunks(ks_wg, [c * _LN2 for c in dk])
-        ops.store_chunks(vs_wg, dv)
+        ks_wg[...] = (dk * _LN2).astype(ks_wg.dtype)
+        vs_wg[...] = dv.astype(vs_wg.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(ks_wg, dks_ref.at[bk, pl.ds(k0, kw)])
         plgpu.copy_smem_to_gmem(vs_wg, dvs_ref.at[bk, pl.ds(k0, kw)])
@@ -621,8 +645,10 @@ def _dkv_scratch(cfg: _Config, h: int, hv: int, dtype) -> list:
         smem((wgs, kw, h)),  # stationary keys, then dK
         smem((wgs, kw, hv)),  # stationary values, then dV
         plgpu.SMEM((wgs, kw), _F32),  # their bias
-        smem((wgs, kw, h), stored),  # k_s ∘ k_t[a]
-        smem((wgs, kw, hv), stored),  # v_s ∘ v_t[a]
+        smem((wgs, rows, h)),  # xq = q ∘ k_t[a]
+        smem((wgs, rows, hv)),  # xd = dO ∘ v_t[a]
+        smem((wgs, h, rows), cfg.interpret),  # xqᵀ (interpret mode)
+        smem((wgs, hv, rows), cfg.interpret),  # xdᵀ
         smem((wgs, kw, rows), stored),  # Pᵀ
         smem((wgs, kw, rows), stored),  # dSᵀ
         smem((steps, rows, h)),  # q tile
