@@ -60,7 +60,7 @@ _BIAS_COPY = 32
 DKV_WGS = 2
 STEPS = 2
 KV_ROWS = 64
-CHUNK = 64  # columns per step of `_Ops.scaled_rows`
+CHUNK = 64  # columns of the pieces the kernels split `[rows, H]` tiles into (registers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,11 @@ def plan(forward: fwd._Config, h: int, hv: int, dtype, fuse: bool | None = None)
     return Plan(dq, kv)
 
 
+def chunks(width: int) -> list[tuple]:
+    """Indices of the `CHUNK`-column pieces of a `[rows, width]` tile."""
+    return [(slice(None), pl.ds(c, CHUNK)) for c in range(0, width, CHUNK)]
+
+
 def _streamed_pad(length: int, block: int) -> int:
     """Padded length of a streamed key set: tiles start at any key (the first one a query
     tile may see) and TMA needs 16-byte row strides (the float32 bias rows)."""
@@ -188,15 +193,16 @@ class _Ops:
         else:
             ref.at[r][...] = v
 
-    def add_row(self, ref, r, v):
-        """`ref[r] += v`. The row's layout repeats each column in every warp: a warpgroup
-        barrier between the load and the store keeps one warp's store from reaching another
-        warp's load (which would add `v` twice), and one after it orders the next update.
+    def add_row(self, ref, idx, v):
+        """`ref[idx] += v` (a row, or part of one). The row's layout repeats each column in
+        every warp: a warpgroup barrier between the load and the store keeps one warp's store
+        from reaching another warp's load (which would add `v` twice), and one after it orders
+        the next update.
         (jax 0.10's lowering also puts barriers around each store unless
         `unsafe_no_auto_barriers`; these keep the update safe without them.)"""
-        old = self.load(ref, r, self.cols_vec)
+        old = self.load(ref, idx, self.cols_vec)
         self.plgpu.commit_smem()
-        self.store_row(ref, r, old + v)
+        self.store_row(ref, idx, old + v)
         self.plgpu.commit_smem()
 
     def transposed(self, ref, ref_t):
@@ -218,8 +224,7 @@ class _Ops:
         """`dst = src ∘ scale` (`src [rows, N]` in shared memory, `scale [N]` a column scale) as
         wgmma operands: `dst` and its transpose (a view, or in interpret mode `dst_t`,
         formed from XLA's transpose `src_t`)."""
-        for c in range(src.shape[-1] // CHUNK):  # (64 columns at a time: fewer registers)
-            cols = (slice(None), pl.ds(c * CHUNK, CHUNK))
+        for cols in chunks(src.shape[-1]):  # (a chunk at a time: fewer registers)
             scale = self.load(scale_ref, cols[1], self.cols_vec)
             x = self.load(src, cols, self.wgmma)
             dst.at[cols][...] = x * self.col_bcast(scale, x.shape)
@@ -358,10 +363,11 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
                 pl.when(wg == turn)(body)
 
         def first_key(slot, a, i, b0, dq):
+            """First key `a` (row `i` of the step's k1 tile) against the step's k2 tile. Rows
+            of q and dO are read again where used, and the `[rows, H]` products and `dq` go in
+            `CHUNK`-column pieces, to keep registers for the accumulators."""
             k1a = ops.load(k1_smem, (slot, i), ops.cols_vec)
-            v1a = ops.load(v1_smem, (slot, i), ops.cols_vec)
-            q = ops.load(q_wg, (), ops.wgmma)
-            x = ops.operand(q * ops.col_bcast(k1a, (rows, h)), x_wg)
+            x = ops.operand(ops.load(q_wg, (), ops.wgmma) * ops.col_bcast(k1a, (rows, h)), x_wg)
             k2t = ops.transposed(k2_smem.at[slot], k2t_smem.at[slot] if interpret_t else None)
             s = ops.product(x, k2t, shape)
             bias = ops.load(b2_smem, slot, ops.cols_vec) + b1_smem[slot, i]
@@ -370,21 +376,41 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
                 pos = p0 + lax.rem(iota(0) + wg * rows, jnp.int32(cfg.bq))
                 ok = spine.allowed(pos, b0 + iota(1), cfg.causal, cfg.w2)
                 s = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, cfg.w1), s)
-            p = jnp.exp2(s - ops.row_bcast(lse, shape))
-            do = ops.load(do_wg, (), ops.wgmma)
-            y = ops.operand(do * ops.col_bcast(v1a, (rows, hv)), y_wg)
+            # P in the input dtype (half the registers; it is a wgmma operand in that dtype)
+            p = jnp.exp2(s - ops.row_bcast(lse, shape)).astype(ops.dtype)
+            v1a = ops.load(v1_smem, (slot, i), ops.cols_vec)
+            y = ops.operand(ops.load(do_wg, (), ops.wgmma) * ops.col_bcast(v1a, (rows, hv)), y_wg)
             v2t = ops.transposed(v2_smem.at[slot], v2t_smem.at[slot] if interpret_t else None)
             dp = ops.product(y, v2t, shape)
-            ds = ops.operand(p * (dp - ops.row_bcast(delta, shape)), ds_wg)
-            z = ops.product(ds, k2_smem.at[slot], (rows, h))
-            dq = dq + z * ops.col_bcast(k1a.astype(_F32), (rows, h))
-            if cfg.fuse:  # this (first key, second-key tile)'s share of dK1[a] and dV1[a]
-                # (in this order, so that z and w = P @ v2 are not held at once)
-                r = a - base
-                in_turn(lambda: ops.add_row(pk_wg, r, (q.astype(_F32) * z).sum(axis=0)))
-                w = ops.product(ops.operand(p, p_wg), v2_smem.at[slot], (rows, hv))
-                in_turn(lambda: ops.add_row(pv_wg, r, (do.astype(_F32) * w).sum(axis=0)))
-            return dq
+            ds = ops.operand(p.astype(_F32) * (dp - ops.row_bcast(delta, shape)), ds_wg)
+
+            def add_sum(part, rows_ref, cols, prod):
+                """(fused) `part[a - base, cols] += Σ_rows rows_ref[:, cols] ∘ prod`, in turn."""
+
+                def body():
+                    x = ops.load(rows_ref, cols, ops.wgmma).astype(_F32)
+                    ops.add_row(part, (a - base, cols[1]), (x * prod).sum(axis=0))
+
+                in_turn(body)
+
+            # dq += (dS @ k2) ∘ k1[a] and (fused) dK1[a] += Σ_rows q ∘ (dS @ k2), a chunk at a time
+            out = []
+            for acc, cols in zip(dq, chunks(h)):
+                z = ops.product(ds, k2_smem.at[slot].at[cols], (rows, CHUNK))
+                k1c = ops.load(k1_smem, (slot, i, cols[1]), ops.cols_vec).astype(_F32)
+                out.append(acc + z * ops.col_bcast(k1c, z.shape))
+                if cfg.fuse:
+                    add_sum(pk_wg, q_wg, cols, z)
+            if cfg.fuse:  # dV1[a] += Σ_rows dO ∘ (P @ v2)
+                p_op = ops.operand(p, p_wg)
+                for cols in chunks(hv):
+                    add_sum(
+                        pv_wg,
+                        do_wg,
+                        cols,
+                        ops.product(p_op, v2_smem.at[slot].at[cols], (rows, CHUNK)),
+                    )
+            return tuple(out)
 
         def step_body(step, dq):
             slot = lax.rem(step, jnp.int32(cfg.steps))
@@ -397,10 +423,10 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             plgpu.barrier_arrive(free_bars.at[slot])
             return dq
 
-        dq = lax.fori_loop(
-            jnp.int32(0), n_steps, step_body, ops.layout(jnp.zeros((rows, h), _F32), ops.wgmma)
-        )
-        q_wg[...] = (dq * cfg.scale).astype(q_wg.dtype)
+        zero = ops.layout(jnp.zeros((rows, CHUNK), _F32), ops.wgmma)
+        dq = lax.fori_loop(jnp.int32(0), n_steps, step_body, (zero,) * (h // CHUNK))
+        for acc, cols in zip(dq, chunks(h)):
+            q_wg.at[cols][...] = (acc * cfg.scale).astype(q_wg.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_wg, dq_ref.at[bk, pl.ds(r0, rows)])
         if cfg.fuse:
