@@ -179,8 +179,9 @@ def _toolchain(workdir: Path, ptxas: str, nvdisasm: str | None) -> dict:
 def parse_report(text: str) -> dict:
     """One kernel's `ptxas -v` report (and SASS, when dumped): kernel name, registers, spill
     stores/loads and stack bytes; with SASS, `loop_spills`: local-memory loads and stores
-    (`LDL`/`STL` instructions) inside the loops that run wgmma, the compute warpgroups' main
-    loops (spills elsewhere, e.g. in the producer or before the loops, cost little)."""
+    (`LDL`/`STL` instructions) inside the innermost loops that run wgmma, the compute
+    warpgroups' main loops (spills elsewhere, e.g. in the producer or before the loops, cost
+    little)."""
     row = {}
     if m := re.search(r"Compiling entry function '(\w+)'", text):
         row["kernel"] = m.group(1).removesuffix("_mosaic_gpu_kernel")
@@ -194,18 +195,18 @@ def parse_report(text: str) -> dict:
         m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))
     }
     wgmma = [i for i, line in enumerate(lines) if "HGMMA" in line]
-    if wgmma:
-        in_loop = [False] * len(lines)
-        for j, line in enumerate(lines):  # a backward branch around a wgmma closes a loop
-            m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+    if wgmma:  # loops: conditional backward branches around a wgmma; the innermost ones
+        loops = []
+        for j, line in enumerate(lines):
+            m = re.search(r"@!?U?P\w* BRA `\((\.L_x_\d+)\)", line)
             t = labels.get(m.group(1), j) if m else j
             if t < j and any(t < i < j for i in wgmma):
-                in_loop[t:j] = [True] * (j - t)
+                loops.append((t, j))
+        inner = [(t, j) for t, j in loops if not any(t <= u < v <= j and (u, v) != (t, j)
+                                                     for u, v in loops)]  # fmt: skip
+        spill = re.compile(r"\b(LDL|STL)(\.\w+)*\s")
         row["wgmma"] = len(wgmma)
-        row["loop_spills"] = sum(
-            ok and bool(re.search(r"\b(LDL|STL)(\.\w+)*\s", line))
-            for ok, line in zip(in_loop, lines)
-        )
+        row["loop_spills"] = sum(bool(spill.search(x)) for t, j in inner for x in lines[t:j])
     return row
 
 
@@ -232,7 +233,8 @@ def compile_case(name: str, variant: str, workdir: Path, env: dict) -> list[dict
 
 def _ptxas_version(exe: str) -> str:
     out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
+    lines = out.strip().splitlines()
+    return next((line for line in lines if "release" in line), lines[-1])
 
 
 def main(argv) -> None:

@@ -125,6 +125,34 @@ def test_kernel_registers_captures_the_triton_kernels():
         kernel_registers.variant_config("rows=64")
 
 
+def test_mosaic_registers_lowers_and_reads_ptxas():
+    """The Mosaic GPU register report lowers a case for CUDA on any host (one module per
+    kernel: forward, dQ with dK1/dV1, dK2/dV2) and reads ptxas' report and the SASS; the
+    compile itself needs the CUDA plugin, ptxas and a C compiler."""
+    from experiments import mosaic_registers
+
+    modules = mosaic_registers.lower_case("luc_16k_d64")
+    assert len(modules) == 3 and all(isinstance(m, bytes) for m in modules)
+    with pytest.raises(ValueError, match="block_k9"):
+        mosaic_registers.variant_config("block_k9=64")
+    report = """ptxas info : Compiling entry function 'tensor_attention_dq_mosaic_gpu_kernel'
+    296 bytes stack frame, 316 bytes spill stores, 388 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers
+        /*0010*/                   STL [R1+0x4], R2 ;
+.L_x_3:
+        /*0020*/                   LDL R2, [R1+0x4] ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0040*/                   LDL.64 R4, [R1+0x8] ;
+        /*0050*/              @P1 BRA `(.L_x_3) ;
+        /*0060*/                   STL [R1+0xc], R2 ;
+"""
+    row = mosaic_registers.parse_report(report)
+    assert row == {
+        "kernel": "tensor_attention_dq", "stack_bytes": 296, "spill_stores": 316,
+        "spill_loads": 388, "registers": 168, "wgmma": 1, "loop_spills": 2,
+    }  # fmt: skip
+
+
 def test_bench_polynomial_fused_quick_preset(tmp_path):
     """The GPU benchmark of the fused polynomial kernels runs on CPU (interpret mode) at its
     quick preset: time rows with compiled memory, then a slope row per series."""

@@ -137,14 +137,17 @@ def _plan(call: spine.Call, config: MosaicGPUConfig) -> _Config:
     )
 
 
-# Registers per thread: the producer gives its share to the consumers (64K per block).
-_PRODUCER_REGISTERS = 40
+# Registers per thread: the producer, which only issues TMA copies, gives its share to the
+# consumers (64K per block). 24 and 240 with two consumer warpgroups, as FA3; against 40 and
+# 232, ptxas spills less in the backward's loops (experiments.mosaic_registers, docs/pallas.md).
+_PRODUCER_REGISTERS = 24
+_MAX_CONSUMER_REGISTERS = 240
 
 
 def _consumer_registers(wgs: int) -> int:
     """Per-thread registers of `wgs` consumer warpgroups beside the producer (a multiple of 8,
-    at most 232; 65536 per block, 128 threads per warpgroup)."""
-    return min(232, (65536 // 128 - _PRODUCER_REGISTERS) // wgs // 8 * 8)
+    at most 240; 65536 per block, 128 threads per warpgroup)."""
+    return min(_MAX_CONSUMER_REGISTERS, (65536 // 128 - _PRODUCER_REGISTERS) // wgs // 8 * 8)
 
 
 # ---------------------------------------------------------------------------------------------
