@@ -19,7 +19,8 @@ of compute capability 9.0, and an ahead-of-time XLA compile for an H100 topology
 initialises the plugin's NVPTX backend. Loading the compiled kernel then fails (there is no
 driver), after ptxas has reported. The plugin must be the installed jax's version; `ptxas`
 is `--ptxas` or the first on PATH (a GPU runs the ptxas of its CUDA install, so the counts
-can differ by version).
+can differ by version). On a GPU, `MOSAIC_GPU_DUMP_PTXAS=1` makes the real compile print the
+same reports (`scripts/gpu_checks.sh DIR kernels` does), and `--from_log=LOG` reads them.
 
 Registers: ptxas reports the launch's allocation (65536 / threads per block, 168 for three
 warpgroups); the compute warpgroups raise theirs with `setmaxnreg` (232 with two), and ptxas
@@ -30,6 +31,7 @@ kernel, registers, spill_stores, spill_loads, stack_bytes, jax and ptxas version
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -99,6 +101,12 @@ def define_flags() -> None:
         "nvdisasm for the SASS counts ('' = beside ptxas or on PATH; none: no SASS counts).",
     )
     flags.DEFINE_string("out", "", "JSON lines output ('' = none).")
+    flags.DEFINE_string(
+        "from_log",
+        "",
+        "Instead: read the ptxas reports in a GPU run's log "
+        "(MOSAIC_GPU_DUMP_PTXAS=1), one row per kernel.",
+    )
 
 
 def variant_config(variant: str) -> MosaicGPUConfig:
@@ -237,8 +245,20 @@ def _ptxas_version(exe: str) -> str:
     return next((line for line in lines if "release" in line), lines[-1])
 
 
+def reports_in_log(text: str) -> list[dict]:
+    """The ptxas reports in a GPU run's log (`MOSAIC_GPU_DUMP_PTXAS=1`), one row per kernel
+    compiled, in order (no SASS there: no loop counts)."""
+    parts = re.split(r"(?=ptxas info\s*: Compiling entry function)", text)[1:]
+    return [parse_report(part) for part in parts]
+
+
 def main(argv) -> None:
     del argv
+    if FLAGS.from_log:
+        for row in reports_in_log(Path(FLAGS.from_log).read_text()):
+            print(json.dumps(row))
+            benchlib.append_jsonl(FLAGS.out, {"kind": "mosaic_registers_gpu", **row})
+        return
     if not FLAGS.plugin_dir or not Path(FLAGS.plugin_dir, "jax_plugins").is_dir():
         raise app.UsageError("--plugin_dir: install the CUDA plugin there first (see the "
                              "docstring: pip install --no-deps --target=DIR ...)")  # fmt: skip

@@ -7,7 +7,8 @@
 # tests:      the whole test suite on this machine (GPU-compiled cases included), its log and
 #             a summary line (device, JAX version, counts, wall time) in DIR/gpu_checks.txt.
 # kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
-#             forward on the windowed, grouped-head shapes of issue 10, then full attention.
+#             kernels on the windowed, grouped-head shapes of issue 10, then full attention;
+#             the Mosaic GPU kernels' ptxas reports in DIR/mosaic_registers_gpu.jsonl.
 # peers:      the side-by-side run against the peers' Triton kernels (issue 10), needing a copy
 #             of them in .peers (see its run.sh): once with implementation=None (DIR/peers_*.jsonl,
 #             DIR/tensorattn_jax.jsonl), then tensorattn alone with implementation="mosaic_gpu"
@@ -53,9 +54,13 @@ for s in $SECTIONS; do
   case $s in
     tests) section tests "$PYTHON" -m pytest -p no:cacheprovider -rs ;;
     kernels)
-      section kernels_grouped "$PYTHON" -m experiments.bench_pallas \
+      # (MOSAIC_GPU_DUMP_PTXAS: the Mosaic GPU kernels' ptxas reports go to the log, read back
+      # into DIR/mosaic_registers_gpu.jsonl to set beside experiments.mosaic_registers' rows)
+      section kernels_grouped env MOSAIC_GPU_DUMP_PTXAS=1 "$PYTHON" -m experiments.bench_pallas \
         --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
         --cases=window16384,group64,group128 --head_dims=128 --out="$DIR/bench_pallas.jsonl"
+      "$PYTHON" -m experiments.mosaic_registers --from_log="$DIR/kernels_grouped.log" \
+        --out="$DIR/mosaic_registers_gpu.jsonl" > /dev/null
       section kernels_full "$PYTHON" -m experiments.bench_pallas \
         --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
         --cases=full4096 --out="$DIR/bench_pallas.jsonl" ;;

@@ -151,6 +151,12 @@ ptxas info    : Used 168 registers, used 16 barriers
         "kernel": "tensor_attention_dq", "stack_bytes": 296, "spill_stores": 316,
         "spill_loads": 388, "registers": 168, "wgmma": 1, "loop_spills": 2,
     }  # fmt: skip
+    # A GPU run's log (MOSAIC_GPU_DUMP_PTXAS=1): the reports among other output, in order.
+    first = report.split("        /*0010*/")[0]
+    log = "rows\n" + first + "table\n" + report.replace("dq", "dk2_dv2")
+    rows = mosaic_registers.reports_in_log(log)
+    assert [r["kernel"] for r in rows] == ["tensor_attention_dq", "tensor_attention_dk2_dv2"]
+    assert "loop_spills" not in rows[0] and rows[1]["spill_stores"] == 316
 
 
 def test_bench_polynomial_fused_quick_preset(tmp_path):
