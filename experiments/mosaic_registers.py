@@ -189,7 +189,8 @@ def parse_report(text: str) -> dict:
     stores/loads and stack bytes; with SASS, `loop_spills`: local-memory loads and stores
     (`LDL`/`STL` instructions) inside the innermost loops that run wgmma, the compute
     warpgroups' main loops (spills elsewhere, e.g. in the producer or before the loops, cost
-    little)."""
+    little), and `loop_instructions`, each such loop's length in instructions (one pass: a
+    first key in the forward and dQ, a streamed key in dK/dV), the CUDA cores' share."""
     row = {}
     if m := re.search(r"Compiling entry function '(\w+)'", text):
         row["kernel"] = m.group(1).removesuffix("_mosaic_gpu_kernel")
@@ -215,6 +216,9 @@ def parse_report(text: str) -> dict:
         spill = re.compile(r"\b(LDL|STL)(\.\w+)*\s")
         row["wgmma"] = len(wgmma)
         row["loop_spills"] = sum(bool(spill.search(x)) for t, j in inner for x in lines[t:j])
+        instruction = re.compile(r"/\*[0-9a-f]{4,}\*/\s+\S")
+        row["loop_instructions"] = [sum(bool(instruction.search(x)) for x in lines[t:j])
+                                    for t, j in inner]  # fmt: skip
     return row
 
 

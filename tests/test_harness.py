@@ -150,6 +150,7 @@ ptxas info    : Used 168 registers, used 16 barriers
     assert row == {
         "kernel": "tensor_attention_dq", "stack_bytes": 296, "spill_stores": 316,
         "spill_loads": 388, "registers": 168, "wgmma": 1, "loop_spills": 2,
+        "loop_instructions": [3],
     }  # fmt: skip
     # A GPU run's log (MOSAIC_GPU_DUMP_PTXAS=1): the reports among other output, in order.
     first = report.split("        /*0010*/")[0]

@@ -142,6 +142,10 @@ CASES = {
     # (swapped: w1 > w2), or below the causal diagonal.
     "edge-masks-window": Case(t=136, heads=4, kv_heads=1, window=(90, 20), masked=True),
     "edge-masks-causal": Case(t=80, heads=4, kv_heads=1, causal=True),
+    # No causal mask, no key mask: the second-key tile past T=20 needs the padding biases; at
+    # T=64 no score needs a bias (`_Config.biased`).
+    "full-padded": Case(t=20),
+    "full-no-biases": Case(t=64),
 }
 # The interpreter runs each simulated warpgroup as a concurrent XLA CPU computation blocking
 # in callbacks; with 2 cores a third one (two compute warpgroups + producer) can starve and
@@ -229,7 +233,14 @@ def test_gpu_gradient_matches_oracle():
 
 BWD_CASES = {
     name: CASES[name]
-    for name in ("window-w1<w2-masked", "window-w1>w2-masked", "causal-steps", "grouped-64-f16")
+    for name in (
+        "window-w1<w2-masked",
+        "window-w1>w2-masked",
+        "causal-steps",
+        "grouped-64-f16",
+        "full-padded",
+        "full-no-biases",
+    )
 } | {
     # Cross attention with key masks; dK1/dV1's streamed set is the longer second one.
     "cross-lengths-masked": Case(t=20, batch=2, lengths=(12, 70), masked=True),
@@ -295,6 +306,23 @@ def test_gpu_backward_matches_oracle(name):
     _check_gradient(
         dataclasses.replace(MOSAIC_BWD, interpret=False), (BWD_CASES | MANY_THREADS)[name]
     )  # fmt: skip
+
+
+def test_key_biases_only_where_needed():
+    """Scores take the 0/-inf key biases only with a key mask or, without a causal mask, a
+    second-key tile past the end; the backward kernels follow the forward."""
+
+    def cfg(t, causal=False, masked=False):
+        q, k = jnp.zeros((1, t, 2, 64), BF16), jnp.zeros((1, t, 1, 64), BF16)
+        masks = (jnp.ones((1, t), bool), None) if masked else None
+        spec = _spec(q, (k, k), (k, k), causal=causal, masks=masks)
+        forward = mosaic_gpu._prepare(q, (k, k), (k, k), spec, INTERPRET)[0]
+        return forward, mosaic_gpu_bwd.plan(forward, 64, 64, BF16).dq
+
+    assert [cfg(t)[0].biased for t in (20, 64, 128)] == [True, False, False]
+    assert not cfg(20, causal=True)[0].biased and cfg(64, masked=True)[0].biased
+    assert [cfg(t)[1].dq_biased for t in (20, 64)] == [True, False]
+    assert cfg(64, masked=True)[1].key_masks and not cfg(20, causal=True)[1].key_masks
 
 
 def test_backward_tiles():

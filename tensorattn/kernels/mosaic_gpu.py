@@ -73,6 +73,7 @@ class _Config(spine.CallView):
     interpret: bool
     registers: bool  # wgmma's first operands (x, P) from registers, not shared memory
     schedule: bool  # the two compute warpgroups alternate (FA3 ping-pong)
+    key_masks: bool = True  # the call has a key padding mask (False: `_Config.biased` decides)
 
     @property
     def wg_rows(self) -> int:
@@ -87,6 +88,14 @@ class _Config(spine.CallView):
     @property
     def s2_pad(self) -> int:
         return -(-self.s2 // self.bk2) * self.bk2
+
+    @property
+    def biased(self) -> bool:
+        """Whether scores need the 0/-inf key biases. Only with a key mask, or a second-key
+        tile past the end of a non-causal call: first keys stay within `key_range`, and a
+        causal call's padding keys come after every query position, so its causal mask
+        covers them."""
+        return self.key_masks or (not self.causal and self.s2 % self.bk2 != 0)
 
 
 # Interpret mode for calls whose MosaicGPUConfig.interpret is None.
@@ -323,9 +332,10 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
                 return acc_ref[...]
 
             s = pl.run_scoped(scores, plgpu.ACC((rows, cfg.bk2), _F32))
-            # Key padding: 0 / -inf biases (b2 a column vector, b1 one scalar per first key).
-            bias = load(b2_smem, slot, col_layout) + b1_smem[slot, i]
-            s = s + lax.broadcast_in_dim(bias, s.shape, [1])
+            if cfg.biased:  # key masks and padding: 0 / -inf biases (b2 a column vector,
+                # b1 one scalar per first key)
+                bias = load(b2_smem, slot, col_layout) + b1_smem[slot, i]
+                s = s + lax.broadcast_in_dim(bias, s.shape, [1])
             if masked:
                 pos = positions()
                 ok = spine.allowed(pos, b0 + iota(1), cfg.causal, cfg.w2)
@@ -639,6 +649,7 @@ def _prepare(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | Non
     keys, values, valid, spec = pallas.ordered_key_sets(q, keys, values, spec)
     call = spec.call(q, keys)
     cfg = _plan(call, config or MosaicGPUConfig())
+    cfg = dataclasses.replace(cfg, key_masks=any(m is not None for m in spec.key_masks))
     _check_shapes(q, keys, values, cfg)
     return cfg, call, keys, values, valid
 

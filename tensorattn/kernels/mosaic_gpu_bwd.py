@@ -78,6 +78,13 @@ class _Config(spine.CallView):
     registers: bool
     splits: int = 1
     fuse: bool = False  # dQ kernel: also dK1/dV1's partial sums (a causal first window)
+    key_masks: bool = True  # the call has a key padding mask
+
+    @property
+    def dq_biased(self) -> bool:
+        """Whether the dQ kernel's scores need the key biases (as `mosaic_gpu._Config.biased`,
+        with its 64-key second tiles)."""
+        return self.key_masks or (not self.causal and self.s2 % DQ_BLOCK_K2 != 0)
 
     @property
     def wg_rows(self) -> int:
@@ -120,6 +127,7 @@ def plan(forward: fwd._Config, h: int, hv: int, dtype, fuse: bool | None = None)
     `fuse` (`MosaicGPUConfig.bwd_fuse_k1`): True or False forces the choice (`check` refuses
     a fused plan that cannot run)."""
     common = dict(call=forward.call, steps=STEPS, interpret=forward.interpret)
+    common["key_masks"] = forward.key_masks
     common["registers"] = forward.registers
     kv_bq, splits = _kv_tiles(forward.call.group)
     kv = _Config(bq=kv_bq, splits=splits, wgs=1 if forward.interpret else DKV_WGS, **common)
@@ -135,9 +143,9 @@ def plan(forward: fwd._Config, h: int, hv: int, dtype, fuse: bool | None = None)
     return Plan(dq, kv)
 
 
-def chunks(width: int) -> list[tuple]:
-    """Indices of the `CHUNK`-column pieces of a `[rows, width]` tile."""
-    return [(slice(None), pl.ds(c, CHUNK)) for c in range(0, width, CHUNK)]
+def chunks(width: int, size: int = CHUNK) -> list[tuple]:
+    """Indices of the `size`-column pieces of a `[rows, width]` tile."""
+    return [(slice(None), pl.ds(c, size)) for c in range(0, width, size)]
 
 
 def _streamed_pad(length: int, block: int) -> int:
@@ -335,6 +343,9 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             s and s.at[wg] for s in (x_smem, y_smem, ds_smem, p_smem)
         )  # fmt: skip
         shape = (rows, bk2)
+        # dQ's columns per product: fused, `CHUNK` (the partial sums need the registers);
+        # else the whole width (fewer instructions, no spills either way)
+        dq_chunk = CHUNK if cfg.fuse else h
         if cfg.fuse:  # dK1/dV1 partial sums of first keys base .. base + span - 1
             base = p0 - (cfg.w1 - 1)
             pk_wg, pv_wg = pk_smem.at[wg], pv_smem.at[wg]
@@ -370,14 +381,17 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             x = ops.operand(ops.load(q_wg, (), ops.wgmma) * ops.col_bcast(k1a, (rows, h)), x_wg)
             k2t = ops.transposed(k2_smem.at[slot], k2t_smem.at[slot] if interpret_t else None)
             s = ops.product(x, k2t, shape)
-            bias = ops.load(b2_smem, slot, ops.cols_vec) + b1_smem[slot, i]
-            s = s + ops.col_bcast(bias, shape)
+            if cfg.dq_biased:
+                bias = ops.load(b2_smem, slot, ops.cols_vec) + b1_smem[slot, i]
+                s = s + ops.col_bcast(bias, shape)
             if cfg.causal:
                 pos = p0 + lax.rem(iota(0) + wg * rows, jnp.int32(cfg.bq))
                 ok = spine.allowed(pos, b0 + iota(1), cfg.causal, cfg.w2)
                 s = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, cfg.w1), s)
-            # P in the input dtype (half the registers; it is a wgmma operand in that dtype)
-            p = jnp.exp2(s - ops.row_bcast(lse, shape)).astype(ops.dtype)
+            p = jnp.exp2(s - ops.row_bcast(lse, shape))
+            if cfg.fuse:  # P in the input dtype: half the registers, and it is the operand of
+                # P @ v2 in that dtype anyway
+                p = p.astype(ops.dtype)
             v1a = ops.load(v1_smem, (slot, i), ops.cols_vec)
             y = ops.operand(ops.load(do_wg, (), ops.wgmma) * ops.col_bcast(v1a, (rows, hv)), y_wg)
             v2t = ops.transposed(v2_smem.at[slot], v2t_smem.at[slot] if interpret_t else None)
@@ -395,8 +409,8 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
 
             # dq += (dS @ k2) ∘ k1[a] and (fused) dK1[a] += Σ_rows q ∘ (dS @ k2), a chunk at a time
             out = []
-            for acc, cols in zip(dq, chunks(h)):
-                z = ops.product(ds, k2_smem.at[slot].at[cols], (rows, CHUNK))
+            for acc, cols in zip(dq, chunks(h, dq_chunk)):
+                z = ops.product(ds, k2_smem.at[slot].at[cols], (rows, dq_chunk))
                 k1c = ops.load(k1_smem, (slot, i, cols[1]), ops.cols_vec).astype(_F32)
                 out.append(acc + z * ops.col_bcast(k1c, z.shape))
                 if cfg.fuse:
@@ -423,9 +437,9 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             plgpu.barrier_arrive(free_bars.at[slot])
             return dq
 
-        zero = ops.layout(jnp.zeros((rows, CHUNK), _F32), ops.wgmma)
-        dq = lax.fori_loop(jnp.int32(0), n_steps, step_body, (zero,) * (h // CHUNK))
-        for acc, cols in zip(dq, chunks(h)):
+        zero = ops.layout(jnp.zeros((rows, dq_chunk), _F32), ops.wgmma)
+        dq = lax.fori_loop(jnp.int32(0), n_steps, step_body, (zero,) * (h // dq_chunk))
+        for acc, cols in zip(dq, chunks(h, dq_chunk)):
             q_wg.at[cols][...] = (acc * cfg.scale).astype(q_wg.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_wg, dq_ref.at[bk, pl.ds(r0, rows)])
@@ -548,7 +562,9 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             xq = ops.scaled_rows(q_smem.at[slot], kt_smem.at[slot, i], xq_wg, q_t, xqt_wg)
             xd = ops.scaled_rows(do_smem.at[slot], vt_smem.at[slot, i], xd_wg, do_t, xdt_wg)
             s_t = ops.product(ks_wg, xq.T, shape)  # Sᵀ [keys, rows]
-            s_t = s_t + ops.row_bcast(bias_s + bt_smem[slot, i], shape)
+            if cfg.key_masks:  # (padded stationary keys' rows are dropped; streamed keys
+                # stay within `key_range`)
+                s_t = s_t + ops.row_bcast(bias_s + bt_smem[slot, i], shape)
             if cfg.causal:
                 pos = first_position(qi) + lax.rem(iota(1), jnp.int32(cfg.bq))
                 ok = spine.allowed(pos, k0 + iota(0), cfg.causal, ws)
