@@ -137,10 +137,9 @@ def _triton_kernels(kernels: list):
         lowering.lower_jaxpr_to_triton_module, mlir.custom_call = lower, custom_call
 
 
-def lower_case(name: str, variant: str = "default") -> list[dict]:
-    """The Triton kernels of one case's forward and gradient, lowered for CUDA."""
-    case = CASES[name]
-    config = variant_config(variant, case.polynomial)
+def gradient_trace(case: Case, config):
+    """`jax.jit(grad)` of one case's summed output (all five inputs, bfloat16) and its abstract
+    arguments, ready to lower for CUDA."""
     q = jax.ShapeDtypeStruct((case.batch, case.t, case.heads, case.head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((case.batch, case.t, case.kv_heads, case.head_dim), jnp.bfloat16)
     scale = 1.0 / case.head_dim if case.polynomial else None
@@ -151,10 +150,16 @@ def lower_case(name: str, variant: str = "default") -> list[dict]:
         )
         return jnp.sum(out.astype(jnp.float32))
 
+    return jax.jit(jax.grad(loss, argnums=tuple(range(5)))), (q, k, k, k, k)
+
+
+def lower_case(name: str, variant: str = "default") -> list[dict]:
+    """The Triton kernels of one case's forward and gradient, lowered for CUDA."""
+    case = CASES[name]
+    grad, args = gradient_trace(case, variant_config(variant, case.polynomial))
     kernels = []
-    grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
     with cuda_lowering.gpu_target(), _triton_kernels(kernels):
-        grad.trace(q, k, k, k, k).lower(lowering_platforms=("cuda",))
+        grad.trace(*args).lower(lowering_platforms=("cuda",))
     return kernels
 
 
@@ -167,9 +172,11 @@ def _ptxas_candidates():
 
 
 @functools.cache
-def _ptxas_version(exe: str) -> str:
+def ptxas_version(exe: str) -> str:
+    """ptxas' release line, e.g. "Cuda compilation tools, release 13.0, V13.0.88"."""
     out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
+    lines = out.strip().splitlines()
+    return next((line for line in lines if "release" in line), lines[-1])
 
 
 def _ptxas(ptx: Path) -> tuple[str, str]:
@@ -181,7 +188,7 @@ def _ptxas(ptx: Path) -> tuple[str, str]:
         cmd = [exe, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(ptx.with_suffix(".cubin"))]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode == 0:
-            return run.stderr + run.stdout, _ptxas_version(exe)
+            return run.stderr + run.stdout, ptxas_version(exe)
         errors.append(f"{exe}: {run.stderr.strip()[:200]}")
     raise RuntimeError("no ptxas took the PTX: " + "; ".join(errors))
 

@@ -45,14 +45,12 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-import tensorattn
-from experiments import benchlib
-from experiments.kernel_registers import CASES as ALL_CASES
+from experiments import benchlib, kernel_registers
 from tensorattn import MosaicGPUConfig
 from tensorattn.kernels import cuda_lowering, mosaic_gpu
 
 FLAGS = flags.FLAGS
-CASES = {name: case for name, case in ALL_CASES.items() if not case.polynomial}
+CASES = {name: case for name, case in kernel_registers.CASES.items() if not case.polynomial}
 
 # A stand-in for the CUDA driver: the two queries the Mosaic GPU compiler makes before ptxas.
 _STUB_DRIVER = r"""
@@ -121,22 +119,11 @@ def lower_case(name: str, variant: str = "default") -> list[bytes]:
     forward and gradient, lowered for CUDA."""
     from jax.experimental.mosaic.gpu import core
 
-    case = CASES[name]
-    config = variant_config(variant)
-    q = jax.ShapeDtypeStruct((case.batch, case.t, case.heads, case.head_dim), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((case.batch, case.t, case.kv_heads, case.head_dim), jnp.bfloat16)
-
-    def loss(q, k1, k2, v1, v2):
-        out = tensorattn.tensor_attention(
-            q, k1, k2, v1, v2, causal=case.causal, window=case.windows, config=config
-        )
-        return jnp.sum(out.astype(jnp.float32))
-
+    grad, args = kernel_registers.gradient_trace(CASES[name], variant_config(variant))
     core.KNOWN_KERNELS.clear()  # the lowering files every module here, keyed by its hash
-    grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
     no_device_check = mock.patch.object(mosaic_gpu, "_check_device", lambda cfg: None)
     with cuda_lowering.gpu_target(), no_device_check:
-        grad.trace(q, k, k, k, k).lower(lowering_platforms=("cuda",))
+        grad.trace(*args).lower(lowering_platforms=("cuda",))
     return list(core.KNOWN_KERNELS.values())
 
 
@@ -243,12 +230,6 @@ def compile_case(name: str, variant: str, workdir: Path, env: dict) -> list[dict
     return [meta | row for row in rows]
 
 
-def _ptxas_version(exe: str) -> str:
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    lines = out.strip().splitlines()
-    return next((line for line in lines if "release" in line), lines[-1])
-
-
 def reports_in_log(text: str) -> list[dict]:
     """The ptxas reports in a GPU run's log (`MOSAIC_GPU_DUMP_PTXAS=1`), one row per kernel
     compiled, in order (no SASS there: no loop counts)."""
@@ -276,7 +257,7 @@ def main(argv) -> None:
         variant_config(variant)  # refuse a bad variant before any work
     nvdisasm = FLAGS.nvdisasm or shutil.which("nvdisasm", path=str(Path(ptxas).parent))
     nvdisasm = nvdisasm or shutil.which("nvdisasm")
-    versions = {"jax": jax.__version__, "ptxas": _ptxas_version(ptxas)}
+    versions = {"jax": jax.__version__, "ptxas": kernel_registers.ptxas_version(ptxas)}
     header = f"{'case':<24}{'variant':<22}{'kernel':<30}{'regs':>5}{'spill st/ld':>14}"
     print(header + ("  loop spills" if nvdisasm else "  (no nvdisasm: no loop spill counts)"))
     with tempfile.TemporaryDirectory() as tmp:
