@@ -73,7 +73,7 @@ class _Config(spine.CallView):
     interpret: bool
     registers: bool  # wgmma's first operands (x, P) from registers, not shared memory
     schedule: bool  # the two compute warpgroups alternate (FA3 ping-pong)
-    key_masks: bool = True  # the call has a key padding mask (False: `_Config.biased` decides)
+    key_masks: bool = True  # the call has a key padding mask (see `needs_key_bias`)
 
     @property
     def wg_rows(self) -> int:
@@ -91,11 +91,15 @@ class _Config(spine.CallView):
 
     @property
     def biased(self) -> bool:
-        """Whether scores need the 0/-inf key biases. Only with a key mask, or a second-key
-        tile past the end of a non-causal call: first keys stay within `key_range`, and a
-        causal call's padding keys come after every query position, so its causal mask
-        covers them."""
-        return self.key_masks or (not self.causal and self.s2 % self.bk2 != 0)
+        return needs_key_bias(self, self.bk2)
+
+
+def needs_key_bias(cfg, block_k2: int) -> bool:
+    """Whether a kernel's scores need the 0/-inf key biases, for `cfg` (a config with
+    `key_masks`) and second-key tiles of `block_k2`: only with a key mask, or a second-key tile
+    past the end of a non-causal call. First keys stay within `key_range`, and a causal call's
+    padding keys come after every query position, so its causal mask covers them."""
+    return cfg.key_masks or (not cfg.causal and cfg.s2 % block_k2 != 0)
 
 
 # Interpret mode for calls whose MosaicGPUConfig.interpret is None.

@@ -82,9 +82,8 @@ class _Config(spine.CallView):
 
     @property
     def dq_biased(self) -> bool:
-        """Whether the dQ kernel's scores need the key biases (as `mosaic_gpu._Config.biased`,
-        with its 64-key second tiles)."""
-        return self.key_masks or (not self.causal and self.s2 % DQ_BLOCK_K2 != 0)
+        """Whether the dQ kernel's scores need the key biases (its 64-key second tiles)."""
+        return fwd.needs_key_bias(self, DQ_BLOCK_K2)
 
     @property
     def wg_rows(self) -> int:
@@ -159,14 +158,6 @@ def _stationary_pad(cfg: _Config, length: int) -> int:
     return -(-length // block) * block
 
 
-@dataclasses.dataclass(frozen=True)
-class _Scaled:
-    """A scaled row tile in shared memory as wgmma operands: `rows [R, N]` and `T [N, R]`."""
-
-    rows: object
-    T: object
-
-
 class _Ops:
     """The operations that differ between compiled and interpret mode."""
 
@@ -228,10 +219,10 @@ class _Ops:
 
         return pl.run_scoped(run, self.plgpu.ACC(shape, _F32))
 
-    def scaled_rows(self, src, scale_ref, dst, src_t=None, dst_t=None) -> _Scaled:
+    def scaled_rows(self, src, scale_ref, dst, src_t=None, dst_t=None):
         """`dst = src ∘ scale` (`src [rows, N]` in shared memory, `scale [N]` a column scale) as
-        wgmma operands: `dst` and its transpose (a view, or in interpret mode `dst_t`,
-        formed from XLA's transpose `src_t`)."""
+        wgmma operands `(dst, dstᵀ)`: the transpose a view, or in interpret mode `dst_t`,
+        formed from XLA's transpose `src_t`."""
         for cols in chunks(src.shape[-1]):  # (a chunk at a time: fewer registers)
             scale = self.load(scale_ref, cols[1], self.cols_vec)
             x = self.load(src, cols, self.wgmma)
@@ -239,7 +230,7 @@ class _Ops:
         if dst_t is not None:
             dst_t[...] = src_t[...] * self.row_bcast(scale_ref[...], dst_t.shape)
         self.plgpu.commit_smem()
-        return _Scaled(dst, dst_t if dst_t is not None else dst.T)
+        return dst, (dst_t if dst_t is not None else dst.T)
 
     def accumulate(self, acc, a, b):
         """`acc + a @ b`: wgmma accumulating into `acc`'s registers (interpret mode, which
@@ -559,9 +550,9 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             q_t, do_t = (None,) * 2
             if interpret_t:
                 q_t, do_t = qt_smem.at[slot], dot_smem.at[slot]
-            xq = ops.scaled_rows(q_smem.at[slot], kt_smem.at[slot, i], xq_wg, q_t, xqt_wg)
-            xd = ops.scaled_rows(do_smem.at[slot], vt_smem.at[slot, i], xd_wg, do_t, xdt_wg)
-            s_t = ops.product(ks_wg, xq.T, shape)  # Sᵀ [keys, rows]
+            xq, xq_t = ops.scaled_rows(q_smem.at[slot], kt_smem.at[slot, i], xq_wg, q_t, xqt_wg)
+            xd, xd_t = ops.scaled_rows(do_smem.at[slot], vt_smem.at[slot, i], xd_wg, do_t, xdt_wg)
+            s_t = ops.product(ks_wg, xq_t, shape)  # Sᵀ [keys, rows]
             if cfg.key_masks:  # (padded stationary keys' rows are dropped; streamed keys
                 # stay within `key_range`)
                 s_t = s_t + ops.row_bcast(bias_s + bt_smem[slot, i], shape)
@@ -573,10 +564,10 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
             # P in the input dtype (half the registers; it is a wgmma operand in that dtype)
             p_t = jnp.exp2(s_t - ops.col_bcast(lse, shape)).astype(ops.dtype)
             p_op = ops.operand(p_t, p_wg)
-            dv, dp_t = ops.accumulate_and_product(dv, p_op, xd.rows, vs_wg, xd.T, shape)
+            dv, dp_t = ops.accumulate_and_product(dv, p_op, xd, vs_wg, xd_t, shape)
             delta = ops.load(d_smem, slot, ops.cols_vec)
             ds_t = p_t.astype(_F32) * (dp_t - ops.col_bcast(delta, shape))
-            dk = ops.accumulate(dk, ops.operand(ds_t, ds_wg), xq.rows)
+            dk = ops.accumulate(dk, ops.operand(ds_t, ds_wg), xq)
             return dk, dv
 
         def step(step, qi, a0, a_hi, carry):
