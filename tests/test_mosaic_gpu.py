@@ -296,7 +296,7 @@ def test_interpreter_backward_matches_oracle(name):
 @pytest.mark.skipif((os.cpu_count() or 1) < 4, reason="the interpreter can hang on < 4 cores")
 @pytest.mark.parametrize("name", sorted(MANY_THREADS))
 def test_interpreter_backward_two_warpgroups(name):
-    """Two compute warpgroups in the fused dQ kernel: they take turns on the column sums."""
+    """Two compute warpgroups in the fused dQ kernel, each with its own partial sums."""
     _check_gradient(dataclasses.replace(MOSAIC_BWD, interpret=True), MANY_THREADS[name])
 
 

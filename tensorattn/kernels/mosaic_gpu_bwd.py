@@ -10,9 +10,11 @@ base-2 log-sum-exp. With `x_a = q ∘ k1[a]`, `P = exp2(S - lse)` and `dS = P �
   per pipeline step (a tile of first keys, a tile of second keys) and first key `a`,
   `S = x_a @ k2ᵀ`, `dP`, and `dQ += (dS @ k2) ∘ k1[a]`: three wgmma products. Under a causal
   first window `w1` (fused, `MosaicGPUConfig.bwd_fuse_k1`) a query tile sees only
-  `bq + w1 - 1` first keys, so the kernel also forms `P @ v2` and adds each warpgroup's column
-  sums `Σ_rows q ∘ (dS @ k2)` and `Σ_rows dO ∘ (P @ v2)` into shared-memory rows of dK1/dV1
-  partial sums, which XLA folds per key (`pallas._fold_partials`): four products.
+  `bq + w1 - 1` first keys, so the kernel also adds each warpgroup's sums over its rows
+  `Σ_rows q ∘ (dS @ k2)` and `Σ_rows dO ∘ (P @ v2)` into shared-memory rows of dK1/dV1
+  partial sums, which XLA folds per key (`pallas._fold_partials`): four products. It forms
+  the last two transposed (`k2ᵀ @ dSᵀ`, `v2ᵀ @ Pᵀ`, and dQᵀ), so that those sums run along
+  a tile's rows, within a warp, instead of across its warps.
 - **dK/dV of one key set** (one program per tile of that set's keys, 64 per compute
   warpgroup, held in shared memory: the *stationary* set; the other set is *streamed* one key
   `a` at a time, with query tiles of 64 rows): the transposed scores
@@ -50,6 +52,8 @@ _KEYS_PER_WG = 64  # stationary keys per compute warpgroup (the rows of its prod
 
 # Defaults, chosen for shared memory (227 KiB) and registers, not yet timed on a GPU.
 DQ_BLOCK_K1 = 16
+# Fused, 8: the dS/P tile the transposed products read leaves no room for two 16-key tiles.
+DQ_FUSED_BLOCK_K1 = 8
 DQ_BLOCK_K2 = 64
 DKV_BLOCK_K = 16  # streamed keys per pipeline step of the dK/dV kernel
 # A TMA copy moves a multiple of 128 bytes: the float32 biases of a streamed tile are copied
@@ -84,6 +88,11 @@ class _Config(spine.CallView):
     def dq_biased(self) -> bool:
         """Whether the dQ kernel's scores need the key biases (its 64-key second tiles)."""
         return fwd.needs_key_bias(self, DQ_BLOCK_K2)
+
+    @property
+    def bk1(self) -> int:
+        """First keys per pipeline step of the dQ kernel."""
+        return DQ_FUSED_BLOCK_K1 if self.fuse else DQ_BLOCK_K1
 
     @property
     def wg_rows(self) -> int:
@@ -193,16 +202,50 @@ class _Ops:
             ref.at[r][...] = v
 
     def add_row(self, ref, idx, v):
-        """`ref[idx] += v` (a row, or part of one). The row's layout repeats each column in
-        every warp: a warpgroup barrier between the load and the store keeps one warp's store
-        from reaching another warp's load (which would add `v` twice), and one after it orders
-        the next update.
+        """`ref[idx] += v` (part of a row; `v` in `rows_vec`, the layout of a row sum of a
+        wgmma tile, each element in the four lanes of one warp). A warpgroup barrier between
+        the load and the store, and one after it, order the update against the next.
         (jax 0.10's lowering also puts barriers around each store unless
         `unsafe_no_auto_barriers`; these keep the update safe without them.)"""
-        old = self.load(ref, idx, self.cols_vec)
+        old = self.load(ref, idx, self.rows_vec)
         self.plgpu.commit_smem()
         self.store_row(ref, idx, old + v)
         self.plgpu.commit_smem()
+
+    def load_t(self, ref, cols):
+        """`ref[cols]ᵀ` (`ref [rows, N]` in shared memory, 16-bit) as a float32 `[64, rows]`
+        tile in the wgmma layout: loaded through a transposed view in the layout whose 2x2
+        blocks are transposed, then one shuffle per register (compiled)."""
+        if self.cfg.interpret:
+            return ref[cols].T.astype(_F32)
+        x = fwd._load_view(self.plgpu, ref.at[cols].T, self.plgpu.Layout.WGMMA_TRANSPOSED)
+        return self.plgpu.layout_cast(x, self.wgmma).astype(_F32)
+
+    def store_t(self, ref, cols, x):
+        """`ref[cols] = xᵀ` (`x [64, rows]` in the wgmma layout)."""
+        x = x.astype(ref.dtype)
+        if self.cfg.interpret:
+            ref[cols] = x.T
+        else:
+            ref.at[cols].T[...] = self.plgpu.layout_cast(x, self.plgpu.Layout.WGMMA_TRANSPOSED)
+
+    def operand_t(self, x, ref):
+        """`xᵀ` as a wgmma second operand: `x` stored to `ref` and read through a transposed
+        view (interpret mode: `ref` is `[cols, rows]` and holds `xᵀ`)."""
+        if self.cfg.interpret:
+            ref[...] = x.T.astype(ref.dtype)
+            self.plgpu.commit_smem()
+            return ref
+        ref[...] = x.astype(ref.dtype)
+        self.plgpu.commit_smem()
+        return ref.T
+
+    def cols_t(self, ref, ref_t, cols):
+        """`ref[cols]ᵀ` as a wgmma first operand from shared memory: a transposed view, or in
+        interpret mode the rows `cols` of XLA's transpose `ref_t`."""
+        if ref_t is not None:
+            return ref_t.at[cols[1]]
+        return ref.at[cols].T
 
     def transposed(self, ref, ref_t):
         """`refᵀ` as a wgmma second operand: a view (compiled) or XLA's transpose `ref_t`."""
@@ -272,12 +315,11 @@ class _Ops:
 
 def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref, k2_ref, v2_ref,
                b2_ref, k2t_ref, v2t_ref, dq_ref, pk_ref, pv_ref, q_smem, do_smem, l_smem, d_smem,
-               x_smem, y_smem, ds_smem, p_smem, pk_smem, pv_smem, k1_smem, v1_smem, b1_smem,
-               k2_smem, v2_smem, b2_smem, k2t_smem, v2t_smem, row_bar, load_bars, free_bars,
-               turn_bar):  # fmt: skip
+               x_smem, y_smem, ds_smem, pk_smem, pv_smem, k1_smem, v1_smem, b1_smem, k2_smem,
+               v2_smem, b2_smem, k2t_smem, v2t_smem, row_bar, load_bars, free_bars):  # fmt: skip
     ops = _Ops(cfg, q_ref.dtype)
     plgpu = ops.plgpu
-    bk1, bk2 = DQ_BLOCK_K1, DQ_BLOCK_K2
+    bk1, bk2 = cfg.bk1, DQ_BLOCK_K2
     bk = lax.axis_index("bk")
     qi = lax.axis_index("q")
     wg = lax.axis_index("wg")
@@ -330,13 +372,9 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         plgpu.barrier_wait(row_bar.at[wg])
         lse = ops.load(l_wg, (), ops.rows_vec)
         delta = ops.load(d_wg, (), ops.rows_vec)
-        x_wg, y_wg, ds_wg, p_wg = (None,) * 4 if cfg.registers else (
-            s and s.at[wg] for s in (x_smem, y_smem, ds_smem, p_smem)
-        )  # fmt: skip
+        x_wg, y_wg = (None,) * 2 if cfg.registers else (x_smem.at[wg], y_smem.at[wg])
+        ds_wg = ds_smem and ds_smem.at[wg]
         shape = (rows, bk2)
-        # dQ's columns per product: fused, `CHUNK` (the partial sums need the registers);
-        # else the whole width (fewer instructions, no spills either way)
-        dq_chunk = CHUNK if cfg.fuse else h
         if cfg.fuse:  # dK1/dV1 partial sums of first keys base .. base + span - 1
             base = p0 - (cfg.w1 - 1)
             pk_wg, pv_wg = pk_smem.at[wg], pv_smem.at[wg]
@@ -352,22 +390,9 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         def iota(dim):
             return ops.layout(lax.broadcasted_iota(jnp.int32, shape, dim), ops.wgmma)
 
-        def in_turn(body):
-            """`body()` (a cross-warp column sum) one warpgroup at a time: Pallas places
-            every warpgroup's reduction scratch at the same shared-memory offset. All
-            warpgroups meet before each one's turn, so the next turn starts only once the
-            previous one is done (both run the same steps and first keys)."""
-            if not _turns(cfg):
-                return body()
-            for turn in range(cfg.wgs):
-                plgpu.barrier_arrive(turn_bar)
-                plgpu.barrier_wait(turn_bar)
-                pl.when(wg == turn)(body)
-
-        def first_key(slot, a, i, b0, dq):
-            """First key `a` (row `i` of the step's k1 tile) against the step's k2 tile. Rows
-            of q and dO are read again where used, and the `[rows, H]` products and `dq` go in
-            `CHUNK`-column pieces, to keep registers for the accumulators."""
+        def scores(slot, a, i, b0):
+            """`(P, dS)` `[rows, bk2]` (float32) of first key `a` (row `i` of the step's k1
+            tile) against the step's k2 tile. Rows of q and dO are read again where used."""
             k1a = ops.load(k1_smem, (slot, i), ops.cols_vec)
             x = ops.operand(ops.load(q_wg, (), ops.wgmma) * ops.col_bcast(k1a, (rows, h)), x_wg)
             k2t = ops.transposed(k2_smem.at[slot], k2t_smem.at[slot] if interpret_t else None)
@@ -380,58 +405,64 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
                 ok = spine.allowed(pos, b0 + iota(1), cfg.causal, cfg.w2)
                 s = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, cfg.w1), s)
             p = jnp.exp2(s - ops.row_bcast(lse, shape))
-            if cfg.fuse:  # P in the input dtype: half the registers, and it is the operand of
-                # P @ v2 in that dtype anyway
-                p = p.astype(ops.dtype)
             v1a = ops.load(v1_smem, (slot, i), ops.cols_vec)
             y = ops.operand(ops.load(do_wg, (), ops.wgmma) * ops.col_bcast(v1a, (rows, hv)), y_wg)
             v2t = ops.transposed(v2_smem.at[slot], v2t_smem.at[slot] if interpret_t else None)
             dp = ops.product(y, v2t, shape)
-            ds = ops.operand(p.astype(_F32) * (dp - ops.row_bcast(delta, shape)), ds_wg)
+            return p, p * (dp - ops.row_bcast(delta, shape))
 
-            def add_sum(part, rows_ref, cols, prod):
-                """(fused) `part[a - base, cols] += Σ_rows rows_ref[:, cols] ∘ prod`, in turn."""
+        def first_key(slot, a, i, b0, dq):
+            """dq `[rows, H]` += (dS @ k2) ∘ k1[a]: one whole-width product."""
+            _, ds = scores(slot, a, i, b0)
+            z = ops.product(ops.operand(ds, ds_wg), k2_smem.at[slot], (rows, h))
+            k1a = ops.load(k1_smem, (slot, i), ops.cols_vec).astype(_F32)
+            return (dq[0] + z * ops.col_bcast(k1a, z.shape),)
 
-                def body():
-                    x = ops.load(rows_ref, cols, ops.wgmma).astype(_F32)
-                    ops.add_row(part, (a - base, cols[1]), (x * prod).sum(axis=0))
-
-                in_turn(body)
-
-            # dq += (dS @ k2) ∘ k1[a] and (fused) dK1[a] += Σ_rows q ∘ (dS @ k2), a chunk at a time
+        def first_key_fused(slot, a, i, b0, dq_t):
+            """(fused) Transposed, so that the partial sums over the rows are sums along a
+            tile's rows, within a warp: per `CHUNK` columns `c`, `Zᵀ = k2[:, c]ᵀ @ dSᵀ`
+            `[c, rows]`, `dQᵀ[c] += Zᵀ ∘ k1[a, c]`, `dK1[a, c] += Σ_rows Zᵀ ∘ q[:, c]ᵀ`, and
+            `dV1[a, c] += Σ_rows (v2[:, c]ᵀ @ Pᵀ) ∘ dO[:, c]ᵀ`. dSᵀ and Pᵀ are wgmma second
+            operands, so they go through one shared-memory tile, in turn."""
+            p, ds = scores(slot, a, i, b0)
+            p = p.astype(ops.dtype)  # (it is stored in that dtype; half the registers)
+            k2_t, v2_t = (r.at[slot] if interpret_t else None for r in (k2t_smem, v2t_smem))
+            ds_t = ops.operand_t(ds, ds_wg)
             out = []
-            for acc, cols in zip(dq, chunks(h, dq_chunk)):
-                z = ops.product(ds, k2_smem.at[slot].at[cols], (rows, dq_chunk))
-                k1c = ops.load(k1_smem, (slot, i, cols[1]), ops.cols_vec).astype(_F32)
-                out.append(acc + z * ops.col_bcast(k1c, z.shape))
-                if cfg.fuse:
-                    add_sum(pk_wg, q_wg, cols, z)
-            if cfg.fuse:  # dV1[a] += Σ_rows dO ∘ (P @ v2)
-                p_op = ops.operand(p, p_wg)
-                for cols in chunks(hv):
-                    add_sum(
-                        pv_wg,
-                        do_wg,
-                        cols,
-                        ops.product(p_op, v2_smem.at[slot].at[cols], (rows, CHUNK)),
-                    )
+            for acc, cols in zip(dq_t, chunks(h)):
+                z_t = ops.product(ops.cols_t(k2_smem.at[slot], k2_t, cols), ds_t, (CHUNK, rows))
+                k1c = ops.load(k1_smem, (slot, i, cols[1]), ops.rows_vec).astype(_F32)
+                out.append(acc + z_t * ops.row_bcast(k1c, z_t.shape))
+                z_t = z_t * ops.load_t(q_wg, cols)
+                ops.add_row(pk_wg, (a - base, cols[1]), z_t.sum(axis=1))
+            p_t = ops.operand_t(p, ds_wg)  # (the products reading dSᵀ are done)
+            for cols in chunks(hv):
+                w_t = ops.product(ops.cols_t(v2_smem.at[slot], v2_t, cols), p_t, (CHUNK, rows))
+                w_t = w_t * ops.load_t(do_wg, cols)
+                ops.add_row(pv_wg, (a - base, cols[1]), w_t.sum(axis=1))
             return tuple(out)
 
         def step_body(step, dq):
             slot = lax.rem(step, jnp.int32(cfg.steps))
             a0, b0 = step_tiles(step)
             plgpu.barrier_wait(load_bars.at[slot])
+            body = first_key_fused if cfg.fuse else first_key
             dq = lax.fori_loop(
                 a0, jnp.minimum(a0 + bk1, a_hi),
-                lambda a, dq: first_key(slot, a, a - a0, b0, dq), dq,
+                lambda a, dq: body(slot, a, a - a0, b0, dq), dq,
             )  # fmt: skip
             plgpu.barrier_arrive(free_bars.at[slot])
             return dq
 
-        zero = ops.layout(jnp.zeros((rows, dq_chunk), _F32), ops.wgmma)
-        dq = lax.fori_loop(jnp.int32(0), n_steps, step_body, (zero,) * (h // dq_chunk))
-        for acc, cols in zip(dq, chunks(h, dq_chunk)):
-            q_wg.at[cols][...] = (acc * cfg.scale).astype(q_wg.dtype)
+        # dQ (fused: dQᵀ in `CHUNK`-row pieces), scaled into q's shared-memory rows
+        dq_shape, pieces = ((CHUNK, rows), h // CHUNK) if cfg.fuse else ((rows, h), 1)
+        zero = ops.layout(jnp.zeros(dq_shape, _F32), ops.wgmma)
+        dq = lax.fori_loop(jnp.int32(0), n_steps, step_body, (zero,) * pieces)
+        if cfg.fuse:
+            for acc, cols in zip(dq, chunks(h)):
+                ops.store_t(q_wg, cols, acc * cfg.scale)
+        else:
+            q_wg[...] = (dq[0] * cfg.scale).astype(q_wg.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_wg, dq_ref.at[bk, pl.ds(r0, rows)])
         if cfg.fuse:
@@ -595,23 +626,26 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
 
 
 def _kwargs(cfg: _Config) -> dict:
+    """Interpret mode, or the compiler's parameters. No reduction scratch: the backward's
+    sums run along a tile's rows, within a warp."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if cfg.interpret:
         return {"interpret": fwd._interpret_params()}
-    return {"compiler_params": plgpu.CompilerParams(approx_math=True)}
+    return {"compiler_params": plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)}
 
 
 def _dq_scratch(cfg: _Config, h: int, hv: int, dtype) -> list:
     """The dQ kernel's shared memory and barriers."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    rows, wgs, steps, bk1, bk2 = cfg.wg_rows, cfg.wgs, cfg.steps, DQ_BLOCK_K1, DQ_BLOCK_K2
+    rows, wgs, steps, bk1, bk2 = cfg.wg_rows, cfg.wgs, cfg.steps, cfg.bk1, DQ_BLOCK_K2
 
     def smem(shape, when=True):
         return fwd.swizzled(shape, dtype) if when else None
 
     stored = not cfg.registers  # wgmma first operands stored by the consumers
+    ds = (wgs, bk2, rows) if cfg.interpret and cfg.fuse else (wgs, rows, bk2)
     return [
         smem((wgs, rows, h)),  # q, then dQ
         smem((wgs, rows, hv)),  # dO
@@ -619,8 +653,8 @@ def _dq_scratch(cfg: _Config, h: int, hv: int, dtype) -> list:
         plgpu.SMEM((wgs, rows), _F32),  # delta
         smem((wgs, rows, h), stored),  # x = q ∘ k1[a]
         smem((wgs, rows, hv), stored),  # y = dO ∘ v1[a]
-        smem((wgs, rows, bk2), stored),  # dS
-        smem((wgs, rows, bk2), stored and cfg.fuse),  # P
+        # dS (fused: dS, then P; in interpret mode their transposes)
+        smem(ds, stored or cfg.fuse),
         plgpu.SMEM((wgs, cfg.span, h), _F32) if cfg.fuse else None,  # dK1 partial sums
         plgpu.SMEM((wgs, cfg.span, hv), _F32) if cfg.fuse else None,  # dV1 partial sums
         plgpu.SMEM((steps, bk1, h), dtype),  # k1 tile (rows read one at a time)
@@ -634,14 +668,7 @@ def _dq_scratch(cfg: _Config, h: int, hv: int, dtype) -> list:
         plgpu.Barrier(num_arrivals=4, num_barriers=wgs),
         plgpu.Barrier(num_arrivals=8 if cfg.interpret else 6, num_barriers=steps),
         plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
-        # The warpgroups take turns on the cross-warp column sums (their scratch is shared).
-        plgpu.Barrier(num_arrivals=wgs) if _turns(cfg) else None,
     ]
-
-
-def _turns(cfg: _Config) -> bool:
-    """Whether the dQ kernel's compute warpgroups take turns on the fused column sums."""
-    return cfg.fuse and cfg.wgs > 1
 
 
 def _dq_call(cfg: _Config, bk: int, h: int, hv: int, dtype):
@@ -719,7 +746,7 @@ def _dkv_call(cfg: _Config, side: int, bk: int, padded: int, h: int, hv: int, dt
 
 def smem_bytes(plan_: Plan, h: int, hv: int, dtype) -> dict[str, int]:
     """Shared memory of each kernel (bytes), from its scratch list as Pallas lays it out."""
-    dq = fwd.scratch_bytes(_dq_scratch(plan_.dq, h, hv, dtype), reductions=plan_.dq.fuse)
+    dq = fwd.scratch_bytes(_dq_scratch(plan_.dq, h, hv, dtype), reductions=False)
     dkv = fwd.scratch_bytes(_dkv_scratch(plan_.kv, h, hv, dtype), reductions=False)
     return {"dq": dq, "dkv": dkv}
 
