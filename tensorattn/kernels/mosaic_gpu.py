@@ -227,6 +227,39 @@ def _masked(ok, s):
     return jnp.where(ok, s, jnp.full(s.shape, -jnp.inf, s.dtype))
 
 
+def unmasked_pairs(cfg, p0, p1, bk2: int):
+    """The pairs every row of positions `p0..p1` may see, which need no position mask: first
+    keys `[af_lo, af_hi)` with second-key tiles (of `bk2` keys) `[jf_lo, jf_hi)`; None
+    without a causal mask (windows imply one), where every pair is unmasked."""
+    if not cfg.causal:
+        return None
+    af_lo, af_hi = spine.full_range(p0, p1, True, cfg.w1)
+    bf_lo, bf_hi = spine.full_range(p0, p1, True, cfg.w2)
+    jf_lo = lax.div(jnp.int32(bf_lo) + bk2 - 1, jnp.int32(bk2))
+    return af_lo, af_hi, jf_lo, lax.div(bf_hi, jnp.int32(bk2))
+
+
+def masked_and_unmasked(full, a0, a_end, b0, bk2: int, run, carry):
+    """A pipeline step's first keys `[a0, a_end)` against its second-key tile at `b0`: the
+    unmasked ones `[lo, hi)` (`full`, from `unmasked_pairs`; none unless the tile is full) in
+    one loop of `run(False)`, the masked ones before and after them in one loop of
+    `run(True)` (`run(masked)`: a loop body `(a, carry) -> carry`)."""
+    if full is None:
+        return lax.fori_loop(a0, a_end, run(False), carry)
+    af_lo, af_hi, jf_lo, jf_hi = full
+    j = lax.div(b0, jnp.int32(bk2))
+    inside = (j >= jf_lo) & (j < jf_hi)
+    lo = jnp.where(inside, jnp.clip(af_lo, a0, a_end), a_end)
+    hi = jnp.where(inside, jnp.clip(af_hi, lo, a_end), a_end)
+    front = lo - a0
+
+    def edge(k, carry):
+        return run(True)(jnp.where(k < front, a0 + k, hi + k - front), carry)
+
+    carry = lax.fori_loop(jnp.int32(0), front + a_end - hi, edge, carry)
+    return lax.fori_loop(lo, hi, run(False), carry)
+
+
 def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref, o_ref, l_ref,
             q_smem, o_smem, x_smem, p_smem, lse_smem, k1_smem, v1_smem, b1_smem, k2_smem, v2_smem,
             b2_smem, q_bar, load_bars, free_bars, sched_bar):  # fmt: skip
@@ -363,13 +396,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             )
             return m_new, denom, acc
 
-        if cfg.causal:  # (windows imply causal; without masks every pair is unmasked)
-            # Pairs every row of the program may see need no position mask: first keys in
-            # [af_lo, af_hi) with second-key tiles in [jf_lo, jf_hi).
-            af_lo, af_hi = spine.full_range(p0, p1, True, cfg.w1)
-            bf_lo, bf_hi = spine.full_range(p0, p1, True, cfg.w2)
-            jf_lo = lax.div(jnp.int32(bf_lo) + cfg.bk2 - 1, jnp.int32(cfg.bk2))
-            jf_hi = lax.div(bf_hi, jnp.int32(cfg.bk2))
+        full = unmasked_pairs(cfg, p0, p1, cfg.bk2)
 
         def step_body(step, carry):
             slot = lax.rem(step, jnp.int32(cfg.steps))
@@ -380,22 +407,7 @@ def _kernel(cfg: _Config, q_ref, k1_ref, v1_ref, b1_ref, k2t_ref, v2_ref, b2_ref
             def run(masked):
                 return lambda a, carry: attend(slot, a, a - a0, b0, masked, carry)
 
-            if not cfg.causal:
-                carry = lax.fori_loop(a0, a_end, run(False), carry)
-            else:
-                # This step's unmasked first keys [lo, hi), none unless its k2 tile is full;
-                # the masked ones before and after them run in one loop.
-                j = lax.div(b0, jnp.int32(cfg.bk2))
-                full = (j >= jf_lo) & (j < jf_hi)
-                lo = jnp.where(full, jnp.clip(af_lo, a0, a_end), a_end)
-                hi = jnp.where(full, jnp.clip(af_hi, lo, a_end), a_end)
-                front = lo - a0
-
-                def edge(k, carry):
-                    return run(True)(jnp.where(k < front, a0 + k, hi + k - front), carry)
-
-                carry = lax.fori_loop(jnp.int32(0), front + a_end - hi, edge, carry)
-                carry = lax.fori_loop(lo, hi, run(False), carry)
+            carry = masked_and_unmasked(full, a0, a_end, b0, cfg.bk2, run, carry)
             plgpu.barrier_arrive(free_bars.at[slot])
             return carry
 

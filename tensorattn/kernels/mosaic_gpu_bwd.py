@@ -390,9 +390,10 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         def iota(dim):
             return ops.layout(lax.broadcasted_iota(jnp.int32, shape, dim), ops.wgmma)
 
-        def scores(slot, a, i, b0):
+        def scores(slot, a, i, b0, masked):
             """`(P, dS)` `[rows, bk2]` (float32) of first key `a` (row `i` of the step's k1
-            tile) against the step's k2 tile. Rows of q and dO are read again where used."""
+            tile) against the step's k2 tile; `masked`: apply the causal/window masks (edge
+            pairs only, as in the forward). Rows of q and dO are read again where used."""
             k1a = ops.load(k1_smem, (slot, i), ops.cols_vec)
             x = ops.operand(ops.load(q_wg, (), ops.wgmma) * ops.col_bcast(k1a, (rows, h)), x_wg)
             k2t = ops.transposed(k2_smem.at[slot], k2t_smem.at[slot] if interpret_t else None)
@@ -400,7 +401,7 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             if cfg.dq_biased:
                 bias = ops.load(b2_smem, slot, ops.cols_vec) + b1_smem[slot, i]
                 s = s + ops.col_bcast(bias, shape)
-            if cfg.causal:
+            if masked:
                 pos = p0 + lax.rem(iota(0) + wg * rows, jnp.int32(cfg.bq))
                 ok = spine.allowed(pos, b0 + iota(1), cfg.causal, cfg.w2)
                 s = fwd._masked(ok & spine.allowed(pos, a, cfg.causal, cfg.w1), s)
@@ -411,20 +412,20 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             dp = ops.product(y, v2t, shape)
             return p, p * (dp - ops.row_bcast(delta, shape))
 
-        def first_key(slot, a, i, b0, dq):
+        def first_key(slot, a, i, b0, masked, dq):
             """dq `[rows, H]` += (dS @ k2) ∘ k1[a]: one whole-width product."""
-            _, ds = scores(slot, a, i, b0)
+            _, ds = scores(slot, a, i, b0, masked)
             z = ops.product(ops.operand(ds, ds_wg), k2_smem.at[slot], (rows, h))
             k1a = ops.load(k1_smem, (slot, i), ops.cols_vec).astype(_F32)
             return (dq[0] + z * ops.col_bcast(k1a, z.shape),)
 
-        def first_key_fused(slot, a, i, b0, dq_t):
+        def first_key_fused(slot, a, i, b0, masked, dq_t):
             """(fused) Transposed, so that the partial sums over the rows are sums along a
             tile's rows, within a warp: per `CHUNK` columns `c`, `Zᵀ = k2[:, c]ᵀ @ dSᵀ`
             `[c, rows]`, `dQᵀ[c] += Zᵀ ∘ k1[a, c]`, `dK1[a, c] += Σ_rows Zᵀ ∘ q[:, c]ᵀ`, and
             `dV1[a, c] += Σ_rows (v2[:, c]ᵀ @ Pᵀ) ∘ dO[:, c]ᵀ`. dSᵀ and Pᵀ are wgmma second
             operands, so they go through one shared-memory tile, in turn."""
-            p, ds = scores(slot, a, i, b0)
+            p, ds = scores(slot, a, i, b0, masked)
             p = p.astype(ops.dtype)  # (it is stored in that dtype; half the registers)
             k2_t, v2_t = (r.at[slot] if interpret_t else None for r in (k2t_smem, v2t_smem))
             ds_t = ops.operand_t(ds, ds_wg)
@@ -442,15 +443,19 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
                 ops.add_row(pv_wg, (a - base, cols[1]), w_t.sum(axis=1))
             return tuple(out)
 
+        full = fwd.unmasked_pairs(cfg, p0, p1, bk2)
+
         def step_body(step, dq):
             slot = lax.rem(step, jnp.int32(cfg.steps))
             a0, b0 = step_tiles(step)
             plgpu.barrier_wait(load_bars.at[slot])
             body = first_key_fused if cfg.fuse else first_key
-            dq = lax.fori_loop(
-                a0, jnp.minimum(a0 + bk1, a_hi),
-                lambda a, dq: body(slot, a, a - a0, b0, dq), dq,
-            )  # fmt: skip
+
+            def run(masked):
+                return lambda a, dq: body(slot, a, a - a0, b0, masked, dq)
+
+            a_end = jnp.minimum(a0 + bk1, a_hi)
+            dq = fwd.masked_and_unmasked(full, a0, a_end, b0, bk2, run, dq)
             plgpu.barrier_arrive(free_bars.at[slot])
             return dq
 
