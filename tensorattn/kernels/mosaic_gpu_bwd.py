@@ -231,7 +231,9 @@ class _Ops:
 
     def operand_t(self, x, ref):
         """`xᵀ` as a wgmma second operand: `x` stored to `ref` and read through a transposed
-        view (interpret mode: `ref` is `[cols, rows]` and holds `xᵀ`)."""
+        view (interpret mode: `ref` is `[cols, rows]` and holds `xᵀ`). The products that read
+        `ref` before were awaited, and the store's own warpgroup barrier (Pallas puts one
+        before each store unless `unsafe_no_auto_barriers`) keeps it behind every warp."""
         if self.cfg.interpret:
             ref[...] = x.T.astype(ref.dtype)
             self.plgpu.commit_smem()
