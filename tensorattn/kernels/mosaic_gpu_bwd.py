@@ -242,18 +242,12 @@ class _Ops:
         self.plgpu.commit_smem()
         return ref.T
 
-    def cols_t(self, ref, ref_t, cols):
-        """`ref[cols]ᵀ` as a wgmma first operand from shared memory: a transposed view, or in
-        interpret mode the rows `cols` of XLA's transpose `ref_t`."""
+    def transposed(self, ref, ref_t, cols=None):
+        """`refᵀ` (or `ref[cols]ᵀ`) as a wgmma operand from shared memory: a transposed view
+        (compiled) or XLA's transpose `ref_t` (its rows `cols`)."""
         if ref_t is not None:
-            return ref_t.at[cols[1]]
-        return ref.at[cols].T
-
-    def transposed(self, ref, ref_t):
-        """`refᵀ` as a wgmma second operand: a view (compiled) or XLA's transpose `ref_t`."""
-        if ref_t is not None:
-            return ref_t
-        return ref.T
+            return ref_t if cols is None else ref_t.at[cols[1]]
+        return (ref if cols is None else ref.at[cols]).T
 
     def product(self, a, b, shape):
         """`a @ b` (float32, one wgmma)."""
@@ -433,14 +427,14 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
             ds_t = ops.operand_t(ds, ds_wg)
             out = []
             for acc, cols in zip(dq_t, chunks(h)):
-                z_t = ops.product(ops.cols_t(k2_smem.at[slot], k2_t, cols), ds_t, (CHUNK, rows))
+                z_t = ops.product(ops.transposed(k2_smem.at[slot], k2_t, cols), ds_t, (CHUNK, rows))
                 k1c = ops.load(k1_smem, (slot, i, cols[1]), ops.rows_vec).astype(_F32)
                 out.append(acc + z_t * ops.row_bcast(k1c, z_t.shape))
                 z_t = z_t * ops.load_t(q_wg, cols)
                 ops.add_row(pk_wg, (a - base, cols[1]), z_t.sum(axis=1))
             p_t = ops.operand_t(p, ds_wg)  # (the products reading dSᵀ are done)
             for cols in chunks(hv):
-                w_t = ops.product(ops.cols_t(v2_smem.at[slot], v2_t, cols), p_t, (CHUNK, rows))
+                w_t = ops.product(ops.transposed(v2_smem.at[slot], v2_t, cols), p_t, (CHUNK, rows))
                 w_t = w_t * ops.load_t(do_wg, cols)
                 ops.add_row(pv_wg, (a - base, cols[1]), w_t.sum(axis=1))
             return tuple(out)
@@ -803,7 +797,7 @@ def backward(plan_: Plan, res, d_out):
             fwd._bias(valid, padded),
         )
 
-    s1p = _streamed_pad(cfg.s1, max(DQ_BLOCK_K1, _BIAS_COPY))
+    s1p = _streamed_pad(cfg.s1, max(cfg.bk1, _BIAS_COPY))
     s2p = -(-cfg.s2 // DQ_BLOCK_K2) * DQ_BLOCK_K2
     set1, set2 = keys(k1, v1, valid1, s1p), keys(k2, v2, valid2, s2p)
     t2 = (set2[0].transpose(0, 2, 1), set2[1].transpose(0, 2, 1)) if cfg.interpret else (None,) * 2
