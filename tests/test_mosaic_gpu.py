@@ -240,12 +240,14 @@ BWD_CASES = {
         "grouped-64-f16",
         "full-padded",
         "full-no-biases",
-        # Pairs inside both windows, or below the causal diagonal, skip the position masks
-        # in the dQ kernel too (fused for the windows).
-        "edge-masks-window",
+        # Pairs below the causal diagonal skip the position masks in the dQ kernel too.
         "edge-masks-causal",
     )
 } | {
+    # The same inside both windows, fused: positions 64..79 see the whole second-key tile
+    # [0, 64) (swapped: w2 = 80) and first keys 60..64 (w1 = 20). Shorter than the forward's
+    # case, for CI's time.
+    "edge-masks-window-fused": Case(t=80, heads=4, kv_heads=1, window=(80, 20), masked=True),
     # Cross attention with key masks; dK1/dV1's streamed set is the longer second one.
     "cross-lengths-masked": Case(t=20, batch=2, lengths=(12, 70), masked=True),
     # G = 128: dQ on one 128-row warpgroup; dK/dV on 64-row tiles holding half the heads.
