@@ -1,83 +1,136 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, each bounded in time, with their logs and rows in DIR.
 #
-#   scripts/gpu_checks.sh DIR                          # all sections, in this order
-#   scripts/gpu_checks.sh DIR tests                    # some of: tests kernels peers polynomial
+#   scripts/gpu_checks.sh DIR                     # all sections, in this order:
+#                                                 #   smoke peers kernels polynomial tests
+#   scripts/gpu_checks.sh DIR smoke peers         # some of them, in the order given
+#   BUDGET_S=540 ARCHIVE=$OUT/gpu.tgz scripts/gpu_checks.sh /tmp/g   # one device call
 #
-# tests:      the whole test suite on this machine (GPU-compiled cases included), its log and
-#             a summary line (device, JAX version, counts, wall time) in DIR/gpu_checks.txt.
-# kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
-#             kernels on the windowed, grouped-head shapes of issue 10, then full attention;
-#             the Mosaic GPU kernels' ptxas reports in DIR/mosaic_registers_gpu.jsonl.
+# smoke:      the tests marked `gpu` (`pytest -m gpu`): every compiled GPU kernel (Triton-lowered
+#             Pallas, Mosaic GPU forward and backward, fused polynomial) against the float64
+#             oracle. Run first: a kernel that fails here makes its timings below meaningless.
 # peers:      the side-by-side run against the peers' Triton kernels (issue 10), needing a copy
 #             of them in .peers (see its run.sh): once with implementation=None (DIR/peers_*.jsonl,
 #             DIR/tensorattn_jax.jsonl), then tensorattn alone with implementation="mosaic_gpu"
 #             (DIR/mosaic_gpu/tensorattn_jax.jsonl, beside the same peer rows).
+# kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
+#             kernels on the windowed, grouped-head shapes of issue 10, then full attention
+#             (default tiles, a few tile variants, the backward layouts); the Mosaic GPU
+#             kernels' ptxas reports in DIR/mosaic_registers_gpu.jsonl.
 # polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal.
-# Each section runs under `timeout` (TIMEOUT_S, default 540 s) so that one fits a 10-minute slot;
-# a section cut by it says so in gpu_checks.txt and the rows it wrote are kept.
+# tests:      the whole test suite on this machine (issue 15), its counts and wall time.
+#
+# DIR/gpu_checks.txt gets a line per section: device, JAX version, exit status, wall time, test
+# counts. Each section runs under `timeout`: its own cap below (so that a hung kernel cannot
+# take a whole device call; the caps add up to more than one call), at most TIMEOUT_S (default
+# 540 s); with BUDGET_S, all of them together end within BUDGET_S seconds of the start (a
+# section gets what is left, and is skipped with under 20 s left). A test that hangs fails
+# after TEST_TIMEOUT_S (default 180 s, with pytest-timeout). With ARCHIVE=FILE.tgz, DIR is archived into FILE after each
+# section, so a call killed at its limit still returns what the finished sections wrote (a
+# device call returns at most 8 files). Python wheels in .whl/ (packages the machine lacks,
+# e.g. ml_collections) are installed into a side folder first. Tests run on PYTEST_WORKERS
+# processes (default 8, with pytest-xdist; 0: one process), each taking GPU memory as needed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DIR=${1:?usage: $0 DIR [tests|kernels|peers|polynomial]...}
+DIR=${1:?usage: $0 DIR [smoke|peers|kernels|polynomial|tests]...}
 shift
 mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)
-SECTIONS=${*:-tests kernels peers polynomial}
+SECTIONS=${*:-smoke peers kernels polynomial tests}
 TIMEOUT_S=${TIMEOUT_S:-540}
+BUDGET_S=${BUDGET_S:-0}
+ARCHIVE=${ARCHIVE:-}
 PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+PYTEST_WORKERS=${PYTEST_WORKERS:-8}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 for s in $SECTIONS; do
   case $s in
-    tests | kernels | peers | polynomial) ;;
-    *) echo "unknown section $s (tests, kernels, peers, polynomial)" >&2; exit 2 ;;
+    smoke | peers | kernels | polynomial | tests) ;;
+    *) echo "unknown section $s (smoke, peers, kernels, polynomial, tests)" >&2; exit 2 ;;
   esac
 done
 SUMMARY=$DIR/gpu_checks.txt
 
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/tensorattn-wheels .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/tensorattn-wheels:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 env_line=$("$PYTHON" -c 'import jax; d = jax.devices()[0]; print(f"{d.device_kind} ({d.platform}), jax {jax.__version__}")') ||
   { echo "$PYTHON cannot import jax (PYTHON=.venv/bin/python?)" >&2; exit 2; }
 echo "== $(date -u +%FT%TZ) $env_line" | tee -a "$SUMMARY"
 
-section() {  # section NAME COMMAND...: runs COMMAND under the timeout, logs to DIR/NAME.log
-  local name=$1 t0 rc
-  shift
-  t0=$(date +%s)
-  timeout "$TIMEOUT_S" "$@" 2>&1 | tee "$DIR/$name.log"
-  rc=${PIPESTATUS[0]}
-  local what="exit $rc"
-  [ "$rc" = 124 ] && what="cut at ${TIMEOUT_S} s (timeout)"
-  local counts
-  counts=$(grep -E '[0-9]+ (passed|failed)' "$DIR/$name.log" | tail -1)
-  echo "$name: $what in $(($(date +%s) - t0)) s${counts:+; $counts}" | tee -a "$SUMMARY"
+archive() {  # DIR -> ARCHIVE, replaced whole so that a kill never leaves half an archive
+  [ -n "$ARCHIVE" ] || return 0
+  tar czf "$ARCHIVE.part" -C "$(dirname "$DIR")" "$(basename "$DIR")" && mv "$ARCHIVE.part" "$ARCHIVE"
 }
 
+section() {  # section NAME CAP_S COMMAND...: runs COMMAND for at most CAP_S (and TIMEOUT_S)
+  local name=$1 t0 rc limit=$TIMEOUT_S  # and the time left, logging to DIR/NAME.log
+  [ "$2" -lt "$limit" ] && limit=$2
+  shift 2
+  t0=$(date +%s)
+  if [ "$BUDGET_S" -gt 0 ]; then
+    local left=$((BUDGET_S - (t0 - START)))
+    if [ "$left" -lt 20 ]; then
+      echo "$name: skipped, ${left} s of BUDGET_S=$BUDGET_S left" | tee -a "$SUMMARY"
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$DIR/$name.log"
+  rc=${PIPESTATUS[0]}
+  local what="exit $rc"
+  { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && what="cut at ${limit} s (timeout)"
+  local counts
+  counts=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)\b.* in [0-9.]+s' "$DIR/$name.log" | tail -1)
+  echo "$name: $what in $(($(date +%s) - t0)) s${counts:+; $counts}" | tee -a "$SUMMARY"
+  archive
+}
+
+pytest_cmd=("$PYTHON" -m pytest -p no:cacheprovider -rs)
+if [ "$PYTEST_WORKERS" -gt 0 ] && "$PYTHON" -c "import xdist" 2> /dev/null; then
+  pytest_cmd+=(-n "$PYTEST_WORKERS")
+fi
+# A kernel that hangs on the GPU fails its test after TEST_TIMEOUT_S instead of the section.
+if "$PYTHON" -c "import pytest_timeout" 2> /dev/null; then
+  pytest_cmd+=(--timeout="${TEST_TIMEOUT_S:-180}" --timeout-method=thread)
+fi
+
+archive
 for s in $SECTIONS; do
   case $s in
-    tests) section tests "$PYTHON" -m pytest -p no:cacheprovider -rs ;;
+    smoke) section smoke 180 "${pytest_cmd[@]}" -m gpu ;;
+    tests) section tests 540 "${pytest_cmd[@]}" ;;
     kernels)
       # (MOSAIC_GPU_DUMP_PTXAS: the Mosaic GPU kernels' ptxas reports go to the log, read back
       # into DIR/mosaic_registers_gpu.jsonl to set beside experiments.mosaic_registers' rows)
-      section kernels_grouped env MOSAIC_GPU_DUMP_PTXAS=1 "$PYTHON" -m experiments.bench_pallas \
-        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
+      section kernels_grouped 180 env MOSAIC_GPU_DUMP_PTXAS=1 "$PYTHON" -m experiments.bench_pallas \
+        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split \
+        --variants_window=64:64:4 --variants_mosaic=32:128:2,32:64:3 --budget_s=3 \
         --cases=window16384,group64,group128 --head_dims=128 --out="$DIR/bench_pallas.jsonl"
       "$PYTHON" -m experiments.mosaic_registers --from_log="$DIR/kernels_grouped.log" \
         --out="$DIR/mosaic_registers_gpu.jsonl" > /dev/null
-      section kernels_full "$PYTHON" -m experiments.bench_pallas \
-        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu \
+      section kernels_full 90 "$PYTHON" -m experiments.bench_pallas \
+        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split \
+        --variants_full=64:64:4 --variants_mosaic=32:128:2 --budget_s=3 \
         --cases=full4096 --out="$DIR/bench_pallas.jsonl" ;;
     peers)
       if [ ! -f .peers/run.sh ]; then
         echo "peers: skipped, no .peers/run.sh (the peers' comparison harness, not in this repository)" | tee -a "$SUMMARY"
         continue
       fi
-      section peers env OUT="$DIR" bash .peers/run.sh
+      section peers 300 env OUT="$DIR" bash .peers/run.sh
       mkdir -p "$DIR/mosaic_gpu"
       cp "$DIR"/peers_*.jsonl "$DIR/mosaic_gpu/" 2>/dev/null
-      section peers_mosaic_gpu env OUT="$DIR/mosaic_gpu" TENSORATTN_IMPL=mosaic_gpu \
-        PYTHONPATH="$PWD:${PYTHONPATH:-}" "$PYTHON" .peers/tensorattn_jax.py ;;
+      section peers_mosaic_gpu 120 env OUT="$DIR/mosaic_gpu" TENSORATTN_IMPL=mosaic_gpu \
+        "$PYTHON" .peers/tensorattn_jax.py ;;
     polynomial)
-      section polynomial_noncausal "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
+      section polynomial_noncausal 120 "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
         --out="$DIR/bench_polynomial_fused.jsonl"
-      section polynomial_causal "$PYTHON" -m experiments.bench_polynomial_fused --causal=1 \
+      section polynomial_causal 120 "$PYTHON" -m experiments.bench_polynomial_fused --causal=1 \
         --out="$DIR/bench_polynomial_fused.jsonl" ;;
   esac
 done
+archive

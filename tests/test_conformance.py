@@ -43,7 +43,7 @@ class Impl:
     gradients: bool = True  # checks the gradients too
     head_dims: tuple | None = None  # (H, Hv) it needs (compiled Pallas: powers of two >= 16)
     entries: float = 1.0  # inputs uniform in [-entries, entries]
-    needs_gpu: bool = False
+    needs_gpu: bool = False  # compiled kernels: marked `gpu` (skipped without one)
     certified: bool = False  # approximate: held to its certificate instead of a fixed tolerance
 
 
@@ -169,7 +169,12 @@ CASES = {
 }
 
 PARAMS = [
-    pytest.param(impl_name, case_name, id=f"{impl_name}-{case_name}")
+    pytest.param(
+        impl_name,
+        case_name,
+        id=f"{impl_name}-{case_name}",
+        marks=[pytest.mark.gpu] if IMPLS[impl_name].needs_gpu else [],
+    )
     for impl_name in IMPLS
     for case_name in CASES
     if CASES[case_name].runs_on(IMPLS[impl_name])
@@ -196,8 +201,6 @@ def _rel(a, b):
 @pytest.mark.parametrize("impl_name,case_name", PARAMS)
 def test_matches_oracle(impl_name, case_name):
     impl, case = IMPLS[impl_name], CASES[case_name]
-    if impl.needs_gpu and jax.default_backend() != "gpu":
-        pytest.skip("compiled Pallas kernels need a GPU")
     q, keys, values, masks, scale, d_out = case.inputs(impl)
     okw = case.oracle_kwargs(masks, scale)
     f64 = [np.asarray(x, np.float64) for x in (q, *keys, *values)]

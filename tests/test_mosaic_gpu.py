@@ -6,6 +6,7 @@ mode on tiny shapes against the float64 oracle, forward and one gradient (the gr
 Pallas backward, in Pallas interpret mode). (3) On a GPU the same cases run compiled.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -157,12 +158,20 @@ MANY_THREADS = {
 ATOL = {BF16: 3e-2, F16: 5e-3}
 
 
+def _on_interpreter_device(config: MosaicGPUConfig):
+    """Interpret mode on the host CPU, also on a GPU machine: the same runs as in CI."""
+    if config.interpret and on_gpu:
+        return jax.default_device(jax.devices("cpu")[0])
+    return contextlib.nullcontext()
+
+
 def _check_forward(case: Case, config: MosaicGPUConfig):
-    x, masks = case.inputs()
-    config = dataclasses.replace(
-        case.config, interpret=config.interpret, register_operands=config.register_operands
-    )
-    out = case.run(x, masks, config)
+    with _on_interpreter_device(config):
+        x, masks = case.inputs()
+        config = dataclasses.replace(
+            case.config, interpret=config.interpret, register_operands=config.register_operands
+        )
+        out = case.run(x, masks, config)
     assert out.shape == x[0].shape[:3] + (case.value_dim,) and out.dtype == x[0].dtype
     x64, kw = case.oracle(x, masks)
     want = oracle.attention(x64[0], x64[1:3], x64[3:], **kw)
@@ -182,13 +191,13 @@ def test_interpreter_two_warpgroups(name):
     _check_forward(MANY_THREADS[name], INTERPRET)
 
 
-@pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(CASES | MANY_THREADS))
 def test_gpu_matches_oracle(name):
     _check_forward((CASES | MANY_THREADS)[name], MosaicGPUConfig(interpret=False))
 
 
-@pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["window-w1>w2-masked", "grouped-64-f16"])
 def test_gpu_shared_memory_operands_match_oracle(name):
     """The interpreter's operand layout, compiled (`register_operands=False`)."""
@@ -197,17 +206,18 @@ def test_gpu_shared_memory_operands_match_oracle(name):
 
 def _check_gradient(config: MosaicGPUConfig, case: Case = Case(t=16, window=(4, 9), masked=True)):
     """All five gradients against the float64 oracle."""
-    x, masks = case.inputs(seed=3)
-    d_out = np.random.default_rng(4).standard_normal(x[0].shape[:3] + (case.value_dim,))
     backward = config.backward or case.config.backward
     config = dataclasses.replace(case.config, interpret=config.interpret, backward=backward)
+    with _on_interpreter_device(config):
+        x, masks = case.inputs(seed=3)
+        d_out = np.random.default_rng(4).standard_normal(x[0].shape[:3] + (case.value_dim,))
 
-    def loss(*x):
-        return jnp.sum(case.run(x, masks, config).astype(jnp.float32) * d_out)
+        def loss(*x):
+            return jnp.sum(case.run(x, masks, config).astype(jnp.float32) * d_out)
 
-    grad = jax.grad(loss, argnums=tuple(range(5)))
-    # Interpret mode runs eagerly: under an outer jax.jit it hung here (2 cores, jax 0.10.2).
-    grads = grad(*x) if config.interpret else jax.jit(grad)(*x)
+        grad = jax.grad(loss, argnums=tuple(range(5)))
+        # Interpret mode runs eagerly: under an outer jax.jit it hung here (2 cores, jax 0.10.2).
+        grads = grad(*x) if config.interpret else jax.jit(grad)(*x)
     x64, kw = case.oracle(x, masks)
     dq, dk, dv = oracle.attention_grads(x64[0], x64[1:3], x64[3:], d_out, **kw)
     for name, g, want in zip(("dq", "dk1", "dk2", "dv1", "dv2"), grads, [dq, *dk, *dv]):
@@ -221,7 +231,7 @@ def test_interpreter_gradient_matches_oracle():
     _check_gradient(INTERPRET)
 
 
-@pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
+@pytest.mark.gpu
 def test_gpu_gradient_matches_oracle():
     _check_gradient(MosaicGPUConfig(interpret=False))
 
@@ -306,7 +316,7 @@ def test_interpreter_backward_two_warpgroups(name):
     _check_gradient(dataclasses.replace(MOSAIC_BWD, interpret=True), MANY_THREADS[name])
 
 
-@pytest.mark.skipif(not on_gpu, reason="compiled Mosaic GPU kernels need a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(BWD_CASES | MANY_THREADS))
 def test_gpu_backward_matches_oracle(name):
     _check_gradient(

@@ -259,7 +259,7 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
     assert text.count("__gpu$xla.gpu.triton") == (4 if causal else 8)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_on_gpu(causal, dtype):
