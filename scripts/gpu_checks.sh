@@ -2,7 +2,7 @@
 # The checks that need an NVIDIA GPU, each bounded in time, with their logs and rows in DIR.
 #
 #   scripts/gpu_checks.sh DIR                     # all sections, in this order:
-#                                                 #   smoke peers kernels polynomial tests
+#                                                 #   smoke peers kernels polynomial tests reproduce
 #   scripts/gpu_checks.sh DIR smoke peers         # some of them, in the order given
 #   BUDGET_S=540 ARCHIVE=$OUT/gpu.tgz scripts/gpu_checks.sh /tmp/g   # one device call
 #
@@ -17,25 +17,31 @@
 #             kernels on the windowed, grouped-head shapes of issue 10, then full attention
 #             (default tiles, a few tile variants, the backward layouts); the Mosaic GPU
 #             kernels' ptxas reports in DIR/mosaic_registers_gpu.jsonl.
-# polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal.
+# polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal
+#             (the XLA kernel, for comparison, up to n = 65536 only).
 # tests:      the whole test suite on this machine (issue 15), its counts and wall time.
+# reproduce:  scripts/reproduce.sh --full (issue 13) into DIR/full, resuming from a copy of
+#             results/full: the steps a run finishes, and the finished training runs of the
+#             steps it is cut in, come back with DIR (commit them to results/full to go on).
 #
-# DIR/gpu_checks.txt gets a line per section: device, JAX version, exit status, wall time, test
-# counts. Each section runs under `timeout`: its own cap below (so that a hung kernel cannot
-# take a whole device call; the caps add up to more than one call), at most TIMEOUT_S (default
-# 540 s); with BUDGET_S, all of them together end within BUDGET_S seconds of the start (a
-# section gets what is left, and is skipped with under 20 s left). A test that hangs fails
-# after TEST_TIMEOUT_S (default 180 s, with pytest-timeout). With ARCHIVE=FILE.tgz, DIR is archived into FILE after each
-# section, so a call killed at its limit still returns what the finished sections wrote (a
-# device call returns at most 8 files). Python wheels in .whl/ (packages the machine lacks,
-# e.g. ml_collections) are installed into a side folder first. Tests run on PYTEST_WORKERS
-# processes (default 8, with pytest-xdist; 0: one process), each taking GPU memory as needed.
+# After peers and kernels, experiments/gpu_targets.py checks issue 10's targets against the
+# rows (DIR/targets.txt). DIR/gpu_checks.txt gets a line per section: device, JAX version,
+# exit status, wall time, test counts. Each section runs under `timeout`: its own cap below
+# (so that a hung kernel cannot take a whole device call), at most TIMEOUT_S (default 540 s);
+# with BUDGET_S, all of them together end within BUDGET_S seconds of the start (a section
+# gets what is left, and is skipped with under 20 s left). A test that hangs fails after
+# TEST_TIMEOUT_S (default 180 s, with pytest-timeout). With ARCHIVE=FILE.tgz, DIR is
+# archived into FILE after each section, so a call killed at its limit still returns what
+# the finished sections wrote (a device call returns at most 8 files). Python wheels in
+# .whl/ (packages the machine lacks, e.g. ml_collections) are installed into a side folder
+# first. Tests run on PYTEST_WORKERS processes (default 8, with pytest-xdist; 0: one
+# process), each taking GPU memory as needed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DIR=${1:?usage: $0 DIR [smoke|peers|kernels|polynomial|tests]...}
+DIR=${1:?usage: $0 DIR [smoke|peers|kernels|polynomial|tests|reproduce]...}
 shift
 mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)
-SECTIONS=${*:-smoke peers kernels polynomial tests}
+SECTIONS=${*:-smoke peers kernels polynomial tests reproduce}
 TIMEOUT_S=${TIMEOUT_S:-540}
 BUDGET_S=${BUDGET_S:-0}
 ARCHIVE=${ARCHIVE:-}
@@ -45,8 +51,8 @@ START=$(date +%s)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 for s in $SECTIONS; do
   case $s in
-    smoke | peers | kernels | polynomial | tests) ;;
-    *) echo "unknown section $s (smoke, peers, kernels, polynomial, tests)" >&2; exit 2 ;;
+    smoke | peers | kernels | polynomial | tests | reproduce) ;;
+    *) echo "unknown section $s (smoke, peers, kernels, polynomial, tests, reproduce)" >&2; exit 2 ;;
   esac
 done
 SUMMARY=$DIR/gpu_checks.txt
@@ -89,6 +95,12 @@ section() {  # section NAME CAP_S COMMAND...: runs COMMAND for at most CAP_S (an
   archive
 }
 
+targets() {  # issue 10's targets from the rows so far -> DIR/targets.txt
+  rm -f "$DIR/targets.jsonl"
+  "$PYTHON" -m experiments.gpu_targets --dir="$DIR" --out="$DIR/targets.jsonl" \
+    > "$DIR/targets.txt" 2>&1 && tail -1 "$DIR/targets.txt" | tee -a "$SUMMARY"
+}
+
 pytest_cmd=("$PYTHON" -m pytest -p no:cacheprovider -rs)
 if [ "$PYTEST_WORKERS" -gt 0 ] && "$PYTHON" -c "import xdist" 2> /dev/null; then
   pytest_cmd+=(-n "$PYTEST_WORKERS")
@@ -103,6 +115,14 @@ for s in $SECTIONS; do
   case $s in
     smoke) section smoke 180 "${pytest_cmd[@]}" -m gpu ;;
     tests) section tests 540 "${pytest_cmd[@]}" ;;
+    reproduce)
+      rm -rf "$DIR/full" && mkdir -p "$DIR/full"
+      [ -d results/full ] && cp -r results/full/. "$DIR/full/"
+      section reproduce 540 env OUT="$DIR/full" TRAIN_DIR=/tmp/tensorattn_train \
+        PYTHON="$PYTHON" bash scripts/reproduce.sh --full
+      # rows of training runs finished inside a step the time limit cut
+      cp /tmp/tensorattn_train/claim[0-9]_*.jsonl "$DIR/full/" 2> /dev/null
+      archive ;;
     kernels)
       # (MOSAIC_GPU_DUMP_PTXAS: the Mosaic GPU kernels' ptxas reports go to the log, read back
       # into DIR/mosaic_registers_gpu.jsonl to set beside experiments.mosaic_registers' rows)
@@ -115,7 +135,9 @@ for s in $SECTIONS; do
       section kernels_full 90 "$PYTHON" -m experiments.bench_pallas \
         --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split \
         --variants_full=64:64:4 --variants_mosaic=32:128:2 --budget_s=3 \
-        --cases=full4096 --out="$DIR/bench_pallas.jsonl" ;;
+        --cases=full4096 --out="$DIR/bench_pallas.jsonl"
+      targets
+      archive ;;
     peers)
       if [ ! -f .peers/run.sh ]; then
         echo "peers: skipped, no .peers/run.sh (the peers' comparison harness, not in this repository)" | tee -a "$SUMMARY"
@@ -125,12 +147,14 @@ for s in $SECTIONS; do
       mkdir -p "$DIR/mosaic_gpu"
       cp "$DIR"/peers_*.jsonl "$DIR/mosaic_gpu/" 2>/dev/null
       section peers_mosaic_gpu 120 env OUT="$DIR/mosaic_gpu" TENSORATTN_IMPL=mosaic_gpu \
-        "$PYTHON" .peers/tensorattn_jax.py ;;
+        "$PYTHON" .peers/tensorattn_jax.py
+      targets
+      archive ;;
     polynomial)
       section polynomial_noncausal 120 "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
-        --out="$DIR/bench_polynomial_fused.jsonl"
+        --xla_max_n=65536 --budget_s=5 --out="$DIR/bench_polynomial_fused.jsonl"
       section polynomial_causal 120 "$PYTHON" -m experiments.bench_polynomial_fused --causal=1 \
-        --out="$DIR/bench_polynomial_fused.jsonl" ;;
+        --xla_max_n=65536 --budget_s=5 --out="$DIR/bench_polynomial_fused.jsonl" ;;
   esac
 done
 archive

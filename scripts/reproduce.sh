@@ -73,17 +73,28 @@ sweep() {
 }
 
 # claim NAME [--config.X=...]: one claim; with no overrides it is the claim's gathering run,
-# whose tables, plots and rows of training claims are copied from $TRAIN_DIR to $OUT.
+# whose tables and plots of training claims are copied from $TRAIN_DIR to $OUT. Their rows
+# (one per finished training run) go to $OUT after every step and come back from it into an
+# empty $TRAIN_DIR, so that another machine resumes from $OUT alone; checkpoints stay behind.
 claim() {
   local name=$1
   shift
-  local dir=$OUT
+  local dir=$OUT rows
   case "$name" in expressivity|bounded) dir=$TRAIN_DIR ;; esac
+  if [ "$dir" != "$OUT" ]; then
+    mkdir -p "$dir"
+    for rows in "$OUT"/claim*_"$name".jsonl; do
+      if [ -e "$rows" ] && [ ! -e "$dir/${rows##*/}" ]; then cp "$rows" "$dir/"; fi
+    done
+  fi
   "$PYTHON" -m experiments.claims --config="configs/claims.py:preset=$PRESET" \
     --claim="$name" --workdir="$dir" "$@"
-  if [ "$dir" != "$OUT" ] && [ $# -eq 0 ]; then  # checkpoints stay behind
-    cp "$dir"/claim*_"$name".{jsonl,md,png} "$OUT"/ 2>/dev/null || true
-    tail -n 1 "$dir/claims.jsonl" >> "$OUT/claims.jsonl"
+  if [ "$dir" != "$OUT" ]; then
+    cp "$dir"/claim*_"$name".jsonl "$OUT"/ 2>/dev/null || true
+    if [ $# -eq 0 ]; then
+      cp "$dir"/claim*_"$name".{md,png} "$OUT"/ 2>/dev/null || true
+      tail -n 1 "$dir/claims.jsonl" >> "$OUT/claims.jsonl"
+    fi
   fi
 }
 

@@ -238,6 +238,32 @@ def test_reproduce_full_is_split_into_steps():
     assert cpu.stdout.split()[0] == "sweep" and "claim5-bounded" in cpu.stdout
 
 
+def test_reproduce_resumes_training_claims_from_its_output_alone(tmp_path):
+    """The rows of finished training runs go to OUT after each step and come back into an
+    empty TRAIN_DIR (another machine): a stand-in for Python records what each run saw."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        "for a; do case $a in --workdir=*) d=${a#--workdir=};; esac; done\n"
+        'n=$(cat "$d/claim5_bounded.jsonl" 2>/dev/null | wc -l)\n'
+        'echo "{\\"rows_seen\\": $n}" >> "$d/claim5_bounded.jsonl"\n'
+        "echo '{}' >> \"$d/claims.jsonl\"\n"
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    for machine in ("first", "second"):
+        env = dict(os.environ, PYTHON=str(fake), OUT=str(out), FORCE="1", CLAIMS="bounded",
+                   TRAIN_DIR=str(tmp_path / machine))  # fmt: skip
+        run = subprocess.run(
+            ["bash", "scripts/reproduce.sh", "--full", "--step=claim5-bounded-seed0"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (out / "claim5_bounded.jsonl").read_text().split("\n")
+            if line]  # fmt: skip
+    assert rows == [{"rows_seen": 0}, {"rows_seen": 1}]
+
+
 def test_beside_paper_pairs_our_medians_with_the_papers():
     agg = [
         {"task": "relation_composition(size=6)", "model": "tensor-1", "median": 0.99},

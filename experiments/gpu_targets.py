@@ -1,0 +1,140 @@
+r"""Issue 10's speed targets, checked against the rows of one GPU run.
+
+  python -m experiments.gpu_targets --dir=DIR [--out=DIR/targets.jsonl]
+
+DIR is what `scripts/gpu_checks.sh DIR peers kernels` wrote: `peers_torch.jsonl` (the peers'
+Triton kernels), `tensorattn_jax.jsonl` (tensorattn on the same shapes with
+`implementation=None`), `mosaic_gpu/tensorattn_jax.jsonl` (with `implementation="mosaic_gpu"`)
+and `bench_pallas.jsonl` (full attention at T=4096). For each tensorattn run, each target: the
+measured value, the threshold and whether it is met (`-` where the run has no such row). Rates
+are fractions of the same run's bf16 matmul rate; speed-up = peer time / tensorattn time on the
+same shapes; the backward alone is 2.5x the forward's FLOPs over the time beyond the forward
+(docs/math.md §3.4). Nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from experiments import benchlib
+
+BACKWARD_FACTOR = 2.5
+PAPER_CASES = ("paper_16k_512x32", "paper_16k_512x32_h128")
+FBGEMM, LUCIDRAINS = "fbgemm_triton", "lucidrains_triton"
+RUNS = {"default": "tensorattn_jax.jsonl", "mosaic_gpu": "mosaic_gpu/tensorattn_jax.jsonl"}
+
+
+def read_rows(path: str) -> list[dict]:
+    """The JSON lines of `path` ([] if it is missing; a line cut by a kill is skipped)."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _time(rows, case, pass_, impl=None):
+    return next(
+        (
+            r
+            for r in rows
+            if r.get("kind") == "time"
+            and r.get("case") == case
+            and r.get("pass") == pass_
+            and (impl is None or r.get("impl") == impl)
+        ),
+        None,
+    )
+
+
+def _matmul(rows):
+    return next((r["tflops"] for r in rows if r.get("kind") == "matmul"), None)
+
+
+def _target(run, name, case, measured, threshold):
+    met = None if measured is None else bool(measured >= threshold)
+    return dict(run=run, target=name, case=case, measured=measured, threshold=threshold, met=met)
+
+
+def peer_targets(run: str, ours: list[dict], peers: list[dict]) -> list[dict]:
+    """Forward speed-ups over FBGEMM (>= 1.0, >= 1.5 on the paper's cases) and the forward's
+    share of the matmul rate on the paper's H=128 case (>= 0.5); forward+backward over
+    lucidrains on luc_16k_d64 (>= 3.0) and the backward's share on paper_16k_512x32
+    (>= 0.35)."""
+    out, mm = [], _matmul(ours)
+    for peer in (r for r in peers if r.get("impl") == FBGEMM and r.get("pass") == "fwd"):
+        mine = _time(ours, peer["case"], "fwd")
+        speedup = peer["ms"] / mine["ms"] if mine else None
+        threshold = 1.5 if peer["case"] in PAPER_CASES else 1.0
+        out.append(_target(run, "fwd speed-up over FBGEMM", peer["case"], speedup, threshold))
+    fwd = _time(ours, "paper_16k_512x32_h128", "fwd")
+    share = fwd["tflops"] / mm if fwd and mm else None
+    out.append(_target(run, "fwd share of matmul", "paper_16k_512x32_h128", share, 0.5))
+    peer = _time(peers, "luc_16k_d64", "fwd+bwd", LUCIDRAINS)
+    mine = _time(ours, "luc_16k_d64", "fwd+bwd")
+    speedup = peer["ms"] / mine["ms"] if peer and mine else None
+    out.append(_target(run, "fwd+bwd speed-up over lucidrains", "luc_16k_d64", speedup, 3.0))
+    fwd, both = _time(ours, "paper_16k_512x32", "fwd"), _time(ours, "paper_16k_512x32", "fwd+bwd")
+    share = None
+    if fwd and both and mm and both["ms"] > fwd["ms"]:
+        flops = fwd["tflops"] * 1e12 * fwd["ms"] / 1e3
+        share = BACKWARD_FACTOR * flops / ((both["ms"] - fwd["ms"]) / 1e3) / 1e12 / mm
+    out.append(_target(run, "bwd share of matmul", "paper_16k_512x32", share, 0.35))
+    return out
+
+
+def full_attention_targets(rows: list[dict]) -> list[dict]:
+    """bench_pallas' full attention at T=4096, head dim 128, default tiles: the forward's
+    share of the matmul rate (>= 0.5) and the backward's (>= 0.35), per implementation and
+    backward layout."""
+    out = []
+    for r in rows:
+        if r.get("kind") != "time" or r.get("case") != "full4096" or r.get("head_dim") != 128:
+            continue
+        if r.get("variant") != "default" or r.get("status", "ok") != "ok":
+            continue
+        run = r["implementation"]
+        if r["pass"] == "fwd":
+            out.append(_target(run, "fwd share of matmul", "full4096_h128", r["frac_matmul"], 0.5))
+        else:
+            name = f"bwd share of matmul ({r.get('bwd_layout')})"
+            out.append(_target(run, name, "full4096_h128", r.get("bwd_frac_matmul"), 0.35))
+    return out
+
+
+def check(directory: str) -> list[dict]:
+    """Every target of the runs found in `directory`."""
+    peers = read_rows(os.path.join(directory, "peers_torch.jsonl"))
+    out = []
+    for run, name in RUNS.items():
+        ours = read_rows(os.path.join(directory, name))
+        if ours:
+            out += peer_targets(run, ours, peers)
+    return out + full_attention_targets(read_rows(os.path.join(directory, "bench_pallas.jsonl")))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", required=True, help="a gpu_checks.sh output folder")
+    parser.add_argument("--out", default="", help="JSON lines output ('' = none)")
+    args = parser.parse_args(argv)
+    rows = check(args.dir)
+    if not rows:
+        raise SystemExit(f"{args.dir}: no tensorattn_jax.jsonl or bench_pallas.jsonl rows")
+    for row in rows:
+        benchlib.append_jsonl(args.out or None, row)
+    benchlib.print_table(rows, ["run", "target", "case", "measured", "threshold", "met"])
+    met = [r["met"] for r in rows if r["met"] is not None]
+    print(f"{sum(met)} of {len(met)} measured targets met ({len(rows) - len(met)} not measured)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

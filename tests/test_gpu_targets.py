@@ -1,0 +1,66 @@
+"""experiments.gpu_targets on synthetic rows: speed-ups, shares of the matmul rate, the
+backward's rate from the time beyond the forward, and targets without rows."""
+
+import json
+
+from experiments import gpu_targets
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut by a kil')
+
+
+def _time(case, pass_, ms, tflops=None, impl="tensorattn"):
+    return dict(kind="time", case=case, impl=impl, **{"pass": pass_}, ms=ms, tflops=tflops)
+
+
+def test_targets_from_a_run(tmp_path):
+    _write(
+        tmp_path / "peers_torch.jsonl",
+        [
+            _time("fb_4k_h64", "fwd", 2.0, impl="fbgemm_triton"),
+            _time("paper_16k_512x32", "fwd", 3.0, impl="fbgemm_triton"),
+            _time("luc_16k_d64", "fwd+bwd", 9.0, impl="lucidrains_triton"),
+        ],
+    )
+    _write(
+        tmp_path / "tensorattn_jax.jsonl",
+        [
+            {"kind": "matmul", "tflops": 500.0},
+            _time("fb_4k_h64", "fwd", 1.0, 100.0),
+            _time("paper_16k_512x32", "fwd", 2.0, 100.0),
+            _time("paper_16k_512x32", "fwd+bwd", 4.0, 87.5),
+            _time("paper_16k_512x32_h128", "fwd", 1.0, 300.0),
+            _time("luc_16k_d64", "fwd+bwd", 2.0, 50.0),
+        ],
+    )
+    _write(
+        tmp_path / "bench_pallas.jsonl",
+        [
+            dict(kind="time", case="full4096", head_dim=128, variant="default", status="ok",
+                 implementation="pallas", frac_matmul=0.4, **{"pass": "fwd"}),
+            dict(kind="time", case="full4096", head_dim=128, variant="default", status="ok",
+                 implementation="pallas", bwd_layout="default", bwd_frac_matmul=0.4,
+                 **{"pass": "fwd+grad"}),
+            dict(kind="time", case="full4096", head_dim=64, variant="default", status="ok",
+                 implementation="pallas", frac_matmul=0.9, **{"pass": "fwd"}),
+        ],
+    )  # fmt: skip
+    got = {(r["run"], r["target"], r["case"]): r for r in gpu_targets.check(str(tmp_path))}
+    fb = got["default", "fwd speed-up over FBGEMM", "fb_4k_h64"]
+    assert fb["measured"] == 2.0 and fb["threshold"] == 1.0 and fb["met"]
+    paper = got["default", "fwd speed-up over FBGEMM", "paper_16k_512x32"]
+    assert paper["measured"] == 1.5 and paper["threshold"] == 1.5 and paper["met"]
+    assert got["default", "fwd share of matmul", "paper_16k_512x32_h128"]["measured"] == 0.6
+    assert got["default", "fwd+bwd speed-up over lucidrains", "luc_16k_d64"]["measured"] == 4.5
+    # forward: 100 TFLOP/s for 2 ms = 2e11 FLOP; backward 2.5x that in the 2 ms beyond it.
+    bwd = got["default", "bwd share of matmul", "paper_16k_512x32"]
+    assert abs(bwd["measured"] - 250.0 / 500.0) < 1e-9 and bwd["met"]
+    assert not got["pallas", "fwd share of matmul", "full4096_h128"]["met"]
+    assert got["pallas", "bwd share of matmul (default)", "full4096_h128"]["met"]
+    # No mosaic_gpu/ run: none of its targets; no row for a target: measured None.
+    assert not any(run == "mosaic_gpu" for run, _, _ in got)
+    (tmp_path / "peers_torch.jsonl").unlink()
+    rows = gpu_targets.check(str(tmp_path))
+    assert [r["met"] for r in rows if r["target"].startswith("fwd+bwd")] == [None]
