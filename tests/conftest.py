@@ -13,14 +13,23 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "gpu: compiled GPU kernels; skipped without a GPU (`-m gpu` runs only these)"
+        "markers",
+        "gpu(hopper=False): compiled GPU kernels; skipped without an NVIDIA GPU (with "
+        "hopper=True, without a Hopper one); `-m gpu` runs only these",
     )
 
 
+def _skip_reason(marker) -> str | None:
+    if jax.default_backend() != "gpu":
+        return "compiled GPU kernels need an NVIDIA GPU"
+    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+    if marker.kwargs.get("hopper") and cc != "9.0":
+        return f"compiled Mosaic GPU kernels need a Hopper GPU (sm_90), not compute capability {cc}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if jax.default_backend() == "gpu":
-        return
-    skip = pytest.mark.skip(reason="compiled GPU kernels need an NVIDIA GPU")
     for item in items:
-        if item.get_closest_marker("gpu"):
-            item.add_marker(skip)
+        marker = item.get_closest_marker("gpu")
+        if marker and (reason := _skip_reason(marker)):
+            item.add_marker(pytest.mark.skip(reason=reason))

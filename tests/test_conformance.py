@@ -173,7 +173,9 @@ PARAMS = [
         impl_name,
         case_name,
         id=f"{impl_name}-{case_name}",
-        marks=[pytest.mark.gpu] if IMPLS[impl_name].needs_gpu else [],
+        marks=[pytest.mark.gpu(hopper=impl_name.startswith("mosaic_gpu"))]
+        if IMPLS[impl_name].needs_gpu
+        else [],
     )
     for impl_name in IMPLS
     for case_name in CASES

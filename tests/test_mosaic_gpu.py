@@ -191,13 +191,13 @@ def test_interpreter_two_warpgroups(name):
     _check_forward(MANY_THREADS[name], INTERPRET)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(hopper=True)
 @pytest.mark.parametrize("name", sorted(CASES | MANY_THREADS))
 def test_gpu_matches_oracle(name):
     _check_forward((CASES | MANY_THREADS)[name], MosaicGPUConfig(interpret=False))
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(hopper=True)
 @pytest.mark.parametrize("name", ["window-w1>w2-masked", "grouped-64-f16"])
 def test_gpu_shared_memory_operands_match_oracle(name):
     """The interpreter's operand layout, compiled (`register_operands=False`)."""
@@ -231,7 +231,7 @@ def test_interpreter_gradient_matches_oracle():
     _check_gradient(INTERPRET)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(hopper=True)
 def test_gpu_gradient_matches_oracle():
     _check_gradient(MosaicGPUConfig(interpret=False))
 
@@ -316,7 +316,7 @@ def test_interpreter_backward_two_warpgroups(name):
     _check_gradient(dataclasses.replace(MOSAIC_BWD, interpret=True), MANY_THREADS[name])
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(hopper=True)
 @pytest.mark.parametrize("name", sorted(BWD_CASES | MANY_THREADS))
 def test_gpu_backward_matches_oracle(name):
     _check_gradient(
