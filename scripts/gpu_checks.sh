@@ -6,9 +6,10 @@
 #   scripts/gpu_checks.sh DIR smoke peers         # some of them, in the order given
 #   BUDGET_S=540 ARCHIVE=$OUT/gpu.tgz scripts/gpu_checks.sh /tmp/g   # one device call
 #
-# smoke:      the tests marked `gpu` (`pytest -m gpu`): every compiled GPU kernel (Triton-lowered
-#             Pallas, Mosaic GPU forward and backward, fused polynomial) against the float64
-#             oracle. Run first: a kernel that fails here makes its timings below meaningless.
+# smoke:      the tests marked `gpu`: every compiled GPU kernel (Triton-lowered Pallas, Mosaic
+#             GPU forward and backward, fused polynomial) against the float64 oracle, and those
+#             marked `multi_device` (simulated CPU devices beside the GPU, issue 15). Run first:
+#             a kernel that fails here makes its timings below meaningless.
 # peers:      the side-by-side run against the peers' Triton kernels (issue 10), needing a copy
 #             of them in .peers (see its run.sh): once with implementation=None (DIR/peers_*.jsonl,
 #             DIR/tensorattn_jax.jsonl), then tensorattn alone with implementation="mosaic_gpu"
@@ -113,7 +114,7 @@ fi
 archive
 for s in $SECTIONS; do
   case $s in
-    smoke) section smoke 180 "${pytest_cmd[@]}" -m gpu ;;
+    smoke) section smoke 180 "${pytest_cmd[@]}" -m "gpu or multi_device" ;;
     tests) section tests 540 "${pytest_cmd[@]}" ;;
     reproduce)
       rm -rf "$DIR/full" && mkdir -p "$DIR/full"

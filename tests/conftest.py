@@ -17,6 +17,9 @@ def pytest_configure(config):
         "gpu(hopper=False): compiled GPU kernels; skipped without an NVIDIA GPU (with "
         "hopper=True, without a Hopper one); `-m gpu` runs only these",
     )
+    config.addinivalue_line(
+        "markers", "multi_device: several simulated CPU devices in a subprocess, on any machine"
+    )
 
 
 def _skip_reason(marker) -> str | None:

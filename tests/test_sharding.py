@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,6 +33,7 @@ def run_with_4_devices(script: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.multi_device
 def test_sequence_parallel_layer_matches_single_device():
     """The trainer's sharded attend function (`shard_queries` around the kernel) gives the
     layer's outputs and gradients, the learned per-head scale's included."""
@@ -71,6 +74,7 @@ def test_sequence_parallel_layer_matches_single_device():
     assert max(result["grad_errors"]) < 1e-4, result
 
 
+@pytest.mark.multi_device
 def test_training_data_and_sequence_parallel_match_one_device(tmp_path):
     """Data and sequence parallel runs give one device's metrics; a run interrupted on one
     device resumes on 4 devices with 2 sequence shards (run options, not the model's
