@@ -21,7 +21,15 @@ import os
 from experiments import benchlib
 
 BACKWARD_FACTOR = 2.5
+# The peers' harness's cases (B, T, Hq/Hk, D, windows in issue 10's table): FBGEMM's forward
+# on each, tensorattn's forward+backward on two.
+FORWARD_CASES = (
+    "fb_4k_h64", "fb_4k_h128", "fb_16k_h64", "fb_16k_h128",
+    "paper_16k_512x32", "paper_16k_512x32_h128", "luc_16k_d64",
+)  # fmt: skip
 PAPER_CASES = ("paper_16k_512x32", "paper_16k_512x32_h128")
+# bench_pallas' default-tile backward layouts of each implementation at full attention.
+FULL_BACKWARDS = {"pallas": ("default",), "mosaic_gpu": ("default", "mosaic_bwd")}
 FBGEMM, LUCIDRAINS = "fbgemm_triton", "lucidrains_triton"
 RUNS = {"default": "tensorattn_jax.jsonl", "mosaic_gpu": "mosaic_gpu/tensorattn_jax.jsonl"}
 
@@ -40,22 +48,20 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def _last(rows, **fields):
+    """The last row with these fields (a run repeated into the same folder: its latest)."""
+    found = [r for r in rows if all(r.get(k) == v for k, v in fields.items())]
+    return found[-1] if found else None
+
+
 def _time(rows, case, pass_, impl=None):
-    return next(
-        (
-            r
-            for r in rows
-            if r.get("kind") == "time"
-            and r.get("case") == case
-            and r.get("pass") == pass_
-            and (impl is None or r.get("impl") == impl)
-        ),
-        None,
-    )
+    fields = dict(kind="time", case=case, **{"pass": pass_})
+    return _last(rows, **fields, **({} if impl is None else {"impl": impl}))
 
 
 def _matmul(rows):
-    return next((r["tflops"] for r in rows if r.get("kind") == "matmul"), None)
+    row = _last(rows, kind="matmul")
+    return row["tflops"] if row else None
 
 
 def _target(run, name, case, measured, threshold):
@@ -69,11 +75,11 @@ def peer_targets(run: str, ours: list[dict], peers: list[dict]) -> list[dict]:
     lucidrains on luc_16k_d64 (>= 3.0) and the backward's share on paper_16k_512x32
     (>= 0.35)."""
     out, mm = [], _matmul(ours)
-    for peer in (r for r in peers if r.get("impl") == FBGEMM and r.get("pass") == "fwd"):
-        mine = _time(ours, peer["case"], "fwd")
-        speedup = peer["ms"] / mine["ms"] if mine else None
-        threshold = 1.5 if peer["case"] in PAPER_CASES else 1.0
-        out.append(_target(run, "fwd speed-up over FBGEMM", peer["case"], speedup, threshold))
+    for case in FORWARD_CASES:
+        peer, mine = _time(peers, case, "fwd", FBGEMM), _time(ours, case, "fwd")
+        speedup = peer["ms"] / mine["ms"] if peer and mine else None
+        threshold = 1.5 if case in PAPER_CASES else 1.0
+        out.append(_target(run, "fwd speed-up over FBGEMM", case, speedup, threshold))
     fwd = _time(ours, "paper_16k_512x32_h128", "fwd")
     share = fwd["tflops"] / mm if fwd and mm else None
     out.append(_target(run, "fwd share of matmul", "paper_16k_512x32_h128", share, 0.5))
@@ -95,17 +101,17 @@ def full_attention_targets(rows: list[dict]) -> list[dict]:
     share of the matmul rate (>= 0.5) and the backward's (>= 0.35), per implementation and
     backward layout."""
     out = []
-    for r in rows:
-        if r.get("kind") != "time" or r.get("case") != "full4096" or r.get("head_dim") != 128:
-            continue
-        if r.get("variant") != "default" or r.get("status", "ok") != "ok":
-            continue
-        run = r["implementation"]
-        if r["pass"] == "fwd":
-            out.append(_target(run, "fwd share of matmul", "full4096_h128", r["frac_matmul"], 0.5))
-        else:
-            name = f"bwd share of matmul ({r.get('bwd_layout')})"
-            out.append(_target(run, name, "full4096_h128", r.get("bwd_frac_matmul"), 0.35))
+    for impl, layouts in FULL_BACKWARDS.items():
+        base = dict(kind="time", case="full4096", head_dim=128, variant="default", status="ok")
+        fwd = _last(rows, **base, implementation=impl, **{"pass": "fwd"})
+        share = fwd["frac_matmul"] if fwd else None
+        out.append(_target(impl, "fwd share of matmul", "full4096_h128", share, 0.5))
+        for layout in layouts:
+            both = _last(rows, **base, implementation=impl, bwd_layout=layout,
+                         **{"pass": "fwd+grad"})  # fmt: skip
+            share = both.get("bwd_frac_matmul") if both else None
+            name = f"bwd share of matmul ({layout})"
+            out.append(_target(impl, name, "full4096_h128", share, 0.35))
     return out
 
 
@@ -117,7 +123,8 @@ def check(directory: str) -> list[dict]:
         ours = read_rows(os.path.join(directory, name))
         if ours:
             out += peer_targets(run, ours, peers)
-    return out + full_attention_targets(read_rows(os.path.join(directory, "bench_pallas.jsonl")))
+    bench = read_rows(os.path.join(directory, "bench_pallas.jsonl"))
+    return out + (full_attention_targets(bench) if bench else [])
 
 
 def main(argv=None):

@@ -8,15 +8,17 @@
 #
 # smoke:      the tests marked `gpu`: every compiled GPU kernel (Triton-lowered Pallas, Mosaic
 #             GPU forward and backward, fused polynomial) against the float64 oracle, and those
-#             marked `multi_device` (simulated CPU devices beside the GPU, issue 15). Run first:
-#             a kernel that fails here makes its timings below meaningless.
+#             marked `multi_device` (simulated CPU devices beside the GPU, issue 15), each test
+#             named in the log, one that hangs failed after SMOKE_TEST_TIMEOUT_S (75 s). Run
+#             first: a kernel that fails here makes its timings below meaningless.
 # peers:      the side-by-side run against the peers' Triton kernels (issue 10), needing a copy
 #             of them in .peers (see its run.sh): once with implementation=None (DIR/peers_*.jsonl,
 #             DIR/tensorattn_jax.jsonl), then tensorattn alone with implementation="mosaic_gpu"
 #             (DIR/mosaic_gpu/tensorattn_jax.jsonl, beside the same peer rows).
 # kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
 #             kernels on the windowed, grouped-head shapes of issue 10, then full attention
-#             (default tiles, a few tile variants, the backward layouts); the Mosaic GPU
+#             (default tiles, a few tile variants, the backward layouts; no check against the
+#             blocked kernel: smoke checks them against the oracle); the Mosaic GPU
 #             kernels' ptxas reports in DIR/mosaic_registers_gpu.jsonl.
 # polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal
 #             (the XLA kernel, for comparison, up to n = 65536 only).
@@ -30,8 +32,8 @@
 # exit status, wall time, test counts. Each section runs under `timeout`: its own cap below
 # (so that a hung kernel cannot take a whole device call), at most TIMEOUT_S (default 540 s);
 # with BUDGET_S, all of them together end within BUDGET_S seconds of the start (a section
-# gets what is left, and is skipped with under 20 s left). A test that hangs fails after
-# TEST_TIMEOUT_S (default 180 s, with pytest-timeout). With ARCHIVE=FILE.tgz, DIR is
+# gets what is left, and is skipped with under 20 s left). In `tests`, a test that hangs fails
+# after TEST_TIMEOUT_S (default 180 s, with pytest-timeout). With ARCHIVE=FILE.tgz, DIR is
 # archived into FILE after each section, so a call killed at its limit still returns what
 # the finished sections wrote (a device call returns at most 8 files). Python wheels in
 # .whl/ (packages the machine lacks, e.g. ml_collections) are installed into a side folder
@@ -58,9 +60,10 @@ for s in $SECTIONS; do
 done
 SUMMARY=$DIR/gpu_checks.txt
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G ".whl/*.whl" > /dev/null; then  # pure-Python wheels: unzipping them will do
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/tensorattn-wheels .whl/*.whl || exit 2
+    --target /tmp/tensorattn-wheels .whl/*.whl ||
+    for wheel in .whl/*.whl; do "$PYTHON" -m zipfile -e "$wheel" /tmp/tensorattn-wheels; done
   export PYTHONPATH=/tmp/tensorattn-wheels:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -91,7 +94,8 @@ section() {  # section NAME CAP_S COMMAND...: runs COMMAND for at most CAP_S (an
   local what="exit $rc"
   { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && what="cut at ${limit} s (timeout)"
   local counts
-  counts=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)\b.* in [0-9.]+s' "$DIR/$name.log" | tail -1)
+  counts=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)\b.* in [0-9.]+s' "$DIR/$name.log" |
+    tail -1 | tr -d '=' | xargs)
   echo "$name: $what in $(($(date +%s) - t0)) s${counts:+; $counts}" | tee -a "$SUMMARY"
   archive
 }
@@ -106,37 +110,39 @@ pytest_cmd=("$PYTHON" -m pytest -p no:cacheprovider -rs)
 if [ "$PYTEST_WORKERS" -gt 0 ] && "$PYTHON" -c "import xdist" 2> /dev/null; then
   pytest_cmd+=(-n "$PYTEST_WORKERS")
 fi
-# A kernel that hangs on the GPU fails its test after TEST_TIMEOUT_S instead of the section.
+# A kernel that hangs on the GPU fails its test after a time limit instead of the section.
+test_timeout=() smoke_timeout=()
 if "$PYTHON" -c "import pytest_timeout" 2> /dev/null; then
-  pytest_cmd+=(--timeout="${TEST_TIMEOUT_S:-180}" --timeout-method=thread)
+  test_timeout=(--timeout="${TEST_TIMEOUT_S:-180}" --timeout-method=thread)
+  smoke_timeout=(--timeout="${SMOKE_TEST_TIMEOUT_S:-75}" --timeout-method=thread)
 fi
 
 archive
 for s in $SECTIONS; do
   case $s in
-    smoke) section smoke 180 "${pytest_cmd[@]}" -m "gpu or multi_device" ;;
-    tests) section tests 540 "${pytest_cmd[@]}" ;;
+    smoke)
+      section smoke 180 "${pytest_cmd[@]}" "${smoke_timeout[@]}" -vv \
+        -m "gpu or multi_device" tests/test_conformance.py tests/test_mosaic_gpu.py \
+        tests/test_polynomial_fused.py tests/test_sharding.py ;;
+    tests) section tests 540 "${pytest_cmd[@]}" "${test_timeout[@]}" ;;
     reproduce)
       rm -rf "$DIR/full" && mkdir -p "$DIR/full"
       [ -d results/full ] && cp -r results/full/. "$DIR/full/"
       section reproduce 540 env OUT="$DIR/full" TRAIN_DIR=/tmp/tensorattn_train \
-        PYTHON="$PYTHON" bash scripts/reproduce.sh --full
-      # rows of training runs finished inside a step the time limit cut
-      cp /tmp/tensorattn_train/claim[0-9]_*.jsonl "$DIR/full/" 2> /dev/null
-      archive ;;
+        PYTHON="$PYTHON" bash scripts/reproduce.sh --full ;;
     kernels)
       # (MOSAIC_GPU_DUMP_PTXAS: the Mosaic GPU kernels' ptxas reports go to the log, read back
       # into DIR/mosaic_registers_gpu.jsonl to set beside experiments.mosaic_registers' rows)
       section kernels_grouped 180 env MOSAIC_GPU_DUMP_PTXAS=1 "$PYTHON" -m experiments.bench_pallas \
         --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split \
-        --variants_window=64:64:4 --variants_mosaic=32:128:2,32:64:3 --budget_s=3 \
+        --variants_window=64:64:4 --variants_mosaic=32:128:2,32:64:3 --budget_s=3 --check=false \
         --cases=window16384,group64,group128 --head_dims=128 --out="$DIR/bench_pallas.jsonl"
       "$PYTHON" -m experiments.mosaic_registers --from_log="$DIR/kernels_grouped.log" \
         --out="$DIR/mosaic_registers_gpu.jsonl" > /dev/null
       section kernels_full 90 "$PYTHON" -m experiments.bench_pallas \
         --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split \
-        --variants_full=64:64:4 --variants_mosaic=32:128:2 --budget_s=3 \
-        --cases=full4096 --out="$DIR/bench_pallas.jsonl"
+        --variants_full=64:64:4 --variants_mosaic=32:128:2 --budget_s=3 --check=false \
+        --cases=full4096 --head_dims=128 --out="$DIR/bench_pallas.jsonl"
       targets
       archive ;;
     peers)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares this checkout, on a machine with pip access, for scripts/gpu_checks.sh on a GPU
-# machine that has JAX (CUDA), flax, optax, orbax and PyTorch but nothing else and no network:
+# machine without network whose image has JAX (CUDA), flax, optax, orbax, matplotlib, pytest
+# and PyTorch but not ml_collections or tensorboardX:
 #
 #   scripts/gpu_prepare.sh [PEERS_DIR]
 #

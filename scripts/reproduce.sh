@@ -15,7 +15,9 @@
 # `--full` steps each take under about ten minutes on one GPU: the sweep and claims 1-2 run
 # one (implementation, pass) series per step, claims 4-5 one task or seed per step; the last
 # step of each group only gathers (plot, table). Training runs (claims 4-5) keep checkpoints
-# under $TRAIN_DIR (large: not for git). CLAIMS=forward,gradient,threshold limits the claims.
+# under $TRAIN_DIR (large: not for git) and their finished runs' rows in $OUT too, so that
+# $OUT alone resumes the steps on another machine. CLAIMS=forward,gradient,threshold limits
+# the claims.
 # At CPU scale the sweep stops at n = 4096 (claims 1-2 are the longer CPU sweeps); everything
 # took 59.5 min on a 2-core CPU.
 set -euo pipefail
@@ -72,30 +74,49 @@ sweep() {
   "$PYTHON" -m experiments.sweep --config="$config" --workdir="$OUT/sweep" "$@"
 }
 
+# merge_rows SRC DST: the complete JSON lines of SRC that DST lacks, appended to DST.
+merge_rows() {
+  [ -e "$1" ] || return 0
+  touch "$2"
+  [ -z "$(tail -c 1 "$2")" ] || echo >> "$2"  # a line cut by a kill stays on its own
+  grep -x '{.*}' "$1" | grep -vxF -f "$2" >> "$2" || true
+}
+
+# The training claim a step is running (claims 4-5): the rows of its finished runs go to
+# $OUT after the step and on any exit (a kill included), and come back from $OUT into
+# $TRAIN_DIR before it, so that another machine resumes from $OUT alone; its checkpoints stay
+# in $TRAIN_DIR.
+TRAINING=""
+keep_rows() {
+  local rows
+  [ -n "$TRAINING" ] || return 0
+  for rows in "$TRAIN_DIR"/claim*_"$TRAINING".jsonl; do merge_rows "$rows" "$OUT/${rows##*/}"; done
+}
+trap keep_rows EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
 # claim NAME [--config.X=...]: one claim; with no overrides it is the claim's gathering run,
-# whose tables and plots of training claims are copied from $TRAIN_DIR to $OUT. Their rows
-# (one per finished training run) go to $OUT after every step and come back from it into an
-# empty $TRAIN_DIR, so that another machine resumes from $OUT alone; checkpoints stay behind.
+# whose tables and plots of training claims are copied from $TRAIN_DIR to $OUT.
 claim() {
-  local name=$1
+  local name=$1 rows rc=0
   shift
-  local dir=$OUT rows
+  local dir=$OUT
   case "$name" in expressivity|bounded) dir=$TRAIN_DIR ;; esac
   if [ "$dir" != "$OUT" ]; then
     mkdir -p "$dir"
-    for rows in "$OUT"/claim*_"$name".jsonl; do
-      if [ -e "$rows" ] && [ ! -e "$dir/${rows##*/}" ]; then cp "$rows" "$dir/"; fi
-    done
+    for rows in "$OUT"/claim*_"$name".jsonl; do merge_rows "$rows" "$dir/${rows##*/}"; done
+    TRAINING=$name
   fi
   "$PYTHON" -m experiments.claims --config="configs/claims.py:preset=$PRESET" \
-    --claim="$name" --workdir="$dir" "$@"
-  if [ "$dir" != "$OUT" ]; then
-    cp "$dir"/claim*_"$name".jsonl "$OUT"/ 2>/dev/null || true
-    if [ $# -eq 0 ]; then
-      cp "$dir"/claim*_"$name".{md,png} "$OUT"/ 2>/dev/null || true
-      tail -n 1 "$dir/claims.jsonl" >> "$OUT/claims.jsonl"
-    fi
+    --claim="$name" --workdir="$dir" "$@" || rc=$?
+  keep_rows
+  TRAINING=""
+  if [ "$dir" != "$OUT" ] && [ $rc -eq 0 ] && [ $# -eq 0 ]; then
+    cp "$dir"/claim*_"$name".{md,png} "$OUT"/ 2>/dev/null || true
+    tail -n 1 "$dir/claims.jsonl" >> "$OUT/claims.jsonl"
   fi
+  return $rc
 }
 
 if [ "$PRESET" = full ]; then

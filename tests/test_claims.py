@@ -238,30 +238,43 @@ def test_reproduce_full_is_split_into_steps():
     assert cpu.stdout.split()[0] == "sweep" and "claim5-bounded" in cpu.stdout
 
 
-def test_reproduce_resumes_training_claims_from_its_output_alone(tmp_path):
-    """The rows of finished training runs go to OUT after each step and come back into an
-    empty TRAIN_DIR (another machine): a stand-in for Python records what each run saw."""
-    fake = tmp_path / "python"
-    fake.write_text(
+def _stand_in_python(path, sleep_s=0):
+    """A stand-in for Python in reproduce.sh: each claims run appends a row saying how many
+    rows its workdir held, then sleeps."""
+    path.write_text(
         "#!/bin/sh\n"
         "for a; do case $a in --workdir=*) d=${a#--workdir=};; esac; done\n"
         'n=$(cat "$d/claim5_bounded.jsonl" 2>/dev/null | wc -l)\n'
         'echo "{\\"rows_seen\\": $n}" >> "$d/claim5_bounded.jsonl"\n'
         "echo '{}' >> \"$d/claims.jsonl\"\n"
+        f"sleep {sleep_s}\n"
     )
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    for machine in ("first", "second"):
-        env = dict(os.environ, PYTHON=str(fake), OUT=str(out), FORCE="1", CLAIMS="bounded",
-                   TRAIN_DIR=str(tmp_path / machine))  # fmt: skip
-        run = subprocess.run(
-            ["bash", "scripts/reproduce.sh", "--full", "--step=claim5-bounded-seed0"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+    path.chmod(0o755)
+    return str(path)
+
+
+def _reproduce_step(tmp_path, python, train_dir, timeout=None):
+    env = dict(os.environ, PYTHON=python, OUT=str(tmp_path / "out"), FORCE="1",
+               CLAIMS="bounded", TRAIN_DIR=str(tmp_path / train_dir))  # fmt: skip
+    command = ["bash", "scripts/reproduce.sh", "--full", "--step=claim5-bounded-seed0"]
+    if timeout:
+        command = ["timeout", str(timeout)] + command
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_reproduce_resumes_training_claims_from_its_output_alone(tmp_path):
+    """The rows of finished training runs go to OUT after each step, and on a kill, and come
+    back into TRAIN_DIR (another machine's, empty or stale) before the next."""
+    python = _stand_in_python(tmp_path / "python")
+    for machine in ("first", "second", "second", "first"):
+        run = _reproduce_step(tmp_path, python, machine)
         assert run.returncode == 0, run.stderr
-    rows = [json.loads(line) for line in (out / "claim5_bounded.jsonl").read_text().split("\n")
-            if line]  # fmt: skip
-    assert rows == [{"rows_seen": 0}, {"rows_seen": 1}]
+    rows = (tmp_path / "out" / "claim5_bounded.jsonl").read_text().splitlines()
+    assert [json.loads(r)["rows_seen"] for r in rows] == [0, 1, 2, 3]
+    run = _reproduce_step(tmp_path, _stand_in_python(tmp_path / "slow", 30), "third", timeout=2)
+    assert run.returncode == 124
+    rows = (tmp_path / "out" / "claim5_bounded.jsonl").read_text().splitlines()
+    assert [json.loads(r)["rows_seen"] for r in rows] == [0, 1, 2, 3, 4]
 
 
 def test_beside_paper_pairs_our_medians_with_the_papers():

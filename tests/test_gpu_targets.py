@@ -59,8 +59,18 @@ def test_targets_from_a_run(tmp_path):
     assert abs(bwd["measured"] - 250.0 / 500.0) < 1e-9 and bwd["met"]
     assert not got["pallas", "fwd share of matmul", "full4096_h128"]["met"]
     assert got["pallas", "bwd share of matmul (default)", "full4096_h128"]["met"]
-    # No mosaic_gpu/ run: none of its targets; no row for a target: measured None.
-    assert not any(run == "mosaic_gpu" for run, _, _ in got)
+    # Every target is listed, measured or not (None); no mosaic_gpu/ run: no peer targets of it.
+    fbgemm = [case for run, target, case in got if target == "fwd speed-up over FBGEMM"]
+    assert fbgemm == list(gpu_targets.FORWARD_CASES)
+    assert got["default", "fwd speed-up over FBGEMM", "fb_16k_h64"]["met"] is None
+    assert not any(run == "mosaic_gpu" and "FBGEMM" in target for run, target, _ in got)
+    assert got["mosaic_gpu", "fwd share of matmul", "full4096_h128"]["measured"] is None
+    # A run repeated into the same folder: its last rows count.
+    with open(tmp_path / "tensorattn_jax.jsonl", "a") as f:
+        f.write("\n" + json.dumps(_time("fb_4k_h64", "fwd", 4.0, 25.0)) + "\n")
+    rows = gpu_targets.check(str(tmp_path))
+    (fb,) = [r for r in rows if r["run"] == "default" and r["case"] == "fb_4k_h64"]
+    assert fb["measured"] == 0.5 and not fb["met"]
     (tmp_path / "peers_torch.jsonl").unlink()
     rows = gpu_targets.check(str(tmp_path))
     assert [r["met"] for r in rows if r["target"].startswith("fwd+bwd")] == [None]
