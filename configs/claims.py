@@ -110,6 +110,9 @@ def get_config(arg: str | None = None):
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     c = ml_collections.ConfigDict()
     c.preset = preset
+    # Where claims 4-5 keep their training runs' checkpoints ("": under the workdir); their
+    # rows, tables and plots stay in the workdir, which alone resumes them.
+    c.train_dir = ""
     c.forward = _scaling(preset, "fwd")
     c.gradient = _scaling(preset, "fwd+grad")
     c.threshold = _threshold(preset)

@@ -429,9 +429,11 @@ def train_point(config: dict, instance: str, model: Model, preset: str, workdir:
 POINT_KEY = ("task", "model", "seed", "preset", "steps", "batch_size")
 
 
-def run_points(points, workdir: str, name: str, preset: str, polynomial_options=None, log=print):
+def run_points(points, workdir: str, name: str, preset: str, polynomial_options=None, log=print,
+               train_dir: str = ""):  # fmt: skip
     """Trains each (task, budget, model, seed) point not already finished in
-    `WORKDIR/name.jsonl`; returns one row per point."""
+    `WORKDIR/name.jsonl` (checkpoints under `train_dir`, or the workdir); returns one row per
+    point."""
     path = os.path.join(workdir, f"{name}.jsonl")
     done = {}
     workdir_files.repair_jsonl(path)  # a torn last line (a kill mid-append) is cut off
@@ -448,7 +450,7 @@ def run_points(points, workdir: str, name: str, preset: str, polynomial_options=
         if key in done:
             rows.append(done[key])
             continue
-        row = train_point(config, instance, model, preset, workdir)
+        row = train_point(config, instance, model, preset, train_dir or workdir)
         benchlib.append_jsonl(path, row)
         log(
             f"[{i + 1}/{len(points)}] {instance} {model.name} seed {seed}: {row['status']} "
@@ -527,7 +529,14 @@ def claim_expressivity(workdir: str, config="cpu") -> dict:
         for s in c["seeds"]
         for m in models_for(c["entry_bound"], degree, head_dim)
     ]
-    rows = run_points(points, workdir, "claim4_expressivity", preset, options)
+    rows = run_points(
+        points,
+        workdir,
+        "claim4_expressivity",
+        preset,
+        options,
+        train_dir=config.get("train_dir", ""),
+    )
     agg = aggregate(rows)
     claim_plots.accuracy_bars(agg, os.path.join(workdir, "claim4_expressivity.png"))
     table = benchlib.markdown_table(
@@ -562,7 +571,9 @@ def claim_bounded(workdir: str, config="cpu") -> dict:
         models.append(polynomial_model(b, degree, head_dim))
     budget = c["budget"]
     points = [(c["task"], budget, m, s) for m in models for s in c["seeds"]]
-    rows = run_points(points, workdir, "claim5_bounded", preset, options)
+    rows = run_points(
+        points, workdir, "claim5_bounded", preset, options, train_dir=config.get("train_dir", "")
+    )
     agg = aggregate(rows, by=("model", "attention", "entry_bound"))
     for a in agg:
         b = a["entry_bound"]

@@ -15,12 +15,12 @@ same shapes; the backward alone is 2.5x the forward's FLOPs over the time beyond
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from experiments import benchlib
+from tensorattn import workdir
+from tensorattn.kernels.cost import BACKWARD_FACTOR
 
-BACKWARD_FACTOR = 2.5
 # The peers' harness's cases (B, T, Hq/Hk, D, windows in issue 10's table): FBGEMM's forward
 # on each, tensorattn's forward+backward on two.
 FORWARD_CASES = (
@@ -32,20 +32,6 @@ PAPER_CASES = ("paper_16k_512x32", "paper_16k_512x32_h128")
 FULL_BACKWARDS = {"pallas": ("default",), "mosaic_gpu": ("default", "mosaic_bwd")}
 FBGEMM, LUCIDRAINS = "fbgemm_triton", "lucidrains_triton"
 RUNS = {"default": "tensorattn_jax.jsonl", "mosaic_gpu": "mosaic_gpu/tensorattn_jax.jsonl"}
-
-
-def read_rows(path: str) -> list[dict]:
-    """The JSON lines of `path` ([] if it is missing; a line cut by a kill is skipped)."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _last(rows, **fields):
@@ -117,13 +103,13 @@ def full_attention_targets(rows: list[dict]) -> list[dict]:
 
 def check(directory: str) -> list[dict]:
     """Every target of the runs found in `directory`."""
-    peers = read_rows(os.path.join(directory, "peers_torch.jsonl"))
+    peers = workdir.read_jsonl(os.path.join(directory, "peers_torch.jsonl"))
     out = []
     for run, name in RUNS.items():
-        ours = read_rows(os.path.join(directory, name))
+        ours = workdir.read_jsonl(os.path.join(directory, name))
         if ours:
             out += peer_targets(run, ours, peers)
-    bench = read_rows(os.path.join(directory, "bench_pallas.jsonl"))
+    bench = workdir.read_jsonl(os.path.join(directory, "bench_pallas.jsonl"))
     return out + (full_attention_targets(bench) if bench else [])
 
 

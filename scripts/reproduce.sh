@@ -74,49 +74,13 @@ sweep() {
   "$PYTHON" -m experiments.sweep --config="$config" --workdir="$OUT/sweep" "$@"
 }
 
-# merge_rows SRC DST: the complete JSON lines of SRC that DST lacks, appended to DST.
-merge_rows() {
-  [ -e "$1" ] || return 0
-  touch "$2"
-  [ -z "$(tail -c 1 "$2")" ] || echo >> "$2"  # a line cut by a kill stays on its own
-  grep -x '{.*}' "$1" | grep -vxF -f "$2" >> "$2" || true
-}
-
-# The training claim a step is running (claims 4-5): the rows of its finished runs go to
-# $OUT after the step and on any exit (a kill included), and come back from $OUT into
-# $TRAIN_DIR before it, so that another machine resumes from $OUT alone; its checkpoints stay
-# in $TRAIN_DIR.
-TRAINING=""
-keep_rows() {
-  local rows
-  [ -n "$TRAINING" ] || return 0
-  for rows in "$TRAIN_DIR"/claim*_"$TRAINING".jsonl; do merge_rows "$rows" "$OUT/${rows##*/}"; done
-}
-trap keep_rows EXIT
-trap 'exit 143' TERM
-trap 'exit 130' INT
-
-# claim NAME [--config.X=...]: one claim; with no overrides it is the claim's gathering run,
-# whose tables and plots of training claims are copied from $TRAIN_DIR to $OUT.
+# claim NAME [--config.X=...]: one claim into $OUT; the training claims (4-5) keep their
+# checkpoints in $TRAIN_DIR and their finished runs' rows in $OUT.
 claim() {
-  local name=$1 rows rc=0
+  local name=$1
   shift
-  local dir=$OUT
-  case "$name" in expressivity|bounded) dir=$TRAIN_DIR ;; esac
-  if [ "$dir" != "$OUT" ]; then
-    mkdir -p "$dir"
-    for rows in "$OUT"/claim*_"$name".jsonl; do merge_rows "$rows" "$dir/${rows##*/}"; done
-    TRAINING=$name
-  fi
   "$PYTHON" -m experiments.claims --config="configs/claims.py:preset=$PRESET" \
-    --claim="$name" --workdir="$dir" "$@" || rc=$?
-  keep_rows
-  TRAINING=""
-  if [ "$dir" != "$OUT" ] && [ $rc -eq 0 ] && [ $# -eq 0 ]; then
-    cp "$dir"/claim*_"$name".{md,png} "$OUT"/ 2>/dev/null || true
-    tail -n 1 "$dir/claims.jsonl" >> "$OUT/claims.jsonl"
-  fi
-  return $rc
+    --claim="$name" --workdir="$OUT" --config.train_dir="$TRAIN_DIR" "$@"
 }
 
 if [ "$PRESET" = full ]; then

@@ -263,8 +263,8 @@ def _reproduce_step(tmp_path, python, train_dir, timeout=None):
 
 
 def test_reproduce_resumes_training_claims_from_its_output_alone(tmp_path):
-    """The rows of finished training runs go to OUT after each step, and on a kill, and come
-    back into TRAIN_DIR (another machine's, empty or stale) before the next."""
+    """The rows of finished training runs are in OUT as each run ends (a kill keeps them),
+    whatever TRAIN_DIR (another machine's, empty or stale) holds the checkpoints."""
     python = _stand_in_python(tmp_path / "python")
     for machine in ("first", "second", "second", "first"):
         run = _reproduce_step(tmp_path, python, machine)

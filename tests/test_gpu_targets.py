@@ -24,17 +24,15 @@ def test_targets_from_a_run(tmp_path):
             _time("luc_16k_d64", "fwd+bwd", 9.0, impl="lucidrains_triton"),
         ],
     )
-    _write(
-        tmp_path / "tensorattn_jax.jsonl",
-        [
-            {"kind": "matmul", "tflops": 500.0},
-            _time("fb_4k_h64", "fwd", 1.0, 100.0),
-            _time("paper_16k_512x32", "fwd", 2.0, 100.0),
-            _time("paper_16k_512x32", "fwd+bwd", 4.0, 87.5),
-            _time("paper_16k_512x32_h128", "fwd", 1.0, 300.0),
-            _time("luc_16k_d64", "fwd+bwd", 2.0, 50.0),
-        ],
-    )
+    ours = [
+        {"kind": "matmul", "tflops": 500.0},
+        _time("fb_4k_h64", "fwd", 1.0, 100.0),
+        _time("paper_16k_512x32", "fwd", 2.0, 100.0),
+        _time("paper_16k_512x32", "fwd+bwd", 4.0, 87.5),
+        _time("paper_16k_512x32_h128", "fwd", 1.0, 300.0),
+        _time("luc_16k_d64", "fwd+bwd", 2.0, 50.0),
+    ]
+    _write(tmp_path / "tensorattn_jax.jsonl", ours)
     _write(
         tmp_path / "bench_pallas.jsonl",
         [
@@ -66,8 +64,7 @@ def test_targets_from_a_run(tmp_path):
     assert not any(run == "mosaic_gpu" and "FBGEMM" in target for run, target, _ in got)
     assert got["mosaic_gpu", "fwd share of matmul", "full4096_h128"]["measured"] is None
     # A run repeated into the same folder: its last rows count.
-    with open(tmp_path / "tensorattn_jax.jsonl", "a") as f:
-        f.write("\n" + json.dumps(_time("fb_4k_h64", "fwd", 4.0, 25.0)) + "\n")
+    _write(tmp_path / "tensorattn_jax.jsonl", ours + [_time("fb_4k_h64", "fwd", 4.0, 25.0)])
     rows = gpu_targets.check(str(tmp_path))
     (fb,) = [r for r in rows if r["run"] == "default" and r["case"] == "fb_4k_h64"]
     assert fb["measured"] == 0.5 and not fb["met"]
