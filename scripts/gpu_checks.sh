@@ -131,18 +131,18 @@ for s in $SECTIONS; do
       section reproduce 540 env OUT="$DIR/full" TRAIN_DIR=/tmp/tensorattn_train \
         PYTHON="$PYTHON" bash scripts/reproduce.sh --full ;;
     kernels)
+      bench=("$PYTHON" -m experiments.bench_pallas --impls=pallas,mosaic_gpu --head_dims=128
+        --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split --budget_s=3 --check=false
+        --out="$DIR/bench_pallas.jsonl")
       # (MOSAIC_GPU_DUMP_PTXAS: the Mosaic GPU kernels' ptxas reports go to the log, read back
       # into DIR/mosaic_registers_gpu.jsonl to set beside experiments.mosaic_registers' rows)
-      section kernels_grouped 180 env MOSAIC_GPU_DUMP_PTXAS=1 "$PYTHON" -m experiments.bench_pallas \
-        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split \
-        --variants_window=64:64:4 --variants_mosaic=32:128:2,32:64:3 --budget_s=3 --check=false \
-        --cases=window16384,group64,group128 --head_dims=128 --out="$DIR/bench_pallas.jsonl"
+      section kernels_grouped 180 env MOSAIC_GPU_DUMP_PTXAS=1 "${bench[@]}" \
+        --cases=window16384,group64,group128 --variants_window=64:64:4 \
+        --variants_mosaic=32:128:2,32:64:3
       "$PYTHON" -m experiments.mosaic_registers --from_log="$DIR/kernels_grouped.log" \
         --out="$DIR/mosaic_registers_gpu.jsonl" > /dev/null
-      section kernels_full 90 "$PYTHON" -m experiments.bench_pallas \
-        --impls=pallas,mosaic_gpu --bwd_impls=pallas,mosaic_gpu --bwd_layouts=default,split \
-        --variants_full=64:64:4 --variants_mosaic=32:128:2 --budget_s=3 --check=false \
-        --cases=full4096 --head_dims=128 --out="$DIR/bench_pallas.jsonl"
+      section kernels_full 90 "${bench[@]}" --cases=full4096 --variants_full=64:64:4 \
+        --variants_mosaic=32:128:2
       targets
       archive ;;
     peers)
@@ -158,10 +158,10 @@ for s in $SECTIONS; do
       targets
       archive ;;
     polynomial)
-      section polynomial_noncausal 120 "$PYTHON" -m experiments.bench_polynomial_fused --causal=0 \
-        --xla_max_n=65536 --budget_s=5 --out="$DIR/bench_polynomial_fused.jsonl"
-      section polynomial_causal 120 "$PYTHON" -m experiments.bench_polynomial_fused --causal=1 \
-        --xla_max_n=65536 --budget_s=5 --out="$DIR/bench_polynomial_fused.jsonl" ;;
+      for causal in 0 1; do
+        section "polynomial_causal$causal" 120 "$PYTHON" -m experiments.bench_polynomial_fused \
+          --causal=$causal --xla_max_n=65536 --budget_s=5 --out="$DIR/bench_polynomial_fused.jsonl"
+      done ;;
   esac
 done
 archive
