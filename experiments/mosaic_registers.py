@@ -2,7 +2,7 @@ r"""Registers and spills of the Mosaic GPU kernels compiled for an H100 (sm_90a)
 
   pip install --no-deps --target=/tmp/jax-cuda \
       jax-cuda12-plugin==$(python -c "import jax; print(jax.__version__)") \
-      jax-cuda12-pjrt==$(python -c "import jax; print(jax.__version__)")
+      jax-cuda12-pjrt==$(python -c "import jax; print(jax.__version__)")  # or cuda13
   python -m experiments.mosaic_registers --plugin_dir=/tmp/jax-cuda \
       --out=results/compile_sm90/mosaic_registers.jsonl
   python -m experiments.mosaic_registers --plugin_dir=/tmp/jax-cuda --cases=fb_4k_h64 \
@@ -91,7 +91,7 @@ _MARK = "== mosaic_registers module "
 def define_flags() -> None:
     flags.DEFINE_list("cases", list(CASES), f"Cases: {', '.join(CASES)}.")
     flags.DEFINE_list("variants", ["default"], 'MosaicGPUConfig variants: "default" or f=v+...')
-    flags.DEFINE_string("plugin_dir", "", "Where jax-cuda12-plugin and -pjrt are installed.")
+    flags.DEFINE_string("plugin_dir", "", "Where jax-cuda12-plugin (or 13) is installed.")
     flags.DEFINE_string("ptxas", "", "ptxas to run ('' = the first on PATH).")
     flags.DEFINE_string(
         "nvdisasm",
@@ -132,8 +132,12 @@ def compile_modules(paths: list[str]) -> None:
     compiler; ptxas' report follows each marker line on stdout."""
     import ctypes
 
-    import jax_plugins.xla_cuda12 as plugin
     from jax.experimental import topologies
+
+    try:  # jax >= 0.12.1 ships its plugin for CUDA 13 only
+        import jax_plugins.xla_cuda13 as plugin
+    except ImportError:
+        import jax_plugins.xla_cuda12 as plugin
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=_H100, topology="1x1x1")
     mesh = topologies.make_mesh(topology, (1,), ("x",))

@@ -369,7 +369,7 @@ def _dq_kernel(cfg: _Config, q_ref, do_ref, l_ref, d_ref, k1_ref, v1_ref, b1_ref
         lse = ops.load(l_wg, (), ops.rows_vec)
         delta = ops.load(d_wg, (), ops.rows_vec)
         x_wg, y_wg = (None,) * 2 if cfg.registers else (x_smem.at[wg], y_smem.at[wg])
-        ds_wg = ds_smem and ds_smem.at[wg]
+        ds_wg = None if ds_smem is None else ds_smem.at[wg]
         shape = (rows, bk2)
         if cfg.fuse:  # dK1/dV1 partial sums of first keys base .. base + span - 1
             base = p0 - (cfg.w1 - 1)
@@ -565,7 +565,7 @@ def _dkv_kernel(cfg: _Config, side: int, q_ref, do_ref, l_ref, d_ref, qt_ref, do
         plgpu.barrier_wait(key_bar.at[wg])
         bias_s = ops.load(bs_wg, (), ops.rows_vec)
         xq_wg, xd_wg = xq_smem.at[wg], xd_smem.at[wg]
-        xqt_wg, xdt_wg = (x and x.at[wg] for x in (xqt_smem, xdt_smem))
+        xqt_wg, xdt_wg = (None if x is None else x.at[wg] for x in (xqt_smem, xdt_smem))
         p_wg, ds_wg = (None,) * 2 if cfg.registers else (p_smem.at[wg], ds_smem.at[wg])
         shape = (kw, rows)
 
