@@ -1,11 +1,16 @@
 """Test setup: float32 matmuls at full precision so comparisons are meaningful on any backend;
-tests marked `gpu` (compiled GPU kernels) run on an NVIDIA GPU and skip elsewhere."""
+tests marked `gpu` (compiled GPU kernels) run on an NVIDIA GPU and skip elsewhere; `-n auto`
+(pytest-xdist) runs one worker per available core, at most 8."""
 
 import os
 import sys
 
-import jax
-import pytest
+# Several xdist workers share one GPU: each takes memory as needed instead of 75% up front.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -36,3 +41,24 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("gpu")
         if marker and (reason := _skip_reason(marker)):
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's share of a larger host, which `os.cpu_count()` does not see)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cores = min(cores, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores or 1)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, when installed
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per available core, at most 8 (each holds its own JAX runtime and
+    compiled kernels, about 1-2 GB)."""
+    return min(available_cores(), 8)

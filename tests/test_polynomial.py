@@ -297,15 +297,19 @@ def test_certificate_bounds_the_error_and_skips_masked_keys():
     big = [k.copy() for k in keys]
     big[0][:, 7:] = 50.0  # masked out below: no allowed tuple uses them
     masks = [np.arange(10)[None].repeat(2, 0) < 7, np.ones((2, 7), bool)]
-    kw = dict(degree=6, scale=1 / 8)
-    cert = tensorattn.polynomial_certificate(q, *big, *values, k1_mask=masks[0], **kw)
     valid = [k[:, :7] for k in keys], [values[0][:, :7], values[1]]
-    assert cert == polynomial.certificate(q, *valid, **kw)
-    assert cert.certified
-    out = np.asarray(_poly(q, big, values, key_masks=masks, **kw))
     ref = oracle.attention(q, big, values, scale=1 / 8, masks=masks)
-    observed = np.abs(out - ref).max()
-    assert 1e-4 * cert.certified_error < observed <= cert.certified_error, (observed, cert)
+    for degree in (4, 6):
+        kw = dict(degree=degree, scale=1 / 8, on_uncertified="ignore")
+        cert = tensorattn.polynomial_certificate(q, *big, *values, k1_mask=masks[0], **kw)
+        assert cert == polynomial.certificate(q, *valid, **kw)
+        out = np.asarray(_poly(q, big, values, key_masks=masks, **kw))
+        observed = np.abs(out - ref).max()
+        assert observed <= cert.certified_error, (observed, cert)
+        # Not vacuous where the polynomial's error dominates (degree 4: about 3e-6); at degree
+        # 6 the error is float32 rounding (2e-8 to 5e-8, by JAX version).
+        assert degree == 6 or 1e-4 * cert.certified_error < observed, (observed, cert)
+    assert cert.certified
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
