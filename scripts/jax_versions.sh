@@ -2,7 +2,7 @@
 # The GPU kernels' checks that need no GPU (CUDA lowering, interpret mode against the float64
 # oracle) under other JAX versions than the installed one, e.g. the GPU machines' version:
 #
-#   scripts/jax_versions.sh PYTHON VERSION...      # e.g. python3.12 0.11.2 0.12.0.1
+#   scripts/jax_versions.sh PYTHON VERSION...      # e.g. python3.12 0.11.2 0.12.1
 #   TESTS="tests" scripts/jax_versions.sh ...        # the whole suite instead
 #
 # Each version gets its own virtual environment, kept for re-runs, under
@@ -25,6 +25,6 @@ for version in "$@"; do
   fi
   echo "== jax $version ($("$env/bin/python" --version))"
   # shellcheck disable=SC2086
-  "$env/bin/python" -m pytest $TESTS -p no:cacheprovider || status=1
+  "$env/bin/python" -m pytest -n auto $TESTS -p no:cacheprovider || status=1
 done
 exit $status

@@ -44,17 +44,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 def available_cores() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
     container's share of a larger host, which `os.cpu_count()` does not see)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-        if quota != "max":
-            cores = min(cores, int(quota) // int(period))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores or 1)
+    cores = cores or 1
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):  # v2, v1
+        try:
+            with open(path) as f:
+                quota, *period = f.read().split()
+            if not period:  # v1 keeps the period in its own file
+                with open(os.path.join(os.path.dirname(path), "cpu.cfs_period_us")) as f:
+                    period = f.read().split()
+            if quota not in ("max", "-1"):
+                cores = min(cores, int(quota) // int(period[0]))
+        except (OSError, ValueError, IndexError):
+            pass
+    return max(1, cores)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, when installed
