@@ -32,7 +32,7 @@ import jax
 from absl import app, flags
 
 from experiments import benchlib, harness
-from tensorattn.kernels import polynomial
+from tensorattn.kernels import cost, polynomial
 
 FLAGS = flags.FLAGS
 
@@ -95,6 +95,15 @@ def _pivot(rows: list[dict]) -> list[dict]:
 def score_range(bound: float) -> float:
     """R = scale · H · B^3 with scale = 1/H: the largest |score| of entries in [-B, B]."""
     return bound**3
+
+
+def too_wide(h: int, degree: int) -> str | None:
+    """Why the polynomial method cannot run at head dim `h` and this degree (its feature rank
+    over `polynomial.MAX_RANK`), or None."""
+    rank = cost.feature_rank(h, degree)
+    if rank <= polynomial.MAX_RANK:
+        return None
+    return f"rank C({h}+{degree}, {degree}) = {rank} > {polynomial.MAX_RANK}"
 
 
 def check_mode(degree: int, R: float = 1.0) -> str:
@@ -171,6 +180,8 @@ def pick_degree(h, causal, target, out, meta, bound=1.0):
     and the certified one."""
     measured = None
     for degree in range(1, 12):
+        if too_wide(h, degree):  # ranks grow with the degree: none above runs either
+            break
         p = point("polynomial", 256, h, causal, bound=bound, degree=degree, on_uncertified="ignore")
         inputs = harness.make_inputs(p, seed=1)
         if harness.result_errors(p, inputs, "oracle", relative=False)[0] <= target:
@@ -191,9 +202,20 @@ def _ms(row):
     return row.get("median_ms") or row.get("extrapolated_ms")
 
 
-def crossover(poly_rows_by_degree, exact_rows, out, meta, R=1.0):
+def _unmeasured(rows: list[dict], pass_: str) -> str | None:
+    """Why a pass has lengths without a time: the first failed row's status, from which n."""
+    failed = [r for r in rows if r["pass"] == pass_ and r["status"] not in ("ok", "skipped")]
+    if not failed:
+        return None
+    first = min(failed, key=lambda r: r["n"])
+    return f"{first['status']} from n={first['n']}"
+
+
+def crossover(poly_rows_by_degree, exact_rows, out, meta, R=1.0, h=8):
     """Table 3: smallest n (log-log interpolated between points) where polynomial < exact,
-    with each degree's relative error of exp on [-R, R] (the certified bound at this R)."""
+    with each degree's relative error of exp on [-R, R] (the certified bound at this R), its
+    feature rank at head dim `h`, and why lengths went unmeasured (a rank over the limit,
+    out of memory)."""
     rows = []
     for label, degree, poly_rows in poly_rows_by_degree:
         for pass_ in harness.PASSES:
@@ -211,15 +233,16 @@ def crossover(poly_rows_by_degree, exact_rows, out, meta, R=1.0):
                 meta, table="crossover", degree_choice=label, degree=degree, crossover_n=cross,
                 speedup_at_4096=dict(zip(ns, ratio)).get(4096), R=R,
                 relative_error=polynomial.relative_error("taylor", degree, R),
-                exact_extrapolated_at_4096=extrapolated, **{"pass": pass_},
+                exact_extrapolated_at_4096=extrapolated, rank=cost.feature_rank(h, degree),
+                note=too_wide(h, degree) or _unmeasured(poly_rows, pass_), **{"pass": pass_},
             )  # fmt: skip
             benchlib.append_jsonl(out, row)
             rows.append(row)
     print(f"\n3. crossover vs the exact kernel (R = {R:g})")
     benchlib.print_table(
         rows,
-        ["degree_choice", "degree", "relative_error", "pass", "crossover_n", "speedup_at_4096",
-         "exact_extrapolated_at_4096"],
+        ["degree_choice", "degree", "rank", "relative_error", "pass", "crossover_n",
+         "speedup_at_4096", "exact_extrapolated_at_4096", "note"],
     )  # fmt: skip
 
 
@@ -237,7 +260,9 @@ def error_table(h, out, meta):
                     score_range=R, on_uncertified="ignore",
                 )  # fmt: skip
                 inputs = harness.make_inputs(p, seed=2)
-                err = harness.result_errors(p, inputs, "oracle", relative=False)[0]
+                skipped, err = too_wide(h, degree), None
+                if not skipped:
+                    err = harness.result_errors(p, inputs, "oracle", relative=False)[0]
                 certified = float(
                     polynomial.certified_error(
                         inputs[0], inputs[1:3], inputs[3:], degree=degree, scale=1 / h,
@@ -248,6 +273,7 @@ def error_table(h, out, meta):
                     meta, table="error", polynomial=poly, degree=degree, R=R, n=n,
                     relative_error=polynomial.relative_error(poly, degree, R),
                     output_error=err, certified_error=certified,
+                    **({"reason": f"not run: {skipped}"} if skipped else {}),
                 )  # fmt: skip
                 benchlib.append_jsonl(out, row)
                 rows.append(row)
@@ -258,6 +284,8 @@ def error_table(h, out, meta):
     benchlib.print_table(
         rows, ["polynomial", "R", "degree", "relative_error", "output_error", "certified_error"]
     )
+    for degree in sorted({r["degree"] for r in rows if r.get("reason")}):
+        print(f"   degree {degree}: output error not measured, {too_wide(h, degree)}")
 
 
 def main(argv):
@@ -298,7 +326,7 @@ def main(argv):
                 exact_lengths, h, causal, degree, repeats, out, dict(meta, purpose=label), **shape
             )
         by_degree.append((label, degree, timed[degree]))
-    crossover(by_degree, exact_rows, out, meta, score_range(bound))
+    crossover(by_degree, exact_rows, out, meta, score_range(bound), h)
     error_table(h, out, meta)
 
 

@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_checks.sh DIR                     # all sections, in this order:
 #                                                 #   smoke peers kernels polynomial tests reproduce
+#                                                 #   (and polynomial_wide, when named)
 #   scripts/gpu_checks.sh DIR smoke peers         # some of them, in the order given
 #   BUDGET_S=540 ARCHIVE=$OUT/gpu.tgz scripts/gpu_checks.sh /tmp/g   # one device call
 #
@@ -22,6 +23,9 @@
 #             kernels' ptxas reports in DIR/mosaic_registers_gpu.jsonl.
 # polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal
 #             (the XLA kernel, for comparison, up to n = 65536 only).
+# polynomial_wide: experiments/bench_polynomial at head dims 64 and 128 (8 heads, entries in
+#             [-0.5, 0.5]), degrees 2 and 4 against the exact kernel: where the polynomial
+#             method stops being worth it (issue 14), its crossover table in the log.
 # tests:      the whole test suite on this machine (issue 15), its counts and wall time.
 # reproduce:  scripts/reproduce.sh --full (issue 13) into DIR/full, resuming from a copy of
 #             results/full: the steps a run finishes, and the finished training runs of the
@@ -41,7 +45,7 @@
 # process), each taking GPU memory as needed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DIR=${1:?usage: $0 DIR [smoke|peers|kernels|polynomial|tests|reproduce]...}
+DIR=${1:?usage: $0 DIR [smoke|peers|kernels|polynomial|polynomial_wide|tests|reproduce]...}
 shift
 mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)
 SECTIONS=${*:-smoke peers kernels polynomial tests reproduce}
@@ -54,8 +58,9 @@ START=$(date +%s)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 for s in $SECTIONS; do
   case $s in
-    smoke | peers | kernels | polynomial | tests | reproduce) ;;
-    *) echo "unknown section $s (smoke, peers, kernels, polynomial, tests, reproduce)" >&2; exit 2 ;;
+    smoke | peers | kernels | polynomial | polynomial_wide | tests | reproduce) ;;
+    *) echo "unknown section $s (smoke, peers, kernels, polynomial, polynomial_wide, tests," \
+      "reproduce)" >&2; exit 2 ;;
   esac
 done
 SUMMARY=$DIR/gpu_checks.txt
@@ -161,6 +166,12 @@ for s in $SECTIONS; do
       for causal in 0 1; do
         section "polynomial_causal$causal" 120 "$PYTHON" -m experiments.bench_polynomial_fused \
           --causal=$causal --xla_max_n=65536 --budget_s=5 --out="$DIR/bench_polynomial_fused.jsonl"
+      done ;;
+    polynomial_wide)
+      for h in 64 128; do
+        section "polynomial_h$h" 280 "$PYTHON" -m experiments.bench_polynomial --head_dim=$h \
+          --heads=8 --degree=2 --degrees=4 --entry_bound=0.5 --min_log2_t=10 --max_log2_t=14 \
+          --exact_max_log2_t=12 --repeats=3 --out="$DIR/bench_polynomial_h$h.jsonl"
       done ;;
   esac
 done

@@ -183,3 +183,33 @@ def test_kernel_registers_compiles_with_triton(tmp_path):
     kernel = kernel_registers.lower_case("luc_16k_d64")
     row = kernel_registers.compile_kernel(kernel[0], tmp_path)
     assert 0 < row["registers"] <= 255 and row["spill_stores"] >= 0 and row["wgmma"] > 0
+
+
+def test_bench_polynomial_says_where_the_rank_is_too_wide(tmp_path, monkeypatch, capsys):
+    """Issue 14's wide-head run: degrees whose feature rank is over `polynomial.MAX_RANK`
+    (here lowered to 100: H=8 has rank 45 at degree 2, 165 at degree 3) are named in the
+    degree search and the crossover table instead of failing the benchmark."""
+    from experiments import bench_polynomial as bench
+    from tensorattn.kernels import polynomial
+
+    monkeypatch.setattr(polynomial, "MAX_RANK", 100)
+    assert bench.too_wide(8, 2) is None and bench.too_wide(8, 3).endswith("165 > 100")
+    out = str(tmp_path / "rows.jsonl")
+    measured, _ = bench.pick_degree(8, False, 1e-12, out, {})  # unreachable by degrees 1-2
+    assert measured is None
+
+    def row(n, pass_, status="ok", ms=None):
+        return {"n": n, "pass": pass_, "status": status, "median_ms": ms}
+
+    exact = [row(n, p, ms=n**3 / 1e6) for n in (256, 512, 1024) for p in harness.PASSES]
+    poly = [row(n, "fwd", ms=n / 10) for n in (256, 512, 1024)]  # faster from n ~ 316
+    poly += [row(256, "fwd+grad", ms=100.0), row(512, "fwd+grad", "oom")]
+    bench.crossover([("degree 2", 2, poly), ("degree 3", 3, [])], exact, out, {}, 1.0, 8)
+    lines = [json.loads(line) for line in open(out)][1:]
+    assert [(r["degree"], r["pass"], r["crossover_n"], r["note"]) for r in lines] == [
+        (2, "fwd", 316, None),
+        (2, "fwd+grad", None, "oom from n=512"),
+        (3, "fwd", None, "rank C(8+3, 3) = 165 > 100"),
+        (3, "fwd+grad", None, "rank C(8+3, 3) = 165 > 100"),
+    ]
+    assert "165 > 100" in capsys.readouterr().out
