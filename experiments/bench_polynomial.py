@@ -4,8 +4,9 @@ r"""Benchmark of the polynomial method (docs/math.md §4-§5) against the exact 
   python -m experiments.bench_polynomial --quick              # small sizes, a fast check
   python -m experiments.bench_polynomial --out=runs/bench_polynomial_gpu.jsonl   # on a GPU
   # Where the method stops being worth it at wide heads (issue 14), on a GPU:
-  python -m experiments.bench_polynomial --head_dim=64 --heads=8 --degrees=2,4 \
-      --entry_bound=0.5 --min_log2_t=10 --max_log2_t=16 --out=runs/bench_polynomial_h64.jsonl
+  python -m experiments.bench_polynomial --head_dim=64 --heads=8 --degree=2 --degrees=4 \
+      --entry_bound=0.5 --max_log2_t=14 --exact_max_log2_t=12 --out=runs/bench_polynomial_h64.jsonl
+  python -m experiments.bench_polynomial --from_rows=runs/bench_polynomial_h64.jsonl  # cut run
 
 Order 3, B=1, `--heads` heads (default one), H=Hv=`--head_dim` (8), scale=1/H, entries uniform
 in [-B, B] with B = `--entry_bound` (default 1, so |score| <= R = B^3 = 1). Prints four tables
@@ -32,6 +33,7 @@ import jax
 from absl import app, flags
 
 from experiments import benchlib, harness
+from tensorattn import workdir
 from tensorattn.kernels import cost, polynomial
 
 FLAGS = flags.FLAGS
@@ -61,6 +63,9 @@ def define_flags() -> None:
     flags.DEFINE_float("target_error", 1e-3, "Output error target of the crossover.")
     flags.DEFINE_integer("repeats", 5, "Timed runs per point (median reported).")
     flags.DEFINE_string("out", "runs/bench_polynomial.jsonl", "JSON lines ('' = none).")
+    flags.DEFINE_string(
+        "from_rows", "", "Instead: reprint the crossover table from this run's rows (e.g. cut)."
+    )
 
 
 def point(
@@ -288,8 +293,29 @@ def error_table(h, out, meta):
         print(f"   degree {degree}: output error not measured, {too_wide(h, degree)}")
 
 
+def crossover_from_rows(rows: list[dict]) -> None:
+    """Table 3 again from a run's time and exact rows, e.g. of a run cut before its end:
+    each timed degree with the rows it has."""
+    time_rows = [r for r in rows if r.get("table") == "time"]
+    exact_rows = [r for r in rows if r.get("table") == "exact"]
+    if not time_rows or not exact_rows:
+        raise SystemExit("--from_rows: no time and exact rows of this benchmark (yet)")
+    by_degree = {}
+    for r in time_rows:
+        degree = r["options"]["degree"]
+        label = r.get("purpose") or f"sweep degree {degree}"
+        by_degree.setdefault(degree, (label, degree, []))[2].append(r)
+    first = time_rows[0]
+    crossover(
+        list(by_degree.values()), exact_rows, "", {}, score_range(first["entry_bound"]),
+        first["head_dim"],
+    )  # fmt: skip
+
+
 def main(argv):
     del argv
+    if FLAGS.from_rows:
+        return crossover_from_rows(workdir.read_jsonl(FLAGS.from_rows))
     h, heads, bound = FLAGS.head_dim, FLAGS.heads, FLAGS.entry_bound
     lo, hi = (8, 11) if FLAGS.quick else (FLAGS.min_log2_t, FLAGS.max_log2_t)
     exact_max = FLAGS.exact_max_log2_t

@@ -172,7 +172,11 @@ for s in $SECTIONS; do
         section "polynomial_h$h" 280 "$PYTHON" -m experiments.bench_polynomial --head_dim=$h \
           --heads=8 --degree=2 --degrees=4 --entry_bound=0.5 --min_log2_t=10 --max_log2_t=14 \
           --exact_max_log2_t=12 --repeats=3 --out="$DIR/bench_polynomial_h$h.jsonl"
-      done ;;
+        # The crossover table from the rows written, also when the section was cut.
+        "$PYTHON" -m experiments.bench_polynomial --from_rows="$DIR/bench_polynomial_h$h.jsonl" \
+          > "$DIR/crossover_h$h.txt" 2>&1
+      done
+      archive ;;
   esac
 done
 archive

@@ -213,3 +213,9 @@ def test_bench_polynomial_says_where_the_rank_is_too_wide(tmp_path, monkeypatch,
         (3, "fwd+grad", None, "rank C(8+3, 3) = 165 > 100"),
     ]
     assert "165 > 100" in capsys.readouterr().out
+    # A cut run's rows: the table again from them.
+    common = {"entry_bound": 1.0, "head_dim": 8}
+    rows = [dict(r, table="exact", **common) for r in exact]
+    rows += [dict(r, table="time", options={"degree": 2}, **common) for r in poly]
+    bench.crossover_from_rows(rows)
+    assert "oom from n=512" in capsys.readouterr().out
