@@ -317,6 +317,8 @@ def main(argv):
     if FLAGS.from_rows:
         return crossover_from_rows(workdir.read_jsonl(FLAGS.from_rows))
     h, heads, bound = FLAGS.head_dim, FLAGS.heads, FLAGS.entry_bound
+    if reason := too_wide(h, FLAGS.degree):
+        raise app.UsageError(f"--degree={FLAGS.degree} at --head_dim={h}: {reason}")
     lo, hi = (8, 11) if FLAGS.quick else (FLAGS.min_log2_t, FLAGS.max_log2_t)
     exact_max = FLAGS.exact_max_log2_t
     if exact_max is None:
@@ -347,10 +349,10 @@ def main(argv):
     for label, degree in extra:
         if degree is None:
             continue
-        if degree not in timed:
-            timed[degree] = time_sweep(
+        if degree not in timed:  # none over the rank limit: the table says why
+            timed[degree] = [] if too_wide(h, degree) else time_sweep(
                 exact_lengths, h, causal, degree, repeats, out, dict(meta, purpose=label), **shape
-            )
+            )  # fmt: skip
         by_degree.append((label, degree, timed[degree]))
     crossover(by_degree, exact_rows, out, meta, score_range(bound), h)
     error_table(h, out, meta)

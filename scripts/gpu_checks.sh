@@ -24,8 +24,10 @@
 # polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal
 #             (the XLA kernel, for comparison, up to n = 65536 only).
 # polynomial_wide: experiments/bench_polynomial at head dims 64 and 128 (8 heads, entries in
-#             [-0.5, 0.5]), degrees 2 and 4 against the exact kernel: where the polynomial
-#             method stops being worth it (issue 14), its crossover table in the log.
+#             [-0.5, 0.5]), degrees 2 and 4 (and the lowest degrees meeting its error target)
+#             against the exact kernel: where the polynomial method stops being worth it
+#             (issue 14); its crossover table in DIR/crossover_hH.txt, also after a cut.
+#             270 s per head dim: one device call on its own (BUDGET_S=560).
 # tests:      the whole test suite on this machine (issue 15), its counts and wall time.
 # reproduce:  scripts/reproduce.sh --full (issue 13) into DIR/full, resuming from a copy of
 #             results/full: the steps a run finishes, and the finished training runs of the
@@ -169,7 +171,8 @@ for s in $SECTIONS; do
       done ;;
     polynomial_wide)
       for h in 64 128; do
-        section "polynomial_h$h" 280 "$PYTHON" -m experiments.bench_polynomial --head_dim=$h \
+        rm -f "$DIR/bench_polynomial_h$h.jsonl"  # the table below reads this run's rows only
+        section "polynomial_h$h" 270 "$PYTHON" -m experiments.bench_polynomial --head_dim=$h \
           --heads=8 --degree=2 --degrees=4 --entry_bound=0.5 --min_log2_t=10 --max_log2_t=14 \
           --exact_max_log2_t=12 --repeats=3 --out="$DIR/bench_polynomial_h$h.jsonl"
         # The crossover table from the rows written, also when the section was cut.

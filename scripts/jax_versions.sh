@@ -23,6 +23,8 @@ for version in "$@"; do
     "$env/bin/pip" install -q "jax==$version" "jaxlib==$version" -r requirements.txt -e .
     touch "$env/.installed"
   fi
+  # environments made before pytest-xdist joined requirements.txt get it now
+  "$env/bin/python" -c "import xdist" 2> /dev/null || "$env/bin/pip" install -q "pytest-xdist>=3.5"
   echo "== jax $version ($("$env/bin/python" --version))"
   # shellcheck disable=SC2086
   "$env/bin/python" -m pytest -n auto $TESTS -p no:cacheprovider || status=1

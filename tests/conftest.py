@@ -65,5 +65,7 @@ def available_cores() -> int:
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, when installed
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per available core, at most 8 (each holds its own JAX runtime and
-    compiled kernels, about 1-2 GB)."""
+    compiled kernels, up to about 2 GB), unless PYTEST_XDIST_AUTO_NUM_WORKERS says otherwise."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     return min(available_cores(), 8)
