@@ -35,6 +35,7 @@ from absl import app, flags
 from experiments import benchlib, harness
 from tensorattn import workdir
 from tensorattn.kernels import cost, polynomial
+from tensorattn.kernels.polynomial import rank_over_limit
 
 FLAGS = flags.FLAGS
 
@@ -100,15 +101,6 @@ def _pivot(rows: list[dict]) -> list[dict]:
 def score_range(bound: float) -> float:
     """R = scale · H · B^3 with scale = 1/H: the largest |score| of entries in [-B, B]."""
     return bound**3
-
-
-def too_wide(h: int, degree: int) -> str | None:
-    """Why the polynomial method cannot run at head dim `h` and this degree (its feature rank
-    over `polynomial.MAX_RANK`), or None."""
-    rank = cost.feature_rank(h, degree)
-    if rank <= polynomial.MAX_RANK:
-        return None
-    return f"rank C({h}+{degree}, {degree}) = {rank} > {polynomial.MAX_RANK}"
 
 
 def check_mode(degree: int, R: float = 1.0) -> str:
@@ -185,7 +177,7 @@ def pick_degree(h, causal, target, out, meta, bound=1.0):
     and the certified one."""
     measured = None
     for degree in range(1, 12):
-        if too_wide(h, degree):  # ranks grow with the degree: none above runs either
+        if rank_over_limit(h, degree):  # ranks grow with the degree: none above runs either
             break
         p = point("polynomial", 256, h, causal, bound=bound, degree=degree, on_uncertified="ignore")
         inputs = harness.make_inputs(p, seed=1)
@@ -239,7 +231,7 @@ def crossover(poly_rows_by_degree, exact_rows, out, meta, R=1.0, h=8):
                 speedup_at_4096=dict(zip(ns, ratio)).get(4096), R=R,
                 relative_error=polynomial.relative_error("taylor", degree, R),
                 exact_extrapolated_at_4096=extrapolated, rank=cost.feature_rank(h, degree),
-                note=too_wide(h, degree) or _unmeasured(poly_rows, pass_), **{"pass": pass_},
+                note=rank_over_limit(h, degree) or _unmeasured(poly_rows, pass_), **{"pass": pass_},
             )  # fmt: skip
             benchlib.append_jsonl(out, row)
             rows.append(row)
@@ -265,7 +257,7 @@ def error_table(h, out, meta):
                     score_range=R, on_uncertified="ignore",
                 )  # fmt: skip
                 inputs = harness.make_inputs(p, seed=2)
-                skipped, err = too_wide(h, degree), None
+                skipped, err = rank_over_limit(h, degree), None
                 if not skipped:
                     err = harness.result_errors(p, inputs, "oracle", relative=False)[0]
                 certified = float(
@@ -290,7 +282,7 @@ def error_table(h, out, meta):
         rows, ["polynomial", "R", "degree", "relative_error", "output_error", "certified_error"]
     )
     for degree in sorted({r["degree"] for r in rows if r.get("reason")}):
-        print(f"   degree {degree}: output error not measured, {too_wide(h, degree)}")
+        print(f"   degree {degree}: output error not measured, {rank_over_limit(h, degree)}")
 
 
 def crossover_from_rows(rows: list[dict]) -> None:
@@ -317,7 +309,7 @@ def main(argv):
     if FLAGS.from_rows:
         return crossover_from_rows(workdir.read_jsonl(FLAGS.from_rows))
     h, heads, bound = FLAGS.head_dim, FLAGS.heads, FLAGS.entry_bound
-    if reason := too_wide(h, FLAGS.degree):
+    if reason := rank_over_limit(h, FLAGS.degree):
         raise app.UsageError(f"--degree={FLAGS.degree} at --head_dim={h}: {reason}")
     lo, hi = (8, 11) if FLAGS.quick else (FLAGS.min_log2_t, FLAGS.max_log2_t)
     exact_max = FLAGS.exact_max_log2_t
@@ -350,7 +342,7 @@ def main(argv):
         if degree is None:
             continue
         if degree not in timed:  # none over the rank limit: the table says why
-            timed[degree] = [] if too_wide(h, degree) else time_sweep(
+            timed[degree] = [] if rank_over_limit(h, degree) else time_sweep(
                 exact_lengths, h, causal, degree, repeats, out, dict(meta, purpose=label), **shape
             )  # fmt: skip
         by_degree.append((label, degree, timed[degree]))

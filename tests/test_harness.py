@@ -193,7 +193,8 @@ def test_bench_polynomial_says_where_the_rank_is_too_wide(tmp_path, monkeypatch,
     from tensorattn.kernels import polynomial
 
     monkeypatch.setattr(polynomial, "MAX_RANK", 100)
-    assert bench.too_wide(8, 2) is None and bench.too_wide(8, 3).endswith("165 > 100")
+    too_wide = polynomial.rank_over_limit
+    assert too_wide(8, 2) is None and too_wide(8, 3).endswith("165 > 100")
     out = str(tmp_path / "rows.jsonl")
     measured, _ = bench.pick_degree(8, False, 1e-12, out, {})  # unreachable by degrees 1-2
     assert measured is None

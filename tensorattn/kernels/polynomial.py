@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tensorattn.kernels import causal_scan, features, spine
+from tensorattn.kernels import causal_scan, cost, features, spine
 from tensorattn.kernels.configs import (
     GRADIENTS,
     MAX_DEGREE,
@@ -52,6 +52,15 @@ DEFAULT_TOLERANCE = 1e-2
 # (the factor covers the chained products and chunked sums). Measured float32 errors, T = 64 to
 # 8192, H = 1 to 16, degree 4 to 36, stayed below 1/10 of this term (0.06 at most).
 ROUNDING_FACTOR = 8
+
+
+def rank_over_limit(head_dim: int, degree: int) -> str | None:
+    """Why the features of this head dim and degree are too wide to run (their rank over
+    `MAX_RANK`), or None."""
+    r = cost.feature_rank(head_dim, degree)
+    if r <= MAX_RANK:
+        return None
+    return f"rank C({head_dim}+{degree}, {degree}) = {r} > {MAX_RANK}"
 
 
 class PolynomialAccuracyWarning(UserWarning):
@@ -888,12 +897,12 @@ def attention(q, keys, values, spec: AttentionSpec, config: PolynomialConfig | N
     lengths = tuple(k.shape[1] for k in keys)
     hv = values[0].shape[-1]
     g = q.shape[2] // keys[0].shape[2]
-    r = math.comb(h + degree, degree)
-    if r > MAX_RANK:
+    r = cost.feature_rank(h, degree)
+    if too_wide := rank_over_limit(h, degree):
         raise ValueError(
-            f"polynomial features of head_dim={h} at degree={degree} have rank C(H+g, g)={r} "
-            f"> {MAX_RANK}: the state alone would need ~{r * (hv + 1) * 4 / 2**30:.3g} GiB per "
-            "batch row and head; lower the degree or the head dim (or use an exact kernel)"
+            f"polynomial features of head_dim={h} at degree={degree}: {too_wide}; the state "
+            f"alone would need ~{r * (hv + 1) * 4 / 2**30:.3g} GiB per batch row and head; "
+            "lower the degree or the head dim (or use an exact kernel)"
         )
     if spec.causal:
         fwd_row, bwd_row = (
