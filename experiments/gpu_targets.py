@@ -9,12 +9,15 @@ and `bench_pallas.jsonl` (full attention at T=4096). For each tensorattn run, ea
 measured value, the threshold and whether it is met (`-` where the run has no such row). Rates
 are fractions of the same run's bf16 matmul rate; speed-up = peer time / tensorattn time on the
 same shapes; the backward alone is 2.5x the forward's FLOPs over the time beyond the forward
-(docs/math.md §3.4). Nothing here times anything.
+(docs/math.md §3.4). Then the choices a GPU session makes from the same rows: for each case,
+head dim and pass, the fastest configuration timed and how much slower the default (what
+`implementation=None` runs) was. Nothing here times anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 from experiments import benchlib
@@ -101,15 +104,57 @@ def full_attention_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _timings(bench: list[dict], runs: dict[str, list[dict]]) -> dict:
+    """(source, case, head dim, pass) -> {configuration: (ms, is the default)}; a run repeated
+    into the same folder: its last row."""
+    out = {}
+    for r in bench:
+        if r.get("kind") == "time" and r.get("status") == "ok" and r.get("median_ms"):
+            layout = r.get("bwd_layout")
+            config = " ".join(str(x) for x in (r["implementation"], r["variant"], layout) if x)
+            default = r["implementation"] == "pallas" and r["variant"] == "default"
+            default &= layout in (None, "default")
+            key = ("bench_pallas", r["case"], r["head_dim"], r["pass"])
+            out.setdefault(key, {})[config] = (r["median_ms"], default)
+    for run, rows in runs.items():
+        for r in rows:
+            if r.get("kind") == "time" and r.get("ms"):
+                key = ("peers harness", r["case"], None, r["pass"])
+                out.setdefault(key, {})[run] = (r["ms"], run == "default")
+    return out
+
+
+def choices(bench: list[dict], runs: dict[str, list[dict]]) -> list[dict]:
+    """The fastest configuration per (case, head dim, pass): among bench_pallas' rows (each
+    implementation, tile variant and backward layout), and between the peers' harness runs
+    (`implementation=None` against `"mosaic_gpu"`); `default_over_fastest` is the default's
+    time over the fastest's (1.0: the default is the fastest)."""
+    out = []
+    for (source, case, head_dim, pass_), timed in _timings(bench, runs).items():
+        if len(timed) < 2:
+            continue
+        fastest = min(timed, key=lambda config: timed[config][0])
+        default_ms = next((ms for ms, default in timed.values() if default), None)
+        slower = default_ms / timed[fastest][0] if default_ms else None
+        out.append({"source": source, "case": case, "head_dim": head_dim, "pass": pass_,
+                    "fastest": fastest, "fastest_ms": timed[fastest][0],
+                    "default_ms": default_ms, "default_over_fastest": slower})  # fmt: skip
+    return out
+
+
+def _read(directory: str, name: str) -> list[dict]:
+    return workdir.read_jsonl(os.path.join(directory, name))
+
+
 def check(directory: str) -> list[dict]:
     """Every target of the runs found in `directory`."""
-    peers = workdir.read_jsonl(os.path.join(directory, "peers_torch.jsonl"))
+    peers = _read(directory, "peers_torch.jsonl")
     out = []
     for run, name in RUNS.items():
-        ours = workdir.read_jsonl(os.path.join(directory, name))
+        ours = _read(directory, name)
         if ours:
             out += peer_targets(run, ours, peers)
-    bench = workdir.read_jsonl(os.path.join(directory, "bench_pallas.jsonl"))
+    bench = _read(directory, "bench_pallas.jsonl")
     return out + (full_attention_targets(bench) if bench else [])
 
 
@@ -123,6 +168,13 @@ def main(argv=None):
         raise SystemExit(f"{args.dir}: no tensorattn_jax.jsonl or bench_pallas.jsonl rows")
     for row in rows:
         benchlib.append_jsonl(args.out or None, row)
+    read = functools.partial(_read, args.dir)
+    fastest = choices(read("bench_pallas.jsonl"), {run: read(name) for run, name in RUNS.items()})
+    if fastest:
+        print("Fastest configuration timed, and the default's time over it:")
+        benchlib.print_table(fastest, ["source", "case", "head_dim", "pass", "fastest"]
+                             + ["fastest_ms", "default_ms", "default_over_fastest"])  # fmt: skip
+        print()
     benchlib.print_table(rows, ["run", "target", "case", "measured", "threshold", "met"])
     met = [r["met"] for r in rows if r["met"] is not None]
     print(f"{sum(met)} of {len(met)} measured targets met ({len(rows) - len(met)} not measured)")

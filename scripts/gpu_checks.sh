@@ -34,7 +34,8 @@
 #             steps it is cut in, come back with DIR (commit them to results/full to go on).
 #
 # After peers and kernels, experiments/gpu_targets.py checks issue 10's targets against the
-# rows (DIR/targets.txt). DIR/gpu_checks.txt gets a line per section: device, JAX version,
+# rows, and names the fastest configuration timed per case beside the default's time
+# (DIR/targets.txt: what the defaults should become). DIR/gpu_checks.txt gets a line per section: device, JAX version,
 # exit status, wall time, test counts. Each section runs under `timeout`: its own cap below
 # (so that a hung kernel cannot take a whole device call), at most TIMEOUT_S (default 540 s);
 # with BUDGET_S, all of them together end within BUDGET_S seconds of the start (a section

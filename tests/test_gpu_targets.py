@@ -71,3 +71,40 @@ def test_targets_from_a_run(tmp_path):
     (tmp_path / "peers_torch.jsonl").unlink()
     rows = gpu_targets.check(str(tmp_path))
     assert [r["met"] for r in rows if r["target"].startswith("fwd+bwd")] == [None]
+
+
+def test_choices_name_the_fastest_configuration_and_the_defaults_gap(tmp_path, capsys):
+    def bench(impl, variant, pass_, ms, layout=None, status="ok"):
+        row = dict(kind="time", case="group64", head_dim=128, implementation=impl,
+                   variant=variant, status=status, median_ms=ms, **{"pass": pass_})  # fmt: skip
+        return row | ({} if layout is None else {"bwd_layout": layout})
+
+    rows = [
+        {"kind": "matmul", "tflops": 500.0},
+        bench("pallas", "default", "fwd", 4.0),
+        bench("pallas", "64:64:4", "fwd", 3.0),
+        bench("mosaic_gpu", "default", "fwd", 2.0),
+        bench("mosaic_gpu", "32:128:2", "fwd", 1.0, status="error"),  # failed: not a choice
+        bench("pallas", "default", "fwd+grad", 9.0, layout="default"),
+        bench("pallas", "default", "fwd+grad", 8.0, layout="split"),
+        bench("pallas", "default", "fwd+grad", 10.0, layout="fused"),
+        bench("pallas", "default", "fwd+grad", 12.0, layout="default"),  # a rerun: the last row
+    ]
+    _write(tmp_path / "bench_pallas.jsonl", rows)
+    _write(tmp_path / "tensorattn_jax.jsonl", [_time("fb_4k_h64", "fwd", 2.0, 100.0)])
+    _write(tmp_path / "mosaic_gpu" / "tensorattn_jax.jsonl", [_time("fb_4k_h64", "fwd", 1.0)])
+    got = {(r["source"], r["case"], r["pass"]): r for r in gpu_targets.choices(
+        gpu_targets._read(tmp_path, "bench_pallas.jsonl"),
+        {run: gpu_targets._read(tmp_path, name) for run, name in gpu_targets.RUNS.items()},
+    )}  # fmt: skip
+    fwd = got["bench_pallas", "group64", "fwd"]
+    assert (fwd["fastest"], fwd["default_ms"], fwd["default_over_fastest"]) == (
+        "mosaic_gpu default", 4.0, 2.0)  # fmt: skip
+    both = got["bench_pallas", "group64", "fwd+grad"]
+    assert both["fastest"] == "pallas default split" and both["default_over_fastest"] == 1.5
+    peers = got["peers harness", "fb_4k_h64", "fwd"]
+    assert peers["fastest"] == "mosaic_gpu" and peers["default_over_fastest"] == 2.0
+    gpu_targets.main([f"--dir={tmp_path}"])
+    printed = capsys.readouterr().out.splitlines()
+    assert any("mosaic_gpu default" in line for line in printed)
+    assert printed[-1].endswith("not measured)")  # gpu_checks.sh reads the last line
