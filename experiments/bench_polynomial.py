@@ -7,6 +7,7 @@ r"""Benchmark of the polynomial method (docs/math.md §4-§5) against the exact 
   python -m experiments.bench_polynomial --head_dim=64 --heads=8 --degree=2 --degrees=4 \
       --entry_bound=0.5 --max_log2_t=14 --exact_max_log2_t=12 --out=runs/bench_polynomial_h64.jsonl
   python -m experiments.bench_polynomial --from_rows=runs/bench_polynomial_h64.jsonl  # cut run
+  python -m experiments.bench_polynomial --check_cost --causal --min_log2_t=8 --max_log2_t=14
 
 Order 3, B=1, `--heads` heads (default one), H=Hv=`--head_dim` (8), scale=1/H, entries uniform
 in [-B, B] with B = `--entry_bound` (default 1, so |score| <= R = B^3 = 1). Prints four tables
@@ -23,6 +24,8 @@ a `table` field naming the table):
   4. relative error of p on [-R, R] (and measured and certified output error) against degree
      and R.
 Degrees outside the certified range (tables 3-4 scan them) run with `on_uncertified="ignore"`.
+With `--check_cost`, instead: the cost of the per-call accuracy check (docs/kernels.md), each
+length and pass timed with `on_uncertified="warn"` (the check) and "ignore" (none).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "from_rows", "", "Instead: reprint the crossover table from this run's rows (e.g. cut)."
     )
+    flags.DEFINE_bool("check_cost", False, "Instead: time the per-call accuracy check.")
 
 
 def point(
@@ -141,6 +145,29 @@ def time_sweep(lengths, h, causal, degree, repeats, out, meta, bound=1.0, heads=
         )  # fmt: skip
         print(f"   {pass_}: log-log slope of time vs n {slope:.3f}, of temp memory {mem_slope}")
     return rows
+
+
+def check_cost(lengths, h, causal, degree, repeats, out, meta, bound=1.0, heads=1) -> list[dict]:
+    """The per-call accuracy check's cost: each length and pass timed with
+    `on_uncertified="warn"` (score-bound reductions and a host callback) and "ignore"."""
+    lines = []
+    for n in lengths:
+        for pass_ in harness.PASSES:
+            line = {"n": n, "pass": pass_}
+            for mode in ("warn", "ignore"):
+                options = {"degree": degree, "on_uncertified": mode}
+                p = point("polynomial", n, h, causal, pass_, bound, heads, **options)
+                row = harness.measure(p, repeats=repeats)
+                row.update(meta, table="check_cost")
+                benchlib.append_jsonl(out, row)
+                line[f"{mode} ms"] = row.get("median_ms")
+            if line["warn ms"] and line["ignore ms"]:
+                line["check %"] = 100 * (line["warn ms"] / line["ignore ms"] - 1)
+            lines.append(line)
+            print(f"   n={n} {pass_}: {line}", flush=True)
+    print(f"\ncost of the accuracy check, degree {degree}, causal={causal}, H={h}")
+    benchlib.print_table(lines, ["n", "pass", "warn ms", "ignore ms", "check %"])
+    return lines
 
 
 def exact_sweep(
@@ -324,6 +351,11 @@ def main(argv):
         f"device: {env['device_kind']} ({env['platform']}); H=Hv={h}, B=1, {heads} head(s), "
         f"entries in [-{bound:g}, {bound:g}] (R = {score_range(bound):g})"
     )
+    if FLAGS.check_cost:
+        if check_mode(FLAGS.degree, score_range(bound)) == "ignore":
+            raise app.UsageError(f"--degree={FLAGS.degree} is not certified at R = B^3: the "
+                                 "check would warn on every call; raise --degree")  # fmt: skip
+        return check_cost(lengths, h, causal, FLAGS.degree, repeats, out, meta, **shape)
     poly_rows = time_sweep(lengths, h, causal, FLAGS.degree, repeats, out, meta, **shape)
     measured, certified = pick_degree(h, causal, FLAGS.target_error, out, meta, bound)
     print(
