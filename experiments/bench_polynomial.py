@@ -7,7 +7,7 @@ r"""Benchmark of the polynomial method (docs/math.md §4-§5) against the exact 
   python -m experiments.bench_polynomial --head_dim=64 --heads=8 --degree=2 --degrees=4 \
       --entry_bound=0.5 --max_log2_t=14 --exact_max_log2_t=12 --out=runs/bench_polynomial_h64.jsonl
   python -m experiments.bench_polynomial --from_rows=runs/bench_polynomial_h64.jsonl  # cut run
-  python -m experiments.bench_polynomial --check_cost --causal --min_log2_t=8 --max_log2_t=14
+  python -m experiments.bench_polynomial --check_cost --causal --entry_bound=0.9 --min_log2_t=8
 
 Order 3, B=1, `--heads` heads (default one), H=Hv=`--head_dim` (8), scale=1/H, entries uniform
 in [-B, B] with B = `--entry_bound` (default 1, so |score| <= R = B^3 = 1). Prints four tables
@@ -353,9 +353,12 @@ def main(argv):
     )
     if FLAGS.check_cost:
         if check_mode(FLAGS.degree, score_range(bound)) == "ignore":
-            raise app.UsageError(f"--degree={FLAGS.degree} is not certified at R = B^3: the "
-                                 "check would warn on every call; raise --degree")  # fmt: skip
-        return check_cost(lengths, h, causal, FLAGS.degree, repeats, out, meta, **shape)
+            raise app.UsageError(
+                f"--degree={FLAGS.degree} is not certified at R = B^3: the check would warn on "
+                "every call; raise --degree or lower --entry_bound"
+            )
+        check_cost(lengths, h, causal, FLAGS.degree, repeats, out, meta, **shape)
+        return
     poly_rows = time_sweep(lengths, h, causal, FLAGS.degree, repeats, out, meta, **shape)
     measured, certified = pick_degree(h, causal, FLAGS.target_error, out, meta, bound)
     print(
