@@ -7,9 +7,10 @@ layers, `KernelOptions`), optim and train. The loop writes `DIR/config.json` (th
 config), `DIR/metrics.jsonl` (one JSON object per line, each with "step"), TensorBoard events
 under `DIR/tensorboard` and orbax checkpoints under `DIR/checkpoints`, and resumes from the
 newest checkpoint of the same task and model architecture (`models.identity`); another kernel,
-device count or sequence sharding resumes, logging what changed. Training batch `s` is a pure
-function of `(seed, s)`, so a resumed run sees the same data and the same seed gives the same
-metrics.
+device count or sequence sharding resumes, logging what changed; an optimizer change that
+alters the optimizer state's structure is refused. SIGTERM or SIGINT saves the current step
+and raises `TrainingInterrupted`. Training batch `s` is a pure function of `(seed, s)`, so a
+resumed run sees the same data and the same seed gives the same metrics.
 """
 
 from __future__ import annotations
