@@ -136,9 +136,9 @@ def get_config(arg: str | None = None):
     c.expressivity.seeds = (0, 1, 2)
     c.expressivity.entry_bound = 1.0
     # About a minute per run on a 2-core CPU, so claims 4-5 fit scripts/reproduce.sh's hour.
-    # Match3 shrinks to length 6 mod 19 (a 68% majority class; its 9 frequencies fit a head dim of 16,
-    # where length 10 mod 53 needs 128), the relation tasks to 4x4 grids (16 and 20 tokens; 6x6
-    # costs ~0.8 s per step here).
+    # Match3 shrinks to length 6 mod 19 (a 68% majority class; its 9 frequencies fit a head dim
+    # of 16, where length 10 mod 53 needs 128), the relation tasks to 4x4 grids (16 and 20
+    # tokens; 6x6 costs ~0.8 s per step here).
     cpu_budgets = {
         "match2": _budget(300, 128),
         "match3": _budget(800, 128, "length=6,modulus=19"),
