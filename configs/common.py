@@ -35,10 +35,15 @@ def parse_arg(arg: str | None, **defaults):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"config argument {key}={value!r} is not a bool")
             value = value.lower() in ("true", "1")
-        elif isinstance(default, int):
-            value = int(value)
-        elif isinstance(default, float):
-            value = float(value)
+        elif isinstance(default, int | float):
+            kind = type(default)
+            try:
+                value = kind(value)
+            except ValueError:
+                article = "an" if kind is int else "a"
+                raise ValueError(
+                    f"config argument {key}={value!r} is not {article} {kind.__name__}"
+                ) from None
         parsed[key] = value
     if parsed.get("attention", "tensor") not in ATTENTION:
         raise ValueError(f"config argument attention={parsed.attention!r}; choose {ATTENTION}")

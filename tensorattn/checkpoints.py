@@ -3,7 +3,9 @@
 Saves are synchronous: `save` returns once the step is on disk, and a save that cannot be
 written raises `CheckpointError` at once (the folder is probed first), never hangs. Only finite
 states are saved. `restore_latest` falls back to the newest checkpoint that restores: each one
-that does not is moved to `DIR/checkpoints_corrupt/` and named in a warning.
+that does not is moved to `DIR/checkpoints_corrupt/` and named in a warning. A checkpoint whose
+tree structure differs from the state to restore (a config change, not damage) is never moved:
+`CheckpointMismatchError`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (the message names the folder and the cause)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's tree structure differs from the state to restore into (another
+    optimizer or model); nothing is moved or dropped."""
+
+
+def _is_mismatch(error: Exception) -> bool:
+    """Orbax's error for a restore target whose tree differs from the saved one's metadata."""
+    return isinstance(error, ValueError) and "structures do not match" in str(error)
 
 
 @jax.jit
@@ -88,14 +100,21 @@ class Checkpoints:
 
     def restore_latest(self, target):
         """`(step, state)` from the newest checkpoint that restores and is finite, or
-        `(None, target)` when there is none; unusable checkpoints are moved aside."""
+        `(None, target)` when there is none; unusable checkpoints are moved aside. Raises
+        CheckpointMismatchError, moving nothing, when a checkpoint's structure differs."""
         for step in reversed(self.steps()):
             try:
                 state = self.restore(step, target)
                 if not all_finite(state):
                     raise ValueError("the state holds NaN/inf")
                 return step, state
-            except Exception as e:  # noqa: BLE001 - any failure means: try an older one
+            except Exception as e:  # noqa: BLE001 - any other failure means: try an older one
+                if _is_mismatch(e):
+                    raise CheckpointMismatchError(
+                        f"checkpoint step {step} in {self.directory} holds a state of another "
+                        f"structure ({str(e).splitlines()[0][:200]}); resume with the config that "
+                        "wrote it or use a new workdir"
+                    ) from e
                 moved = self._quarantine(step)
                 log.warning(
                     "checkpoint step %d in %s cannot be restored (%s: %s); moved it to %s and "

@@ -7,9 +7,10 @@ layers, `KernelOptions`), optim and train. The loop writes `DIR/config.json` (th
 config), `DIR/metrics.jsonl` (one JSON object per line, each with "step"), TensorBoard events
 under `DIR/tensorboard` and orbax checkpoints under `DIR/checkpoints`, and resumes from the
 newest checkpoint of the same task and model architecture (`models.identity`); another kernel,
-device count or sequence sharding resumes, logging what changed. Training batch `s` is a pure
-function of `(seed, s)`, so a resumed run sees the same data and the same seed gives the same
-metrics.
+device count or sequence sharding resumes, logging what changed; an optimizer change that
+alters the optimizer state's structure is refused. SIGTERM or SIGINT saves the current step
+and raises `TrainingInterrupted`. Training batch `s` is a pure function of `(seed, s)`, so a
+resumed run sees the same data and the same seed gives the same metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -49,6 +52,11 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped training after saving the current step (the message says
+    where to resume)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -597,15 +605,17 @@ def _fmt_time(seconds: float) -> str:
 def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`; returns the final evaluation metrics.
 
-    Raises ConfigError for bad options (before any compilation), WorkdirLockedError when
-    another process holds `workdir`, NonFiniteLossError when the loss, gradient norm or
-    parameters become NaN/inf (nothing non-finite is saved), and CheckpointError when a
-    checkpoint cannot be written. Resumes from the newest checkpoint that restores.
+    Raises ConfigError for bad options (before any compilation), WorkdirError for a workdir
+    that cannot be a folder, WorkdirLockedError when another process holds `workdir`,
+    NonFiniteLossError when the loss, gradient norm, eval loss or parameters become NaN/inf
+    (nothing non-finite is saved), CheckpointError when a checkpoint cannot be written (or
+    holds a state of another structure) and TrainingInterrupted after SIGTERM or SIGINT (the
+    current step saved). Resumes from the newest checkpoint that restores.
     """
     if not isinstance(options, Options):
         options = options_from_dict(options)
     validate(options)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_files.make_workdir(workdir)
     lock = workdir_files.lock(workdir) if jax.process_index() == 0 else None
     try:
         return _train_locked(options, workdir)
@@ -614,34 +624,184 @@ def train_and_evaluate(options: Options | Mapping[str, Any], workdir: str) -> di
             lock.release()
 
 
+class _Signals:
+    """While active (main thread only), SIGTERM and SIGINT set `received` instead of stopping
+    the process, so the loop can save the current step; a second one acts as usual."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self._restore()
+        log.warning(
+            "%s received: saving the current step, then stopping (send it again to stop at once)",
+            self.received,
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+class _Pending:
+    """Per-step train metrics since the last log. `check` (at evals and saves too) looks for
+    NaN/inf without consuming them; only `take_means` (a log) does."""
+
+    def __init__(self):
+        self.items: list[tuple[int, dict]] = []
+        self._checked = 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.items.append((step, metrics))
+
+    def check(self, stopping: str) -> None:
+        """Raises NonFiniteLossError at the first step with a NaN/inf loss or gradient norm."""
+        fresh = jax.device_get(self.items[self._checked :])
+        self.items[self._checked :] = fresh
+        self._checked = len(self.items)
+        for step, m in fresh:
+            loss, norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise NonFiniteLossError(
+                    f"non-finite loss {loss} / grad norm {norm} at step {step}; {stopping}"
+                )
+
+    def take_means(self, stopping: str) -> dict[str, float]:
+        """The mean of each train metric over the pending steps, which are then cleared."""
+        self.check(stopping)
+        means = {
+            f"train/{k}": float(np.mean([float(m[k]) for _, m in self.items]))
+            for k in ("loss", "accuracy", "grad_norm")
+        }
+        self.items, self._checked = [], 0
+        return means
+
+
+@dataclasses.dataclass
+class _Run:
+    """One training run's moving parts; `log`, `eval`, `save` and `interrupt` at a step."""
+
+    options: Options
+    state: Any
+    writer: MetricsWriter
+    checkpoints: Checkpoints
+    evaluate: Any  # state -> {"eval/loss", "eval/accuracy"}
+    majority: float
+    last_good: int | None
+    start: int
+    t0: float = dataclasses.field(default_factory=time.time)
+    pending: _Pending = dataclasses.field(default_factory=_Pending)
+
+    def stopping(self) -> str:
+        if self.last_good is None:
+            return "stopping. No checkpoint was saved before it, so there is none to resume from"
+        return (
+            f"stopping. The last good checkpoint is step {self.last_good} in "
+            f"{self.checkpoints.directory}"
+        )
+
+    def log(self, step: int) -> None:
+        num_steps = self.options.train.num_steps
+        mean = self.pending.take_means(self.stopping())
+        rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+        mean["train/learning_rate"] = learning_rate_at(self.options.optim, num_steps, step)
+        mean["steps_per_sec"] = rate
+        self.writer.write(step, mean)
+        log.info(
+            "step %d/%d | loss %.4f acc %.4f | %.1f steps/s | ETA %s",
+            step,
+            num_steps,
+            mean["train/loss"],
+            mean["train/accuracy"],
+            rate,
+            _fmt_time((num_steps - step) / max(rate, 1e-9)),
+        )
+
+    def eval(self, step: int) -> dict[str, Any]:
+        self.pending.check(self.stopping())
+        metrics = {**self.evaluate(self.state), "eval/majority": self.majority}
+        if not math.isfinite(metrics["eval/loss"]):
+            raise NonFiniteLossError(
+                f"non-finite eval loss {metrics['eval/loss']} at step {step} (the parameters "
+                f"hold NaN/inf); {self.stopping()}"
+            )
+        self.writer.write(step, metrics)
+        log.info(
+            "eval step %d: loss %.4f accuracy %.4f (majority %.4f)",
+            step,
+            metrics["eval/loss"],
+            metrics["eval/accuracy"],
+            self.majority,
+        )
+        return {"step": step, **metrics}
+
+    def save(self, step: int) -> None:
+        self.pending.check(self.stopping())
+        if not checkpoints_lib.all_finite(self.state):
+            raise NonFiniteLossError(
+                f"parameters or optimizer state became NaN/inf by step {step}; nothing saved, "
+                f"{self.stopping()}"
+            )
+        self.checkpoints.save(step, self.state)
+        self.last_good = step
+
+    def interrupt(self, step: int, received: str) -> None:
+        """Logs the pending metrics, saves `step` (unless just saved) and raises
+        TrainingInterrupted."""
+        if self.pending.items:
+            self.log(step)
+        if self.last_good != step:
+            self.save(step)
+        raise TrainingInterrupted(
+            f"{received} at step {step} of {self.options.train.num_steps}; saved checkpoint "
+            f"step {step} in {self.checkpoints.directory}; run the same command to resume"
+        )
+
+
 def _train_locked(options: Options, workdir: str) -> dict[str, Any]:
     t = options.train
     task = tasks.make(options.task.name, **options.task.kwargs)
     mesh = sharding.make_mesh(t.sequence_shards, jax.devices()[: t.num_devices])
     data_sharding = sharding.batch_sharded(mesh)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-    if jax.process_index() == 0:
-        _write_config(options, workdir, has_checkpoints=bool(checkpoints.steps()))
+    try:
+        if jax.process_index() == 0:
+            _write_config(options, workdir, has_checkpoints=bool(checkpoints.steps()))
+        with jax.set_mesh(mesh):
+            return _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints)
+    finally:
+        checkpoints.close()
 
-    with jax.set_mesh(mesh):
-        state = create_state(options, t.seed, sharding.data_parallel_size(mesh))
-        state = jax.device_put(state, sharding.replicated(mesh))
-        num_params = models.count_params(state.params)
-        latest, state = checkpoints.restore_latest(state)
-        start = 0 if latest is None else int(state.step)
-        if latest is not None and start >= t.num_steps:
-            log.info(
-                "run in %s is complete (step %d of %d); nothing to train",
-                workdir,
-                start,
-                t.num_steps,
-            )
-            checkpoints.close()
-            evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
-            return {**(evals[-1] if evals else {"step": start}), "complete": True}
-        if latest is not None:
-            log.info("resuming from checkpoint step %d in %s", start, workdir)
-        writer = MetricsWriter(workdir, latest)
+
+def _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints) -> dict[str, Any]:
+    t = options.train
+    state = create_state(options, t.seed, sharding.data_parallel_size(mesh))
+    state = jax.device_put(state, sharding.replicated(mesh))
+    num_params = models.count_params(state.params)
+    latest, state = checkpoints.restore_latest(state)
+    start = 0 if latest is None else int(state.step)
+    if latest is not None and start >= t.num_steps:
+        log.info(
+            "run in %s is complete (step %d of %d); nothing to train", workdir, start, t.num_steps
+        )
+        evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
+        return {**(evals[-1] if evals else {"step": start}), "complete": True}
+    if latest is not None:
+        log.info("resuming from checkpoint step %d in %s", start, workdir)
+    writer = MetricsWriter(workdir, latest)
+    try:
         eval_data = tasks.eval_set(task, t.eval_seed, t.eval_size)
         majority = tasks.majority_baseline(eval_data.labels, eval_data.mask, task.num_classes)
         log.info(
@@ -656,80 +816,41 @@ def _train_locked(options: Options, workdir: str) -> dict[str, Any]:
         )
         if start == 0:
             writer.write(0, {"num_params": num_params, "eval/majority": majority})
-        train_step = make_train_step(t.seed)
+        run = _Run(
+            options=options,
+            state=state,
+            writer=writer,
+            checkpoints=checkpoints,
+            evaluate=lambda s: evaluate(s, eval_data, t.eval_batch_size, data_sharding),
+            majority=majority,
+            last_good=latest,
+            start=start,
+        )
+        return _loop(run, task, data_sharding)
+    finally:
+        writer.close()
 
-        def run_eval(step):
-            metrics = {**evaluate(state, eval_data, t.eval_batch_size, data_sharding)}
-            metrics["eval/majority"] = majority
-            writer.write(step, metrics)
-            log.info(
-                "eval step %d: loss %.4f accuracy %.4f (majority %.4f)",
-                step,
-                metrics["eval/loss"],
-                metrics["eval/accuracy"],
-                majority,
-            )
-            return {"step": step, **metrics}
 
-        pending: list[tuple[int, dict]] = []
-        last_good = latest
-
-        def check_pending():
-            nonlocal pending
-            for step, m in jax.device_get(pending):
-                if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
-                    raise NonFiniteLossError(
-                        f"non-finite loss {float(m['loss'])} / grad norm "
-                        f"{float(m['grad_norm'])} at step {step}; stopping. The last good "
-                        f"checkpoint is step {last_good} in {checkpoints.directory}"
-                    )
-            done, pending = pending, []
-            return done
-
-        final = None
-        t0, s0 = time.time(), start
-        try:
-            for step in range(start + 1, t.num_steps + 1):
-                batch = _to_global(
-                    tasks.train_batch(task, t.seed, step, t.batch_size), data_sharding
-                )
-                state, metrics = train_step(state, batch)
-                pending.append((step, metrics))
-                is_last = step == t.num_steps
-                if step % t.log_every == 0 or is_last:
-                    done = check_pending()
-                    mean = {
-                        f"train/{k}": float(np.mean([float(m[k]) for _, m in done]))
-                        for k in ("loss", "accuracy", "grad_norm")
-                    }
-                    rate = (step - s0) / max(time.time() - t0, 1e-9)
-                    mean["train/learning_rate"] = learning_rate_at(options.optim, t.num_steps, step)
-                    mean["steps_per_sec"] = rate
-                    writer.write(step, mean)
-                    log.info(
-                        "step %d/%d | loss %.4f acc %.4f | %.1f steps/s | ETA %s",
-                        step,
-                        t.num_steps,
-                        mean["train/loss"],
-                        mean["train/accuracy"],
-                        rate,
-                        _fmt_time((t.num_steps - step) / max(rate, 1e-9)),
-                    )
-                if step % t.eval_every == 0 or is_last:
-                    final = run_eval(step)
-                if step % t.checkpoint_every == 0 or is_last:
-                    check_pending()
-                    if not checkpoints_lib.all_finite(state):
-                        raise NonFiniteLossError(
-                            f"parameters or optimizer state became NaN/inf by step {step}; "
-                            f"stopping without saving. The last good checkpoint is step "
-                            f"{last_good} in {checkpoints.directory}"
-                        )
-                    checkpoints.save(step, state)
-                    last_good = step
-        finally:
-            checkpoints.close()
-            writer.close()
+def _loop(run: _Run, task, data_sharding) -> dict[str, Any]:
+    """Steps `run.start + 1 .. num_steps`: logs, evals and saves on schedule; saves the
+    current step and stops on SIGTERM/SIGINT."""
+    t = run.options.train
+    train_step = make_train_step(t.seed)
+    final = None
+    with _Signals() as signals:
+        for step in range(run.start + 1, t.num_steps + 1):
+            batch = _to_global(tasks.train_batch(task, t.seed, step, t.batch_size), data_sharding)
+            run.state, metrics = train_step(run.state, batch)
+            run.pending.add(step, metrics)
+            last = step == t.num_steps
+            if step % t.log_every == 0 or last:
+                run.log(step)
+            if step % t.eval_every == 0 or last:
+                final = run.eval(step)
+            if step % t.checkpoint_every == 0 or last:
+                run.save(step)
+            if signals.received and not last:
+                run.interrupt(step, signals.received)
     return final
 
 
@@ -782,9 +903,39 @@ def _write_config(options: Options, workdir: str, has_checkpoints: bool) -> None
                 f"{fixed[0]}: {workdir} holds a run with a different task/model "
                 f"({', '.join(fixed)}); use a new --workdir"
             )
+        if has_checkpoints:
+            _refuse_optimizer_change(old.get("optim"), new["optim"], workdir)
         changed = _changed_fields(old, new)
         if changed:
             what = ", ".join(f"{c} {_lookup(old, c)!r} -> {_lookup(new, c)!r}" for c in changed)
             verb = "resuming with" if has_checkpoints else "overwriting it with"
             log.warning("config differs from %s; %s %s", path, verb, what)
-    workdir_files.write_atomic(path, json.dumps(new, indent=2, sort_keys=True, default=str))
+    text = workdir_files.dumps_json(new, indent=2, sort_keys=True, default=str)
+    workdir_files.write_atomic(path, text)
+
+
+def _optimizer_structure(optim: Mapping[str, Any]):
+    """The tree structure of the optimizer state under config section `optim` (None if it
+    does not build): it changes when an option adds or removes a transform."""
+    try:
+        o = _build(OptimOptions, "optim", optim)
+        params = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+        return jax.tree_util.tree_structure(jax.eval_shape(make_optimizer(o, 2).init, params))
+    except (TypeError, ValueError):
+        return None
+
+
+def _refuse_optimizer_change(old: Any, new: Mapping[str, Any], workdir: str) -> None:
+    """Raises ConfigError naming the optim fields that changed when they change the optimizer
+    state's structure (a checkpoint of the old one cannot be restored into the new one)."""
+    if not isinstance(old, dict):
+        return
+    before = _optimizer_structure(old)
+    if before is None or before == _optimizer_structure(new):
+        return
+    changed = _changed_fields(old, new)
+    what = ", ".join(f"optim.{c} {_lookup(old, c)!r} -> {_lookup(new, c)!r}" for c in changed)
+    raise ConfigError(
+        f"{what} changes the optimizer state's structure, and {workdir} holds checkpoints of "
+        "the old one; resume with the old value or use a new --workdir"
+    )

@@ -6,9 +6,13 @@
 - `write_atomic(path, text)`: write a temporary file beside `path`, fsync, rename over it.
   A reader sees the old content or the new one, never a mix or an empty file.
   `atomic_path(path)` does the same for writers that want a file name (plots).
+  Both create files with the usual mode under the process umask (0666 & ~umask).
 - `read_jsonl(path)` / `append_jsonl(path, record)`: append-only JSON lines. A torn last line
   (a kill mid-append) is reported with its file and line number and dropped; `repair_jsonl`
   cuts it off before the next append. A bad line elsewhere raises `CorruptFileError`.
+- `dumps_json(value)`: strict JSON; a NaN or inf is written as null, never as bare `NaN`.
+- `check_workdir(path)`: a clear `WorkdirError` for a workdir that cannot be one (empty, a
+  file, under a file, unwritable), before any work; `make_workdir(path)` also creates it.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
+import secrets
 import socket
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,37 @@ class WorkdirLockedError(RuntimeError):
 
 class CorruptFileError(ValueError):
     """A workdir file holds a line that is not JSON (not a torn last line)."""
+
+
+class WorkdirError(ValueError):
+    """A workdir path that cannot hold a run (the message names the path and why)."""
+
+
+def check_workdir(path: str) -> str:
+    """`path` as an absolute path if it is, or can become, a writable folder; raises
+    WorkdirError otherwise. Creates nothing."""
+    if not isinstance(path, str) or not path.strip():
+        raise WorkdirError(f"workdir: must be a folder path, got {path!r}")
+    full = os.path.abspath(os.path.expanduser(path))
+    existing = full
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is" if existing == full else f"is under {existing}, which is"
+        raise WorkdirError(f"workdir {path}: {where} a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkdirError(f"workdir {path}: {existing} is not writable")
+    return full
+
+
+def make_workdir(path: str) -> str:
+    """`check_workdir(path)`, then creates the folder; WorkdirError if that fails."""
+    full = check_workdir(path)
+    try:
+        os.makedirs(full, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"workdir {path}: cannot create it ({e.strerror})") from e
+    return full
 
 
 class WorkdirLock:
@@ -75,10 +113,22 @@ def lock(workdir: str) -> WorkdirLock:
     return WorkdirLock(workdir)
 
 
+def _create_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file `directory/prefix<random>suffix` opened for writing; unlike `mkstemp` (mode
+    0600) its mode is 0666 less the umask, as for any other file the project writes."""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {directory}")
+
+
 def write_atomic(path: str, text: str) -> None:
     """Replaces `path` by `text` in one rename (write-then-rename, fsynced)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _create_temp(directory, f".{os.path.basename(path)}.", ".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -99,7 +149,7 @@ def atomic_path(path: str):
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     root, ext = os.path.splitext(name)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{root}.", suffix=f".tmp{ext}")
+    fd, tmp = _create_temp(directory, f".{root}.", f".tmp{ext}")
     os.close(fd)
     try:
         yield tmp
@@ -169,9 +219,25 @@ def repair_jsonl(path: str) -> None:
                 f.write(b"\n")
 
 
+def _finite_or_none(value):
+    """`value` with every NaN/inf float (Python or NumPy) replaced by None."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def dumps_json(value, **kwargs) -> str:
+    """`json.dumps` that writes NaN/inf as null (bare `NaN` is not JSON)."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
 def append_jsonl(path: str, record: Mapping) -> None:
-    """Appends one record as one line, flushed and fsynced."""
-    line = json.dumps(dict(record)) + "\n"
+    """Appends one record as one line (NaN/inf as null), flushed and fsynced."""
+    line = dumps_json(dict(record)) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(line)
@@ -180,5 +246,5 @@ def append_jsonl(path: str, record: Mapping) -> None:
 
 
 def rewrite_jsonl(path: str, records: Iterable[Mapping]) -> None:
-    """Replaces `path` atomically by `records`."""
-    write_atomic(path, "".join(json.dumps(dict(r)) + "\n" for r in records))
+    """Replaces `path` atomically by `records` (NaN/inf as null)."""
+    write_atomic(path, "".join(dumps_json(dict(r)) + "\n" for r in records))

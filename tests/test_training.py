@@ -3,13 +3,17 @@ non-finite losses, config validation and the command line."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import match3
-from tensorattn import tasks, training
+from tensorattn import checkpoints, tasks, training, workdir
 from tensorattn.kernels.configs import BlockedConfig, PolynomialConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,3 +215,111 @@ def test_cli_bad_override_exits_nonzero_naming_the_field(tmp_path, override, nee
     assert out.returncode != 0
     assert needle in out.stderr + out.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_changed_optimizer_structure_is_refused_before_touching_anything(finished):
+    """grad_clip 1.0 -> 0 removes a transform: refused naming the field, nothing moved."""
+    workdir, _ = finished
+    before = records(workdir), open(os.path.join(workdir, "config.json")).read()
+    overrides = dict(optim__grad_clip=0.0, train__num_steps=30)
+    with pytest.raises(training.ConfigError, match=r"^optim\.grad_clip 1\.0 -> 0\.0 changes"):
+        training.train_and_evaluate(smoke_config(**overrides), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+    assert (records(workdir), open(os.path.join(workdir, "config.json")).read()) == before
+
+
+def test_structure_mismatch_is_never_treated_as_corruption(finished, tmp_path):
+    """Without config.json to compare, the restore's structure mismatch still moves nothing."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(finished[0], workdir)
+    os.remove(os.path.join(workdir, "config.json"))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="step 20.*another structure"):
+        training.train_and_evaluate(smoke_config(optim__grad_clip=0.0), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+
+
+def test_each_logged_mean_covers_the_steps_since_the_previous_log(tmp_path, monkeypatch):
+    """log_every=7 does not divide checkpoint_every=10: the save at 10 drops nothing."""
+    real, losses = training.make_train_step, {}
+
+    def recording(seed):
+        step_fn = real(seed)
+
+        def wrapped(state, batch):
+            state, metrics = step_fn(state, batch)
+            losses[int(state.step)] = float(metrics["loss"])
+            return state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(training, "make_train_step", recording)
+    training.train_and_evaluate(smoke_config(train__log_every=7), str(tmp_path))
+    logged = {r["step"]: r["train/loss"] for r in records(str(tmp_path)) if "train/loss" in r}
+    assert sorted(logged) == [7, 14, 20]
+    for step, first in ((7, 1), (14, 8), (20, 15)):
+        expected = sum(losses[s] for s in range(first, step + 1)) / (step - first + 1)
+        assert logged[step] == pytest.approx(expected, rel=1e-6)
+
+
+def test_non_finite_parameters_are_caught_at_the_next_eval_and_no_nan_is_written(
+    tmp_path, monkeypatch
+):
+    """Parameters turn NaN at step 7 with logs and saves at 20 but evals every 5: the eval at
+    10 stops the run before writing; no checkpoint exists and the message says so."""
+    real = training.make_train_step
+
+    def poisoned(seed):
+        step_fn = real(seed)
+
+        def wrapped(state, batch):
+            state, metrics = step_fn(state, batch)
+            if int(state.step) == 7:
+                params = jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params)
+                state = state.replace(params=params)
+            return state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(training, "make_train_step", poisoned)
+    c = smoke_config(train__log_every=20, train__checkpoint_every=20, train__eval_every=5)
+    with pytest.raises(training.NonFiniteLossError, match="step 8.*No checkpoint was saved"):
+        training.train_and_evaluate(c, str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text
+    evals = [r for r in map(json.loads, text.splitlines()) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [5]
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    path = str(tmp_path / "rows.jsonl")
+    workdir.append_jsonl(path, {"step": 1, "x": float("nan"), "y": [np.float32("inf"), 2.0]})
+    assert open(path).read() == '{"step": 1, "x": null, "y": [null, 2.0]}\n'
+    workdir.rewrite_jsonl(path, [{"step": 2, "x": float("-inf")}])
+    assert json.loads(open(path).read()) == {"step": 2, "x": None}
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config.model.nonexistent=3"], "model.nonexistent: not a field"),
+        (["--config=configs/nope.py"], "No such file"),
+        (["--config=configs/match3.py:smok"], "unknown config argument 'smok'"),
+        (["--config=configs/match3.py:length=abc"], "length='abc' is not an int"),
+        (["--workdir={file}"], "is a file, not a folder"),
+        (["--workdir={file}/run"], "which is a file"),
+        (["--workdir="], "must be a folder path"),
+    ],
+)
+def test_cli_bad_input_exits_with_one_line(tmp_path, args, needle):
+    file = tmp_path / "file"
+    file.write_text("")
+    args = [a.format(file=file) for a in args]
+    defaults = ["--config=configs/match3.py:smoke", f"--workdir={tmp_path / 'run'}"]
+    flags = {a.split("=")[0] for a in args}
+    out = run_cli(*[a for a in defaults if a.split("=")[0] not in flags], *args)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and needle in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -288,3 +288,77 @@ def test_failed_start_leaves_no_obstacle(tmp_path):
     c = config()
     c["train"]["num_steps"] = 5
     assert training.train_and_evaluate(c, str(tmp_path))["step"] == 5
+
+
+# The command line, with its training batch at step 7 pausing (after writing `.at7`) until the
+# test has signalled it, so the signal lands mid-training, after the handler is installed.
+PAUSED_CLI = textwrap.dedent(
+    """
+    import os, runpy, sys, time
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")  # as conftest.py
+    from tensorattn import tasks
+    real = tasks.train_batch
+    def paused(task, seed, step, batch_size):
+        if step == 7:
+            marker = os.path.join(sys.argv[-1].split("=", 1)[1], ".at7")
+            open(marker, "w").close()
+            deadline = time.monotonic() + 60
+            while os.path.exists(marker) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return real(task, seed, step, batch_size)
+    tasks.train_batch = paused
+    sys.argv = ["train", *sys.argv[1:]]
+    runpy.run_module("experiments.train", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_current_step_and_exits_with_one_line(reference, tmp_path, sig):
+    """SIGTERM (preemption) or Ctrl-C at step 7 (checkpoints every 5): step 7 and its pending
+    metrics are saved, the exit is non-zero with one line; the resumed run evaluates as the
+    uninterrupted one."""
+    path = str(tmp_path / "run")
+    args = [f"--config.train.{k}={v}" for k, v in OVERRIDES.items()]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_CLI, "--config=configs/match3.py:smoke", *args]
+        + [f"--workdir={path}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    marker = os.path.join(path, ".at7")
+    deadline = time.monotonic() + 240
+    while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    os.remove(marker)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    name = signal.Signals(sig).name
+    assert f"training interrupted: {name} at step 7 of 60; saved checkpoint step 7" in err
+    assert sorted(os.listdir(os.path.join(path, "checkpoints"))) == ["5", "7"]
+    logged = [r for r in records(path) if "train/loss" in r]
+    assert [r["step"] for r in logged] == [5, 7]
+    training.train_and_evaluate(config(), path)
+    evals = [r for r in records(path) if "eval/loss" in r]
+    assert evals == [r for r in reference if "eval/loss" in r]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_usual_mode_under_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        workdir.write_atomic(str(tmp_path / "config.json"), "{}")
+        with workdir.atomic_path(str(tmp_path / "plot.png")) as tmp:
+            open(tmp, "w").close()
+        workdir.rewrite_jsonl(str(tmp_path / "metrics.jsonl"), [{"step": 0}])
+        workdir.append_jsonl(str(tmp_path / "rows.jsonl"), {"step": 0})
+    finally:
+        os.umask(old)
+    for name in ("config.json", "plot.png", "metrics.jsonl", "rows.jsonl"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o666 & ~umask), name
