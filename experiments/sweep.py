@@ -524,9 +524,11 @@ SERIES_FIELDS = tuple(k for k in IDENTITY if k != "n") + ("device_kind", "jax_ve
 
 
 def _series_fields(row: Mapping[str, Any]) -> dict:
-    """The `SERIES_FIELDS` of a row, its options flattened (`degree`, ...)."""
+    """The `SERIES_FIELDS` of a row, its options flattened (`degree`, ...; `options.NAME` for
+    an option named like a point field)."""
     fields = {k: row.get(k) for k in SERIES_FIELDS if k != "options"}
-    fields.update(row.get("options") or {})
+    for name, value in (row.get("options") or {}).items():
+        fields[f"options.{name}" if name in SERIES_FIELDS else name] = value
     return fields
 
 
@@ -534,10 +536,16 @@ def _text(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+def _varying(series: list[dict], names) -> set[str]:
+    """The names among `names` whose value differs between some of `series`."""
+    return {k for k in names if len({json.dumps(f.get(k), default=str) for f in series}) > 1}
+
+
 def series_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows grouped by series (`SERIES_FIELDS`), sorted by n. A key is (implementation, pass)
     followed by "field=value" for each field that differs between the series sharing that
-    implementation and pass (e.g. ("polynomial", "fwd", "degree=2")): readable, and distinct."""
+    implementation and pass (e.g. ("polynomial", "fwd", "degree=2")), and the device and JAX
+    version when the rows hold several: readable, and distinct."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if all(k in r for k in ("implementation", "pass", "n")):
@@ -548,11 +556,13 @@ def series_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
         by_pass.setdefault((members[0]["implementation"], members[0]["pass"]), []).append(
             _series_fields(members[0])
         )
+    every = [f for peers in by_pass.values() for f in peers]
+    where = _varying(every, ("device_kind", "jax_version"))  # named in every label
     out = {}
     for members in groups.values():
         fields, first = _series_fields(members[0]), members[0]
         peers = by_pass[(first["implementation"], first["pass"])]
-        varying = sorted({k for f in peers for k in f if any(g.get(k) != f.get(k) for g in peers)})
+        varying = sorted(_varying(peers, {k for f in peers for k in f}) | where)
         extra = tuple(f"{k}={_text(fields[k])}" for k in varying if k in fields)
         key = (str(first["implementation"]), str(first["pass"]), *extra)
         out[key] = sorted(members, key=lambda r: r["n"])

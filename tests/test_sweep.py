@@ -443,7 +443,8 @@ def test_rows_of_another_device_are_set_aside_not_reused(tmp_path, monkeypatch):
     assert "H100" not in open(os.path.join(workdir, "sweep.md")).read()
     assert sweep.devices(rows) == here
     both = list(sweep.read_rows(os.path.join(workdir, "sweep.jsonl")))
-    assert len(sweep.series_rows(both)) == 3  # a series per device and JAX version
+    keys = list(sweep.series_rows(both))  # a series per device and JAX version, each labelled
+    assert len(keys) == 3 and all(any(p.startswith("device_kind=") for p in k) for k in keys)
 
 
 def _series(degree, slope, device="cpu", **fields):
