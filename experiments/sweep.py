@@ -359,7 +359,7 @@ def _why_unsupported(point_json: str) -> str | None:
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in harness.make_inputs(point)]
     try:
         jax.eval_shape(harness.make_fn(point), *shapes)
-    except Exception as e:  # noqa: BLE001 - only Unsupported refuses the implementation
+    except Exception as e:  # only Unsupported refuses the implementation
         why = _unsupported(e)
         return None if why is None else str(why)
     return None
