@@ -64,8 +64,10 @@ def get_config(arg: str | None = None):
     c.polynomial.on_uncertified = "ignore"
     # Timed runs per point after one warm-up run (the median is reported).
     c.repeats = 3
-    # A point whose predicted (or measured) wall time exceeds this is recorded as "timeout",
-    # and so are the longer lengths of the same implementation and pass.
+    # Seconds per point. A point predicted (from shorter lengths) to take longer is recorded
+    # as "timeout" without running, and so are its series' longer lengths. A point that ran
+    # longer keeps "ok" and its numbers (its `reason` says so; a run cannot be stopped midway)
+    # and its series' longer lengths become "timeout". Timed runs are cut to fit the budget.
     c.time_budget_s = 60.0
     # Points whose compiled memory exceeds this are recorded as "oom" without running
     # (0: the device's own limit where known, else 8 GiB).

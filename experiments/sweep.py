@@ -5,25 +5,37 @@ r"""Sequence-length sweep: time, compiled memory and achieved rate of each imple
         --config.dtype=bfloat16 --config.implementations=blocked,polynomial
 
 The whole config is checked before any point runs (`validate_config`: a bad field exits
-non-zero naming it); list fields take a tuple or a comma-separated string. Implementation
-"exact" is `implementation=None`: the library's fastest exact kernel on the device (pallas on a
-GPU). Writes one JSON line per (implementation, pass, n) to `DIR/sweep.jsonl`, in the row
-schema of `experiments.harness` (`n`, `pass`, `median_ms`, `tflops`, `rank`, ...), with its
-status: "ok", "oom",
-"timeout", "skipped" or "error" (failures do not stop the sweep). On a re-run, "ok", "oom"
-and "timeout" rows are final (delete them, or use another DIR, to measure them again, e.g.
-after raising time_budget_s or memory_limit_bytes); "error" rows (and rows without a known
-status) are measured again, since the failure may have been the environment; "skipped" rows
-are decided again from the current `max_length`. The newest row of a point supersedes older
-ones. Then draws `DIR/sweep.png` (log-log time and memory vs n, fitted slope per series) and
-`DIR/sweep.md`. One sweep per DIR at a time (a second exits naming the first); a torn last
-line of sweep.jsonl (a kill mid-append) is reported and cut off; the plot and table are
-replaced atomically. The same command runs on CPU, GPU and TPU (jax picks the default
-backend); GPU/TPU runs are untested by the author.
+non-zero naming it; `check_supported`: an implementation the kernel refuses on this backend,
+`tensorattn.Unsupported` while tracing its shortest point, exits naming it and why); list
+fields take a tuple or a comma-separated string. Implementation "exact" is
+`implementation=None`: the library's fastest exact kernel on the device (pallas on a GPU).
+Writes one JSON line per (implementation, pass, n) to `DIR/sweep.jsonl`, in the row schema of
+`experiments.harness` (`n`, `pass`, `median_ms`, `tflops`, `rank`, `device_kind`,
+`jax_version`, ...), with its status: "ok", "oom", "timeout", "skipped" or "error" (failures
+do not stop the sweep; each point prints a line when it starts and one with its status and
+reason when it ends). The time budget: a point predicted (from the shorter lengths of its
+series) to take longer than `time_budget_s` is "timeout" without running, and so is every
+longer length once a point of the series was "oom"/"timeout" or took longer than the budget;
+a point that ran keeps its "ok" and its numbers even when it took longer (a run cannot be
+stopped midway; its `reason` says so), and its timed runs are cut to fit the budget.
+
+On a re-run, "ok", "oom" and "timeout" rows are final (delete them, or use another DIR, to
+measure them again); "error" rows (and rows without a known status) are measured again, since
+the failure may have been the environment; "skipped" rows are decided again from the current
+`max_length`. Rows of another `device_kind` or `jax_version` are set aside (kept in the file,
+counted in a printed note, never reused nor shown: this machine measures its own). The newest
+row of a point supersedes older ones. Then draws `DIR/sweep.png` (log-log time and memory vs
+n, fitted slope per series: everything that identifies the measured function but n) and
+`DIR/sweep.md`. The command exits non-zero, after the rows and table, when a point ended in
+"error". One sweep per DIR at a time (a second exits naming the first); a torn last line of
+sweep.jsonl (a kill mid-append) is reported and cut off; the plot and table are replaced
+atomically. The same command runs on CPU, GPU and TPU (jax picks the default backend); GPU/TPU
+runs are untested by the author.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -33,9 +45,11 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+import tensorattn
 from experiments import benchlib, harness
 from tensorattn import workdir as workdir_files
 from tensorattn.kernels import cost
@@ -251,14 +265,23 @@ def validate_config(config: Mapping[str, Any]) -> dict:
 # One point (experiments.harness).
 
 
-def measure(point: dict, *, repeats: int, memory_limit: int, error_max_length: int = 0) -> dict:
-    """`harness.measure` of one point; non-exact points at `n <= error_max_length` also get
-    their `relative_error` against blocked (never raises)."""
+def measure(
+    point: dict,
+    *,
+    repeats: int,
+    memory_limit: int,
+    error_max_length: int = 0,
+    budget_s: float | None = None,
+) -> dict:
+    """`harness.measure` of one point (fewer timed runs when the warm-up says `repeats` would
+    exceed `budget_s`); non-exact points at `n <= error_max_length` also get their
+    `relative_error` against blocked (never raises)."""
     check = point["implementation"] not in EXACT and point["n"] <= error_max_length
     return harness.measure(
         point,
         repeats=repeats,
         memory_limit=memory_limit,
+        budget_s=budget_s,
         error_against="blocked" if check else None,
     )
 
@@ -296,9 +319,11 @@ def read_rows(path: str) -> list[dict]:
     return [harness.upgrade_row(r) for r in workdir_files.read_jsonl(path)]
 
 
-def latest_rows(rows: list[dict]) -> dict[str, dict]:
-    """identity -> the newest row of each point (a retried point supersedes its old row)."""
-    return {identity(r): r for r in rows}
+def latest_rows(rows: list[dict], per_environment: bool = False) -> dict[str, dict]:
+    """identity -> the newest row of each point (a retried point supersedes its old row); with
+    `per_environment`, the newest of each point on each device kind and JAX version."""
+    env = ("device_kind", "jax_version") if per_environment else ()
+    return {identity(r) + "".join(f"|{r.get(k)}" for k in env): r for r in rows}
 
 
 def _predicted_seconds(done: list[dict], n: int, repeats: int) -> float | None:
@@ -313,76 +338,174 @@ def _predicted_seconds(done: list[dict], n: int, repeats: int) -> float | None:
     return (last["median_ms"] / 1e3) * (n / last["n"]) ** slope * (repeats + 2)
 
 
-def run_sweep(config: Mapping[str, Any], workdir: str, log=print) -> list[dict]:
+def _flush_print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _unsupported(error: BaseException | None) -> BaseException | None:
+    """The `tensorattn.Unsupported` behind `error` (itself or a cause), or None."""
+    while error is not None:
+        if isinstance(error, tensorattn.Unsupported):
+            return error
+        error = error.__cause__
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _why_unsupported(point_json: str) -> str | None:
+    """Why the kernel refuses a point on this backend (`Unsupported` while tracing it with
+    `jax.eval_shape`, no compilation), or None; other errors are left to the measurement."""
+    point = json.loads(point_json)
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in harness.make_inputs(point)]
+    try:
+        jax.eval_shape(harness.make_fn(point), *shapes)
+    except Exception as e:  # only Unsupported refuses the implementation
+        why = _unsupported(e)
+        return None if why is None else str(why)
+    return None
+
+
+def check_supported(config: Mapping[str, Any]) -> None:
+    """SweepConfigError naming each implementation the kernel refuses on this backend
+    (`tensorattn.Unsupported` at the shortest length of each pass), before any work."""
+    config = validate_config(config)
+    shortest = config["lengths"][0]
+    refused = []
+    for point in points_of(config):
+        if point["n"] != shortest or point["implementation"] in [i for i, _ in refused]:
+            continue
+        why = _why_unsupported(json.dumps(point, sort_keys=True))
+        if why is not None:
+            refused.append((point["implementation"], f"{point['pass']} n={shortest}: {why}"))
+    if refused:
+        backend = jax.default_backend()
+        raise SweepConfigError(
+            f"implementations: cannot run on this backend ({backend}); remove "
+            + "; ".join(f"{impl!r} ({why})" for impl, why in refused)
+        )
+
+
+def same_environment(row: Mapping[str, Any], env: Mapping[str, Any]) -> bool:
+    """Whether a row was measured on this device kind and JAX version (a field the row does
+    not record is taken to match)."""
+    return all(row.get(k) in (None, env[k]) for k in ("device_kind", "jax_version"))
+
+
+def run_sweep(config: Mapping[str, Any], workdir: str, log=_flush_print) -> list[dict]:
     """Runs (or resumes) a sweep in `workdir`; returns the newest row of each of its points.
 
-    Raises SweepConfigError (before anything runs), `tensorattn.workdir.WorkdirLockedError`
-    when another process holds `workdir`, and `CorruptFileError` for a bad line of sweep.jsonl
-    that is not its last.
+    Raises SweepConfigError (before anything runs: a bad field, or an implementation the
+    kernel refuses on this backend), `tensorattn.workdir.WorkdirLockedError` when another
+    process holds `workdir`, and `CorruptFileError` for a bad line of sweep.jsonl that is not
+    its last.
     """
     config = validate_config(config)
+    check_supported(config)
     os.makedirs(workdir, exist_ok=True)
     with workdir_files.lock(workdir):
         return _run_locked(config, workdir, log)
 
 
-def _run_locked(config: dict, workdir: str, log) -> list[dict]:
-    path = os.path.join(workdir, "sweep.jsonl")
-    latest = latest_rows(read_rows(path))
+def _load(path: str, env: Mapping[str, Any], log) -> dict[str, dict]:
+    """The newest row of each point measured in `env` (a torn last line cut off; rows of
+    another device or JAX version set aside, kept in the file, and counted in a note)."""
+    rows = read_rows(path)
     size = os.path.getsize(path) if os.path.exists(path) else 0
     workdir_files.repair_jsonl(path)
     if os.path.exists(path) and os.path.getsize(path) < size:
         log(f"{path}: cut off a torn last line (a kill mid-append); that point runs again")
-    limit = harness.device_memory_limit(config["memory_limit_bytes"])
-    max_length = config["max_length"]
+    mine = [r for r in rows if same_environment(r, env)]
+    if len(mine) < len(rows):
+        log(
+            f"{path}: set aside {len(rows) - len(mine)} rows of another device or JAX version "
+            f"(kept in the file; this {env['device_kind']}, jax {env['jax_version']} measures "
+            "its own)"
+        )
+    return latest_rows(mine)
+
+
+def _over_budget(series: list[dict], budget: float) -> str | None:
+    """Why a series stops: its shortest point that ran out of time or memory, or None."""
+    for r in sorted(series, key=lambda r: r["n"]):
+        if r.get("status") in ("timeout", "oom"):
+            return f"n={r['n']} is {r['status']}"
+        if (r.get("wall_s") or 0) > budget:
+            return f"n={r['n']} took {r['wall_s']:.3g} s > time_budget_s {budget:g}"
+    return None
+
+
+def _decide(point: dict, latest: dict[str, dict], config: dict) -> dict | None:
+    """The row of a point that is not measured ("skipped" or "timeout"), else None."""
     budget = config["time_budget_s"]
-    repeats = config["repeats"]
+    if point["n"] > config["max_length"].get(point["implementation"], math.inf):
+        return dict(harness.new_row(point), status="skipped", reason="above max_length")
+    series = [
+        r
+        for r in latest.values()
+        if all(r.get(k) == point[k] for k in IDENTITY if k != "n")
+        and isinstance(r.get("n"), int)
+        and r["n"] < point["n"]
+    ]
+    why = _over_budget(series, budget)
+    predicted = _predicted_seconds(series, point["n"], config["repeats"])
+    if why is None and predicted is not None and predicted > budget:
+        why = f"predicted {predicted:.3g} s > time_budget_s {budget:g}"
+    if why is None:
+        return None
+    return dict(harness.new_row(point), status="timeout", predicted_s=predicted, reason=why)
+
+
+def _measure(point: dict, config: dict, limit: int) -> dict:
+    """`measure` of a point; an "ok" row whose timed runs took longer than the budget says so
+    in its `reason` (its numbers are kept; the longer lengths become "timeout")."""
+    budget = config["time_budget_s"]
+    row = measure(
+        point,
+        repeats=config["repeats"],
+        memory_limit=limit,
+        error_max_length=config["error_max_length"],
+        budget_s=budget,
+    )
+    if row.get("status") == "ok" and (row.get("wall_s") or 0) > budget:
+        row["reason"] = (
+            f"took {row['wall_s']:.3g} s > time_budget_s {budget:g}: longer lengths not run"
+        )
+    return row
+
+
+def _describe(row: dict) -> str:
+    """The printed line of a finished point: status, time, rank, error, and its reason."""
+    err, rank, ms = row.get("relative_error"), row.get("rank"), row.get("median_ms")
+    return (
+        f"{row['implementation']:>10} {row['pass']:<8} n={row['n']:<7} {row['status']:<7} "
+        + (f"{ms:10.2f} ms" if ms is not None else " " * 13)
+        + (f"  rank {rank}" if rank is not None else "")
+        + (f"  err {err:.2e}" if err is not None else "")
+        + (f"  ({row['reason']})" if row.get("reason") else "")
+    )
+
+
+def _run_locked(config: dict, workdir: str, log) -> list[dict]:
+    path = os.path.join(workdir, "sweep.jsonl")
+    latest = _load(path, harness.environment(), log)
+    limit = harness.device_memory_limit(config["memory_limit_bytes"])
     points = points_of(config)
     for point in points:
         key = identity(point)
         old = latest.get(key, {})
-        above = point["n"] > max_length.get(point["implementation"], math.inf)
+        above = point["n"] > config["max_length"].get(point["implementation"], math.inf)
         if old.get("status") in FINAL or (old.get("status") == "skipped" and above):
             continue
-        series = [
-            r
-            for r in latest.values()
-            if all(r.get(k) == point[k] for k in IDENTITY if k != "n")
-            and isinstance(r.get("n"), int)
-            and r["n"] < point["n"]
-        ]
-        predicted = _predicted_seconds(series, point["n"], repeats)
-        over_budget = any(
-            r.get("status") in ("timeout", "oom") or (r.get("wall_s") or 0) > budget for r in series
-        )
-        if above:
-            row = dict(harness.new_row(point), status="skipped", reason="above max_length")
-        elif over_budget or (predicted is not None and predicted > budget):
-            row = dict(harness.new_row(point), status="timeout", predicted_s=predicted)
-            row["reason"] = (
-                "a shorter length ran out of time or memory"
-                if over_budget
-                else (f"predicted {predicted:.3g} s > time_budget_s {budget}")
-            )
-        else:
-            row = measure(
-                point,
-                repeats=repeats,
-                memory_limit=limit,
-                error_max_length=config["error_max_length"],
-            )
+        row = _decide(point, latest, config)
+        if row is None:
+            log(f"{point['implementation']:>10} {point['pass']:<8} n={point['n']:<7} running...")
+            row = _measure(point, config, limit)
         row.setdefault("median_ms", None)
         if old.get("status") is not None:
             row["previous_status"] = old["status"]
         workdir_files.append_jsonl(path, row)
         latest[key] = row
-        err, rank = row.get("relative_error"), row.get("rank")
-        log(
-            f"{row['implementation']:>10} {row['pass']:<8} n={row['n']:<7} {row['status']:<7} "
-            + (f"{row['median_ms']:10.2f} ms" if row["median_ms"] is not None else " " * 13)
-            + (f"  rank {rank}" if rank is not None else "")
-            + (f"  err {err:.2e}" if err is not None else "")
-        )
+        log(_describe(row))
     rows = [latest[identity(p)] for p in points]
     slopes = series_slopes(rows, config["fit_points"])
     plot_sweep(rows, slopes, os.path.join(workdir, "sweep.png"))
@@ -396,25 +519,66 @@ def _run_locked(config: dict, workdir: str, log) -> list[dict]:
 
 fit_slope = harness.fit_slope
 
-
-def _ok_rows(rows: list[dict], key: tuple[str, str]) -> list[dict]:
-    """The "ok" rows of series `key` = (implementation, pass), by length."""
-    return sorted(
-        (
-            r
-            for r in rows
-            if (r.get("implementation"), r.get("pass")) == key and r.get("status") == "ok"
-        ),
-        key=lambda r: r["n"],
-    )
+# What identifies a series (the measured function): a point without its length, and where.
+SERIES_FIELDS = tuple(k for k in IDENTITY if k != "n") + ("device_kind", "jax_version")
 
 
-def series_slopes(rows: list[dict], fit_points: int = 3) -> dict[tuple[str, str], dict]:
-    """(implementation, pass) -> fitted time and memory slopes over the last completed lengths."""
+def _series_fields(row: Mapping[str, Any]) -> dict:
+    """The `SERIES_FIELDS` of a row, its options flattened (`degree`, ...; `options.NAME` for
+    an option named like a point field)."""
+    fields = {k: row.get(k) for k in SERIES_FIELDS if k != "options"}
+    for name, value in (row.get("options") or {}).items():
+        fields[f"options.{name}" if name in SERIES_FIELDS else name] = value
+    return fields
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _varying(series: list[dict], names) -> set[str]:
+    """The names among `names` whose value differs between some of `series`."""
+    return {k for k in names if len({json.dumps(f.get(k), default=str) for f in series}) > 1}
+
+
+def series_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows grouped by series (`SERIES_FIELDS`), sorted by n. A key is (implementation, pass)
+    followed by "field=value" for each field that differs between the series sharing that
+    implementation and pass (e.g. ("polynomial", "fwd", "degree=2")), and the device and JAX
+    version when the rows hold several: readable, and distinct."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if all(k in r for k in ("implementation", "pass", "n")):
+            key = json.dumps(sorted(_series_fields(r).items()), default=str)
+            groups.setdefault(key, []).append(r)
+    by_pass: dict[tuple, list[dict]] = {}
+    for members in groups.values():
+        by_pass.setdefault((members[0]["implementation"], members[0]["pass"]), []).append(
+            _series_fields(members[0])
+        )
+    every = [f for peers in by_pass.values() for f in peers]
+    where = _varying(every, ("device_kind", "jax_version"))  # named in every label
     out = {}
-    rows = [r for r in rows if all(k in r for k in ("implementation", "pass", "n"))]
-    for key in sorted({(r["implementation"], r["pass"]) for r in rows}):
-        ok = _ok_rows(rows, key)[-fit_points:]
+    for members in groups.values():
+        fields, first = _series_fields(members[0]), members[0]
+        peers = by_pass[(first["implementation"], first["pass"])]
+        varying = sorted(_varying(peers, {k for f in peers for k in f}) | where)
+        extra = tuple(f"{k}={_text(fields[k])}" for k in varying if k in fields)
+        key = (str(first["implementation"]), str(first["pass"]), *extra)
+        out[key] = sorted(members, key=lambda r: r["n"])
+    return dict(sorted(out.items()))
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def series_slopes(rows: list[dict], fit_points: int = 3) -> dict[tuple, dict]:
+    """Series key (`series_rows`: (implementation, pass) for a single-config sweep) -> fitted
+    time and memory slopes over its last `fit_points` completed lengths."""
+    out = {}
+    for key, members in series_rows(rows).items():
+        ok = _ok(members)[-fit_points:]
         mem = [r for r in ok if r.get("memory_bytes")]
         out[key] = {
             "time_slope": fit_slope([r["n"] for r in ok], [r["median_ms"] for r in ok]),
@@ -424,8 +588,17 @@ def series_slopes(rows: list[dict], fit_points: int = 3) -> dict[tuple[str, str]
     return out
 
 
+def series_label(key: tuple) -> str:
+    return " ".join(key)
+
+
+def devices(rows: list[dict]) -> str:
+    """The device kinds of the rows, comma-separated."""
+    return ", ".join(sorted({str(r["device_kind"]) for r in rows if r.get("device_kind")}))
+
+
 def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> None:
-    """Log-log time and compiled memory vs n, one line per (implementation, pass); replaces
+    """Log-log time and compiled memory vs n, one line per series (`series_rows`); replaces
     `path` atomically."""
     import matplotlib
 
@@ -433,11 +606,12 @@ def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> No
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = series_rows(rows)
     for key, fit in slopes.items():
-        ok = _ok_rows(rows, key)
+        ok = _ok(groups.get(key, []))
         if not ok:
             continue
-        label = f"{key[0]} {key[1]}"
+        label = series_label(key)
         if ok[0].get("rank") is not None:  # the polynomial method's feature rank
             label += f" (g={ok[0]['options'].get('degree')}, rank {ok[0]['rank']})"
         style = "-" if key[1] == "fwd" else "--"
@@ -466,8 +640,7 @@ def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> No
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    device = rows[0].get("device_kind", "") if rows else ""
-    fig.suptitle(title or f"tensor attention sweep on {device}")
+    fig.suptitle(title or f"tensor attention sweep on {devices(rows)}")
     fig.tight_layout()
     try:
         with workdir_files.atomic_path(path) as tmp:
@@ -477,7 +650,9 @@ def plot_sweep(rows: list[dict], slopes: dict, path: str, title: str = "") -> No
 
 
 def write_table(rows: list[dict], slopes: dict, path: str) -> None:
-    """Markdown: one row per point, then the fitted slopes; replaces `path` atomically."""
+    """Markdown: one row per point, then the fitted slopes; a "series" column names what
+    else tells series of the same implementation and pass apart (when anything does).
+    Replaces `path` atomically."""
     cols = [
         "implementation",
         "pass",
@@ -489,20 +664,24 @@ def write_table(rows: list[dict], slopes: dict, path: str) -> None:
         "rank",
         "relative_error",
     ]
+    groups = series_rows(rows)
+    labelled = any(len(key) > 2 for key in groups)
+    points = [dict(r, series=" ".join(key[2:])) for key, members in groups.items() for r in members]
     ordered = sorted(
-        rows, key=lambda r: (str(r.get("pass")), str(r.get("implementation")), r.get("n") or 0)
+        points, key=lambda r: (str(r["pass"]), str(r["implementation"]), r["series"], r["n"])
     )
     fits = [
         {
-            "implementation": impl,
-            "pass": pass_,
+            "implementation": key[0],
+            "pass": key[1],
+            **({"series": " ".join(key[2:])} if labelled else {}),
             "time slope": s["time_slope"],
             "memory slope": s["memory_slope"],
             "fitted on n": s["fit_lengths"],
         }
-        for (impl, pass_), s in slopes.items()
+        for key, s in slopes.items()
     ]
-    text = benchlib.markdown_table(ordered, cols) + "\n"
+    text = benchlib.markdown_table(ordered, cols + (["series"] if labelled else [])) + "\n"
     text += benchlib.markdown_table(fits, list(fits[0]) if fits else [])
     workdir_files.write_atomic(path, text)
 
@@ -525,7 +704,7 @@ def define_flags() -> None:
         flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run_command(config, workdir: str, out=print) -> list[dict]:
+def run_command(config, workdir: str, out=_flush_print) -> list[dict]:
     """What the command line does, callable from Python: checks the config, runs (or resumes)
     the sweep, prints the table. Raises what `run_sweep` raises."""
     config = validate_config(config)
@@ -542,13 +721,26 @@ def main(argv):
     if _CONFIG is None:
         raise app.UsageError("flags are not defined: call define_flags() before app.run(main)")
     try:
-        run_command(_CONFIG.value, _WORKDIR.value)
+        rows = run_command(_CONFIG.value, _WORKDIR.value)
     except SweepConfigError as e:
         sys.exit(f"invalid sweep config: {e}")
     except workdir_files.WorkdirLockedError as e:
         sys.exit(f"workdir busy: {e}")
     except workdir_files.CorruptFileError as e:
         sys.exit(f"cannot resume: {e}")
+    failed = errors_of(rows)
+    if failed:
+        sys.exit(failed)
+
+
+def errors_of(rows: list[dict]) -> str:
+    """ "" when no point ended in "error" (oom, timeout and skipped are results), else a line
+    naming them (their reasons are in the printed lines and sweep.jsonl)."""
+    bad = [r for r in rows if r.get("status") == "error"]
+    if not bad:
+        return ""
+    names = ", ".join(f"{r['implementation']} {r['pass']} n={r['n']}" for r in bad)
+    return f"{len(bad)} point(s) ended in error (retried on a re-run): {names}"
 
 
 if __name__ == "__main__":

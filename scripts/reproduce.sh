@@ -17,7 +17,11 @@
 # step of each group only gathers (plot, table). Training runs (claims 4-5) keep checkpoints
 # under $TRAIN_DIR (large: not for git) and their finished runs' rows in $OUT too, so that
 # $OUT alone resumes the steps on another machine. CLAIMS=forward,gradient,threshold limits
-# the claims.
+# the claims. A step whose command fails (exits non-zero, e.g. a sweep point or a training
+# run that ended in "error") is not marked done: the script stops there, exits non-zero and
+# names it. An unknown --step name or CLAIMS entry exits before any work, listing the valid
+# ones. PYTHON defaults to .venv/bin/python when it exists (the README's quickstart), else
+# python3.
 # At CPU scale the sweep stops at n = 4096 (claims 1-2 are the longer CPU sweeps); everything
 # took 59.5 min on a 2-core CPU.
 set -euo pipefail
@@ -34,30 +38,46 @@ for arg in "$@"; do
     *) echo "usage: $0 [--full|--smoke] [--list] [--step=NAME[,NAME...]]" >&2; exit 2 ;;
   esac
 done
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+fi
 DEFAULT_OUT=results/$PRESET
 [ "$PRESET" = smoke ] && DEFAULT_OUT=/tmp/reproduce_smoke
 OUT=${OUT:-$DEFAULT_OUT}
 TRAIN_DIR=${TRAIN_DIR:-/tmp/tensorattn_claims_$PRESET}
-CLAIMS=${CLAIMS:-forward,gradient,threshold,expressivity,bounded}
+ALL_CLAIMS=forward,gradient,threshold,expressivity,bounded
+CLAIMS=${CLAIMS:-$ALL_CLAIMS}
 MARKS=$OUT/.steps
 START=$(date +%s)
-[ -n "$LIST" ] || mkdir -p "$OUT" "$MARKS"
 
-# step NAME COMMAND...: runs COMMAND unless NAME is done (or not selected); times it.
+fail() { echo "$0: $*" >&2; exit 2; }
+
+for name in ${CLAIMS//,/ }; do
+  [[ ",$ALL_CLAIMS," == *",$name,"* ]] || fail "CLAIMS: unknown claim '$name'; choose from $ALL_CLAIMS"
+done
+
+# step NAME COMMAND...: MODE=names collects NAME; MODE=run runs COMMAND unless NAME is done
+# (or not selected), times it, and marks it done only when COMMAND succeeds.
+MODE=names
+NAMES=""
 step() {
   local name=$1
   shift
-  if [ -n "$LIST" ]; then echo "$name"; return; fi
+  if [ "$MODE" = names ]; then NAMES="$NAMES $name"; return; fi
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   if [ -e "$MARKS/$name.done" ] && [ -z "${FORCE:-}" ]; then
     echo "== step $name: done earlier, skipped (FORCE=1 re-runs it)"
     return
   fi
-  local t0
+  local t0 rc=0
   t0=$(date +%s)
   echo "== step $name"
-  "$@"
+  "$@" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "== step $name FAILED (exit $rc) after $(( $(date +%s) - t0 )) s: not marked done" >&2
+    exit "$rc"
+  fi
   touch "$MARKS/$name.done"
   echo "== step $name done in $(( $(date +%s) - t0 )) s ($(( $(date +%s) - START )) s in all)"
 }
@@ -83,40 +103,58 @@ claim() {
     --claim="$name" --workdir="$OUT" --config.train_dir="$TRAIN_DIR" "$@"
 }
 
-if [ "$PRESET" = full ]; then
-  step sweep-reference sweep --config.implementations=reference
-  for impl in blocked exact polynomial; do
-    step "sweep-$impl-fwd" sweep --config.implementations=$impl --config.passes=fwd
-    step "sweep-$impl-grad" sweep --config.implementations=$impl --config.passes=fwd+grad
-  done
-  step sweep-plot "$PYTHON" scripts/plot_sweep.py "$OUT/sweep"
-  for pair in 1:forward 2:gradient; do
-    n=${pair%%:*} name=${pair#*:}
-    wants "$name" || continue
-    step "claim$n-$name-exact" claim "$name" --config."$name".implementations=exact
-    step "claim$n-$name-polynomial" claim "$name" --config."$name".implementations=polynomial
-    step "claim$n-$name" claim "$name"
-  done
-  if wants threshold; then step claim3-threshold claim threshold; fi
-  if wants expressivity; then
-    for task in match2 match3 function_composition relation_composition \
-        quotient_relation_composition; do
-      step "claim4-expressivity-$task" claim expressivity --config.expressivity.tasks="$task"
+# Every step, in order (run once to collect the names, once to run them).
+steps() {
+  if [ "$PRESET" = full ]; then
+    step sweep-reference sweep --config.implementations=reference
+    for impl in blocked exact polynomial; do
+      step "sweep-$impl-fwd" sweep --config.implementations=$impl --config.passes=fwd
+      step "sweep-$impl-grad" sweep --config.implementations=$impl --config.passes=fwd+grad
     done
-    step claim4-expressivity claim expressivity
-  fi
-  if wants bounded; then
-    for seed in 0 1 2; do
-      step "claim5-bounded-seed$seed" claim bounded --config.bounded.seeds="$seed"
+    step sweep-plot "$PYTHON" scripts/plot_sweep.py "$OUT/sweep"
+    for pair in 1:forward 2:gradient; do
+      n=${pair%%:*} name=${pair#*:}
+      wants "$name" || continue
+      step "claim$n-$name-exact" claim "$name" --config."$name".implementations=exact
+      step "claim$n-$name-polynomial" claim "$name" --config."$name".implementations=polynomial
+      step "claim$n-$name" claim "$name"
     done
-    step claim5-bounded claim bounded
+    if wants threshold; then step claim3-threshold claim threshold; fi
+    if wants expressivity; then
+      for task in match2 match3 function_composition relation_composition \
+          quotient_relation_composition; do
+        step "claim4-expressivity-$task" claim expressivity --config.expressivity.tasks="$task"
+      done
+      step claim4-expressivity claim expressivity
+    fi
+    if wants bounded; then
+      for seed in 0 1 2; do
+        step "claim5-bounded-seed$seed" claim bounded --config.bounded.seeds="$seed"
+      done
+      step claim5-bounded claim bounded
+    fi
+  else
+    step sweep sweep
+    n=0
+    for name in forward gradient threshold expressivity bounded; do
+      n=$((n + 1))
+      if wants "$name"; then step "claim$n-$name" claim "$name"; fi
+    done
   fi
-else
-  step sweep sweep
-  n=0
-  for name in forward gradient threshold expressivity bounded; do
-    n=$((n + 1))
-    if wants "$name"; then step "claim$n-$name" claim "$name"; fi
+}
+
+steps
+if [ -n "$ONLY" ]; then
+  for name in ${ONLY//,/ }; do
+    [[ " $NAMES " == *" $name "* ]] || fail "--step: unknown step '$name'; steps:$NAMES"
   done
 fi
-[ -n "$LIST" ] || echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ') ($(( $(date +%s) - START )) s)"
+if [ -n "$LIST" ]; then
+  printf '%s\n' $NAMES
+  exit 0
+fi
+command -v "$PYTHON" >/dev/null || fail "PYTHON=$PYTHON: not found (set PYTHON=/path/to/python)"
+mkdir -p "$OUT" "$MARKS"
+MODE=run
+steps
+echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ') ($(( $(date +%s) - START )) s)"

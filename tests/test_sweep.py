@@ -125,9 +125,9 @@ def _fake_measure(monkeypatch, status_of=lambda point: "ok"):
     """Replaces `sweep.measure` (no compilation); returns the list of measured points."""
     calls = []
 
-    def measure(point, *, repeats, memory_limit, error_max_length=0):
+    def measure(point, *, repeats, memory_limit, error_max_length=0, budget_s=None):
         calls.append((point["implementation"], point["pass"], point["n"]))
-        row = dict(point, status=status_of(point))
+        row = dict(point, status=status_of(point), **harness.environment())
         if row["status"] == "ok":
             row.update(median_ms=0.01 * point["n"], wall_s=1e-3, memory_bytes=100 * point["n"])
         else:
@@ -345,3 +345,182 @@ def test_command_line_bad_config_exits_nonzero(tmp_path, arg, field):
     assert out.returncode != 0
     assert f"invalid sweep config: {field}" in out.stderr, out.stderr[-3000:]
     assert not (tmp_path / "sweep").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Audit defects: failed steps, other devices' rows, series keys, the time budget, unsupported
+# implementations.
+
+
+def _reproduce(tmp_path, *args, python=None, env=None, script=None):
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "CLAIMS", "FORCE")}
+    environ.update(OUT=str(tmp_path / "out"), **(env or {}))
+    if python is not None:
+        environ["PYTHON"] = python
+    return subprocess.run(
+        ["bash", script or os.path.join(ROOT, "scripts", "reproduce.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+    )
+
+
+def _fake_python(path, rc):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "$@" >> "{path}.calls"\nexit {rc}\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_reproduce_failed_step_is_not_marked_done(tmp_path):
+    failing = _fake_python(tmp_path / "bin" / "python", 3)
+    out = _reproduce(tmp_path, "--smoke", "--step=sweep,claim1-forward", python=failing)
+    assert out.returncode == 3
+    assert "step sweep FAILED" in out.stderr
+    assert not (tmp_path / "out" / ".steps" / "sweep.done").exists()
+    assert len(open(failing + ".calls").readlines()) == 1  # stopped at the failed step
+    ok = _fake_python(tmp_path / "bin2" / "python", 0)
+    out = _reproduce(tmp_path, "--smoke", "--step=sweep", python=ok)
+    assert out.returncode == 0 and (tmp_path / "out" / ".steps" / "sweep.done").exists()
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["--step=sweep,claim9"], {}, "unknown step 'claim9'; steps: sweep claim1-forward"),
+        ([], {"CLAIMS": "forward,bogus"}, "unknown claim 'bogus'; choose from forward,"),
+    ],
+)
+def test_reproduce_refuses_unknown_steps_and_claims(tmp_path, args, env, message):
+    python = _fake_python(tmp_path / "bin" / "python", 0)
+    out = _reproduce(tmp_path, "--smoke", *args, python=python, env=env)
+    assert out.returncode == 2 and message in out.stderr
+    assert not (tmp_path / "out").exists() and not os.path.exists(python + ".calls")
+
+
+def test_reproduce_defaults_to_the_venv_python(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "reproduce.sh"
+    script.write_text(open(os.path.join(ROOT, "scripts", "reproduce.sh")).read())
+    venv = _fake_python(tmp_path / ".venv" / "bin" / "python", 0)
+    out = _reproduce(tmp_path, "--smoke", "--step=sweep", script=str(script))
+    assert out.returncode == 0, out.stderr
+    assert "experiments.sweep" in open(venv + ".calls").read()
+
+
+def test_command_exits_nonzero_when_a_point_ended_in_error(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    config = _raw(implementations="blocked,polynomial", lengths=(16,))
+    _fake_measure(monkeypatch, lambda p: "error" if p["implementation"] == "blocked" else "ok")
+    monkeypatch.setattr(sweep, "_CONFIG", SimpleNamespace(value=config))
+    monkeypatch.setattr(sweep, "_WORKDIR", SimpleNamespace(value=str(tmp_path)))
+    with pytest.raises(SystemExit, match="1 point.* ended in error.*blocked fwd n=16"):
+        sweep.main(["sweep"])
+    assert len(_lines(tmp_path)) == 2 and (tmp_path / "sweep.md").exists()  # all written first
+    assert "simulated failure" in capsys.readouterr().out  # the failed point's printed reason
+    _fake_measure(monkeypatch, lambda p: "oom")  # oom, timeout, skipped are results
+    sweep.main(["sweep"])
+
+
+def test_rows_of_another_device_are_set_aside_not_reused(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    config = _raw(implementations="blocked", lengths=(16, 24))
+    _fake_measure(monkeypatch)
+    sweep.run_sweep(config, workdir, log=lambda _: None)
+    lines = [dict(r, device_kind="NVIDIA H100 80GB HBM3", median_ms=9.0) for r in _lines(workdir)]
+    lines[1]["jax_version"] = "0.0.1"
+    with open(os.path.join(workdir, "sweep.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
+    calls, messages = _fake_measure(monkeypatch), []
+    rows = sweep.run_sweep(config, workdir, log=messages.append)
+    assert len(calls) == 2  # measured again here
+    assert sum("set aside 2 rows" in m for m in messages) == 1
+    here = harness.environment()["device_kind"]
+    assert [r["device_kind"] for r in rows] == [here] * 2 and rows[0]["median_ms"] != 9.0
+    assert len(_lines(workdir)) == 4  # the H100 rows are kept
+    assert "H100" not in open(os.path.join(workdir, "sweep.md")).read()
+    assert sweep.devices(rows) == here
+    both = list(sweep.read_rows(os.path.join(workdir, "sweep.jsonl")))
+    keys = list(sweep.series_rows(both))  # a series per device and JAX version, each labelled
+    assert len(keys) == 3 and all(any(p.startswith("device_kind=") for p in k) for k in keys)
+
+
+def _series(degree, slope, device="cpu", **fields):
+    return [
+        dict(
+            harness.make_point("polynomial", n, options={"degree": degree}, **fields),
+            status="ok",
+            median_ms=float(n) ** slope,
+            device_kind=device,
+        )
+        for n in (64, 128, 256)
+    ]
+
+
+def _plot_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_sweep", os.path.join(ROOT, "scripts", "plot_sweep.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_series_are_keyed_by_the_measured_function(tmp_path, capsys):
+    rows = _series(2, 1.0) + _series(3, 2.0) + _series(2, 3.0, head_dim=32)
+    slopes = sweep.series_slopes(rows)
+    assert {k: round(s["time_slope"], 6) for k, s in slopes.items()} == {
+        ("polynomial", "fwd", "degree=2", "head_dim=16", "value_dim=16"): 1.0,
+        ("polynomial", "fwd", "degree=3", "head_dim=16", "value_dim=16"): 2.0,
+        ("polynomial", "fwd", "degree=2", "head_dim=32", "value_dim=32"): 3.0,
+    }
+    assert list(sweep.series_slopes(_series(2, 1.0))) == [("polynomial", "fwd")]  # one config
+    with open(tmp_path / "sweep.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in _series(2, 1.0) + _series(3, 2.0))
+    _plot_script().main([str(tmp_path), "--fit_points=2"])
+    assert "polynomial fwd degree=3: time slope 2.00" in capsys.readouterr().out
+    table = open(tmp_path / "sweep.md").read()
+    assert "| polynomial | fwd | degree=2 | 1 |" in table and "| degree=3 | 2 |" in table
+
+
+@pytest.mark.parametrize("args,message", [(["--fit_points=1"], ">= 2"), ([], "no ")])
+def test_plot_script_refuses_bad_arguments(tmp_path, capsys, args, message):
+    workdir = tmp_path / ("empty" if not args else "")
+    if args:
+        (tmp_path / "sweep.jsonl").write_text(json.dumps(_series(2, 1.0)[0]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        _plot_script().main([str(workdir), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_progress_line_and_over_budget_point(tmp_path, monkeypatch):
+    budgets = []
+
+    def measure(point, *, repeats, memory_limit, error_max_length=0, budget_s=None):
+        budgets.append(budget_s)
+        return dict(point, status="ok", median_ms=100.0, wall_s=2.35)
+
+    monkeypatch.setattr(sweep, "measure", measure)
+    messages = []
+    config = _raw(implementations="blocked", lengths=(16, 24), time_budget_s=0.5)
+    rows = sweep.run_sweep(config, str(tmp_path), log=messages.append)
+    assert budgets == [0.5]  # timed runs cut to the budget
+    assert "n=16      running" in messages[0]
+    assert rows[0]["status"] == "ok" and rows[0]["median_ms"] == 100.0
+    assert "took 2.35 s > time_budget_s 0.5" in rows[0]["reason"] in messages[1]
+    assert rows[1]["status"] == "timeout"
+    assert rows[1]["reason"] == "n=16 took 2.35 s > time_budget_s 0.5"
+    assert rows[1]["reason"] in messages[2]
+
+
+@pytest.mark.skipif(sweep.jax.default_backend() != "cpu", reason="pallas runs on a GPU")
+def test_implementation_unsupported_on_this_backend_is_refused(tmp_path):
+    workdir = tmp_path / "sweep"
+    with pytest.raises(sweep.SweepConfigError, match="^implementations: .*'pallas'.*GPU"):
+        sweep.run_sweep(_raw(implementations="blocked,pallas"), str(workdir))
+    assert not workdir.exists()
+    sweep.check_supported(_raw(implementations="blocked,exact,polynomial"))  # these run here
