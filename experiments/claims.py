@@ -15,7 +15,10 @@ seconds), `cpu` (this machine, minutes) and `full` (accelerators); `--preset=P` 
 `--config=configs/claims.py:preset=P`, `--tasks`/`--bounds` for the claim 4/5 fields. Claim
 `X` writes `WORKDIR/claimN_X.{jsonl,png,md}` and appends its headline figure to
 `WORKDIR/claims.jsonl`. Training runs (claims 4-5) keep checkpoints in `WORKDIR/train/...` and
-resume; re-running a claim skips finished points. From Python: `CLAIMS[name](workdir, config)`
+resume; re-running a claim skips finished points. Every training run's config is checked
+before any claim starts (an unknown task, a bound or option the model refuses: exit 1 naming
+it); a run that fails anyway is a row with its reason, retried on the next call, and makes
+the command exit 1 once all claims are written. From Python: `CLAIMS[name](workdir, config)`
 with a config of configs/claims.py (or a preset name).
 
 1. forward: time slope of the polynomial method vs the fastest exact kernel
@@ -33,10 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Mapping
 
@@ -452,9 +458,10 @@ def run_points(points, workdir: str, name: str, preset: str, polynomial_options=
             continue
         row = train_point(config, instance, model, preset, train_dir or workdir)
         benchlib.append_jsonl(path, row)
+        reason = f" ({row['reason']})" if row["status"] != "ok" else ""
         log(
             f"[{i + 1}/{len(points)}] {instance} {model.name} seed {seed}: {row['status']} "
-            f"accuracy {row['accuracy']} ({row['wall_s']:.0f} s)"
+            f"accuracy {row['accuracy']} ({row['wall_s']:.0f} s){reason}"
         )
         rows.append(row)
     return rows
@@ -517,18 +524,25 @@ def beside_paper(agg: list[dict]) -> list[dict]:
     return rows
 
 
-def claim_expressivity(workdir: str, config="cpu") -> dict:
-    """Claim 4: accuracy per (task, model) over seeds."""
-    config = load_config(config)
-    c, preset = config["expressivity"], config["preset"]
-    options, degree, head_dim = _polynomial_options(config)
+def expressivity_points(config: dict) -> list[tuple]:
+    """Claim 4's (task, budget, model, seed) points."""
+    c = config["expressivity"]
+    _, degree, head_dim = _polynomial_options(config)
     budgets = c["budgets"] or {}
-    points = [
+    return [
         (t, budgets.get(t), m, s)
         for t in _names(c["tasks"])
         for s in c["seeds"]
         for m in models_for(c["entry_bound"], degree, head_dim)
     ]
+
+
+def claim_expressivity(workdir: str, config="cpu") -> dict:
+    """Claim 4: accuracy per (task, model) over seeds."""
+    config = load_config(config)
+    preset = config["preset"]
+    options, _, _ = _polynomial_options(config)
+    points = expressivity_points(config)
     rows = run_points(
         points,
         workdir,
@@ -550,12 +564,25 @@ def claim_expressivity(workdir: str, config="cpu") -> dict:
         )
     _write(os.path.join(workdir, "claim4_expressivity.md"), table)
     figure = {"preset": preset, "accuracy": {f"{a['task']}/{a['model']}": a["median"] for a in agg}}
+    figure["failed"] = sum(a["failed"] for a in agg)
     return _summary(workdir, "claim4_expressivity", figure)
 
 
 def score_range(head_dim: int, entry_bound: float) -> float:
     """Largest |score| of an order-3 layer with entries <= B and scale 1/sqrt(H): sqrt(H) B^3."""
     return math.sqrt(head_dim) * entry_bound**3
+
+
+def bounded_points(config: dict) -> list[tuple]:
+    """Claim 5's (task, budget, model, seed) points: the unbounded exact model, then per bound
+    the bounded exact and the polynomial model."""
+    c = config["bounded"]
+    _, degree, head_dim = _polynomial_options(config)
+    models = [Model(f"tensor-1(H={head_dim})", "tensor", head_dim=head_dim)]
+    for b in (float(b) for b in _names(c["bounds"])):
+        models.append(Model(f"tensor-1(B={b:g},H={head_dim})", "tensor", 1, b, None, head_dim))
+        models.append(polynomial_model(b, degree, head_dim))
+    return [(c["task"], c["budget"], m, s) for m in models for s in c["seeds"]]
 
 
 def claim_bounded(workdir: str, config="cpu") -> dict:
@@ -565,12 +592,8 @@ def claim_bounded(workdir: str, config="cpu") -> dict:
     config = load_config(config)
     c, preset = config["bounded"], config["preset"]
     options, degree, head_dim = _polynomial_options(config)
-    models = [Model(f"tensor-1(H={head_dim})", "tensor", head_dim=head_dim)]
-    for b in (float(b) for b in _names(c["bounds"])):
-        models.append(Model(f"tensor-1(B={b:g},H={head_dim})", "tensor", 1, b, None, head_dim))
-        models.append(polynomial_model(b, degree, head_dim))
     budget = c["budget"]
-    points = [(c["task"], budget, m, s) for m in models for s in c["seeds"]]
+    points = bounded_points(config)
     rows = run_points(
         points, workdir, "claim5_bounded", preset, options, train_dir=config.get("train_dir", "")
     )
@@ -593,6 +616,7 @@ def claim_bounded(workdir: str, config="cpu") -> dict:
     )
     claim_plots.bounded(agg, os.path.join(workdir, "claim5_bounded.png"))
     figure = {"preset": preset, "accuracy": {a["model"]: a["median"] for a in agg}}
+    figure["failed"] = sum(a["failed"] for a in agg)
     return _summary(workdir, "claim5_bounded", figure)
 
 
@@ -605,14 +629,55 @@ CLAIMS = {
 }
 
 
+TRAINING_POINTS = {"expressivity": expressivity_points, "bounded": bounded_points}
+
+
+class ClaimConfigError(ValueError):
+    """A claim's config that cannot train, found before any work."""
+
+
+def check_training_points(names, config: dict) -> None:
+    """Builds and validates the training config of every (task, model) the named claims
+    will train, before any work; raises ClaimConfigError naming the claim, task and model."""
+    from tensorattn import training
+
+    for name in names:
+        if name not in TRAINING_POINTS:
+            continue
+        section = "expressivity" if name == "expressivity" else "bounded"
+        try:
+            points = TRAINING_POINTS[name](config)
+        except ValueError as e:
+            raise ClaimConfigError(f"claim {name}: config.{section}: {e}") from None
+        seen = set()
+        for task, budget, model, seed in points:
+            if importlib.util.find_spec(f"configs.{task}") is None:
+                raise ClaimConfigError(
+                    f"claim {name}: unknown task {task!r} (no configs/{task}.py)"
+                )
+            if (task, model) in seen:  # seeds differ only in train.seed
+                continue
+            seen.add((task, model))
+            options, _, _ = _polynomial_options(config)
+            try:
+                cfg = train_config(task, model, seed, config["preset"], budget, options)
+                training.validate(training.options_from_dict(cfg))
+            except ValueError as e:  # ConfigError, or a config string the task refuses
+                raise ClaimConfigError(
+                    f"claim {name}, task {task}, model {model.name}: {e}"
+                ) from None
+
+
 def run_claims(names, workdir: str, config="cpu", out=print) -> list[dict]:
-    """What the command line does: runs the named claims (or "all") in `workdir` under its
-    lock; prints and returns each headline figure."""
+    """What the command line does: checks the named claims' training configs, then runs the
+    claims (or "all") in `workdir` under its lock; prints and returns each headline figure
+    (claims 4-5: `failed` counts their runs that ended in an error)."""
     names = list(CLAIMS) if names in ("all", ["all"]) else list(_names(names))
     for name in names:
         if name not in CLAIMS:
             raise ValueError(f"claim: unknown {name!r}; choose {sorted(CLAIMS)} or all")
     config = load_config(config)
+    check_training_points(names, config)
     figures = []
     os.makedirs(workdir, exist_ok=True)
     with workdir_files.lock(workdir):
@@ -656,8 +721,31 @@ def config_from_flags(config, preset: str | None, tasks=(), bounds=()) -> dict:
     if tasks:
         config["expressivity"] = {**config["expressivity"], "tasks": tuple(tasks)}
     if bounds:
-        config["bounded"] = {**config["bounded"], "bounds": tuple(float(b) for b in bounds)}
+        try:
+            values = tuple(float(b) for b in bounds)
+        except ValueError:
+            raise app.UsageError(f"--bounds: numbers expected, got {list(bounds)}") from None
+        config["bounded"] = {**config["bounded"], "bounds": values}
     return config
+
+
+def preset_as_config(argv: list[str]) -> list[str]:
+    """`--preset=P` (or `--preset P`) rewritten as `--config=configs/claims.py:preset=P` when
+    there is no --config, so that `--config.FIELD=...` overrides work with it too."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--preset="):
+            out.append(f"--config=configs/claims.py:preset={a.split('=', 1)[1]}")
+        elif a == "--preset" and i + 1 < len(argv):
+            out.append(f"--config=configs/claims.py:preset={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
 def main(argv):
@@ -665,6 +753,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _FLAGS:
         raise app.UsageError("flags are not defined: call define_flags() before app.run(main)")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
     v = {k: f.value for k, f in _FLAGS.items()}
     config = config_from_flags(v["config"], v["preset"], v["tasks"], v["bounds"])
     print(f"claims preset {config['preset']} on {jax.devices()[0].device_kind}", flush=True)
@@ -672,9 +761,17 @@ def main(argv):
     unknown = [n for n in ([] if names == "all" else names) if n not in CLAIMS]
     if unknown:
         raise app.UsageError(f"--claim: unknown {unknown}; choose {sorted(CLAIMS)} or all")
-    run_claims(names, v["workdir"], config, out=lambda s: print(s, flush=True))
+    try:
+        figures = run_claims(names, v["workdir"], config, out=lambda s: print(s, flush=True))
+    except ClaimConfigError as e:
+        sys.exit(f"invalid config: {e}")
+    failed = sum(f.get("failed", 0) for f in figures)
+    if failed:
+        sys.exit(f"{failed} training run(s) ended in an error (their reasons are above and in "
+                 "the claims' .jsonl rows); re-running retries them")  # fmt: skip
 
 
 if __name__ == "__main__":
     define_flags()
+    sys.argv = preset_as_config(sys.argv)
     app.run(main)

@@ -207,6 +207,47 @@ def test_command_line_preset_alias_and_overrides(tmp_path):
     assert bad.returncode != 0 and "nonsense" in bad.stderr
 
 
+def test_training_configs_are_checked_before_any_work(tmp_path, monkeypatch):
+    """An unknown task, a bound the model refuses or a polynomial option it refuses stop the
+    claims before any of them runs (claims 1-3 included), naming the claim, task and model."""
+    ran = []
+    monkeypatch.setitem(claims.CLAIMS, "forward", lambda *a: ran.append(a))
+    config = claims.load_config("smoke")
+    bad = {
+        "unknown task 'match4'": ("expressivity", {"tasks": ("match4",)}),
+        "model.entry_bound": ("bounded", {"bounds": (-1.0,)}),
+    }
+    for message, (section, fields) in bad.items():
+        broken = dict(config, **{section: {**config[section], **fields}})
+        with pytest.raises(claims.ClaimConfigError, match=message):
+            claims.run_claims("all", str(tmp_path), broken)
+    broken = dict(config, polynomial_model={**config["polynomial_model"], "gradient": "bogus"})
+    with pytest.raises(claims.ClaimConfigError, match=r"polynomial-1.*gradient"):
+        claims.run_claims("forward,expressivity", str(tmp_path), broken)
+    assert not ran and not os.listdir(tmp_path)
+
+
+def test_preset_takes_config_overrides_and_failed_runs_are_counted(tmp_path, monkeypatch):
+    """`--preset` becomes `--config=...:preset=` so that `--config.FIELD` overrides apply; a
+    run that fails is logged with its reason and counted in the figure (the command line then
+    exits non-zero)."""
+    assert claims.preset_as_config(["x", "--preset", "smoke", "--config.a=1"]) == [
+        "x", "--config=configs/claims.py:preset=smoke", "--config.a=1"]  # fmt: skip
+    assert claims.preset_as_config(["x", "--preset=cpu"]) == [
+        "x", "--config=configs/claims.py:preset=cpu"]  # fmt: skip
+    argv = ["x", "--config=configs/claims.py", "--preset=cpu"]  # main names the contradiction
+    assert claims.preset_as_config(argv) == argv
+
+    def fail(config, run_dir):
+        raise RuntimeError("diverged")
+
+    monkeypatch.setattr(claims, "_train", fail)
+    config = claims.load_config("smoke")
+    config["expressivity"] = {**config["expressivity"], "tasks": ("match2",)}
+    figure = claims.claim_expressivity(str(tmp_path), config)
+    assert figure["failed"] == len(claims.expressivity_points(config)) == 4
+
+
 def test_threshold_search_reaches_degree_31():
     """Claim 3's `full` grid meets R = 10.24 (n = 2^21, order 2, B = 3.2) near degree 31, where
     numpy's cheb2poly once dropped a zero leading coefficient."""
