@@ -416,6 +416,8 @@ def train_point(config: dict, instance: str, model: Model, preset: str, workdir:
         "head_dim": config["model"]["head_dim"],
         "batch_size": train["batch_size"],
     }
+    from tensorattn.training import TrainingInterrupted
+
     start = time.perf_counter()
     try:
         final = _train(config, run_dir)
@@ -423,6 +425,8 @@ def train_point(config: dict, instance: str, model: Model, preset: str, workdir:
         # Majority-class accuracy of the held-out set: the baseline to beat.
         row["majority"] = final.get("eval/majority")
         row["status"] = "ok"
+    except TrainingInterrupted:  # SIGTERM/Ctrl-C: the run saved its step; stop the claims
+        raise
     except Exception as e:  # a diverged or failed run is a row, not the end of the claim
         row["status"] = "error"
         row["reason"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -679,7 +683,7 @@ def run_claims(names, workdir: str, config="cpu", out=print) -> list[dict]:
     config = load_config(config)
     check_training_points(names, config)
     figures = []
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_files.make_workdir(workdir)
     with workdir_files.lock(workdir):
         for name in names:
             figures.append(CLAIMS[name](workdir, config))
@@ -753,6 +757,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _FLAGS:
         raise app.UsageError("flags are not defined: call define_flags() before app.run(main)")
+    from tensorattn import training
+
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
     v = {k: f.value for k, f in _FLAGS.items()}
     config = config_from_flags(v["config"], v["preset"], v["tasks"], v["bounds"])
@@ -765,6 +771,12 @@ def main(argv):
         figures = run_claims(names, v["workdir"], config, out=lambda s: print(s, flush=True))
     except ClaimConfigError as e:
         sys.exit(f"invalid config: {e}")
+    except workdir_files.WorkdirError as e:
+        sys.exit(str(e))
+    except workdir_files.WorkdirLockedError as e:
+        sys.exit(f"workdir busy: {e}")
+    except training.TrainingInterrupted as e:
+        sys.exit(f"training interrupted: {e}")
     failed = sum(f.get("failed", 0) for f in figures)
     if failed:
         sys.exit(f"{failed} training run(s) ended in an error (their reasons are above and in "

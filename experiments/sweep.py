@@ -401,7 +401,7 @@ def run_sweep(config: Mapping[str, Any], workdir: str, log=_flush_print) -> list
     """
     config = validate_config(config)
     check_supported(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_files.make_workdir(workdir)
     with workdir_files.lock(workdir):
         return _run_locked(config, workdir, log)
 
@@ -726,6 +726,8 @@ def main(argv):
         sys.exit(f"invalid sweep config: {e}")
     except workdir_files.WorkdirLockedError as e:
         sys.exit(f"workdir busy: {e}")
+    except workdir_files.WorkdirError as e:
+        sys.exit(str(e))
     except workdir_files.CorruptFileError as e:
         sys.exit(f"cannot resume: {e}")
     failed = errors_of(rows)

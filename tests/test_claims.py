@@ -13,6 +13,7 @@ import pytest
 
 from configs import claims as claims_config
 from experiments import claim_plots, claims
+from tensorattn import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,6 +247,13 @@ def test_preset_takes_config_overrides_and_failed_runs_are_counted(tmp_path, mon
     config["expressivity"] = {**config["expressivity"], "tasks": ("match2",)}
     figure = claims.claim_expressivity(str(tmp_path), config)
     assert figure["failed"] == len(claims.expressivity_points(config)) == 4
+
+    def interrupted(config, run_dir):  # SIGTERM/Ctrl-C in a run stops the claims, no row
+        raise training.TrainingInterrupted("SIGTERM at step 3")
+
+    monkeypatch.setattr(claims, "_train", interrupted)
+    with pytest.raises(training.TrainingInterrupted):
+        claims.claim_expressivity(str(tmp_path / "again"), config)
 
 
 def test_threshold_search_reaches_degree_31():
