@@ -69,3 +69,31 @@ def pytest_xdist_auto_num_workers(config):
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     return min(available_cores(), 8)
+
+
+@pytest.fixture
+def poison_params_at(monkeypatch):
+    """`poison_params_at(step)`: the training step turns every parameter NaN at `step`
+    (the loss of that step stays finite); returns the real `make_train_step`."""
+
+    def poison(at_step: int):
+        from tensorattn import training
+
+        real = training.make_train_step
+
+        def poisoned(seed):
+            step_fn = real(seed)
+
+            def wrapped(state, batch):
+                state, metrics = step_fn(state, batch)
+                if int(state.step) == at_step:
+                    params = jax.tree_util.tree_map(lambda p: p * jax.numpy.nan, state.params)
+                    state = state.replace(params=params)
+                return state, metrics
+
+            return wrapped
+
+        monkeypatch.setattr(training, "make_train_step", poisoned)
+        return real
+
+    return poison

@@ -7,8 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -264,25 +262,11 @@ def test_each_logged_mean_covers_the_steps_since_the_previous_log(tmp_path, monk
 
 
 def test_non_finite_parameters_are_caught_at_the_next_eval_and_no_nan_is_written(
-    tmp_path, monkeypatch
+    tmp_path, poison_params_at
 ):
     """Parameters turn NaN at step 7 with logs and saves at 20 but evals every 5: the eval at
     10 stops the run before writing; no checkpoint exists and the message says so."""
-    real = training.make_train_step
-
-    def poisoned(seed):
-        step_fn = real(seed)
-
-        def wrapped(state, batch):
-            state, metrics = step_fn(state, batch)
-            if int(state.step) == 7:
-                params = jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params)
-                state = state.replace(params=params)
-            return state, metrics
-
-        return wrapped
-
-    monkeypatch.setattr(training, "make_train_step", poisoned)
+    poison_params_at(7)
     c = smoke_config(train__log_every=20, train__checkpoint_every=20, train__eval_every=5)
     with pytest.raises(training.NonFiniteLossError, match="step 8.*No checkpoint was saved"):
         training.train_and_evaluate(c, str(tmp_path))

@@ -16,8 +16,6 @@ import sys
 import textwrap
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from configs import match3
@@ -206,24 +204,10 @@ def test_bad_latest_checkpoint_falls_back_to_the_previous(reference, interrupted
     assert_same_run(interrupted, reference)
 
 
-def test_non_finite_parameters_are_never_saved(tmp_path, monkeypatch):
+def test_non_finite_parameters_are_never_saved(tmp_path, monkeypatch, poison_params_at):
     """The loss stays finite but the parameters turn NaN at step 12: the save at 15 is
     refused, checkpoint 10 stays the newest, and resuming from it works."""
-    real = training.make_train_step
-
-    def poisoned(seed):
-        step_fn = real(seed)
-
-        def wrapped(state, batch):
-            state, metrics = step_fn(state, batch)
-            if int(state.step) == 12:
-                params = jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params)
-                state = state.replace(params=params)
-            return state, metrics
-
-        return wrapped
-
-    monkeypatch.setattr(training, "make_train_step", poisoned)
+    real = poison_params_at(12)
     c = config()
     c["train"].update(checkpoint_every=10, log_every=10)
     with pytest.raises(training.NonFiniteLossError, match="last good checkpoint is step 10"):
