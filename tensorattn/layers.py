@@ -22,10 +22,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import Scope
 
 from tensorattn.kernels import api
-from tensorattn.kernels.configs import KernelConfig
+from tensorattn.kernels.configs import KernelConfig, PolynomialConfig
 from tensorattn.kernels.polynomial import PolynomialAccuracyWarning
 
 Array = jax.Array
@@ -151,6 +152,21 @@ def _check_fields(module: nn.Module, ints: tuple[str, ...], optional: tuple[str,
     kv = module.num_kv_heads
     if kv is not None and module.num_heads % kv:
         raise ValueError(f"num_heads={module.num_heads} must be a multiple of num_kv_heads={kv}")
+    if not isinstance(module.causal, (bool, np.bool_)):
+        raise ValueError(f"{name}.causal must be a bool, got {module.causal!r}")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def _check_window(module: nn.Module, pair_ok) -> None:
+    """Raises ValueError unless `window` is None or passes `pair_ok`."""
+    window = module.window
+    if window is not None and not pair_ok(window):
+        raise ValueError(
+            f"{type(module).__name__}.window must be {pair_ok.__doc__} or None, got {window!r}"
+        )
 
 
 def _score_scale(module: nn.Module, scale: float, learn_scale: bool, heads: int):
@@ -213,12 +229,21 @@ class TensorAttention(nn.Module):
         _check_fields(
             self, ("num_heads",), ("num_kv_heads", "head_dim", "value_dim", "out_features")
         )
+        _check_window(self, _tensor_window)
         kernel = Kernel(self.implementation, self.kernel_config)  # checks the pair
+        cfg = self.kernel_config
+        if self.learn_scale and isinstance(cfg, PolynomialConfig) and self.attend is None:
+            if cfg.bound is not None or cfg.fused:
+                what = "bound" if cfg.bound is not None else "fused=True"
+                raise ValueError(
+                    f"TensorAttention.learn_scale gives the kernel an array scale, which "
+                    f"PolynomialConfig({what}) cannot take (it needs a Python float scale); "
+                    "set learn_scale=False or give PolynomialConfig a degree without bound"
+                )
         if self.attend is not None and not callable(self.attend):
             raise ValueError(
                 f"TensorAttention.attend must be callable or None, got {self.attend!r}"
             )
-        cfg = self.kernel_config
         # A Scope parent is init/apply binding a clone: warn once, for the user's construction.
         if (
             kernel.name == "polynomial"
@@ -289,6 +314,31 @@ class TensorAttention(nn.Module):
         )(o_BxTxNxV)
 
 
+def _tensor_window(window) -> bool:
+    """a pair (w1, w2), each a positive int or None (unbounded)"""
+    pair = isinstance(window, tuple | list) and len(window) == 2
+    return pair and all(w is None or _positive_int(w) for w in window)
+
+
+def _standard_window(window) -> bool:
+    """a positive int or a pair (w, w) of equal positive ints"""
+    if isinstance(window, tuple | list):
+        return len(window) == 2 and window[0] == window[1] and _positive_int(window[0])
+    return _positive_int(window)
+
+
+def _sees_a_valid_key(kv_mask, t: int, causal: bool, window: int | None):
+    """[B, T]: whether query i may see some valid key (causal: `j <= i`; a window `w` also
+    `i - w < j`): prefix counts of the valid keys, O(B·T)."""
+    if not causal:
+        return jnp.broadcast_to(jnp.any(kv_mask, axis=-1)[:, None], (kv_mask.shape[0], t))
+    counts = jnp.cumsum(kv_mask.astype(jnp.int32), axis=-1)  # valid keys j <= i
+    if window is not None:
+        lagged = jnp.pad(counts, ((0, 0), (window, 0)))[:, :t]  # valid keys j <= i - w
+        counts = counts - lagged
+    return counts > 0
+
+
 class StandardAttention(nn.Module):
     """Multi-head softmax attention on `jax.nn.dot_product_attention`, for baselines.
 
@@ -314,6 +364,9 @@ class StandardAttention(nn.Module):
 
     def __post_init__(self):
         _check_fields(self, ("num_heads",), ("num_kv_heads", "head_dim", "out_features"))
+        _check_window(self, _standard_window)
+        if self.window is not None and not self.causal:
+            raise ValueError("StandardAttention.window requires causal=True")
         super().__post_init__()
 
     @nn.compact
@@ -336,15 +389,20 @@ class StandardAttention(nn.Module):
         k_BxSxKxH = bound_entries(k_BxSxKxH, self.entry_bound)
         scale = 1.0 / math.sqrt(h) if self.scale is None else self.scale
         q_BxTxNxH = _scaled_queries(self, q_BxTxNxH, scale, self.learn_scale)
-        window = self.window
-        if window is not None:
-            w = window if isinstance(window, int) else window[0]
-            if not self.causal:
-                raise ValueError("window requires causal=True")
-            window = (w - 1, 0)
+        t, s = x_q.shape[1], x_kv.shape[1]
+        if self.causal and t != s:
+            raise ValueError(f"StandardAttention.causal needs equal lengths, got {t} and {s}")
+        w = None if self.window is None else int(np.ravel(self.window)[0])
+        window = None if w is None else (w - 1, 0)
         mask = None
         if kv_mask is not None:
-            mask = kv_mask[:, None, None, :].astype(bool)
+            if getattr(kv_mask, "shape", None) != (x_kv.shape[0], s) or kv_mask.dtype != bool:
+                raise ValueError(
+                    f"kv_mask must be a boolean [B,S]=({x_kv.shape[0]}, {s}) array (True = valid "
+                    f"key), got {getattr(kv_mask, 'dtype', type(kv_mask).__name__)} "
+                    f"{getattr(kv_mask, 'shape', '')}"
+                )
+            mask = kv_mask[:, None, None, :]
         o_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH,
             k_BxSxKxH,
@@ -355,9 +413,9 @@ class StandardAttention(nn.Module):
             local_window_size=window,
         )
         if kv_mask is not None:
-            # A query with no valid key outputs zeros, as in the tensor kernels.
-            any_valid_B = jnp.any(kv_mask, axis=-1)
-            o_BxTxNxH = jnp.where(any_valid_B[:, None, None, None], o_BxTxNxH, 0)
+            # A query with no valid key it may see outputs zeros, as in the tensor kernels.
+            sees_BxT = _sees_a_valid_key(kv_mask, t, self.causal, w)
+            o_BxTxNxH = jnp.where(sees_BxT[:, :, None, None], o_BxTxNxH, 0)
         o_BxTxNxH = nn.Dropout(self.dropout_rate)(o_BxTxNxH, deterministic=deterministic)
         return nn.DenseGeneral(
             self.out_features or width,

@@ -342,7 +342,8 @@ class Block(nn.Module):
         )
         h_BxTxD = nn.LayerNorm(name="ln_attention")(x_BxTxD)
         if self.kind == "standard":
-            h_BxTxD = StandardAttention(window=o.window, **common)(
+            window = None if o.window is None else o.window[0]  # w1 (validate)
+            h_BxTxD = StandardAttention(window=window, **common)(
                 h_BxTxD, kv_mask=mask_BxT, deterministic=deterministic
             )
         else:

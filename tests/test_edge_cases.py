@@ -253,3 +253,18 @@ def test_non_finite_future_keys_higher_orders(order, impl):
         return tensorattn.higher_order_attention(q, keys, values, implementation=impl, causal=True)
 
     np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, keys, values)), want, atol=2e-5)
+
+
+def test_argument_types():
+    """numpy ints are window sizes; `causal` must be a bool; nested lists are not arrays;
+    higher_order_attention says it has no windows."""
+    q, k, v = (jnp.ones((1, 4, 1, 2)) * 0.1 for _ in range(3))
+    out = tensorattn.tensor_attention(q, k, k, v, v, window=(np.int64(2), 2))
+    ref = tensorattn.tensor_attention(q, k, k, v, v, window=(2, 2))
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        tensorattn.tensor_attention(q, k, k, v, v, causal="no")
+    with pytest.raises(ValueError, match="q must be an array"):
+        tensorattn.tensor_attention(np.asarray(q).tolist(), k, k, v, v)
+    with pytest.raises(ValueError, match="higher_order_attention takes no window"):
+        tensorattn.higher_order_attention(q, [k, k], [v, v], window=(2, 2))

@@ -119,10 +119,13 @@ def test_bound_entries():
 
 
 @pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 3)])
-def test_standard_attention_matches_oracle(causal, window):
+@pytest.mark.parametrize("invalid", [slice(5, None), slice(0, 3), slice(2, 5)])
+def test_standard_attention_matches_oracle(causal, window, invalid):
+    """Key padding at the end, at the start (causal: the first queries see no valid key and
+    output zeros) and in the middle (a window of 3 sees none of them at query 4)."""
     x = jax.random.normal(jax.random.key(9), (2, 7, 16))
     mask = np.ones((2, 7), bool)
-    mask[1, 5:] = False
+    mask[1, invalid] = False
     layer = StandardAttention(num_heads=4, num_kv_heads=2, causal=causal, window=window)
     params = jax.jit(layer.init)(jax.random.key(10), x)["params"]
     got = jax.jit(layer.apply, static_argnames="deterministic")({"params": params}, x, kv_mask=mask)
@@ -152,6 +155,41 @@ def test_invalid_fields_raise_at_construction(cls, field, value):
     kw = {"num_heads": 2, field: value}
     with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field} must be"):
         cls(**kw)
+
+
+@pytest.mark.parametrize(
+    "cls,kw,needle",
+    [
+        (StandardAttention, dict(causal=True, window=0), "window must be a positive int"),
+        (StandardAttention, dict(causal=True, window=-1), "window must be"),
+        (StandardAttention, dict(causal=True, window=2.5), "window must be"),
+        (StandardAttention, dict(causal=True, window=(2, 3)), "window must be"),
+        (StandardAttention, dict(window=2), "window requires causal=True"),
+        (StandardAttention, dict(causal="no"), "causal must be a bool"),
+        (TensorAttention, dict(window=(0, 2)), "window must be a pair"),
+        (TensorAttention, dict(window=2), "window must be a pair"),
+        (TensorAttention, dict(causal=1), "causal must be a bool"),
+        (TensorAttention, dict(learn_scale=True, kernel_config=PolynomialConfig(bound=1.0)),
+         "array scale"),
+        (TensorAttention, dict(learn_scale=True, kernel_config=PolynomialConfig(fused=True)),
+         "array scale"),
+    ],
+)  # fmt: skip
+def test_invalid_windows_and_scales_raise_at_construction(cls, kw, needle):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PolynomialAccuracyWarning)
+        with pytest.raises(ValueError, match=needle):
+            cls(num_heads=2, **kw)
+    StandardAttention(num_heads=2, causal=True, window=(np.int64(3), 3))  # numpy ints are ints
+
+
+def test_standard_attention_refuses_causal_cross_lengths_and_int_masks():
+    layer = StandardAttention(num_heads=2, causal=True)
+    x, y = jnp.zeros((1, 4, 8)), jnp.zeros((1, 6, 8))
+    with pytest.raises(ValueError, match="causal needs equal lengths"):
+        layer.init(jax.random.key(0), x, y)
+    with pytest.raises(ValueError, match="kv_mask must be a boolean"):
+        layer.init(jax.random.key(0), x, kv_mask=jnp.ones((1, 4), jnp.int32))
 
 
 def test_polynomial_layer_without_entry_bound_warns_at_construction():

@@ -233,8 +233,13 @@ def higher_order_attention(
     `keys[j] [B,S_j,K,H]`, `values[j] [B,S_j,K,Hv]`, `key_masks[j] [B,S_j]` or None.
     Order 2 is ordinary softmax attention. `implementation`, `config`, `options`, masks,
     `scale`, `causal` and the edge cases (empty inputs, non-finite keys or values) behave as
-    in `tensor_attention`.
+    in `tensor_attention`; sliding windows are `tensor_attention`'s (order 3) only.
     """
+    if "window" in options:
+        raise ValueError(
+            "higher_order_attention takes no window (causal and key_masks only); sliding "
+            "windows are tensor_attention's (order 3)"
+        )
     implementation, config = resolve(implementation, config, options)
     keys, values = tuple(keys), tuple(values)
     q, spec = spine.prepare_tuples(q, keys, values, causal=causal, key_masks=key_masks, scale=scale)

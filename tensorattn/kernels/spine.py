@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -221,6 +222,11 @@ def validate(
         raise ValueError(f"got {len(keys)} key sets but {len(values)} value sets")
     if not 1 <= len(keys) <= 3:
         raise ValueError(f"order must be 2, 3 or 4 (1-3 key sets), got {len(keys)} key sets")
+    for name, x in [("q", q), *zip(key_names, keys), *zip(value_names, values)]:
+        if not _is_array(x):
+            raise ValueError(f"{name} must be an array (jax or numpy), got {type(x).__name__}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
     if len(_shape(q)) != 4:
         raise ValueError(f"q must have rank 4 [B,T,N,H], got shape {_shape(q)}")
     b, t, n, h = _shape(q)
@@ -270,8 +276,11 @@ def validate(
         if len(windows) != len(keys):
             raise ValueError(f"window must have {len(keys)} entries, got {tuple(windows)}")
         for w in windows:
-            if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            if w is not None and (
+                not isinstance(w, numbers.Integral) or isinstance(w, bool) or w < 1
+            ):
                 raise ValueError(f"window sizes must be positive ints, got window={tuple(windows)}")
+        windows = tuple(None if w is None else int(w) for w in windows)
         causal_needed = True
     else:
         windows = (None,) * len(keys)
