@@ -656,8 +656,8 @@ class _Signals:
 
 
 class _Pending:
-    """Per-step train metrics since the last log. `check` (at evals and saves too) looks for
-    NaN/inf without consuming them; only `take_means` (a log) does."""
+    """Per-step train metrics since the last train record. `check` (at evals) looks for
+    NaN/inf without consuming them; `take_means` (a log or a checkpoint save) does."""
 
     def __init__(self):
         self.items: list[tuple[int, dict]] = []
@@ -748,7 +748,10 @@ class _Run:
         return {"step": step, **metrics}
 
     def save(self, step: int) -> None:
-        self.pending.check(self.stopping())
+        """Writes the pending steps' train mean (so a resume from this step loses none), then
+        the checkpoint."""
+        if self.pending.items:
+            self.log(step)
         if not checkpoints_lib.all_finite(self.state):
             raise NonFiniteLossError(
                 f"parameters or optimizer state became NaN/inf by step {step}; nothing saved, "
@@ -758,10 +761,8 @@ class _Run:
         self.last_good = step
 
     def interrupt(self, step: int, received: str) -> None:
-        """Logs the pending metrics, saves `step` (unless just saved) and raises
+        """Saves `step` with its pending metrics (unless just saved) and raises
         TrainingInterrupted."""
-        if self.pending.items:
-            self.log(step)
         if self.last_good != step:
             self.save(step)
         raise TrainingInterrupted(

@@ -239,7 +239,8 @@ def test_structure_mismatch_is_never_treated_as_corruption(finished, tmp_path):
 
 
 def test_each_logged_mean_covers_the_steps_since_the_previous_log(tmp_path, monkeypatch):
-    """log_every=7 does not divide checkpoint_every=10: the save at 10 drops nothing."""
+    """log_every=7 does not divide checkpoint_every=10: the save at 10 writes the mean of
+    steps 8-10 (a resume from it loses none), the log at 14 that of 11-14."""
     real, losses = training.make_train_step, {}
 
     def recording(seed):
@@ -255,8 +256,8 @@ def test_each_logged_mean_covers_the_steps_since_the_previous_log(tmp_path, monk
     monkeypatch.setattr(training, "make_train_step", recording)
     training.train_and_evaluate(smoke_config(train__log_every=7), str(tmp_path))
     logged = {r["step"]: r["train/loss"] for r in records(str(tmp_path)) if "train/loss" in r}
-    assert sorted(logged) == [7, 14, 20]
-    for step, first in ((7, 1), (14, 8), (20, 15)):
+    assert sorted(logged) == [7, 10, 14, 20]
+    for step, first in ((7, 1), (10, 8), (14, 11), (20, 15)):
         expected = sum(losses[s] for s in range(first, step + 1)) / (step - first + 1)
         assert logged[step] == pytest.approx(expected, rel=1e-6)
 
