@@ -36,6 +36,12 @@ def seen(flag, causal: bool, window: int | None):
     return c > 0
 
 
+def seen_by(flag, window: int | None):
+    """`flag [B, T, ...]` (bool, per query row) -> `[B, T, ...]`: whether a causal (window)
+    query row with the flag may see key `a` (a row `i` with `a <= i < a + w`)."""
+    return seen(flag[:, ::-1], True, window)[:, ::-1]
+
+
 def chunked(x, chunk: int):
     """`[S, ...]` -> `[ceil(S / chunk), chunk, ...]`, zero padded."""
     s = x.shape[0]

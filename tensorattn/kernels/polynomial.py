@@ -814,8 +814,11 @@ def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
             ok_total.reshape(-1, ch),
         )
         dk_tail, dv_tail = jax.lax.map(tail_step, tail)
-        dks.append(_finite((dk + dk_tail.reshape(padded, h))[:t]))
-        dvs.append(_finite((dv + dv_tail.reshape(padded, hv))[:t]))
+        # Keys seen by no row with an output get nothing: not `φ(k_a)` times the rounding
+        # of a difference of prefix sums (huge when the key's features are).
+        live = causal_scan.seen_by(jnp.any(inv_den > 0, axis=1)[None], w)[0, :, None]
+        dks.append(jnp.where(live, _finite((dk + dk_tail.reshape(padded, h))[:t]), 0.0))
+        dvs.append(jnp.where(live, _finite((dv + dv_tail.reshape(padded, hv))[:t]), 0.0))
     return dq, tuple(dks), tuple(dvs)
 
 

@@ -124,7 +124,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tensorattn.kernels import features, pallas, spine
+from tensorattn.kernels import causal_scan, features, pallas, spine
 from tensorattn.kernels import polynomial as xla_polynomial
 from tensorattn.kernels.configs import PolynomialConfig
 from tensorattn.kernels.spine import AttentionSpec, Unsupported
@@ -988,6 +988,10 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
     xs = (q_t, d_t, inv_t, ks[0], vs[0], ks[1], vs[1])
     st, (dq, dk1, dk2, dv1, dv2) = lax.scan(segment, jnp.zeros(state.shape, _F32), xs)
     tail_cfg = dataclasses.replace(cfg, bk=min(cfg.bk, seg))
+    # Keys seen by no row with an output get nothing: not `φ(k_a)` times the rounding of a
+    # difference of prefix sums (huge when the key's features are).
+    rows_live = jnp.any((inv[..., 0] > 0).reshape(b, cfg.t, cfg.kv_heads, cfg.group), axis=-1)
+    live = causal_scan.seen_by(rows_live, None)[..., None]  # [B, S, K, 1]
     dks, dvs = [], []
     for j, (k, v, key, dk, dv) in enumerate(zip(ks, vs, keys, (dk1, dk2), (dv1, dv2))):
 
@@ -997,8 +1001,10 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
             return None, (dk + dk_t[..., : cfg.dim], dv + dv_t[..., : cfg.hv])
 
         _, (dk, dv) = lax.scan(tail, None, (k, v, dk, dv))
-        dks.append(_finite(_keys_merge(dk, key.shape[1], cfg.kv_heads, cfg.dim), key.dtype))
-        dvs.append(_finite(_keys_merge(dv, key.shape[1], cfg.kv_heads, cfg.hv), key.dtype))
+        dk = _keys_merge(dk, key.shape[1], cfg.kv_heads, cfg.dim)
+        dv = _keys_merge(dv, key.shape[1], cfg.kv_heads, cfg.hv)
+        dks.append(_finite(jnp.where(live, dk, 0.0), key.dtype))
+        dvs.append(_finite(jnp.where(live, dv, 0.0), key.dtype))
     dq = _finite(_rows_merge(cfg, dq, b), q.dtype)
     return dq, tuple(dks), tuple(dvs)
 
