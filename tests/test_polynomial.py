@@ -347,6 +347,111 @@ def test_far_out_of_range_is_finite_and_reported():
         assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
+def _overflow_case(causal, seed=30):
+    """Entries in [-1, 1] except: query row 4 at 1e6 (its features would overflow) and, causal,
+    key 3 of both sets at 1e4 (the prefix sums overflow from row 3 on). Returns the inputs,
+    the rows that output zeros and a cotangent."""
+    q, keys, values = _inputs(seed, b=1, t=6, s=(6, 6), n=1, h=2, hv=2)
+    q[0, 4] = 1e6
+    zero = np.zeros(6, bool)
+    zero[4] = True
+    if causal:
+        for k in keys:
+            k[0, 3] = 1e4
+        zero[3:] = True
+    d_out = np.random.default_rng(seed).normal(size=(1, 6, 1, 2))
+    return q, keys, values, zero, d_out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gradient", ["autodiff", "closed_form"])
+def test_overflowed_rows_give_zeros_and_the_rest_the_oracle(causal, gradient):
+    """Rows whose features or sums overflow output zeros and contribute zero gradients; the
+    other rows and every gradient match the oracle's (with a zero cotangent on those rows)."""
+    q, keys, values, zero, d_out = _overflow_case(causal)
+    kw = dict(degree=8, scale=1 / 2, causal=causal, gradient=gradient, on_uncertified="ignore")
+    out = np.asarray(_poly(q, keys, values, **kw))
+    ref = oracle.attention(q, keys, values, scale=1 / 2, causal=causal)
+    np.testing.assert_array_equal(out[0, zero], 0.0)
+    np.testing.assert_allclose(out[0, ~zero], ref[0, ~zero], atol=1e-5)
+    d_out[0, zero] = 0.0  # the oracle's gradient without the zeroed rows
+    got = jax.tree_util.tree_leaves(_grads(q, keys, values, {}, d_out.astype(np.float32), **kw))
+    dq, dks, dvs = oracle.attention_grads(q, keys, values, d_out, scale=1 / 2, causal=causal)
+    for g, o in zip(got, [dq, *dks, *dvs]):
+        np.testing.assert_allclose(np.asarray(g), o, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bound,degree,gradient",
+    [
+        (30.0, 12, "autodiff"),
+        (1e4, 8, "closed_form"),
+        (1e4, 12, "autodiff"),
+        (1e6, 20, "closed_form"),
+    ],
+)
+def test_gradients_finite_when_every_row_overflows(bound, degree, gradient):
+    """The audit's cases (scores far out of range, sums overflowing): finite outputs and
+    gradients, not NaN."""
+    rng = np.random.default_rng(3)
+    q, k1, k2 = (bound * rng.normal(size=(1, 3, 1, 2)).astype(np.float32) for _ in range(3))
+    v1, v2 = (rng.normal(size=(1, 3, 1, 2)).astype(np.float32) for _ in range(2))
+    kw = dict(implementation="polynomial", degree=degree, on_uncertified="ignore")
+
+    def loss(*args):
+        return tensor_attention(*args, gradient=gradient, **kw).sum()
+
+    assert np.all(np.isfinite(np.asarray(tensor_attention(q, k1, k2, v1, v2, **kw))))
+    grads = jax.jit(jax.grad(loss, argnums=range(5)))(q, k1, k2, v1, v2)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+def test_nan_query_gives_nan_rows_like_the_exact_kernels():
+    """A NaN/inf query entry: its row is NaN (rows with no allowed pair stay zero), the other
+    rows and their gradients are unchanged, and the check names the inputs, not the degree."""
+    q, keys, values = _inputs(31, b=2, t=5, s=(5, 5), n=2, h=2, hv=2)
+    q[0, 2, 1, 0] = np.nan
+    q[1, 3, 0, 1] = np.inf
+    q[1, 0, 0, 0] = np.nan  # batch row 1, position 0: no allowed pair (first key masked)
+    masks = [np.array([[True] * 5, [False] + [True] * 4]), None]
+    kw = dict(causal=True, scale=1 / 2, key_masks=masks)
+    exact = np.asarray(higher_order_attention(q, keys, values, implementation="reference", **kw))
+    with pytest.warns(PolynomialAccuracyWarning, match="NaN or inf") as record:
+        out = np.asarray(_poly(q, keys, values, degree=8, **kw))
+    assert not any("too large" in str(w.message) for w in record)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(exact))
+    assert np.isnan(out).any() and out[1, 0, 0].tolist() == [0.0, 0.0]
+    clean = ~np.isnan(exact)
+    np.testing.assert_allclose(out[clean], exact[clean], atol=1e-5)
+
+    def loss(q):
+        out = _call(q, keys, values, {}, degree=8, on_uncertified="ignore", **kw)
+        return jnp.sum(jnp.where(jnp.isnan(out), 0.0, out))
+
+    q_clean = np.where(np.isfinite(q), q, 0.0)
+    dq = np.asarray(jax.jit(jax.grad(loss))(q))
+    bad = ~np.all(np.isfinite(q), -1)
+    assert np.all(np.isfinite(dq)) and np.all(dq[bad] == 0)
+    dq_clean = np.asarray(jax.jit(jax.grad(loss))(q_clean))
+    np.testing.assert_allclose(dq[~bad], dq_clean[~bad], atol=1e-6)
+    cert = tensorattn.polynomial_certificate(q, *keys, *values, degree=8)
+    assert np.isnan(cert.score_bound) and not cert.certified and "NaN/inf" in str(cert)
+
+
+def test_polynomial_certificate_takes_the_calls_options_and_refuses_tracers():
+    q, keys, values = _inputs(32, t=6, s=(6, 6))
+    args = (q, *keys, *values)
+    plain = tensorattn.polynomial_certificate(*args, degree=4, scale=1 / 8)
+    same = tensorattn.polynomial_certificate(
+        *args, implementation="polynomial", degree=4, scale=1 / 8
+    )
+    assert same == plain
+    with pytest.raises(ValueError, match="implementation='blocked'"):
+        tensorattn.polynomial_certificate(*args, implementation="blocked", degree=4)
+    with pytest.raises(ValueError, match="concrete arrays.*outside jax.jit"):
+        jax.jit(lambda *a: tensorattn.polynomial_certificate(*a, degree=4).score_bound)(*args)
+
+
 def test_tolerance_picks_degree():
     q, keys, values = _inputs(8, t=16, s=(16, 16))
     R = 1 / 8 * 8 * 1.0**3

@@ -177,6 +177,63 @@ def test_gradient(causal, y_group, small_segments, monkeypatch):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6)
 
 
+def test_output_and_gradients_in_the_inputs_dtypes():
+    """q bfloat16, keys and values float32: the output is bfloat16 (q's dtype, as every
+    kernel), each gradient in its input's dtype."""
+    q, keys, values, masks = _inputs(6, t=5, s=(5, 5), n=2, kv=1, h=2, hv=2)
+    q = q.astype(jnp.bfloat16)
+    out = _fused(q, keys, values, masks, False, degree=4)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(_xla(q, keys, values, masks, False, 4)), atol=4e-3
+    )
+
+    def loss(q, keys, values):
+        return jnp.sum(_fused(q, keys, values, masks, False, degree=4).astype(jnp.float32))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, keys, values)
+    assert [g.dtype for g in jax.tree.leaves(grads)] == [jnp.bfloat16] + [jnp.float32] * 4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_overflowed_rows_give_zeros_and_finite_gradients(causal):
+    """Query row 4 at 1e6 (features would overflow) and, causal, key 3 of both sets at 1e4
+    (prefix sums overflow from row 3 on): those rows output zeros and contribute zero
+    gradients; the rest match the oracle. Non-causal with every key sum overflowing (keys at
+    1e4): zeros and finite (zero) gradients."""
+    q, keys, values, _ = _inputs(7, t=6, s=(6, 6), n=1, kv=1, h=2, hv=2)
+    masks = [np.ones((1, 6), bool)] * 2
+    q = q.at[0, 4].set(1e6)
+    zero = np.zeros(6, bool)
+    zero[4] = True
+    if causal:
+        keys = [k.at[0, 3].set(1e4) for k in keys]
+        zero[3:] = True
+    d_out = np.random.default_rng(8).normal(size=(1, 6, 1, 2))
+    d_out[0, zero] = 0.0  # the oracle's gradient without the zeroed rows
+
+    def loss(q, keys, values):
+        out = _fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest")
+        return jnp.sum(out * d_out.astype(np.float32))
+
+    out = np.asarray(_fused(q, keys, values, masks, causal, degree=DEGREE, precision="highest"))
+    np.testing.assert_array_equal(out[0, zero], 0.0)
+    ref = _oracle(q, keys, values, masks, causal)
+    np.testing.assert_allclose(out[0, ~zero], ref[0, ~zero], atol=_tolerance())
+    got = jax.tree.leaves(jax.grad(loss, argnums=(0, 1, 2))(q, keys, values))
+    f64 = [np.asarray(x, np.float64) for x in (q, *keys, *values)]
+    dq, dks, dvs = oracle.attention_grads(
+        f64[0], f64[1:3], f64[3:5], d_out, scale=1 / 2, causal=causal, masks=masks
+    )
+    for g, o in zip(got, [dq, *dks, *dvs]):
+        np.testing.assert_allclose(np.asarray(g), o, atol=1e-4)
+    if not causal:
+        keys = [k * 1e4 for k in keys]
+        assert np.all(np.asarray(_fused(q, keys, values, masks, False, degree=DEGREE)) == 0)
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, keys, values)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
 def test_rejects_unsupported_calls_and_options():
     q, keys, values, _ = _inputs(7, s=(11, 11))
     config = tensorattn.PolynomialConfig(fused=True, on_uncertified="ignore")

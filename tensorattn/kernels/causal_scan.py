@@ -23,6 +23,25 @@ def shift(x, s: int):
     return jax.lax.slice_in_dim(x, start, start + n, axis=0)
 
 
+def seen(flag, causal: bool, window: int | None):
+    """`flag [B, S, ...]` (bool) -> whether each query row may see a flagged position:
+    `[B, 1, ...]` without causal mask (any over S), else `[B, T, ...]` over `a <= i` (and
+    `a > i - w` with a window; `S = T`). Prefix sums, `O(B·S)`."""
+    if not causal:
+        return jnp.any(flag, axis=1, keepdims=True)
+    c = jnp.cumsum(flag.astype(jnp.int32), axis=1)
+    if window is not None:
+        pad = ((0, 0), (window, 0)) + ((0, 0),) * (c.ndim - 2)
+        c = c - jnp.pad(c, pad)[:, : c.shape[1]]
+    return c > 0
+
+
+def seen_by(flag, window: int | None):
+    """`flag [B, T, ...]` (bool, per query row) -> `[B, T, ...]`: whether a causal (window)
+    query row with the flag may see key `a` (a row `i` with `a <= i < a + w`)."""
+    return seen(flag[:, ::-1], True, window)[:, ::-1]
+
+
 def chunked(x, chunk: int):
     """`[S, ...]` -> `[ceil(S / chunk), chunk, ...]`, zero padded."""
     s = x.shape[0]

@@ -247,8 +247,9 @@ class Certificate:
             x = np.asarray(x)
             return f"{float(x):.2g}" if x.ndim == 0 else f"max {float(np.max(x)):.2g}"
 
+        nan = " (the inputs hold NaN/inf)" if np.any(np.isnan(self.score_bound)) else ""
         return (
-            f"score bound R={fmt(self.score_bound)}, {self.polynomial} degree {self.degree}: "
+            f"score bound R={fmt(self.score_bound)}{nan}, {self.polynomial} degree {self.degree}: "
             f"relative error <= {fmt(self.relative_error)} "
             f"({'within' if self.certified else 'above'} tolerance {self.tolerance:g}), "
             f"max|output error| <= {fmt(self.certified_error)}"
@@ -256,9 +257,10 @@ class Certificate:
 
 
 def _data_stats(q, keys, values, masks, scale: float, per_batch: bool):
-    """`(R, lo, hi)`: the score bound over valid keys and, per value set, the min and max of
-    each value column over valid keys (`[m, Hv]`, or `[m, B, Hv]` with `per_batch`). Costs
-    one pass of max/sum reductions over the inputs."""
+    """`(R, lo, hi)`: the score bound over valid keys (NaN where q or a valid key or value
+    holds NaN/inf) and, per value set, the min and max of each value column over valid keys
+    (`[m, Hv]`, or `[m, B, Hv]` with `per_batch`). Costs one pass of reductions over the
+    inputs."""
     axes = (1, 2) if per_batch else (0, 1, 2)
     ct = _compute_dtype(jnp.result_type(q))
 
@@ -269,6 +271,10 @@ def _data_stats(q, keys, values, masks, scale: float, per_batch: bool):
     masks = (None,) * len(keys) if masks is None else masks
     keys = [valid(k, m, 0) for k, m in zip(keys, masks)]
     R = score_bound(jnp.asarray(q, ct), *keys, scale=scale, per_batch=per_batch)
+    finite = [jnp.isfinite(jnp.asarray(q, ct))] + [jnp.isfinite(k) for k in keys]
+    finite += [jnp.isfinite(valid(v, m, 0)) for v, m in zip(values, masks)]
+    finite = [jnp.all(x, axis=tuple(range(int(per_batch), x.ndim))) for x in finite]
+    R = jnp.where(math.prod(finite), R, jnp.nan)
     lo = [jnp.min(valid(v, m, jnp.inf), axes, initial=jnp.inf) for v, m in zip(values, masks)]
     hi = [jnp.max(valid(v, m, -jnp.inf), axes, initial=-jnp.inf) for v, m in zip(values, masks)]
     return R, jnp.stack(lo), jnp.stack(hi)
@@ -334,14 +340,28 @@ def certificate(
     config: PolynomialConfig | None = None,
     causal: bool = False,
     window=None,
+    implementation: str | None = "polynomial",
     **options,
 ) -> Certificate:
     """The `Certificate` of `higher_order_attention(q, keys, values,
     implementation="polynomial", ...)` with the same config (or `PolynomialConfig` fields as
     keyword `options`), computed from these inputs (concrete arrays; under `jit` the call
-    itself checks and warns). The bound holds for every key tuple, so causal and window masks
-    (accepted, ignored) only make it looser. `scale` may be an array, as in the call."""
+    itself checks and warns: here ValueError). The bound holds for every key tuple, so causal
+    and window masks (accepted, ignored) only make it looser. `scale` may be an array, as in
+    the call; `implementation` is accepted as in the call (only "polynomial")."""
     del causal, window
+    if implementation not in (None, "polynomial"):
+        raise ValueError(
+            "the certificate is the polynomial method's (implementation='polynomial'), got "
+            f"implementation={implementation!r}: the exact kernels need none"
+        )
+    leaves = jax.tree_util.tree_leaves((q, keys, values, key_masks, scale))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        raise ValueError(
+            "polynomial_certificate needs concrete arrays: call it outside jax.jit (and "
+            "grad/vmap); under jit the attention call checks its own certificate "
+            "(on_uncertified=)"
+        )
     cfg = _config(config, options)
     keys, values = tuple(keys), tuple(values)
     m = len(keys)
@@ -428,6 +448,18 @@ def _report(check: _Check, R, lo, hi, stacklevel: int = 2):
         tolerance=check.tolerance,
     )
     if cert.certified:
+        return
+    if np.isnan(cert.score_bound):
+        msg = (
+            "polynomial attention is not certified on these inputs: q, a key or a value holds "
+            "NaN or inf at a valid position (score bound R=nan), so no error bound holds; the "
+            "query rows it reaches are NaN, as with the exact kernels. Cause: non-finite "
+            "inputs, not the degree. on_uncertified='ignore' silences this check, 'error' "
+            "raises."
+        )
+        if check.mode == "error":
+            raise PolynomialAccuracyError(msg)
+        warnings.warn(msg, PolynomialAccuracyWarning, stacklevel=stacklevel)
         return
     r_max = _certified_range(check)
     dtype = jnp.dtype(check.out_dtype).name
@@ -557,21 +589,36 @@ def _key_sums(cfg: _Config, k, v, ok, with_keys: bool):
 def _normalise(y, count):
     """`y [.., Hv+1]` (numerator, denominator) -> output and `1/den` (0 for empty rows)."""
     den = y[..., -1]
-    # A denominator that is not positive (p < 0 somewhere) or sums that overflowed (scores far
-    # outside the polynomial's range) give a zero row instead of NaN/inf; the accuracy check
-    # reports such inputs (their certified error is inf).
-    ok = (count > 0.5) & (den > 0) & jnp.isfinite(den) & jnp.all(jnp.isfinite(y), axis=-1)
+    # A denominator that is not positive (p < 0 somewhere; or below the smallest normal: 1/den
+    # would overflow) or sums that overflowed (scores far outside the polynomial's range) give
+    # a zero row instead of NaN/inf; the accuracy check reports such inputs (their certified
+    # error is inf). `where` on both sides: the zeroed rows get zero (not NaN) gradients.
+    tiny = jnp.finfo(y.dtype).tiny
+    ok = (count > 0.5) & (den >= tiny) & jnp.all(jnp.isfinite(y), axis=-1)
     inv_den = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
     return jnp.where(ok[..., None], y[..., :-1], 0.0) * inv_den[..., None], inv_den
 
 
+def _guard_sums(sums, axes):
+    """Sums that overflowed -> 0 (with `where`, so their gradients are zero rather than NaN);
+    `fine` (over the leading axes) says which were kept. `sums` are the factors of one product:
+    it is finite iff every factor is and it does not overflow."""
+    fine = jnp.all(jnp.isfinite(math.prod(sums)), axis=axes)
+    shape = fine.shape + (1,) * (sums[0].ndim - fine.ndim)
+    return [jnp.where(fine.reshape(shape), x, 0.0) for x in sums], fine
+
+
+def _finite(x):
+    """Gradient entries that overflowed -> 0 (the inputs are finite: `_guard_inputs`)."""
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
 def _forward_global(cfg: _Config, q, keys, values, valid):
     """No causal mask: every query row sees the same key sums. `q [T,G,H]`."""
-    prod = None
-    for k, v, ok in zip(keys, values, valid):
-        m = _key_sums(cfg, k, v, ok, with_keys=False)
-        prod = m if prod is None else prod * m
-    count = math.prod(jnp.sum(ok.astype(q.dtype)) for ok in valid)
+    sums = [_key_sums(cfg, k, v, ok, with_keys=False) for k, v, ok in zip(keys, values, valid)]
+    sums, fine = _guard_sums(sums, None)  # overflowed: every row zero
+    prod = math.prod(sums)
+    count = math.prod(jnp.sum(ok.astype(q.dtype)) for ok in valid) * fine
     weights = cfg.query_weights()
 
     @jax.checkpoint
@@ -603,6 +650,7 @@ def _forward_causal(cfg: _Config, q, keys, values, valid):
             s, c = ks.row_sums(c, x, feats)
             sums.append(s)  # [C, r, Hv+1]
             new_carry.append(c)
+        sums, _ = _guard_sums(sums, (1, 2))  # rows whose sums overflowed: zero (count 0)
         count = math.prod(s[:, 0, -1] for s in sums)  # the constant monomial counts keys
         y = _ein("cgr,crx->cgx", features.features(qc, cfg.mono, weights), math.prod(sums))
         return tuple(new_carry), (y, count)
@@ -630,6 +678,7 @@ def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
     t, g, h = q.shape
     r, ch = cfg.mono.rank, cfg.bwd_chunk
     n_full = [_key_sums(cfg, k, v, ok, with_keys=True) for k, v, ok in zip(keys, values, valid)]
+    n_full, _ = _guard_sums(n_full, None)  # overflowed: no contribution (zero gradients)
     x, y = n_full[0].shape[1:]
     pn = math.prod(n_full).reshape(r, x * y)
     delta = jnp.sum(d_out * out, -1, keepdims=True)
@@ -642,7 +691,7 @@ def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
         phi = features.features(qc, cfg.mono, weights) * ic[..., None]  # [C, G, r]
         tmp = _dot(phi, pn, (2, 0)).reshape(ch, g, x, y)
         dq = cfg.scale * _ein("cgx,cgxy->cgy", dc, tmp[..., :h])
-        dq = jnp.where(ic[..., None] > 0, dq, 0.0)  # zero rows (overflowed sums: inf * 0)
+        dq = jnp.where((ic[..., None] > 0) & jnp.isfinite(dq), dq, 0.0)  # zero, overflowed rows
         rhs = (dc[..., :, None] * _augment(qc)[..., None, :]).reshape(ch * g, x * y)
         return rq + _dot(phi.reshape(ch * g, r), rhs, (0, 0)), dq
 
@@ -661,8 +710,8 @@ def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
             return _to_grads(_dot(f, yj, (1, 0)).reshape(-1, x, y), _augment(vc), cfg.scale, h)
 
         dk, dv = jax.lax.map(k_step, tuple(causal_scan.chunked(a, ch) for a in (k, v, ok)))
-        dks.append(dk.reshape(-1, h)[: k.shape[0]])
-        dvs.append(dv.reshape(-1, v.shape[-1])[: k.shape[0]])
+        dks.append(_finite(dk.reshape(-1, h)[: k.shape[0]]))
+        dvs.append(_finite(dv.reshape(-1, v.shape[-1])[: k.shape[0]]))
     return dq, tuple(dks), tuple(dvs)
 
 
@@ -712,10 +761,11 @@ def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
             n, c = ks.row_sums(c, kx, feats)
             n_rows.append(n.reshape(ch, r, x * y))
             new_sets.append(c)
+        n_rows, _ = _guard_sums(n_rows, (1, 2))  # rows whose sums overflowed: no contribution
         phi = features.features(qc, cfg.mono, weights) * ic[..., None]  # [C, G, r]
         tmp = _ein("cgr,crz->cgz", phi, math.prod(n_rows)).reshape(ch, g, x, y)
         dq = cfg.scale * _ein("cgx,cgxy->cgy", dc, tmp[..., :h])
-        dq = jnp.where(ic[..., None] > 0, dq, 0.0)
+        dq = jnp.where((ic[..., None] > 0) & jnp.isfinite(dq), dq, 0.0)
         rhs = (dc[..., :, None] * _augment(qc)[..., None, :]).reshape(ch, g, x * y)
         row = _ein("cgr,cgz->crz", phi, rhs)
         new_pw, ys = [], []
@@ -764,8 +814,11 @@ def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
             ok_total.reshape(-1, ch),
         )
         dk_tail, dv_tail = jax.lax.map(tail_step, tail)
-        dks.append((dk + dk_tail.reshape(padded, h))[:t])
-        dvs.append((dv + dv_tail.reshape(padded, hv))[:t])
+        # Keys seen by no row with an output get nothing: not `φ(k_a)` times the rounding
+        # of a difference of prefix sums (huge when the key's features are).
+        live = causal_scan.seen_by(jnp.any(inv_den > 0, axis=1)[None], w)[0, :, None]
+        dks.append(jnp.where(live, _finite((dk + dk_tail.reshape(padded, h))[:t]), 0.0))
+        dvs.append(jnp.where(live, _finite((dv + dv_tail.reshape(padded, hv))[:t]), 0.0))
     return dq, tuple(dks), tuple(dvs)
 
 
@@ -839,6 +892,47 @@ def _closed_form_bwd(cfg: _Config, res, d_out):
 
 
 _closed_form.defvjp(_closed_form_fwd, _closed_form_bwd)
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_limits(dim: int, coeffs: tuple, scale: float, dtype) -> tuple[float, float]:
+    """`(query, key)`: the largest `max|x|` of a row whose monomial features (the query's
+    times their weights) stay below a quarter of `dtype`'s largest value (no overflow)."""
+    mono = features.monomials(dim, len(coeffs) - 1)
+    top = float(jnp.finfo(dtype).max) / 4
+    w = np.abs(features.feature_weights(mono, coeffs, scale))
+    deg = mono.degrees()
+    lq = lk = math.inf
+    for t in range(1, mono.degree + 1):
+        lk = min(lk, top ** (1 / t))
+        lq = min(lq, (top / max(1.0, float(np.max(w[deg == t])))) ** (1 / t))
+    return lq, lk
+
+
+def _guard_inputs(q, keys, valid, spec: AttentionSpec, limits, ct):
+    """Finite inputs for the kernels and the query rows to overwrite: `(q, keys, zero, nan)`
+    (`[B, T, N]` masks).
+
+    A non-finite entry of q becomes 0 and its row NaN where it has an allowed tuple, as with
+    the exact kernels (keys and values arrive with theirs handled: `api._sanitize`). A row of
+    q or a key whose features would overflow (`max|x|` above `_feature_limits`) becomes 0 and
+    the query rows it reaches output zeros, as rows whose sums overflow; with finite features
+    the kernels' gradients stay finite. Ordinary inputs pass unchanged."""
+    lq, lk = limits
+    finite = jnp.isfinite(q)
+    nan = ~jnp.all(finite, axis=-1)
+    q = jnp.where(finite, q, jnp.zeros((), q.dtype))
+    q_big = jnp.max(jnp.abs(q.astype(ct)), axis=-1) > lq
+    q = jnp.where(q_big[..., None], jnp.zeros((), q.dtype), q)
+    guarded, big, has_pair = [], False, True
+    for k, ok, w in zip(keys, valid, spec.windows):
+        k_big = jnp.max(jnp.abs(k.astype(ct)), axis=-1) > lk  # [B, S, K]
+        guarded.append(jnp.where(k_big[..., None], jnp.zeros((), k.dtype), k))
+        big = big | causal_scan.seen(k_big & ok[:, :, None], spec.causal, w)  # [B, T|1, K]
+        has_pair = has_pair & causal_scan.seen(ok, spec.causal, w)  # [B, T|1]
+    group = q.shape[2] // keys[0].shape[2]
+    zero = q_big | jnp.repeat(big, group, axis=2)
+    return q, tuple(guarded), zero, nan & has_pair[..., None]
 
 
 def _pow2_chunk(per_row: int, t: int, budget: int = 1 << 21) -> int:
@@ -934,12 +1028,17 @@ def attention(q, keys, values, spec: AttentionSpec, config: PolynomialConfig | N
     if config.on_uncertified != "ignore":
         check = _Check(coeffs, polynomial, ct, dtype, tol, config.on_uncertified)
         _verify(check, q, keys, values, spec)
+    valid = spec.valid(q.shape[0], lengths)
+    limits = _feature_limits(h, coeffs, float(spec.scale), ct)
+    q, keys, zero, nan = _guard_inputs(q, tuple(keys), valid, spec, limits, ct)
     if config.fused:
         from tensorattn.kernels import polynomial_fused  # it imports this module
 
-        return polynomial_fused.attention(
+        out = polynomial_fused.attention(
             q, keys, values, spec, config, degree=degree, score_range=R
         )
-    valid = spec.valid(q.shape[0], lengths)
-    fn = _closed_form if config.gradient == "closed_form" else _autodiff
-    return fn(cfg, q, tuple(keys), tuple(values), valid)
+    else:
+        fn = _closed_form if config.gradient == "closed_form" else _autodiff
+        out = fn(cfg, q, keys, tuple(values), valid)
+    out = jnp.where(zero[..., None], jnp.zeros((), out.dtype), out)
+    return jnp.where(nan[..., None], jnp.array(jnp.nan, out.dtype), out)

@@ -124,7 +124,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tensorattn.kernels import features, pallas, spine
+from tensorattn.kernels import causal_scan, features, pallas, spine
 from tensorattn.kernels import polynomial as xla_polynomial
 from tensorattn.kernels.configs import PolynomialConfig
 from tensorattn.kernels.spine import AttentionSpec, Unsupported
@@ -338,7 +338,7 @@ def _normalise(y, hv: int):
     den = jnp.sum(jnp.where(col == hv, y, 0.0), axis=1, keepdims=True)
     finite = jnp.abs(y) <= jnp.finfo(_F32).max
     bad = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1, keepdims=True)
-    ok = (den > 0) & (bad == 0)
+    ok = (den >= jnp.finfo(_F32).tiny) & (bad == 0)
     inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
     return jnp.where(ok, y, 0.0) * inv, inv
 
@@ -614,7 +614,7 @@ def _forward(cfg: _Config, sel, w, q, keys, values, valid):
 def _normalise_xla(y, hv: int):
     """`polynomial._normalise` of `[.., Vp]` sums: (`[.., hv]` output, `[.., 1]` 1/den)."""
     den = y[..., hv : hv + 1]
-    ok = (den > 0) & jnp.all(jnp.isfinite(y), axis=-1, keepdims=True)
+    ok = (den >= jnp.finfo(y.dtype).tiny) & jnp.all(jnp.isfinite(y), axis=-1, keepdims=True)
     inv = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
     return jnp.where(ok, y[..., :hv], 0.0) * inv, inv
 
@@ -764,6 +764,9 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
         )
         for k, v in zip(ks, vs)
     ]
+    # Key sums that overflowed contribute nothing (else inf · 0 = NaN in every gradient).
+    fine = jnp.all(jnp.isfinite(ns[0] * ns[1]), axis=(1, 2, 3), keepdims=True)
+    ns = [jnp.where(fine, n, 0.0) for n in ns]
     dq_t = _call(
         cfg,
         _dq_kernel,
@@ -797,9 +800,9 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
     dks, dvs = [], []
     for j, (k, v, key) in enumerate(zip(ks, vs, keys)):
         dk_t, dv_t = _dkv(cfg, k, v, sel, gamma * ns[1 - j])
-        dks.append(_keys_merge(dk_t, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
-        dvs.append(_keys_merge(dv_t, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
-    dq = _rows_merge(cfg, dq_t, b)[..., : cfg.dim].astype(q.dtype)
+        dks.append(_finite(_keys_merge(dk_t, key.shape[1], cfg.kv_heads, cfg.dim), key.dtype))
+        dvs.append(_finite(_keys_merge(dv_t, key.shape[1], cfg.kv_heads, cfg.hv), key.dtype))
+    dq = _finite(_rows_merge(cfg, dq_t, b)[..., : cfg.dim], q.dtype)
     return dq, tuple(dks), tuple(dvs)
 
 
@@ -985,6 +988,10 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
     xs = (q_t, d_t, inv_t, ks[0], vs[0], ks[1], vs[1])
     st, (dq, dk1, dk2, dv1, dv2) = lax.scan(segment, jnp.zeros(state.shape, _F32), xs)
     tail_cfg = dataclasses.replace(cfg, bk=min(cfg.bk, seg))
+    # Keys seen by no row with an output get nothing: not `φ(k_a)` times the rounding of a
+    # difference of prefix sums (huge when the key's features are).
+    rows_live = jnp.any((inv[..., 0] > 0).reshape(b, cfg.t, cfg.kv_heads, cfg.group), axis=-1)
+    live = causal_scan.seen_by(rows_live, None)[..., None]  # [B, S, K, 1]
     dks, dvs = [], []
     for j, (k, v, key, dk, dv) in enumerate(zip(ks, vs, keys, (dk1, dk2), (dv1, dv2))):
 
@@ -994,10 +1001,18 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
             return None, (dk + dk_t[..., : cfg.dim], dv + dv_t[..., : cfg.hv])
 
         _, (dk, dv) = lax.scan(tail, None, (k, v, dk, dv))
-        dks.append(_keys_merge(dk, key.shape[1], cfg.kv_heads, cfg.dim).astype(key.dtype))
-        dvs.append(_keys_merge(dv, key.shape[1], cfg.kv_heads, cfg.hv).astype(key.dtype))
-    dq = _rows_merge(cfg, dq, b).astype(q.dtype)
+        dk = _keys_merge(dk, key.shape[1], cfg.kv_heads, cfg.dim)
+        dv = _keys_merge(dv, key.shape[1], cfg.kv_heads, cfg.hv)
+        dks.append(_finite(jnp.where(live, dk, 0.0), key.dtype))
+        dvs.append(_finite(jnp.where(live, dv, 0.0), key.dtype))
+    dq = _finite(_rows_merge(cfg, dq, b), q.dtype)
     return dq, tuple(dks), tuple(dvs)
+
+
+def _finite(x, dtype):
+    """Gradient entries that overflowed -> 0 (the inputs are finite: `polynomial.attention`
+    guards them), cast to `dtype`."""
+    return jnp.where(jnp.isfinite(x), x, 0.0).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -1074,8 +1089,8 @@ def attention(
     `PolynomialConfig` (polynomial, precision, tiles, interpret); `degree` and `score_range`
     (`R`, needed by Chebyshev) as `polynomial.attention` resolved them, which also runs the
     accuracy check. The gradient is the closed form of docs/math.md §5 (as the XLA kernel's
-    default). Returns `[B,T,N,Hv]` in the inputs' dtype; `Unsupported` names a call it cannot
-    run.
+    default). Computes in the inputs' promoted dtype; returns `[B,T,N,Hv]` in q's dtype (as
+    every kernel); `Unsupported` names a call it cannot run.
     """
     keys, values = tuple(keys), tuple(values)
     coeffs = xla_polynomial.coefficients(config.polynomial, degree, score_range)
@@ -1098,6 +1113,7 @@ def attention(
         raise ValueError(f"PolynomialConfig.rank_group={rg} must be a multiple of block_rank={rb}")
     rank_padded = -(-rank // rg) * rg
     dtype = jnp.result_type(q, *keys, *values)
+    out_dtype = jnp.result_type(q)
     seg = bwd_seg = 0
     if spec.causal:  # partial outputs per position: y; dQ, dK_j columns per y and dV_j
         per = (rank_padded // rg) * 4 * b * kv
@@ -1139,4 +1155,4 @@ def attention(
     )
     sel = jnp.asarray(_selection(h, degree, cfg.hp, cfg.rank_padded), _BF16)
     w = _query_weights(h, coeffs, spec.scale, cfg.rank_padded)
-    return _attend(cfg, sel, w, q, keys, values, valid)
+    return _attend(cfg, sel, w, q, keys, values, valid).astype(out_dtype)
