@@ -559,3 +559,17 @@ def test_chebyshev_coefficients_keep_degree_plus_one_terms():
     c = polynomial.coefficients("chebyshev", 31, 10.24)
     assert c.shape == (32,)
     assert polynomial.relative_error("chebyshev", 31, 10.24) < 1e-6
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_cotangent_gives_nan_gradients(fused):
+    """The closed-form gradient zeroes entries that overflow; a NaN coming from upstream must
+    still show as NaN, not become zero."""
+    ks = jax.random.split(jax.random.key(3), 5)
+    q, k1, k2, v1, v2 = (0.3 * jax.random.normal(k, (1, 8, 1, 4)) for k in ks)
+    kw = dict(implementation="polynomial", degree=4, on_uncertified="ignore", fused=fused)
+    _, vjp = jax.vjp(lambda *a: tensorattn.tensor_attention(*a, **kw), q, k1, k2, v1, v2)
+    clean = vjp(jnp.ones((1, 8, 1, 4)))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in clean)
+    grads = vjp(jnp.ones((1, 8, 1, 4)).at[0, 3, 0, 1].set(jnp.nan))
+    assert all(bool(jnp.any(jnp.isnan(g))) for g in grads)

@@ -883,12 +883,19 @@ def _closed_form_bwd(cfg: _Config, res, d_out):
     def unsplit(d, like):
         return spine.split_keys(d).astype(like.dtype)
 
-    return (
+    grads = (
         _merge(dq).astype(q.dtype),
         tuple(unsplit(d, k) for d, k in zip(dks, keys)),
         tuple(unsplit(d, v) for d, v in zip(dvs, values)),
-        tuple(None for _ in valid),
     )
+    return (*upstream_nan(d_out, grads), tuple(None for _ in valid))
+
+
+def upstream_nan(d_out, grads):
+    """`grads`, all NaN when the cotangent `d_out` holds NaN/inf: the kernels zero the entries
+    that overflow, which must not hide a non-finite gradient coming from upstream."""
+    bad = ~jnp.all(jnp.isfinite(d_out))
+    return jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.nan, g).astype(g.dtype), grads)
 
 
 _closed_form.defvjp(_closed_form_fwd, _closed_form_bwd)

@@ -1029,6 +1029,7 @@ def _attend_bwd(cfg, res, d_out):
     sel, w, res = res
     backward = _backward_causal if cfg.causal else _backward_fused
     dq, dks, dvs = backward(cfg, sel, w, res, d_out)
+    dq, dks, dvs = xla_polynomial.upstream_nan(d_out, (dq, dks, dvs))
     valid = res[3]
     return None, None, dq, dks, dvs, tuple(None for _ in valid)
 
