@@ -23,7 +23,7 @@
 # ones. PYTHON defaults to .venv/bin/python when it exists (the README's quickstart), else
 # python3.
 # At CPU scale the sweep stops at n = 4096 (claims 1-2 are the longer CPU sweeps); everything
-# took 59.5 min on a 2-core CPU.
+# took about an hour on a 2-core CPU (65 min on 2026-12-07, README Results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=cpu
