@@ -600,9 +600,9 @@ def _normalise(y, count):
 
 
 def _guard_sums(sums, axes):
-    """Sums that overflowed -> 0 (with `where`, so their gradients are zero rather than NaN);
-    `fine` (over the leading axes) says which were kept. `sums` are the factors of one product:
-    it is finite iff every factor is and it does not overflow."""
+    """Sums that overflowed -> 0 (with `where`, so their autodiff gradients are zero rather
+    than NaN); `fine` (over the leading axes) says which were kept. `sums` are the factors of
+    one product: it is finite iff every factor is and it does not overflow."""
     fine = jnp.all(jnp.isfinite(math.prod(sums)), axis=axes)
     shape = fine.shape + (1,) * (sums[0].ndim - fine.ndim)
     return [jnp.where(fine.reshape(shape), x, 0.0) for x in sums], fine
@@ -616,6 +616,7 @@ def _finite(x):
 def _forward_global(cfg: _Config, q, keys, values, valid):
     """No causal mask: every query row sees the same key sums. `q [T,G,H]`."""
     sums = [_key_sums(cfg, k, v, ok, with_keys=False) for k, v, ok in zip(keys, values, valid)]
+    # Always guarded: one [r, Hv+1] pass (and 8% faster on a CPU than without, T = 4096).
     sums, fine = _guard_sums(sums, None)  # overflowed: every row zero
     prod = math.prod(sums)
     count = math.prod(jnp.sum(ok.astype(q.dtype)) for ok in valid) * fine
@@ -631,8 +632,12 @@ def _forward_global(cfg: _Config, q, keys, values, valid):
     return _normalise(y[: q.shape[0]], count)
 
 
-def _forward_causal(cfg: _Config, q, keys, values, valid):
-    """Causal (and window) masks: per-row prefix sums carried chunk by chunk."""
+def _forward_causal(cfg: _Config, q, keys, values, valid, guard: bool):
+    """Causal (and window) masks: per-row prefix sums carried chunk by chunk. `guard`: zero
+    the sums of rows whose product overflows, which autodiff needs (finite gradients). The
+    output is the same without: `_normalise` zeroes rows whose `y` is not finite, and with
+    finite query features `y` is finite iff the product is; it saves a pass over the
+    `[C, r, Hv+1]` sums per set (the closed-form gradient does not differentiate this)."""
     weights = cfg.query_weights()
     sets = [
         causal_scan.KeySet(k, _augment(v) * ok[:, None], w, cfg.chunk)
@@ -650,7 +655,8 @@ def _forward_causal(cfg: _Config, q, keys, values, valid):
             s, c = ks.row_sums(c, x, feats)
             sums.append(s)  # [C, r, Hv+1]
             new_carry.append(c)
-        sums, _ = _guard_sums(sums, (1, 2))  # rows whose sums overflowed: zero (count 0)
+        if guard:
+            sums, _ = _guard_sums(sums, (1, 2))  # rows whose sums overflowed: zero (count 0)
         count = math.prod(s[:, 0, -1] for s in sums)  # the constant monomial counts keys
         y = _ein("cgr,crx->cgx", features.features(qc, cfg.mono, weights), math.prod(sums))
         return tuple(new_carry), (y, count)
@@ -761,16 +767,23 @@ def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
             n, c = ks.row_sums(c, kx, feats)
             n_rows.append(n.reshape(ch, r, x * y))
             new_sets.append(c)
-        n_rows, _ = _guard_sums(n_rows, (1, 2))  # rows whose sums overflowed: no contribution
         phi = features.features(qc, cfg.mono, weights) * ic[..., None]  # [C, G, r]
-        tmp = _ein("cgr,crz->cgz", phi, math.prod(n_rows)).reshape(ch, g, x, y)
+        tmp = _ein("cgr,crz->cgz", phi, math.prod(n_rows))
+        # Rows whose sums' product overflowed contribute nothing. With finite query features
+        # the small `tmp [C, G, (Hv+1)(H+1)]` is finite iff that product is (and then every
+        # factor is): testing it spares a pass over the `[C, r, ...]` sums.
+        fine = jnp.all(jnp.isfinite(tmp), axis=(1, 2))  # [C]
+        tmp = tmp.reshape(ch, g, x, y)
         dq = cfg.scale * _ein("cgx,cgxy->cgy", dc, tmp[..., :h])
-        dq = jnp.where((ic[..., None] > 0) & jnp.isfinite(dq), dq, 0.0)
+        dq = jnp.where((ic[..., None] > 0) & fine[:, None, None] & jnp.isfinite(dq), dq, 0.0)
         rhs = (dc[..., :, None] * _augment(qc)[..., None, :]).reshape(ch, g, x * y)
         row = _ein("cgr,cgz->crz", phi, rhs)
         new_pw, ys = [], []
         for j, ((_, pw0), o, ld) in enumerate(zip(carry, own_xs, lead_xs)):
-            wj = row * math.prod(n for jj, n in enumerate(n_rows) if jj != j)
+            others = math.prod(n for jj, n in enumerate(n_rows) if jj != j)
+            # The `where` also made this step 10x faster under XLA:CPU (causal fwd+grad at
+            # T = 256, H = 16, degree 4: 3.1 s against 31 s for `row * others` alone).
+            wj = jnp.where(fine[:, None, None], row * others, 0.0)
             pw = pw0[None] + jnp.cumsum(wj, axis=0)
             new_pw.append(pw[-1])
             kc, vc, okc = o
@@ -850,23 +863,27 @@ def _per_head(fn):
     return jax.vmap(jax.vmap(fn))
 
 
-def _forward_heads(cfg: _Config, q, keys, values, valid):
-    fwd = _forward_causal if cfg.causal else _forward_global
-    return _per_head(functools.partial(fwd, cfg))(*_split(q, keys, values, valid))
+def _forward_heads(cfg: _Config, q, keys, values, valid, guard: bool):
+    if cfg.causal:
+        fwd = functools.partial(_forward_causal, cfg, guard=guard)
+    else:
+        fwd = functools.partial(_forward_global, cfg)
+    return _per_head(fwd)(*_split(q, keys, values, valid))
 
 
 def _autodiff(cfg: _Config, q, keys, values, valid):
-    out, _ = _forward_heads(cfg, q, keys, values, valid)
+    out, _ = _forward_heads(cfg, q, keys, values, valid, guard=True)
     return _merge(out).astype(q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _closed_form(cfg: _Config, q, keys, values, valid):
-    return _autodiff(cfg, q, keys, values, valid)
+    out, _ = _forward_heads(cfg, q, keys, values, valid, guard=False)
+    return _merge(out).astype(q.dtype)
 
 
 def _closed_form_fwd(cfg: _Config, q, keys, values, valid):
-    out, inv_den = _forward_heads(cfg, q, keys, values, valid)
+    out, inv_den = _forward_heads(cfg, q, keys, values, valid, guard=False)
     return _merge(out).astype(q.dtype), (q, keys, values, valid, out, inv_den)
 
 
