@@ -25,6 +25,17 @@ baseline is "exact" (`implementation=None`: pallas on a GPU). Runnable commands:
 import ml_collections
 
 from configs import common
+from experiments import harness
+
+
+def _max_length(**limits) -> ml_collections.ConfigDict:
+    """Every implementation a field (None: no limit), so each can be overridden by name."""
+    return ml_collections.ConfigDict(
+        {
+            impl: ml_collections.FieldReference(limits.get(impl), field_type=int)
+            for impl in harness.IMPLEMENTATIONS
+        }
+    )
 
 
 def get_config(arg: str | None = None):
@@ -73,8 +84,8 @@ def get_config(arg: str | None = None):
     # (0: the device's own limit where known, else 8 GiB).
     c.memory_limit_bytes = 0
     # Skip an implementation at lengths above this (e.g. reference materialises n^3 scores);
-    # implementation -> max n. Missing: no limit.
-    c.max_length = ml_collections.ConfigDict({"reference": 512})
+    # implementation -> max n, None: no limit (`--config.max_length.blocked=4096`).
+    c.max_length = _max_length(reference=512)
     # The log-log slope is fitted to the last `fit_points` completed lengths of each series.
     c.fit_points = 3
     # Also record the error of non-exact implementations against "blocked" at lengths <= this.
@@ -88,7 +99,7 @@ def get_config(arg: str | None = None):
         # Certified calls: R = scale·||q||·||k1||_inf·||k2|| ~ 0.25·(4B)·B·(4B) = 0.5 at B=0.5.
         c.entry_bound = 0.5
         c.polynomial.on_uncertified = "warn"
-        c.max_length = ml_collections.ConfigDict({"reference": 512})
+        c.max_length = _max_length(reference=512)
         c.time_budget_s = 120.0
         c.repeats = 5
         c.error_max_length = 2048

@@ -173,7 +173,7 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     implementation="polynomial" (`PolynomialConfig` fields) with an int `degree` whose feature
     rank is at most MAX_RANK; value_dim: None (= head_dim) or a positive int;
     memory_limit_bytes, error_max_length: ints >= 0; max_length: {implementation: positive
-    int}; fit_points: an int >= 2.
+    int or None (no limit)}; fit_points: an int >= 2.
     """
     if hasattr(config, "to_dict"):
         config = config.to_dict()
@@ -256,8 +256,9 @@ def validate_config(config: Mapping[str, Any]) -> dict:
             raise SweepConfigError(
                 f"max_length.{impl}: unknown implementation; choose from {IMPLEMENTATIONS}"
             )
-        _int(f"max_length.{impl}", n, 1)
-    out["max_length"] = dict(max_length)
+        if n is not None:
+            _int(f"max_length.{impl}", n, 1)
+    out["max_length"] = {impl: n for impl, n in max_length.items() if n is not None}
     return out
 
 

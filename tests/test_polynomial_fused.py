@@ -260,6 +260,8 @@ def test_rejects_unsupported_calls_and_options():
             tensorattn.PolynomialConfig(fused=True, **options)
     with pytest.raises(ValueError, match="block_q .*fused=True"):
         tensorattn.PolynomialConfig(block_q=64)
+    with pytest.raises(ValueError, match="fused must be a bool"):
+        tensorattn.PolynomialConfig(fused=1)
 
 
 def test_polynomial_config_fused_runs_the_fused_kernels():

@@ -321,15 +321,19 @@ def _cli(*args):
 
 
 def test_command_line_comma_separated_implementations(tmp_path):
+    """Also: any implementation's `max_length` can be set by name (the config has them all)."""
     out = _cli(
         f"--workdir={tmp_path}",
         "--config.implementations=blocked,polynomial",
-        "--config.lengths=16",
+        "--config.lengths=16,32",
+        "--config.max_length.blocked=16",
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert {(r["implementation"], r["status"]) for r in _lines(tmp_path)} == {
-        ("blocked", "ok"),
-        ("polynomial", "ok"),
+    assert {(r["implementation"], r["n"], r["status"]) for r in _lines(tmp_path)} == {
+        ("blocked", 16, "ok"),
+        ("blocked", 32, "skipped"),
+        ("polynomial", 16, "ok"),
+        ("polynomial", 32, "ok"),
     }
 
 

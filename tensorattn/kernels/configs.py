@@ -289,7 +289,7 @@ class PolynomialConfig(KernelConfig):
         _choice(self, "on_uncertified", ON_UNCERTIFIED)
         _choice(self, "gradient", GRADIENTS)
         _positive_int(self, "chunk_size", optional=True)
-        if self.fused not in (True, False):
+        if not isinstance(self.fused, (bool, np.bool_)):
             _fail(type(self), "fused", "a bool", self.fused)
         if self.fused and (self.gradient != "closed_form" or self.chunk_size is not None):
             raise ValueError(
