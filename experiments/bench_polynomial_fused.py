@@ -6,8 +6,10 @@ polynomial kernel at the shape of issue 14: order 3, B=1, 8 heads, H=Hv=16, Tayl
   python -m experiments.bench_polynomial_fused --causal=1 --out=runs/fused_h100.jsonl
   python -m experiments.bench_polynomial_fused --preset=quick --out=          # CPU, seconds
 
-For each length, causal mask, pass ("fwd", "fwd+grad") and kernel ("fused", "xla"): the
-median time, the compiled temporary memory (`memory_analysis`) and the status, one row per
+For each length, causal mask, pass ("fwd", "fwd+grad") and kernel ("fused"; "xla", the XLA
+scan with the closed-form gradient; "xla_autodiff", the same forward differentiated by
+autodiff, whose gradient is the derivative of the approximation (docs/math.md §5), timed
+forward+gradient only): the median time, the compiled temporary memory (`memory_analysis`) and the status, one row per
 measurement in the schema of `experiments.harness` (plus `bench`, `kernel`, `table="time"`)
 appended to --out; then one `table="slope"` row per series: the log-log slope of time over
 the last three lengths. The issue's targets, checked for the fused rows on a GPU: forward
@@ -28,7 +30,7 @@ PRESETS = {
     "issue": dict(lengths=[2**k for k in range(14, 21)], heads=8, head_dim=16, degree=4),
     "quick": dict(lengths=[16, 32, 64], heads=2, head_dim=4, degree=2),
 }
-KERNELS = ("fused", "xla")
+KERNELS = ("fused", "xla", "xla_autodiff")
 
 
 def point(kernel: str, n: int, pass_: str, causal: bool, *, heads, head_dim, degree, dtype,
@@ -36,6 +38,8 @@ def point(kernel: str, n: int, pass_: str, causal: bool, *, heads, head_dim, deg
     """A harness point: B=1, `heads` query and key/value heads, H = Hv = head_dim, scale 1/H,
     entries in [-1, 1] (|score| <= 1: Taylor degree 4 is certified to ~1e-2), no check."""
     options = {"degree": degree, "on_uncertified": "ignore"}
+    if kernel == "xla_autodiff":
+        options["gradient"] = "autodiff"
     if kernel == "fused":
         options["fused"] = True
         if precision is not None:
@@ -93,7 +97,9 @@ def run(lengths, *, heads=8, head_dim=16, degree=4, dtype="bfloat16", causals=(F
         for pass_ in passes:
             for kernel in kernels:
                 for n in lengths:
-                    if kernel == "xla" and xla_max_n is not None and n > xla_max_n:
+                    if kernel == "xla_autodiff" and pass_ == "fwd":
+                        continue  # the "xla" forward
+                    if kernel != "fused" and xla_max_n is not None and n > xla_max_n:
                         continue
                     p = point(kernel, n, pass_, causal, heads=heads, head_dim=head_dim,
                               degree=degree, dtype=dtype, precision=precision)  # fmt: skip
@@ -125,7 +131,7 @@ def main(argv=None):
     parser.add_argument("--lengths", default=None, help="comma-separated n (default: preset)")
     parser.add_argument("--causal", default="0,1", help="0, 1 or 0,1")
     parser.add_argument("--passes", default="fwd,fwd+grad")
-    parser.add_argument("--kernels", default="fused,xla")
+    parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--xla_max_n", type=int, default=None, help="longest n of the xla rows")
     parser.add_argument("--precision", default=None, help="fused: bf16x3 (default), bf16, ...")
     parser.add_argument("--dtype", default="bfloat16")
@@ -133,6 +139,9 @@ def main(argv=None):
     parser.add_argument("--budget_s", type=float, default=20.0, help="per point, timed runs")
     parser.add_argument("--out", default="runs/bench_polynomial_fused.jsonl", help="'' = none")
     a = parser.parse_args(argv)
+    unknown = set(a.kernels.split(",")) - set(KERNELS)
+    if unknown:
+        parser.error(f"--kernels: unknown {sorted(unknown)}; choose from {', '.join(KERNELS)}")
     preset = dict(PRESETS[a.preset])
     if a.lengths:
         preset["lengths"] = [int(x) for x in a.lengths.split(",")]

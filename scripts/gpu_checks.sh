@@ -22,7 +22,9 @@
 #             blocked kernel: smoke checks them against the oracle); the Mosaic GPU
 #             kernels' ptxas reports in DIR/mosaic_registers_gpu.jsonl.
 # polynomial: experiments/bench_polynomial_fused.py at issue 14's shape, non-causal then causal
-#             (the XLA kernel, for comparison, up to n = 65536 only).
+#             (the XLA kernel, for comparison, up to n = 65536 only); then the XLA kernel's
+#             autodiff gradient at n = 16384 and 65536 (on a CPU it beats the closed form at
+#             H = 16: is it the better default on a GPU?).
 # polynomial_wide: experiments/bench_polynomial at head dims 64 and 128 (8 heads, entries in
 #             [-0.5, 0.5]), degrees 2 and 4 (and the lowest degrees meeting its error target)
 #             against the exact kernel: where the polynomial method stops being worth it
@@ -168,8 +170,12 @@ for s in $SECTIONS; do
     polynomial)
       for causal in 0 1; do
         section "polynomial_causal$causal" 120 "$PYTHON" -m experiments.bench_polynomial_fused \
-          --causal=$causal --xla_max_n=65536 --budget_s=5 --out="$DIR/bench_polynomial_fused.jsonl"
-      done ;;
+          --causal=$causal --kernels=fused,xla --xla_max_n=65536 --budget_s=5 \
+          --out="$DIR/bench_polynomial_fused.jsonl"
+      done
+      section polynomial_autodiff 60 "$PYTHON" -m experiments.bench_polynomial_fused \
+        --kernels=xla_autodiff --passes=fwd+grad --lengths=16384,65536 --budget_s=5 \
+        --out="$DIR/bench_polynomial_fused.jsonl" ;;
     polynomial_wide)
       for h in 64 128; do
         rm -f "$DIR/bench_polynomial_h$h.jsonl"  # the table below reads this run's rows only

@@ -173,6 +173,16 @@ def test_bench_polynomial_fused_quick_preset(tmp_path):
     assert [r["table"] for r in lines] == ["time", "time", "slope"]
     assert lines[0]["options"]["fused"] and lines[0]["pass"] == "fwd" and lines[0]["causal"]
     assert summary[0]["slope_lengths"] == [16, 32] and summary[0]["meets_targets"] is False
+    args = ["--preset=quick", "--lengths=16", "--causal=0", "--kernels=xla,xla_autodiff"]
+    rows, _ = bench.main(args + ["--repeats=1", "--out="])
+    got = [(r["kernel"], r["pass"], r["status"], r["options"].get("gradient")) for r in rows]
+    assert got == [
+        ("xla", "fwd", "ok", None),
+        ("xla", "fwd+grad", "ok", None),
+        ("xla_autodiff", "fwd+grad", "ok", "autodiff"),
+    ]
+    with pytest.raises(SystemExit):
+        bench.main(["--kernels=fused,flash"])
 
 
 def test_kernel_registers_compiles_with_triton(tmp_path):
