@@ -6,14 +6,14 @@ polynomial kernel at the shape of issue 14: order 3, B=1, 8 heads, H=Hv=16, Tayl
   python -m experiments.bench_polynomial_fused --causal=1 --out=runs/fused_h100.jsonl
   python -m experiments.bench_polynomial_fused --preset=quick --out=          # CPU, seconds
 
-For each length, causal mask, pass ("fwd", "fwd+grad") and kernel ("fused"; "xla", the XLA
-scan with the closed-form gradient; "xla_autodiff", the same forward differentiated by
-autodiff, whose gradient is the derivative of the approximation (docs/math.md §5), timed
-forward+gradient only): the median time, the compiled temporary memory (`memory_analysis`) and the status, one row per
-measurement in the schema of `experiments.harness` (plus `bench`, `kernel`, `table="time"`)
-appended to --out; then one `table="slope"` row per series: the log-log slope of time over
-the last three lengths. The issue's targets, checked for the fused rows on a GPU: forward
-<= 10.5 ms and forward+gradient <= 90 ms at n = 65536 (H100), slopes <= 1.10.
+For each length, causal mask, pass ("fwd", "fwd+grad") and kernel ("fused"; "xla", the XLA scan
+with the closed-form gradient; "xla_autodiff", the same forward differentiated by autodiff,
+whose gradient is the derivative of the approximation (docs/math.md §5), timed forward+gradient
+only): the median time, the compiled temporary memory (`memory_analysis`) and the status, one
+row per measurement in the schema of `experiments.harness` (plus `bench`, `kernel`,
+`table="time"`) appended to --out; then one `table="slope"` row per series: the log-log slope of
+time over the last three lengths. The issue's targets, checked for the fused rows on a GPU:
+forward <= 10.5 ms and forward+gradient <= 90 ms at n = 65536 (H100), slopes <= 1.10.
 `run(...)` is callable from Python.
 """
 
