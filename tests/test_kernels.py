@@ -93,6 +93,21 @@ def test_large_logits_stay_finite():
         np.testing.assert_allclose(np.asarray(out), case.oracle(arrays, masks), atol=1e-4)
 
 
+def test_scores_beyond_float32_give_nan_rows_only_there():
+    """The documented edge case (tensor_attention's docstring): finite entries whose scores
+    overflow float32 make that query's row NaN, as a softmax over inf does; others exact."""
+    case = Case(t=4, s1=4, s2=4, heads=1, kv_heads=1, head_dim=4, value_dim=4, masked=False)
+    arrays, masks = case.inputs()
+    q, k1 = np.array(arrays[0]), np.asarray(arrays[1]) * 1e10
+    q[0, 1] *= 1e30  # |score| ~ 1e40 in row 1 of batch row 0
+    arrays = [q, k1, *arrays[2:]]
+    for impl in ("reference", "blocked"):
+        out = np.asarray(tensorattn.tensor_attention(*arrays, implementation=impl))
+        nan_rows = np.isnan(out).any(axis=(2, 3))[0]
+        np.testing.assert_array_equal(nan_rows, [False, True, False, False])
+        assert np.isfinite(out[0, [0, 2, 3]]).all()
+
+
 def test_blocked_custom_vjp_check_grads():
     case = Case(
         batch=1, t=6, s1=5, s2=7, heads=2, kv_heads=1, head_dim=3, value_dim=2, masked=False

@@ -196,6 +196,9 @@ def tensor_attention(
       gradients exact. A non-finite entry in a key or value a query can see (an allowed pair
       touches it) makes that query's output row NaN (for the query heads of that key/value
       head); its gradient contributions are zero.
+    - A query whose scores overflow float32 (|score| above ~3.4e38 from finite entries) gets
+      a NaN row from the exact kernels, as a softmax over inf does; the polynomial method
+      gives such rows zeros and says so (docs/kernels.md).
     """
     implementation, config = resolve(implementation, config, options)
     if window is not None:
