@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import Scope
 
-from tensorattn.kernels import api
+from tensorattn.kernels import api, causal_scan
 from tensorattn.kernels.configs import KernelConfig, PolynomialConfig
 from tensorattn.kernels.polynomial import PolynomialAccuracyWarning
 
@@ -327,18 +327,6 @@ def _standard_window(window) -> bool:
     return _positive_int(window)
 
 
-def _sees_a_valid_key(kv_mask, t: int, causal: bool, window: int | None):
-    """[B, T]: whether query i may see some valid key (causal: `j <= i`; a window `w` also
-    `i - w < j`): prefix counts of the valid keys, O(B·T)."""
-    if not causal:
-        return jnp.broadcast_to(jnp.any(kv_mask, axis=-1)[:, None], (kv_mask.shape[0], t))
-    counts = jnp.cumsum(kv_mask.astype(jnp.int32), axis=-1)  # valid keys j <= i
-    if window is not None:
-        lagged = jnp.pad(counts, ((0, 0), (window, 0)))[:, :t]  # valid keys j <= i - w
-        counts = counts - lagged
-    return counts > 0
-
-
 class StandardAttention(nn.Module):
     """Multi-head softmax attention on `jax.nn.dot_product_attention`, for baselines.
 
@@ -414,7 +402,7 @@ class StandardAttention(nn.Module):
         )
         if kv_mask is not None:
             # A query with no valid key it may see outputs zeros, as in the tensor kernels.
-            sees_BxT = _sees_a_valid_key(kv_mask, t, self.causal, w)
+            sees_BxT = causal_scan.seen(kv_mask, self.causal, w)  # [B, T|1]
             o_BxTxNxH = jnp.where(sees_BxT[:, :, None, None], o_BxTxNxH, 0)
         o_BxTxNxH = nn.Dropout(self.dropout_rate)(o_BxTxNxH, deterministic=deterministic)
         return nn.DenseGeneral(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from tensorattn.kernels import (
     blocked,
+    causal_scan,
     configs,
     mosaic_gpu,
     pallas,
@@ -96,19 +97,6 @@ def _attend(q, keys, values, spec, implementation, config):
     raise AssertionError("the blocked kernel runs every call")  # pragma: no cover
 
 
-def _row_counts(x, causal: bool, window: int | None):
-    """Per key position `x [B,S,...]` (int) -> sums over the keys each query row may see:
-    `[B,1,...]` without a causal mask (every row sees every key), else `[B,T,...]` (`S = T`)
-    over `a <= i`, or `i-w < a <= i` with a window: prefix sums, `O(T)` work and memory."""
-    if not causal:
-        return jnp.sum(x, axis=1, keepdims=True)
-    c = jnp.cumsum(x, axis=1)
-    if window is None or window >= x.shape[1]:
-        return c
-    lagged = jnp.pad(c, ((0, 0), (window, 0)) + ((0, 0),) * (x.ndim - 2))[:, : x.shape[1]]
-    return c - lagged
-
-
 def _sanitize(keys, values, spec):
     """Makes masked positions harmless whatever they hold.
 
@@ -129,13 +117,13 @@ def _sanitize(keys, values, spec):
             bad = bad & mask[:, :, None]
             finite_k = finite_k & mask[:, :, None, None]
             finite_v = finite_v & mask[:, :, None, None]
-            valid = mask.astype(jnp.int32)
+            valid = mask
         else:
-            valid = jnp.ones(k.shape[:2], jnp.int32)
+            valid = jnp.ones(k.shape[:2], bool)
         clean_keys.append(jnp.where(finite_k, k, jnp.zeros((), k.dtype)))
         clean_values.append(jnp.where(finite_v, v, jnp.zeros((), v.dtype)))
-        has_pair = has_pair & (_row_counts(valid, spec.causal, window) > 0)[..., None]
-        touched = touched | (_row_counts(bad.astype(jnp.int32), spec.causal, window) > 0)
+        has_pair = has_pair & causal_scan.seen(valid, spec.causal, window)[..., None]
+        touched = touched | causal_scan.seen(bad, spec.causal, window)
     return tuple(clean_keys), tuple(clean_values), has_pair & touched
 
 

@@ -599,7 +599,7 @@ def _normalise(y, count):
     return jnp.where(ok[..., None], y[..., :-1], 0.0) * inv_den[..., None], inv_den
 
 
-def _guard_sums(sums, axes):
+def guard_sums(sums, axes):
     """Sums that overflowed -> 0 (with `where`, so their autodiff gradients are zero rather
     than NaN); `fine` (over the leading axes) says which were kept. `sums` are the factors of
     one product: it is finite iff every factor is and it does not overflow."""
@@ -608,8 +608,9 @@ def _guard_sums(sums, axes):
     return [jnp.where(fine.reshape(shape), x, 0.0) for x in sums], fine
 
 
-def _finite(x):
-    """Gradient entries that overflowed -> 0 (the inputs are finite: `_guard_inputs`)."""
+def zero_overflow(x):
+    """Gradient entries that overflowed -> 0 (the inputs are finite: `_guard_inputs`); shared
+    with `polynomial_fused`."""
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
@@ -617,7 +618,7 @@ def _forward_global(cfg: _Config, q, keys, values, valid):
     """No causal mask: every query row sees the same key sums. `q [T,G,H]`."""
     sums = [_key_sums(cfg, k, v, ok, with_keys=False) for k, v, ok in zip(keys, values, valid)]
     # Always guarded: one [r, Hv+1] pass (and 8% faster on a CPU than without, T = 4096).
-    sums, fine = _guard_sums(sums, None)  # overflowed: every row zero
+    sums, fine = guard_sums(sums, None)  # overflowed: every row zero
     prod = math.prod(sums)
     count = math.prod(jnp.sum(ok.astype(q.dtype)) for ok in valid) * fine
     weights = cfg.query_weights()
@@ -656,7 +657,7 @@ def _forward_causal(cfg: _Config, q, keys, values, valid, guard: bool):
             sums.append(s)  # [C, r, Hv+1]
             new_carry.append(c)
         if guard:
-            sums, _ = _guard_sums(sums, (1, 2))  # rows whose sums overflowed: zero (count 0)
+            sums, _ = guard_sums(sums, (1, 2))  # rows whose sums overflowed: zero (count 0)
         count = math.prod(s[:, 0, -1] for s in sums)  # the constant monomial counts keys
         y = _ein("cgr,crx->cgx", features.features(qc, cfg.mono, weights), math.prod(sums))
         return tuple(new_carry), (y, count)
@@ -684,7 +685,7 @@ def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
     t, g, h = q.shape
     r, ch = cfg.mono.rank, cfg.bwd_chunk
     n_full = [_key_sums(cfg, k, v, ok, with_keys=True) for k, v, ok in zip(keys, values, valid)]
-    n_full, _ = _guard_sums(n_full, None)  # overflowed: no contribution (zero gradients)
+    n_full, _ = guard_sums(n_full, None)  # overflowed: no contribution (zero gradients)
     x, y = n_full[0].shape[1:]
     pn = math.prod(n_full).reshape(r, x * y)
     delta = jnp.sum(d_out * out, -1, keepdims=True)
@@ -716,8 +717,8 @@ def _backward_global(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
             return _to_grads(_dot(f, yj, (1, 0)).reshape(-1, x, y), _augment(vc), cfg.scale, h)
 
         dk, dv = jax.lax.map(k_step, tuple(causal_scan.chunked(a, ch) for a in (k, v, ok)))
-        dks.append(_finite(dk.reshape(-1, h)[: k.shape[0]]))
-        dvs.append(_finite(dv.reshape(-1, v.shape[-1])[: k.shape[0]]))
+        dks.append(zero_overflow(dk.reshape(-1, h)[: k.shape[0]]))
+        dvs.append(zero_overflow(dv.reshape(-1, v.shape[-1])[: k.shape[0]]))
     return dq, tuple(dks), tuple(dvs)
 
 
@@ -830,8 +831,8 @@ def _backward_causal(cfg: _Config, q, keys, values, valid, out, inv_den, d_out):
         # Keys seen by no row with an output get nothing: not `φ(k_a)` times the rounding
         # of a difference of prefix sums (huge when the key's features are).
         live = causal_scan.seen_by(jnp.any(inv_den > 0, axis=1)[None], w)[0, :, None]
-        dks.append(jnp.where(live, _finite((dk + dk_tail.reshape(padded, h))[:t]), 0.0))
-        dvs.append(jnp.where(live, _finite((dv + dv_tail.reshape(padded, hv))[:t]), 0.0))
+        dks.append(jnp.where(live, zero_overflow((dk + dk_tail.reshape(padded, h))[:t]), 0.0))
+        dvs.append(jnp.where(live, zero_overflow((dv + dv_tail.reshape(padded, hv))[:t]), 0.0))
     return dq, tuple(dks), tuple(dvs)
 
 

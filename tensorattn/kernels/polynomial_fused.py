@@ -765,8 +765,7 @@ def _backward_fused(cfg: _Config, sel, w, res, d_out):
         for k, v in zip(ks, vs)
     ]
     # Key sums that overflowed contribute nothing (else inf · 0 = NaN in every gradient).
-    fine = jnp.all(jnp.isfinite(ns[0] * ns[1]), axis=(1, 2, 3), keepdims=True)
-    ns = [jnp.where(fine, n, 0.0) for n in ns]
+    ns, _ = xla_polynomial.guard_sums(ns, (1, 2, 3))
     dq_t = _call(
         cfg,
         _dq_kernel,
@@ -1010,9 +1009,9 @@ def _backward_causal(cfg: _Config, sel, w, res, d_out):
 
 
 def _finite(x, dtype):
-    """Gradient entries that overflowed -> 0 (the inputs are finite: `polynomial.attention`
-    guards them), cast to `dtype`."""
-    return jnp.where(jnp.isfinite(x), x, 0.0).astype(dtype)
+    """`polynomial.zero_overflow` (the inputs are finite: `polynomial.attention` guards
+    them), cast to `dtype`."""
+    return xla_polynomial.zero_overflow(x).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
