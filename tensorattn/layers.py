@@ -152,8 +152,24 @@ def _check_fields(module: nn.Module, ints: tuple[str, ...], optional: tuple[str,
     kv = module.num_kv_heads
     if kv is not None and module.num_heads % kv:
         raise ValueError(f"num_heads={module.num_heads} must be a multiple of num_kv_heads={kv}")
-    if not isinstance(module.causal, (bool, np.bool_)):
-        raise ValueError(f"{name}.causal must be a bool, got {module.causal!r}")
+    for field in ("causal", "learn_scale", "use_bias"):
+        if not isinstance(getattr(module, field), (bool, np.bool_)):
+            raise ValueError(f"{name}.{field} must be a bool, got {getattr(module, field)!r}")
+
+
+def _check_inputs(layer: str, **inputs) -> None:
+    """Raises ValueError unless every input is `[B, T, D]` with the batch of the first."""
+    batch = None
+    for name, x in inputs.items():
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 3:
+            raise ValueError(f"{layer}: {name} must be a [B, T, D] array, got shape {shape}")
+        if batch is None:
+            batch, first = shape[0], name
+        elif shape[0] != batch:
+            raise ValueError(
+                f"{layer}: {name} has batch {shape[0]}, {first} has {batch}; they must match"
+            )
 
 
 def _positive_int(v) -> bool:
@@ -190,7 +206,9 @@ class TensorAttention(nn.Module):
     """Multi-head order-3 tensor attention (docs/math.md §1) with input/output projections.
 
     Self-attention: `layer(x)`. Cross-attention over two key sequences (e.g. two modalities):
-    `layer(x_q, x_k1, x_k2)`; `x_k2` defaults to `x_k1`, which defaults to `x_q`.
+    `layer(x_q, x_k1, x_k2)`; `x_k2` defaults to `x_k1`, which defaults to `x_q`, and
+    without `x_k2`, `k2_mask` defaults to `k1_mask` (the same keys, the same padding). Inputs
+    are `[B, T, D]` arrays with one batch size.
 
     The attention runs `Kernel(implementation, kernel_config)` (`tensorattn.tensor_attention`
     with that implementation and typed config), or `attend` when given: a function with
@@ -240,6 +258,11 @@ class TensorAttention(nn.Module):
                     f"PolynomialConfig({what}) cannot take (it needs a Python float scale); "
                     "set learn_scale=False or give PolynomialConfig a degree without bound"
                 )
+        if isinstance(cfg, PolynomialConfig) and cfg.fused and self.window is not None:
+            raise ValueError(
+                "TensorAttention.window: PolynomialConfig(fused=True) runs no sliding windows; "
+                "use fused=False (the XLA polynomial kernel runs them) or window=None"
+            )
         if self.attend is not None and not callable(self.attend):
             raise ValueError(
                 f"TensorAttention.attend must be callable or None, got {self.attend!r}"
@@ -274,8 +297,11 @@ class TensorAttention(nn.Module):
         k2_mask: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
+        if x_k2 is None and k2_mask is None:
+            k2_mask = k1_mask  # the second key set is the first one: the same padding
         x_k1 = x_q if x_k1 is None else x_k1
         x_k2 = x_k1 if x_k2 is None else x_k2
+        _check_inputs("TensorAttention", x_q=x_q, x_k1=x_k1, x_k2=x_k2)
         width = x_q.shape[-1]
         kv, h = _heads(self.num_heads, self.num_kv_heads, self.head_dim, width)
         hv = h if self.value_dim is None else self.value_dim
@@ -330,9 +356,11 @@ def _standard_window(window) -> bool:
 class StandardAttention(nn.Module):
     """Multi-head softmax attention on `jax.nn.dot_product_attention`, for baselines.
 
-    Same fields and call convention as `TensorAttention` with one key sequence:
-    `layer(x_q, x_kv=None, *, kv_mask=None, deterministic=True)`. `window` is `(w, w)` or an
-    int (a causal window of `w` keys, `i-w < j <= i`). Invalid fields raise ValueError at
+    `TensorAttention`'s fields with one key sequence, without `value_dim`, `implementation`,
+    `kernel_config` and `attend`; called as `layer(x_q, x_kv=None, *, kv_mask=None,
+    deterministic=True)`. `window` is `(w, w)` or an int (a causal window of `w` keys,
+    `i-w < j <= i`) and needs `causal=True` (TensorAttention's window implies causal).
+    Masked keys never contribute, whatever they hold. Invalid fields raise ValueError at
     construction.
     """
 
@@ -367,6 +395,7 @@ class StandardAttention(nn.Module):
         deterministic: bool = True,
     ) -> Array:
         x_kv = x_q if x_kv is None else x_kv
+        _check_inputs("StandardAttention", x_q=x_q, x_kv=x_kv)
         width = x_q.shape[-1]
         kv, h = _heads(self.num_heads, self.num_kv_heads, self.head_dim, width)
         proj = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -391,6 +420,10 @@ class StandardAttention(nn.Module):
                     f"{getattr(kv_mask, 'shape', '')}"
                 )
             mask = kv_mask[:, None, None, :]
+            # Masked keys and values never contribute, whatever they hold (0 · NaN is NaN).
+            valid_BxSx1x1 = kv_mask[:, :, None, None]
+            k_BxSxKxH = jnp.where(valid_BxSx1x1, k_BxSxKxH, 0)
+            v_BxSxKxH = jnp.where(valid_BxSx1x1, v_BxSxKxH, 0)
         o_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH,
             k_BxSxKxH,

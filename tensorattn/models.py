@@ -101,6 +101,11 @@ class ModelOptions:
     def __post_init__(self):
         if isinstance(self.window, list | tuple):
             object.__setattr__(self, "window", tuple(self.window))
+        if self.dtype is not None:
+            try:  # a dtype object -> its name, as config.json holds it (validate checks it)
+                object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+            except TypeError:
+                pass
         poly = self.polynomial
         if poly is not None:
             poly = typed_config(PolynomialConfig, poly, "model.polynomial")
@@ -143,6 +148,8 @@ def identity(model: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(model, Mapping):
         return model
     out = json_ready(dict(model))
+    if out.get("dtype") == "float32":
+        out["dtype"] = None  # the same computation: float32 is the default
     if isinstance(out.get("polynomial"), dict):
         for name in POLYNOMIAL_RUN_OPTIONS:
             out["polynomial"].pop(name, None)
@@ -189,11 +196,13 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
       >= 2; mlp_dim: an int >= 0 (0: no MLP); dropout_rate: a number in [0, 1).
     - num_kv_heads: None or a positive int dividing num_heads.
     - head_dim: None (width // num_heads: num_heads must divide width) or a positive int.
-    - attention: "tensor", "standard" or "polynomial"; tensor_every: a positive int.
+    - attention: "tensor", "standard" or "polynomial"; tensor_every: a positive int, at most
+      num_layers unless attention="standard" (so that some layer is of the given kind).
     - polynomial: `PolynomialConfig` fields (checked by the class), only with
       attention="polynomial"; its feature rank C(head_dim + degree, degree) (degree 4 by
       default, or the one `tolerance` picks) must be at most 2^20.
-    - entry_bound, scale: None or a positive finite number; learn_scale, causal: bools.
+    - entry_bound, scale: None or a positive finite number; learn_scale, causal: bools
+      (learn_scale not with polynomial.bound or polynomial.fused, which need a float scale).
     - window: None or a pair (w1, w2), each a positive int or None (unbounded), only with
       causal=True; standard layers use w1 alone, which must then be an int.
     - embedding: "learned" or "fourier"; fourier_frequencies: None (all (vocab_size - 1) // 2:
@@ -228,6 +237,12 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
         fail("attention", f"unknown attention {o.attention!r}; choose {ATTENTION}")
     if not is_int(o.tensor_every) or o.tensor_every < 1:
         fail("tensor_every", f"must be a positive int, got {o.tensor_every!r}")
+    if o.attention != "standard" and o.tensor_every > o.num_layers:
+        fail(
+            "tensor_every",
+            f"{o.tensor_every} > num_layers={o.num_layers} leaves no {o.attention} layer; "
+            "lower it, or use attention='standard'",
+        )
     head_dim = o.head_dim or o.width // o.num_heads
     if o.polynomial is not None:
         if not isinstance(o.polynomial, PolynomialConfig):
@@ -244,6 +259,14 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
                 "attention='polynomial' layers only",
             )
         _check_polynomial(o, head_dim, fail)
+        if o.learn_scale is True and (o.polynomial.bound is not None or o.polynomial.fused):
+            what = "bound" if o.polynomial.bound is not None else "fused=True"
+            fail(
+                "learn_scale",
+                f"a learned scale is an array, which polynomial.{what} cannot take (it needs "
+                "a Python float scale); set learn_scale=False or drop polynomial."
+                + ("bound" if o.polynomial.bound is not None else "fused"),
+            )
     for name, allowed in (
         ("embedding", EMBEDDINGS),
         ("positional", POSITIONAL),
@@ -310,6 +333,11 @@ class Embedding(nn.Module):
             feats = fourier_features(tokens_BxT, o.vocab_size, o.fourier_frequencies)
             x_BxTxD = nn.Dense(o.width, use_bias=False, name="fourier_proj")(feats)
         if o.positional == "learned":
+            if tokens_BxT.shape[1] > o.max_len:
+                raise ValueError(
+                    f"model.max_len: {o.max_len} learned positions, but the input has length "
+                    f"{tokens_BxT.shape[1]}; raise max_len"
+                )
             pos_TxD = self.param(
                 "positions", nn.initializers.normal(0.02), (o.max_len, o.width), jnp.float32
             )
@@ -395,7 +423,9 @@ class Classifier(nn.Module):
       polynomial layer's kernel (the trainer's sequence sharding: `sharding.shard_queries`).
       It should compare by value (e.g. a module-level function) so jit caches by it.
 
-    `mask_BxT` marks valid input positions (key padding); None means all valid.
+    `mask_BxT` marks valid input positions (key padding); None means all valid. With it,
+    `pool="last"`/`"first"` take each row's last/first valid position, `"mean"` the mean over
+    valid positions.
     """
 
     options: ModelOptions
@@ -421,10 +451,9 @@ class Classifier(nn.Module):
             tokens_BxT, mask_BxT, deterministic=deterministic
         )
         if o.head == "sequence":
-            if o.pool == "last":
-                x_BxD = x_BxTxD[:, -1]
-            elif o.pool == "first":
-                x_BxD = x_BxTxD[:, 0]
+            if o.pool in ("last", "first"):
+                index_B = _pool_index(o.pool, mask_BxT, x_BxTxD)
+                x_BxD = x_BxTxD[jnp.arange(x_BxTxD.shape[0]), index_B]
             elif mask_BxT is None:
                 x_BxD = x_BxTxD.mean(axis=1)
             else:
@@ -432,6 +461,17 @@ class Classifier(nn.Module):
                 x_BxD = (x_BxTxD * w_BxT[..., None]).sum(1) / jnp.maximum(w_BxT.sum(1), 1)[:, None]
             return nn.Dense(o.num_classes, name="head")(x_BxD)
         return nn.Dense(o.num_classes, name="head")(x_BxTxD)
+
+
+def _pool_index(pool: str, mask_BxT: Array | None, x_BxTxD: Array) -> Array:
+    """`[B]` the last (or first) valid position of each row (0 for a row with none)."""
+    b, t = x_BxTxD.shape[:2]
+    if mask_BxT is None:
+        return jnp.full((b,), t - 1 if pool == "last" else 0)
+    pos_T = jnp.arange(t)
+    if pool == "last":
+        return jnp.max(jnp.where(mask_BxT, pos_T, 0), axis=1)
+    return jnp.min(jnp.where(mask_BxT, pos_T, t), axis=1) % t
 
 
 def count_params(params) -> int:

@@ -145,6 +145,7 @@ def test_layer_errors():
 FIELDS = [("num_heads", 0), ("num_heads", -4), ("num_kv_heads", 0), ("head_dim", 0)]
 FIELDS += [("head_dim", -4), ("out_features", 0), ("entry_bound", 0.0), ("entry_bound", -1.0)]
 FIELDS += [("scale", 0.0), ("dropout_rate", 1.5), ("num_heads", 2.0)]
+FIELDS += [("learn_scale", "False"), ("use_bias", 1)]
 
 
 @pytest.mark.parametrize("cls", [TensorAttention, StandardAttention])
@@ -173,6 +174,8 @@ def test_invalid_fields_raise_at_construction(cls, field, value):
          "array scale"),
         (TensorAttention, dict(learn_scale=True, kernel_config=PolynomialConfig(fused=True)),
          "array scale"),
+        (TensorAttention, dict(window=(2, 3), kernel_config=PolynomialConfig(fused=True)),
+         "fused=True. runs no sliding windows"),
     ],
 )  # fmt: skip
 def test_invalid_windows_and_scales_raise_at_construction(cls, kw, needle):
@@ -190,6 +193,43 @@ def test_standard_attention_refuses_causal_cross_lengths_and_int_masks():
         layer.init(jax.random.key(0), x, y)
     with pytest.raises(ValueError, match="kv_mask must be a boolean"):
         layer.init(jax.random.key(0), x, kv_mask=jnp.ones((1, 4), jnp.int32))
+
+
+def test_k2_mask_defaults_to_k1_mask_for_the_same_keys():
+    """`layer(x, k1_mask=m)`: both key sets are x, so both get its padding."""
+    x = jax.random.normal(jax.random.key(14), (2, 6, 8))
+    mask = np.ones((2, 6), bool)
+    mask[1, 4:] = False
+    layer = TensorAttention(num_heads=2, implementation="reference")
+    params = layer.init(jax.random.key(15), x)
+    got = layer.apply(params, x, k1_mask=mask)
+    np.testing.assert_array_equal(got, layer.apply(params, x, k1_mask=mask, k2_mask=mask))
+    np.testing.assert_allclose(got[1, :4], layer.apply(params, x[1:, :4])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,kw", [(TensorAttention, "k1_mask"), (StandardAttention, "kv_mask")])
+def test_padding_holding_nan_leaves_valid_rows_exact(cls, kw):
+    x = jax.random.normal(jax.random.key(16), (2, 6, 8))
+    mask = np.ones((2, 6), bool)
+    mask[1, 4:] = False
+    layer = cls(num_heads=2)
+    params = layer.init(jax.random.key(17), x)
+    want = layer.apply(params, x, **{kw: mask})
+    got = layer.apply(params, x.at[1, 4:].set(jnp.nan), **{kw: mask})
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1, :4], want[1, :4])
+
+
+@pytest.mark.parametrize("cls", [TensorAttention, StandardAttention])
+def test_inputs_of_the_wrong_rank_or_batch_name_the_input(cls):
+    layer = cls(num_heads=2)
+    x = jnp.zeros((2, 4, 8))
+    with pytest.raises(ValueError, match=r"x_q must be a \[B, T, D\] array, got shape \(4, 8\)"):
+        layer.init(jax.random.key(0), x[0])
+    with pytest.raises(ValueError, match="must be a"):
+        layer.init(jax.random.key(0), x[None])
+    with pytest.raises(ValueError, match="has batch 1, x_q has 2"):
+        layer.init(jax.random.key(0), x, x[:1])
 
 
 def test_polynomial_layer_without_entry_bound_warns_at_construction():

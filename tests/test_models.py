@@ -42,6 +42,36 @@ def test_sequence_head(pool):
     assert jax.jit(model.apply, static_argnames="deterministic")(params, x, mask).shape == (2, 3)
 
 
+@pytest.mark.parametrize("pool", ["last", "first", "mean"])
+def test_sequence_pooling_reads_valid_positions_only(pool):
+    """Right padding (row 0) and left padding (row 1): changing padded tokens changes nothing."""
+    o = opts(head="sequence", pool=pool)
+    model = models.Classifier(o, kernel=REFERENCE)
+    x = jnp.asarray(np.random.default_rng(5).integers(0, 11, (2, 6)), jnp.int32)
+    mask = jnp.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]], bool)
+    params = model.init(jax.random.key(6), x)
+    other = jnp.where(mask, x, (x + 5) % 11)
+    np.testing.assert_allclose(
+        model.apply(params, other, mask), model.apply(params, x, mask), atol=1e-5
+    )
+    alone = model.apply(params, x[:1, :4])  # row 0 without its padding
+    np.testing.assert_allclose(model.apply(params, x, mask)[0], alone[0], atol=1e-5)
+
+
+def test_learned_positions_refuse_inputs_past_max_len():
+    model = models.Classifier(opts(positional="learned", max_len=4), kernel=REFERENCE)
+    with pytest.raises(ValueError, match="model.max_len: 4 learned positions.*length 6"):
+        model.init(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))
+
+
+def test_dtype_objects_and_names_have_one_identity():
+    a, b = opts(dtype=jnp.bfloat16), opts(dtype="bfloat16")
+    assert a == b and a.identity() == b.identity()
+    models.validate(models.ModelOptions(**a.identity()))  # config.json reloads
+    assert opts(dtype=None).identity() == opts(dtype="float32").identity()
+    assert opts(dtype=jnp.float32).identity() == opts().identity()
+
+
 def test_fourier_features_are_periodic_in_the_modulus():
     f = models.fourier_features(jnp.array([0, 3, 3 + 13]), 13)
     assert f.shape == (3, 12)
@@ -106,6 +136,11 @@ def test_identity_drops_polynomial_run_options_only():
         (dict(num_heads=3), "model.num_heads"),
         (dict(attention="cubic"), "model.attention"),
         (dict(tensor_every=0), "model.tensor_every"),
+        (dict(tensor_every=2), "model.tensor_every"),
+        (
+            dict(attention="polynomial", learn_scale=True, polynomial={"bound": 1.0}),
+            "model.learn_scale",
+        ),
         (dict(embedding="onehot"), "model.embedding"),
         (dict(num_kv_heads=3, num_heads=4, width=16), "model.num_kv_heads"),
         (dict(window=(2, 2)), "model.window"),
