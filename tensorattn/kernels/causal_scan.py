@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from tensorattn.kernels import spine
+
 
 def shift(x, s: int):
     """`y[i] = x[i - s]` along axis 0, zero filled (`s > 0` delays, `s < 0` advances)."""
@@ -50,6 +52,33 @@ def chunked(x, chunk: int):
     return x.reshape((n, chunk) + x.shape[1:])
 
 
+@jax.custom_jvp
+def prefix_outer(c, f, rhs):
+    """`p[i] = c + sum_{a <= i} f[a] ⊗ rhs[a]`: `c [r, X]`, `f [C, r]`, `rhs [C, X]` ->
+    `[C, r, X]`.
+
+    The JVP is written so that its transpose (the VJP) is matmuls: autodiff of the plain
+    broadcasts would sum the `[C, r, X]` cotangent over `X`, `r` and `C` with reductions
+    that XLA:CPU hands to YNNPACK fusions, ~5x slower than the rest of the step together
+    (causal autodiff fwd+grad at T = 256, H = 16, degree 4: 1.35 s CPU time against 0.3 s)."""
+    return c[None] + jnp.cumsum(f[:, :, None] * rhs[:, None, :], axis=0)
+
+
+@prefix_outer.defjvp
+def _prefix_outer_jvp(primals, tangents):
+    c, f, rhs = primals
+    dc, df, drhs = tangents
+    n = f.shape[0]
+    du = spine.einsum("ar,ax->arx", df, rhs) + spine.einsum("ar,ax->arx", f, drhs)
+    # Row i sums dc and du[a] for a <= i: one matmul with [1 | tril], whose transpose
+    # gives the carry's cotangent too (no reduction over the rows).
+    tri = jnp.tril(jnp.ones((n, n), du.dtype))
+    tri = jnp.concatenate([jnp.ones((n, 1), du.dtype), tri], axis=1)  # [C, C+1]
+    stacked = jnp.concatenate([dc[None], du], axis=0).reshape(n + 1, -1)
+    dp = spine.dot(tri, stacked, (1, 0)).reshape(du.shape)
+    return prefix_outer(c, f, rhs), dp
+
+
 @dataclasses.dataclass
 class KeySet:
     """One key set: keys `k [S, H]`, per-key right-hand sides `rhs [S, ...]` (zero rows for
@@ -80,8 +109,7 @@ class KeySet:
         """Returns `[C, r, *rhs.shape[1:]]` per-row sums and the new carry."""
         sums, new_carry = [], []
         for c, (kc, rc) in zip(carry, zip(xs[0::2], xs[1::2])):
-            u = feature_fn(kc)[:, :, None] * rc[:, None, :]  # [C, r, X]
-            p = c[None] + jnp.cumsum(u, axis=0)
+            p = prefix_outer(c, feature_fn(kc), rc)  # [C, r, X]
             sums.append(p)
             new_carry.append(p[-1])
         row = sums[0] if len(sums) == 1 else sums[0] - sums[1]
