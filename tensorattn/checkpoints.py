@@ -2,10 +2,11 @@
 
 Saves are synchronous: `save` returns once the step is on disk, and a save that cannot be
 written raises `CheckpointError` at once (the folder is probed first), never hangs. Only finite
-states are saved. `restore_latest` falls back to the newest checkpoint that restores: each one
-that does not is moved to `DIR/checkpoints_corrupt/` and named in a warning. A checkpoint whose
-tree structure differs from the state to restore (a config change, not damage) is never moved:
-`CheckpointMismatchError`.
+states are saved. `restore_latest` falls back to the newest checkpoint that restores: each newer
+one that does not is moved to `DIR/checkpoints_corrupt/` and named in a warning. When none
+restores, nothing is moved (`CheckpointError`: the cause may be the machine, not the files). A
+checkpoint whose tree structure or shapes differ from the state to restore (a config change,
+not damage) is never moved: `CheckpointMismatchError`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def _is_mismatch(error: Exception) -> bool:
-    """Orbax's error for a restore target whose tree differs from the saved one's metadata."""
-    return isinstance(error, ValueError) and "structures do not match" in str(error)
+    """Orbax's errors for a restore target whose tree or array shapes differ from the saved
+    ones (a config change, e.g. another width or optimizer)."""
+    text = str(error)
+    return isinstance(error, ValueError) and (
+        "structures do not match" in text or "is not compatible with the stored shape" in text
+    )
+
+
+def _first_line(error: Exception, limit: int) -> str:
+    return str(error).splitlines()[0][:limit] if str(error) else ""
 
 
 @jax.jit
@@ -100,41 +109,61 @@ class Checkpoints:
 
     def restore_latest(self, target):
         """`(step, state)` from the newest checkpoint that restores and is finite, or
-        `(None, target)` when there is none; unusable checkpoints are moved aside. Raises
-        CheckpointMismatchError, moving nothing, when a checkpoint's structure differs."""
+        `(None, target)` when there is none. Newer ones that fail are moved aside only once an
+        older one restores (reading works, so they are damaged); when none restores, nothing
+        is moved and CheckpointError names each failure (a permission or memory error is not
+        damage). Raises CheckpointMismatchError, moving nothing, when a checkpoint's structure
+        or shapes differ from `target`'s (a config change)."""
+        failed = []  # (step, error)
         for step in reversed(self.steps()):
             try:
                 state = self.restore(step, target)
                 if not all_finite(state):
                     raise ValueError("the state holds NaN/inf")
-                return step, state
             except Exception as e:  # noqa: BLE001 - any other failure means: try an older one
                 if _is_mismatch(e):
                     raise CheckpointMismatchError(
                         f"checkpoint step {step} in {self.directory} holds a state of another "
-                        f"structure ({str(e).splitlines()[0][:200]}); resume with the config that "
+                        f"structure ({_first_line(e, 200)}); resume with the config that "
                         "wrote it or use a new workdir"
                     ) from e
-                moved = self._quarantine(step)
+                failed.append((step, e))
+                self._reopen()  # a failed restore can leave the manager's item layout wrong
+                continue
+            for bad, e in failed:
                 log.warning(
                     "checkpoint step %d in %s cannot be restored (%s: %s); moved it to %s and "
-                    "falling back to the previous one",
-                    step,
+                    "resuming from step %d",
+                    bad,
                     self.directory,
                     type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "",
-                    moved,
+                    _first_line(e, 300),
+                    self._quarantine(bad),
+                    step,
                 )
+            return step, state
+        if failed:
+            reasons = "; ".join(
+                f"step {s}: {type(e).__name__}: {_first_line(e, 200)}" for s, e in failed
+            )
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores ({reasons}). Nothing was moved or "
+                "dropped. If the cause is the machine (permissions, memory), fix it and resume; "
+                f"if the checkpoints are damaged, move {self.directory} away to start over "
+                "(metrics.jsonl is then rewritten from step 0) or use a new workdir"
+            ) from failed[0][1]
         return None, target
 
     def _quarantine(self, step: int) -> str:
         os.makedirs(self.corrupt_directory, exist_ok=True)
         destination = os.path.join(self.corrupt_directory, f"{step}-{int(time.time())}")
         shutil.move(os.path.join(self.directory, str(step)), destination)
-        # A failed restore can leave the manager's item layout wrong: start a fresh one.
+        self._reopen()
+        return destination
+
+    def _reopen(self) -> None:
         self._manager.close()
         self._manager = self._open()
-        return destination
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -238,6 +238,35 @@ def test_structure_mismatch_is_never_treated_as_corruption(finished, tmp_path):
     assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
 
 
+def test_shape_mismatch_is_never_treated_as_corruption(finished, tmp_path):
+    """Another width without config.json: orbax's shape error is a mismatch, nothing moves."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(finished[0], workdir)
+    os.remove(os.path.join(workdir, "config.json"))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="step 20.*another structure"):
+        training.train_and_evaluate(smoke_config(model__width=32, train__num_steps=30), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved_or_dropped(finished, tmp_path, monkeypatch):
+    """A read failure of every checkpoint (e.g. permissions) may be the machine's fault: the
+    run stops naming each failure, with the checkpoints and metrics as they were."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(finished[0], workdir)
+    before = records(workdir)
+
+    def unreadable(self, step, target):
+        raise OSError(f"[Errno 13] Permission denied: step {step}")
+
+    monkeypatch.setattr(checkpoints.Checkpoints, "restore", unreadable)
+    with pytest.raises(checkpoints.CheckpointError, match="step 20: OSError.*Nothing was moved"):
+        training.train_and_evaluate(smoke_config(train__num_steps=30), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+    assert records(workdir) == before
+
+
 def test_each_logged_mean_covers_the_steps_since_the_previous_log(tmp_path, monkeypatch):
     """log_every=7 does not divide checkpoint_every=10: the save at 10 writes the mean of
     steps 8-10 (a resume from it loses none), the log at 14 that of 11-14."""
