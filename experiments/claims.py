@@ -270,15 +270,13 @@ def claim_threshold(workdir: str, config="cpu") -> dict:
     rows = threshold_rows(orders, lengths, bounds)
     name = "claim3_threshold"
     path = os.path.join(workdir, f"{name}.jsonl")
-    if os.path.exists(path):
-        os.remove(path)  # analytic and cheap: always recomputed whole
-    for r in rows:
-        benchlib.append_jsonl(path, {**r, "cost_ratio": _finite(r["cost_ratio"])})
     crossings = crossing_bounds(rows)
     check_bounds = [b for b in bounds if b <= c["check_max_bound"]][::2]
     checks = empirical_check(c["check_n"], check_bounds, max_rank=c["check_max_rank"])
-    for r in crossings + checks:
-        benchlib.append_jsonl(path, {**r, "cost_ratio": _finite(r.get("cost_ratio"))})
+    # Recomputed whole (cheap), replacing the old file at once: a kill leaves the old one.
+    workdir_files.rewrite_jsonl(
+        path, [{**r, "cost_ratio": _finite(r.get("cost_ratio"))} for r in rows + crossings + checks]
+    )
     fits = {}
     for t in orders:
         cs = [r["c"] for r in crossings if r["order"] == t and r["c"] is not None]

@@ -105,6 +105,11 @@ def main(argv):
         sys.exit(f"cannot resume: {e}")
     except training.TrainingInterrupted as e:
         sys.exit(f"training interrupted: {e}")
+    except OSError as e:  # e.g. a full disk or a file made unwritable: every write is atomic
+        sys.exit(
+            f"training stopped: {type(e).__name__}: {e}; the files in {path} are intact: fix "
+            "the cause and run the same command to resume"
+        )
     except KeyboardInterrupt:
         print(
             f"interrupted; run the same command to resume from the newest checkpoint in {path}",

@@ -765,9 +765,11 @@ class _Run:
         TrainingInterrupted."""
         if self.last_good != step:
             self.save(step)
+        total = self.options.train.num_steps
+        then = "the run is complete" if step == total else "run the same command to resume"
         raise TrainingInterrupted(
-            f"{received} at step {step} of {self.options.train.num_steps}; saved checkpoint "
-            f"step {step} in {self.checkpoints.directory}; run the same command to resume"
+            f"{received} at step {step} of {total}; saved checkpoint step {step} in "
+            f"{self.checkpoints.directory}; {then}"
         )
 
 
@@ -850,7 +852,7 @@ def _loop(run: _Run, task, data_sharding) -> dict[str, Any]:
                 final = run.eval(step)
             if step % t.checkpoint_every == 0 or last:
                 run.save(step)
-            if signals.received and not last:
+            if signals.received:  # at the last step too: a caller running several stops
                 run.interrupt(step, signals.received)
     return final
 

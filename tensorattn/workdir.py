@@ -236,13 +236,29 @@ def dumps_json(value, **kwargs) -> str:
 
 
 def append_jsonl(path: str, record: Mapping) -> None:
-    """Appends one record as one line (NaN/inf as null), flushed and fsynced."""
+    """Appends one record as one line (NaN/inf as null), flushed and fsynced. A torn last line
+    (a kill mid-append) is cut off first, so the new record never joins it."""
     line = dumps_json(dict(record)) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if _unterminated(path):
+        repair_jsonl(path)
     with open(path, "a") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _unterminated(path: str) -> bool:
+    """Whether `path` exists and its last byte is not a newline (one byte read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def rewrite_jsonl(path: str, records: Iterable[Mapping]) -> None:

@@ -315,6 +315,48 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     assert json.loads(open(path).read()) == {"step": 2, "x": None}
 
 
+def test_a_signal_during_the_last_step_is_reported(tmp_path, monkeypatch):
+    """SIGTERM at the final step: the run completes and saves, then TrainingInterrupted tells
+    the caller (claims run several trainings: they must stop too)."""
+
+    class Signals:  # stands in for the handlers: the "signal" arrives during step 20
+        received = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    real = tasks.train_batch
+
+    def signalled(task, seed, step, batch_size):
+        if step == 20:
+            Signals.received = "SIGTERM"
+        return real(task, seed, step, batch_size)
+
+    monkeypatch.setattr(training, "_Signals", Signals)
+    monkeypatch.setattr(tasks, "train_batch", signalled)
+    with pytest.raises(training.TrainingInterrupted, match="step 20 of 20.*the run is complete"):
+        training.train_and_evaluate(smoke_config(), str(tmp_path))
+    assert training.train_and_evaluate(smoke_config(), str(tmp_path))["step"] == 20
+
+
+def test_append_after_a_torn_line_cuts_it_off(tmp_path):
+    """A kill mid-append leaves a torn last line: the next append never joins it."""
+    path = str(tmp_path / "rows.jsonl")
+    workdir.append_jsonl(path, {"step": 1})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "x": 0.')
+    workdir.append_jsonl(path, {"step": 3})
+    workdir.append_jsonl(path, {"step": 4})
+    assert [r["step"] for r in workdir.read_jsonl(path)] == [1, 3, 4]
+    with open(path, "a") as f:
+        f.write('{"step": 5}')  # complete but unterminated: kept
+    workdir.append_jsonl(path, {"step": 6})
+    assert [r["step"] for r in workdir.read_jsonl(path)] == [1, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -337,3 +379,12 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, args, needle):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr and needle in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_os_error_exits_with_one_line(tmp_path):
+    """A file the run cannot write (here config.json is a folder): one line, no traceback."""
+    (tmp_path / "run" / "config.json").mkdir(parents=True)
+    out = run_cli("--config=configs/match3.py:smoke", f"--workdir={tmp_path / 'run'}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "training stopped: IsADirectoryError" in out.stderr
+    assert "run the same command to resume" in out.stderr
