@@ -829,12 +829,12 @@ def _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints) -> 
             last_good=latest,
             start=start,
         )
-        return _loop(run, task, data_sharding)
+        return _loop(run, task, tasks.held_out_keys(eval_data), data_sharding)
     finally:
         writer.close()
 
 
-def _loop(run: _Run, task, data_sharding) -> dict[str, Any]:
+def _loop(run: _Run, task, held_out: frozenset, data_sharding) -> dict[str, Any]:
     """Steps `run.start + 1 .. num_steps`: logs, evals and saves on schedule; saves the
     current step and stops on SIGTERM/SIGINT."""
     t = run.options.train
@@ -842,7 +842,8 @@ def _loop(run: _Run, task, data_sharding) -> dict[str, Any]:
     final = None
     with _Signals() as signals:
         for step in range(run.start + 1, t.num_steps + 1):
-            batch = _to_global(tasks.train_batch(task, t.seed, step, t.batch_size), data_sharding)
+            batch = tasks.train_batch(task, t.seed, step, t.batch_size, held_out)
+            batch = _to_global(batch, data_sharding)
             run.state, metrics = train_step(run.state, batch)
             run.pending.add(step, metrics)
             last = step == t.num_steps

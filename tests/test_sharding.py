@@ -91,10 +91,10 @@ def test_training_data_and_sequence_parallel_match_one_device(tmp_path):
         logging.getLogger("tensorattn").addHandler(handler)
         logging.getLogger("tensorattn").setLevel(logging.INFO)
 
-        def dying(task, seed, step, batch_size):
+        def dying(task, seed, step, batch_size, *rest):
             if step == 5:
                 raise KeyboardInterrupt("simulated kill")
-            return real(task, seed, step, batch_size)
+            return real(task, seed, step, batch_size, *rest)
 
         def config(devices, shards):
             c = match3.get_config("smoke")

@@ -102,6 +102,22 @@ def test_eval_set_fixed_and_disjoint_from_training_stream():
     assert not np.array_equal(t1.inputs, tasks.train_batch(task, 5, 2, 64).inputs)
 
 
+def test_training_batches_never_hold_an_eval_example():
+    """4x4 relation grids: a small input space, where most eval grids would be trained on."""
+    task = tasks.make("relation_composition", size=3)  # 2^9 grids
+    held = tasks.eval_set(task, 7, 256)
+    keys = tasks.held_out_keys(held)
+    plain = tasks.train_batch(task, 0, 1, 128)
+    assert any(row.tobytes() in keys for row in plain.inputs)  # without exclusion: overlap
+    batch = tasks.train_batch(task, 0, 1, 128, keys)
+    assert not any(row.tobytes() in keys for row in batch.inputs)
+    np.testing.assert_array_equal(batch.inputs, tasks.train_batch(task, 0, 1, 128, keys).inputs)
+    kept = np.array([row.tobytes() not in keys for row in plain.inputs])
+    np.testing.assert_array_equal(batch.inputs[kept], plain.inputs[kept])  # only those redrawn
+    labels = (batch.inputs.reshape(-1, 3, 3) @ batch.inputs.reshape(-1, 3, 3) > 0).reshape(-1, 9)
+    np.testing.assert_array_equal(batch.labels, labels)  # redrawn rows keep their labels
+
+
 def test_majority_baseline():
     labels = np.array([[1, 1, 0, 1], [0, 0, 0, 0]])
     mask = np.array([[True, True, True, True], [True, False, False, False]])

@@ -77,10 +77,10 @@ def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path, monkey
     resumed = str(tmp_path)
     real = tasks.train_batch
 
-    def dying(task, seed, step, batch_size):
+    def dying(task, seed, step, batch_size, *rest):
         if step == 15:
             raise KeyboardInterrupt("simulated kill")
-        return real(task, seed, step, batch_size)
+        return real(task, seed, step, batch_size, *rest)
 
     monkeypatch.setattr(tasks, "train_batch", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -153,10 +153,10 @@ def test_resume_with_another_exact_kernel(finished, tmp_path, monkeypatch, caplo
     resumed = str(tmp_path)
     real = tasks.train_batch
 
-    def dying(task, seed, step, batch_size):
+    def dying(task, seed, step, batch_size, *rest):
         if step == 15:
             raise KeyboardInterrupt("simulated kill")
-        return real(task, seed, step, batch_size)
+        return real(task, seed, step, batch_size, *rest)
 
     monkeypatch.setattr(tasks, "train_batch", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -330,10 +330,10 @@ def test_a_signal_during_the_last_step_is_reported(tmp_path, monkeypatch):
 
     real = tasks.train_batch
 
-    def signalled(task, seed, step, batch_size):
+    def signalled(task, seed, step, batch_size, *rest):
         if step == 20:
             Signals.received = "SIGTERM"
-        return real(task, seed, step, batch_size)
+        return real(task, seed, step, batch_size, *rest)
 
     monkeypatch.setattr(training, "_Signals", Signals)
     monkeypatch.setattr(tasks, "train_batch", signalled)

@@ -127,10 +127,10 @@ def test_random_kills_resume_to_the_uninterrupted_metrics(reference, tmp_path):
 def test_kill_before_the_first_checkpoint_writes_step_0_once(reference, tmp_path, monkeypatch):
     real = tasks.train_batch
 
-    def dying(task, seed, step, batch_size):
+    def dying(task, seed, step, batch_size, *rest):
         if step == 3:
             raise KeyboardInterrupt("simulated kill")
-        return real(task, seed, step, batch_size)
+        return real(task, seed, step, batch_size, *rest)
 
     monkeypatch.setattr(tasks, "train_batch", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -247,10 +247,10 @@ def test_unwritable_checkpoint_folder_fails_fast(tmp_path, monkeypatch):
     folder = tmp_path / "run" / "checkpoints"
     real = tasks.train_batch
 
-    def lock_folder(task, seed, step, batch_size):
+    def lock_folder(task, seed, step, batch_size, *rest):
         if step == 7:
             _set_writable(folder, False)
-        return real(task, seed, step, batch_size)
+        return real(task, seed, step, batch_size, *rest)
 
     monkeypatch.setattr(tasks, "train_batch", lock_folder)
     start = time.time()
@@ -283,14 +283,14 @@ PAUSED_CLI = textwrap.dedent(
     jax.config.update("jax_default_matmul_precision", "highest")  # as conftest.py
     from tensorattn import tasks
     real = tasks.train_batch
-    def paused(task, seed, step, batch_size):
+    def paused(task, seed, step, batch_size, *rest):
         if step == 7:
             marker = os.path.join(sys.argv[-1].split("=", 1)[1], ".at7")
             open(marker, "w").close()
             deadline = time.monotonic() + 60
             while os.path.exists(marker) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        return real(task, seed, step, batch_size)
+        return real(task, seed, step, batch_size, *rest)
     tasks.train_batch = paused
     sys.argv = ["train", *sys.argv[1:]]
     runpy.run_module("experiments.train", run_name="__main__")

@@ -33,13 +33,41 @@ class Batch:
     mask: np.ndarray
 
 
-def train_batch(task: Task, seed: int, step: int, batch_size: int) -> Batch:
-    """The training batch of `step`: a pure function of `(seed, step)`, so resuming is exact."""
-    return Batch(*task.sample(np.random.default_rng([seed, 0, step]), batch_size))
+def train_batch(
+    task: Task, seed: int, step: int, batch_size: int, held_out: frozenset = frozenset()
+) -> Batch:
+    """The training batch of `step`: a pure function of `(seed, step, held_out)`, so resuming
+    is exact. Examples whose inputs are in `held_out` (`held_out_keys` of the eval set) are
+    redrawn from follow-up streams of the same step, so no evaluated example is trained on
+    (on small input spaces, e.g. 4x4 relation grids, most would be otherwise)."""
+    inputs, labels, mask = task.sample(np.random.default_rng([seed, 0, step]), batch_size)
+    redraw = 1
+    while held_out and (seen := _in(held_out, inputs)).any():
+        rows = np.flatnonzero(seen)
+        new = task.sample(np.random.default_rng([seed, 0, step, redraw]), rows.size)
+        for array, fresh in zip((inputs, labels, mask), new):
+            array[rows] = fresh
+        redraw += 1
+    return Batch(inputs, labels, mask)
+
+
+def held_out_keys(batch: Batch) -> frozenset:
+    """The eval set's examples as keys for `train_batch(held_out=...)` (the inputs determine
+    the labels)."""
+    return frozenset(_keys(batch.inputs))
+
+
+def _keys(inputs: np.ndarray) -> list[bytes]:
+    return [row.tobytes() for row in np.ascontiguousarray(inputs, np.int32)]
+
+
+def _in(keys: frozenset, inputs: np.ndarray) -> np.ndarray:
+    return np.array([k in keys for k in _keys(inputs)], bool)
 
 
 def eval_set(task: Task, seed: int, size: int) -> Batch:
-    """The fixed held-out set: drawn from a stream disjoint from every training batch's."""
+    """The fixed held-out set: drawn from a stream disjoint from every training batch's;
+    training batches exclude its examples (`held_out_keys`)."""
     return Batch(*task.sample(np.random.default_rng([seed, 1]), size))
 
 
