@@ -1,0 +1,82 @@
+"""What the synthetic tasks give away without a higher-order relation (docs/math.md §6).
+
+For each task instance: the majority class and the accuracy of a lookup table on a few pairwise
+features, fitted on one half of the samples and scored on the other (a Bayes classifier over
+those features: a ceiling for any model that sees only them). A model at this accuracy shows no
+composition at all.
+
+    python -m experiments.task_shortcuts
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from tensorattn import tasks
+
+
+def lookup_accuracy(keys: list, labels: np.ndarray) -> float:
+    """Fits `key -> majority label` on the first half, scores it on the second."""
+    half = len(keys) // 2
+    counts = defaultdict(lambda: [0, 0])
+    for k, y in zip(keys[:half], labels[:half]):
+        counts[k][int(y)] += 1
+    default = int(labels[:half].mean() > 0.5)
+    pred = [int(counts[k][1] > counts[k][0]) if k in counts else default for k in keys[half:]]
+    return float(np.mean(np.array(pred) == labels[half:]))
+
+
+def match3(length: int, modulus: int, n: int, rng) -> tuple[list, np.ndarray]:
+    """Feature: x_i has a pairwise match (`j = i`: 2x_i + x_k, or `j = k`: x_i + 2x_j, = 0)."""
+    x, y, _ = tasks.make("match3", length=length, modulus=modulus).sample(rng, n)
+    i_with_k = ((2 * x[:, :, None] + x[:, None, :]) % modulus == 0).any(2)
+    j_twice = ((x[:, :, None] + 2 * x[:, None, :]) % modulus == 0).any(2)
+    return [(bool(f),) for f in (i_with_k | j_twice).ravel()], y.ravel()
+
+
+def function_composition(n: int, rng) -> tuple[list, np.ndarray]:
+    """Features: y's number of preimages under f (capped at 4), f(x) = y, x = y."""
+    size = 16
+    x, y, _ = tasks.make("function_composition", size=size).sample(rng, n)
+    f, arg, out = x[:, :size], x[:, size], x[:, size + 1]
+    preimages = np.minimum((f == out[:, None]).sum(1), 4)
+    f_of_x = f[np.arange(n), arg]
+    return list(zip(preimages.tolist(), (f_of_x == out).tolist(), (arg == out).tolist())), y
+
+
+def relation(name: str, m: int, n: int, rng) -> tuple[list, np.ndarray]:
+    """Features of cell (i, j): i = j, R(i,j), R(i,i), R(j,j), row i's and column j's sums."""
+    x, y, _ = tasks.make(name, size=m).sample(rng, n)
+    r = x[:, : m * m].reshape(n, m, m)
+    labels = y[:, : m * m].reshape(n, m, m)
+    rows, cols = r.sum(2), r.sum(1)
+    keys, out = [], []
+    for i in range(m):
+        for j in range(m):
+            feats = zip(r[:, i, j], r[:, i, i], r[:, j, j], rows[:, i], cols[:, j])
+            keys += [(i == j, *map(int, f)) for f in feats]
+            out.append(labels[:, i, j])
+    order = rng.permutation(len(keys))  # mix cells between the two halves
+    return [keys[k] for k in order], np.concatenate(out)[order]
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    cases = [
+        ("match3, length 6 mod 19", match3(6, 19, 40_000, rng)),
+        ("match3, length 10 mod 53", match3(10, 53, 40_000, rng)),
+        ("function composition, n = 16", function_composition(200_000, rng)),
+    ]
+    for name in ("relation_composition", "quotient_relation_composition"):
+        for m in (4, 6):
+            cases.append((f"{name}, {m}x{m}", relation(name, m, 30_000, rng)))
+    print(f"{'task':44s} {'majority':>9s} {'pairwise lookup':>16s}")
+    for name, (keys, labels) in cases:
+        majority = max(labels.mean(), 1 - labels.mean())
+        print(f"{name:44s} {majority:9.3f} {lookup_accuracy(keys, labels):16.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
