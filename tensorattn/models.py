@@ -260,12 +260,11 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
             )
         _check_polynomial(o, head_dim, fail)
         if o.learn_scale is True and (o.polynomial.bound is not None or o.polynomial.fused):
-            what = "bound" if o.polynomial.bound is not None else "fused=True"
+            what = "bound" if o.polynomial.bound is not None else "fused"
             fail(
-                "learn_scale",
-                f"a learned scale is an array, which polynomial.{what} cannot take (it needs "
-                "a Python float scale); set learn_scale=False or drop polynomial."
-                + ("bound" if o.polynomial.bound is not None else "fused"),
+                f"polynomial.{what}",
+                f"needs a Python float scale, but learn_scale=True gives an array; set "
+                f"learn_scale=False or drop polynomial.{what}",
             )
     for name, allowed in (
         ("embedding", EMBEDDINGS),

@@ -139,7 +139,7 @@ def test_identity_drops_polynomial_run_options_only():
         (dict(tensor_every=2), "model.tensor_every"),
         (
             dict(attention="polynomial", learn_scale=True, polynomial={"bound": 1.0}),
-            "model.learn_scale",
+            "model.polynomial.bound",
         ),
         (dict(embedding="onehot"), "model.embedding"),
         (dict(num_kv_heads=3, num_heads=4, width=16), "model.num_kv_heads"),
