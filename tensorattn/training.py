@@ -257,7 +257,8 @@ def validate(options: Options, num_devices: int | None = None) -> None:
     - train.seed: an int in [0, 2^31 - 2] (parameters, dropout (seed + 1 as int32), batches);
       train.eval_seed: an int >= 0. train.batch_size, num_steps, log_every, eval_every,
       checkpoint_every, keep_checkpoints, eval_size, eval_batch_size, sequence_shards:
-      positive ints; eval_size a multiple of eval_batch_size. train.num_devices: None (all)
+      positive ints; eval_size a multiple of eval_batch_size, and the held-out set must leave
+      inputs to train on (training batches exclude its examples). train.num_devices: None (all)
       or an int in [1, available devices]; sequence_shards must divide the devices and the
       task length, and the model's tensor layers must be non-causal when it is above 1;
       batch_size and eval_batch_size must divide over the data-parallel devices.
@@ -343,6 +344,11 @@ def validate(options: Options, num_devices: int | None = None) -> None:
             f"{t.sequence_shards}"
         )
     _check_kernels_run(options, task.length // t.sequence_shards)
+    try:  # a held-out set covering the task's inputs leaves nothing to train on
+        held_out = tasks.held_out_keys(tasks.eval_set(task, t.eval_seed, t.eval_size))
+        tasks.train_batch(task, t.seed, 1, t.batch_size, held_out)
+    except ValueError as e:
+        raise ConfigError(f"train.eval_size: {e}") from e
 
 
 def _check_kernel_options(k: KernelOptions) -> None:

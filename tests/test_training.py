@@ -388,3 +388,14 @@ def test_cli_os_error_exits_with_one_line(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "training stopped: IsADirectoryError" in out.stderr
     assert "run the same command to resume" in out.stderr
+
+
+def test_a_held_out_set_covering_the_task_is_refused():
+    """2x2 relation grids: 16 inputs, all in a held-out set of 64; nothing left to train on."""
+    options = training.options_from_dict(
+        smoke_config(
+            task__name="relation_composition", task__kwargs={"size": 2}, model__embedding="learned"
+        )
+    )
+    with pytest.raises(training.ConfigError, match="^train.eval_size: .*covers"):
+        training.validate(options)

@@ -33,6 +33,11 @@ class Batch:
     mask: np.ndarray
 
 
+# Rounds of redrawing held-out examples before `train_batch` gives up (the held-out set then
+# holds nearly the whole input space, e.g. 2x2 relation grids).
+MAX_REDRAWS = 100
+
+
 def train_batch(
     task: Task, seed: int, step: int, batch_size: int, held_out: frozenset = frozenset()
 ) -> Batch:
@@ -44,6 +49,12 @@ def train_batch(
     redraw = 1
     while held_out and (seen := _in(held_out, inputs)).any():
         rows = np.flatnonzero(seen)
+        if redraw > MAX_REDRAWS:
+            raise ValueError(
+                f"{rows.size} examples of training step {step} are still held out after "
+                f"{MAX_REDRAWS} redraws: the held-out set covers (almost) every input of "
+                f"{task.name}; use a larger instance or a smaller held-out set"
+            )
         new = task.sample(np.random.default_rng([seed, 0, step, redraw]), rows.size)
         for array, fresh in zip((inputs, labels, mask), new):
             array[rows] = fresh
