@@ -444,7 +444,6 @@ def run_points(points, workdir: str, name: str, preset: str, polynomial_options=
     point."""
     path = os.path.join(workdir, f"{name}.jsonl")
     done = {}
-    workdir_files.repair_jsonl(path)  # a torn last line (a kill mid-append) is cut off
     for r in workdir_files.read_jsonl(path):
         if r.get("status") == "ok":  # failed runs are tried again
             done[tuple(r.get(k) for k in POINT_KEY)] = r

@@ -201,8 +201,7 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
     - polynomial: `PolynomialConfig` fields (checked by the class), only with
       attention="polynomial"; its feature rank C(head_dim + degree, degree) (degree 4 by
       default, or the one `tolerance` picks) must be at most 2^20.
-    - entry_bound, scale: None or a positive finite number; learn_scale, causal: bools
-      (learn_scale not with polynomial.bound or polynomial.fused, which need a float scale).
+    - entry_bound, scale: None or a positive finite number; learn_scale, causal: bools.
     - window: None or a pair (w1, w2), each a positive int or None (unbounded), only with
       causal=True; standard layers use w1 alone, which must then be an int.
     - embedding: "learned" or "fourier"; fourier_frequencies: None (all (vocab_size - 1) // 2:
@@ -259,13 +258,6 @@ def validate(options: ModelOptions, prefix: str = "model") -> None:
                 "attention='polynomial' layers only",
             )
         _check_polynomial(o, head_dim, fail)
-        if o.learn_scale is True and (o.polynomial.bound is not None or o.polynomial.fused):
-            what = "bound" if o.polynomial.bound is not None else "fused"
-            fail(
-                f"polynomial.{what}",
-                f"needs a Python float scale, but learn_scale=True gives an array; set "
-                f"learn_scale=False or drop polynomial.{what}",
-            )
     for name, allowed in (
         ("embedding", EMBEDDINGS),
         ("positional", POSITIONAL),

@@ -8,8 +8,8 @@
   `atomic_path(path)` does the same for writers that want a file name (plots).
   Both create files with the usual mode under the process umask (0666 & ~umask).
 - `read_jsonl(path)` / `append_jsonl(path, record)`: append-only JSON lines. A torn last line
-  (a kill mid-append) is reported with its file and line number and dropped; `repair_jsonl`
-  cuts it off before the next append. A bad line elsewhere raises `CorruptFileError`.
+  (a kill mid-append) is reported with its file and line number and dropped; `append_jsonl`
+  cuts it off (`repair_jsonl`) before appending. A bad line elsewhere raises `CorruptFileError`.
 - `dumps_json(value)`: strict JSON; a NaN or inf is written as null, never as bare `NaN`.
 - `check_workdir(path)`: a clear `WorkdirError` for a workdir that cannot be one (empty, a
   file, under a file, unwritable), before any work; `make_workdir(path)` also creates it.

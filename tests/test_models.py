@@ -137,10 +137,6 @@ def test_identity_drops_polynomial_run_options_only():
         (dict(attention="cubic"), "model.attention"),
         (dict(tensor_every=0), "model.tensor_every"),
         (dict(tensor_every=2), "model.tensor_every"),
-        (
-            dict(attention="polynomial", learn_scale=True, polynomial={"bound": 1.0}),
-            "model.polynomial.bound",
-        ),
         (dict(embedding="onehot"), "model.embedding"),
         (dict(num_kv_heads=3, num_heads=4, width=16), "model.num_kv_heads"),
         (dict(window=(2, 2)), "model.window"),
