@@ -2,7 +2,9 @@
 
 Saves are synchronous: `save` returns once the step is on disk, and a save that cannot be
 written raises `CheckpointError` at once (the folder is probed first), never hangs. Only finite
-states are saved. `restore_latest` falls back to the newest checkpoint that restores: each newer
+states are saved. Each step folder gets a SHA-256 of every file orbax wrote (`CHECKSUMS`), so
+damage that still decodes (flipped bytes) is found on restore too. `restore_latest` falls back
+to the newest checkpoint that restores: each newer
 one that does not is moved to `DIR/checkpoints_corrupt/` and named in a warning. When none
 restores, nothing is moved (`CheckpointError`: the cause may be the machine, not the files). A
 checkpoint whose tree structure or shapes differ from the state to restore (a config change,
@@ -11,6 +13,8 @@ not damage) is never moved: `CheckpointMismatchError`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,7 +25,11 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from tensorattn import workdir as workdir_files
+
 log = logging.getLogger(__name__)
+
+CHECKSUMS = "tensorattn_sha256.json"  # in each step folder: {relative path: sha256 hex}
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +48,44 @@ def _is_mismatch(error: Exception) -> bool:
     return isinstance(error, ValueError) and (
         "structures do not match" in text or "is not compatible with the stored shape" in text
     )
+
+
+class ChecksumError(ValueError):
+    """A checkpoint file whose bytes differ from those written (damaged on disk)."""
+
+
+def _file_digests(step_directory: str) -> dict[str, str]:
+    """{path relative to the step folder: SHA-256 hex} of every file orbax wrote there."""
+    digests = {}
+    for folder, _, names in os.walk(step_directory):
+        for name in names:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, step_directory)
+            if relative == CHECKSUMS or name.startswith(f".{CHECKSUMS}."):
+                continue
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            digests[relative] = sha.hexdigest()
+    return digests
+
+
+def _verify(step_directory: str) -> None:
+    """Raises ChecksumError when a file listed in the step's CHECKSUMS is missing or differs.
+    A step without CHECKSUMS (a kill between orbax's commit and that write, or an older
+    checkpoint) is restored unverified."""
+    path = os.path.join(step_directory, CHECKSUMS)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        expected = json.load(f)
+    actual = _file_digests(step_directory)
+    bad = sorted(p for p, digest in expected.items() if actual.get(p) != digest)
+    if bad:
+        raise ChecksumError(
+            f"{len(bad)} file(s) differ from their SHA-256 at save time, e.g. {bad[0]}"
+        )
 
 
 def _first_line(error: Exception, limit: int) -> str:
@@ -97,13 +143,19 @@ class Checkpoints:
         try:
             self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
             self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                step_directory = os.path.join(self.directory, str(step))
+                text = json.dumps(_file_digests(step_directory), indent=0, sort_keys=True)
+                workdir_files.write_atomic(os.path.join(step_directory, CHECKSUMS), text)
         except Exception as e:  # orbax raises many types; name the folder and step
             raise CheckpointError(
                 f"saving step {step} to {self.directory} failed: {type(e).__name__}: {e}"
             ) from e
 
     def restore(self, step: int, target):
-        """Restores into `target`'s structure, dtypes and shardings."""
+        """Restores into `target`'s structure, dtypes and shardings, once the step's files
+        match their checksums (ChecksumError otherwise)."""
+        _verify(os.path.join(self.directory, str(step)))
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 

@@ -569,7 +569,9 @@ class MetricsWriter:
             workdir_files.rewrite_jsonl(self.path, kept)
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # The same for TensorBoard: its events from the first step written again on are hidden.
+        purge_step = 0 if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -787,7 +789,7 @@ def _train_locked(options: Options, workdir: str) -> dict[str, Any]:
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     try:
         if jax.process_index() == 0:
-            _write_config(options, workdir, has_checkpoints=bool(checkpoints.steps()))
+            _check_config(options, workdir, has_checkpoints=bool(checkpoints.steps()))
         with jax.set_mesh(mesh):
             return _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints)
     finally:
@@ -800,6 +802,8 @@ def _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints) -> 
     state = jax.device_put(state, sharding.replicated(mesh))
     num_params = models.count_params(state.params)
     latest, state = checkpoints.restore_latest(state)
+    if jax.process_index() == 0:  # only now: a config the checkpoints refuse is not kept
+        _write_config(options, workdir)
     start = 0 if latest is None else int(state.step)
     if latest is not None and start >= t.num_steps:
         log.info(
@@ -887,14 +891,18 @@ def _identity(config: Mapping[str, Any]) -> dict:
     return {"task": config.get("task"), "model": models.identity(config.get("model"))}
 
 
-def _write_config(options: Options, workdir: str, has_checkpoints: bool) -> None:
-    """Saves config.json (the whole config, atomically). A workdir that already holds
-    checkpoints of another task or model architecture is refused (resuming it would restore,
-    or report complete, the wrong run); other changes (the kernel, sequence sharding, device
-    count, optimizer, steps) resume, logging one line with what changed. Without checkpoints
-    (e.g. a run that failed at start) the new config simply replaces the old one."""
+def _config_json(options: Options) -> dict:
+    return models.json_ready(options.to_dict())
+
+
+def _check_config(options: Options, workdir: str, has_checkpoints: bool) -> None:
+    """Compares the options with `DIR/config.json`. A workdir that already holds checkpoints
+    of another task or model architecture is refused (resuming it would restore, or report
+    complete, the wrong run); other changes (the kernel, sequence sharding, device count,
+    optimizer, steps) resume, logging one line with what changed. Without checkpoints (e.g. a
+    run that failed at start) the new config will simply replace the old one."""
     path = os.path.join(workdir, "config.json")
-    new = models.json_ready(options.to_dict())
+    new = _config_json(options)
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -920,8 +928,13 @@ def _write_config(options: Options, workdir: str, has_checkpoints: bool) -> None
             what = ", ".join(f"{c} {_lookup(old, c)!r} -> {_lookup(new, c)!r}" for c in changed)
             verb = "resuming with" if has_checkpoints else "overwriting it with"
             log.warning("config differs from %s; %s %s", path, verb, what)
-    text = workdir_files.dumps_json(new, indent=2, sort_keys=True, default=str)
-    workdir_files.write_atomic(path, text)
+
+
+def _write_config(options: Options, workdir: str) -> None:
+    """Saves config.json (the whole config, atomically), once the checkpoints restored into
+    it: a config they refuse (a missing config.json, then another width) is never kept."""
+    text = workdir_files.dumps_json(_config_json(options), indent=2, sort_keys=True, default=str)
+    workdir_files.write_atomic(os.path.join(workdir, "config.json"), text)
 
 
 def _optimizer_structure(optim: Mapping[str, Any]):

@@ -70,15 +70,40 @@ def test_workdir_of_another_model_is_refused(finished):
     assert open(os.path.join(workdir, "config.json")).read() == before
 
 
+def tensorboard_scalars(workdir):
+    """Sorted (tag, step, value) points as TensorBoard shows them (without wall-clock tags):
+    the event files in the order they were written, a SessionLog START at step s hiding every
+    earlier event at a step >= s."""
+    from tensorboardX.proto import event_pb2
+
+    files = []
+    for name in os.listdir(os.path.join(workdir, "tensorboard")):
+        with open(os.path.join(workdir, "tensorboard", name), "rb") as f:
+            data, events = f.read(), []
+        while data:  # TFRecords: uint64 length, uint32 crc, payload, uint32 crc
+            length = int.from_bytes(data[:8], "little")
+            events.append(event_pb2.Event.FromString(data[12 : 12 + length]))
+            data = data[16 + length :]
+        files.append(events)
+    points = []
+    for events in sorted(files, key=lambda events: events[0].wall_time):
+        for e in events:
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START:
+                points = [p for p in points if p[1] < e.step]
+            points += [(v.tag, e.step, v.simple_value) for v in e.summary.value]
+    return sorted(p for p in points if p[0] != "steps_per_sec")
+
+
 def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path, monkeypatch):
-    """Killed at step 15 (last checkpoint 10); the resumed run equals the uninterrupted one,
-    which also shows that the same seed gives the same metrics."""
+    """Killed at step 17 (last checkpoint 10, train metrics logged at 15); the resumed run
+    equals the uninterrupted one, in metrics.jsonl and as TensorBoard shows it, which also
+    shows that the same seed gives the same metrics."""
     workdir, _ = finished
     resumed = str(tmp_path)
     real = tasks.train_batch
 
     def dying(task, seed, step, batch_size, *rest):
-        if step == 15:
+        if step == 17:
             raise KeyboardInterrupt("simulated kill")
         return real(task, seed, step, batch_size, *rest)
 
@@ -86,9 +111,11 @@ def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         training.train_and_evaluate(smoke_config(), resumed)
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["10"]
+    assert any(p[:2] == ("train/loss", 15) for p in tensorboard_scalars(resumed))
     monkeypatch.setattr(tasks, "train_batch", real)
     training.train_and_evaluate(smoke_config(), resumed)
     assert records(resumed) == records(workdir)
+    assert tensorboard_scalars(resumed) == tensorboard_scalars(workdir)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -236,7 +263,7 @@ def test_changed_optimizer_structure_is_refused_before_touching_anything(finishe
 )
 def test_a_mismatch_is_never_treated_as_corruption(finished, tmp_path, change):
     """Without config.json to compare, the restore's structure or shape mismatch still moves
-    nothing."""
+    nothing, and the refused config is not written as the workdir's config.json."""
     workdir = str(tmp_path / "copy")
     shutil.copytree(finished[0], workdir)
     os.remove(os.path.join(workdir, "config.json"))
@@ -244,6 +271,7 @@ def test_a_mismatch_is_never_treated_as_corruption(finished, tmp_path, change):
         training.train_and_evaluate(smoke_config(**change), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
     assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
 
 
 def test_when_no_checkpoint_restores_nothing_is_moved_or_dropped(finished, tmp_path, monkeypatch):

@@ -187,16 +187,28 @@ def test_corrupt_metrics_line_in_the_middle_names_file_and_line(interrupted):
         training.read_metrics(interrupted)
 
 
-@pytest.mark.parametrize("damage", ["deleted_item", "truncated_files"])
+def _largest_file(directory):
+    paths = [os.path.join(d, name) for d, _, names in os.walk(directory) for name in names]
+    return max(paths, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["deleted_item", "truncated_files", "flipped_bytes"])
 def test_bad_latest_checkpoint_falls_back_to_the_previous(reference, interrupted, damage, caplog):
+    """flipped_bytes: silent damage that still decodes, found by the step's checksums."""
     step_dir = os.path.join(interrupted, "checkpoints", "60")
     if damage == "deleted_item":
         shutil.rmtree(os.path.join(step_dir, "default"))
-    else:
+    elif damage == "truncated_files":
         for folder, _, files in os.walk(step_dir):
             for name in files:
                 f = os.path.join(folder, name)
                 os.truncate(f, os.path.getsize(f) // 2)
+    else:
+        with open(_largest_file(step_dir), "r+b") as f:
+            data = bytearray(f.read())
+            data[len(data) // 2] ^= 0xFF
+            f.seek(0)
+            f.write(data)
     with caplog.at_level(logging.WARNING):
         training.train_and_evaluate(config(), interrupted)
     assert "checkpoint step 60" in caplog.text and "cannot be restored" in caplog.text
