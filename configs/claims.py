@@ -150,6 +150,8 @@ def get_config(arg: str | None = None):
     # on a 2-core CPU (tensor model, seed 0): its config plateaus at 63.4% held-out accuracy
     # (majority 53.3%) from step 2000 to 4000, and width 192 with 3 heads (room for all 90
     # Fourier frequencies) at 63.3% by step 600: more steps or width alone do not solve it.
+    # 62.8% is what a lookup on pairwise matches alone gets (experiments/task_shortcuts.py):
+    # the model learns the pairs (j = i or j = k) and no triple.
     full_budgets = {"match3": _budget(0, 0, "length=16,modulus=181")}
     budgets = {"cpu": cpu_budgets, "full": full_budgets}.get(preset, {})
     c.expressivity.budgets = ml_collections.ConfigDict(budgets)

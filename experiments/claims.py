@@ -437,6 +437,12 @@ def train_point(config: dict, instance: str, model: Model, preset: str, workdir:
 POINT_KEY = ("task", "model", "seed", "preset", "steps", "batch_size")
 
 
+def task_instance(task: str, budget: dict | None) -> str:
+    """The task's name with its budget's `task_arg`, e.g. `relation_composition(size=4)`."""
+    task_arg = (budget or {}).get("task_arg", "")
+    return task + (f"({task_arg})" if task_arg else "")
+
+
 def run_points(points, workdir: str, name: str, preset: str, polynomial_options=None, log=print,
                train_dir: str = ""):  # fmt: skip
     """Trains each (task, budget, model, seed) point not already finished in
@@ -449,8 +455,7 @@ def run_points(points, workdir: str, name: str, preset: str, polynomial_options=
             done[tuple(r.get(k) for k in POINT_KEY)] = r
     rows = []
     for i, (task, budget, model, seed) in enumerate(points):
-        task_arg = (budget or {}).get("task_arg", "")
-        instance = task + (f"({task_arg})" if task_arg else "")
+        instance = task_instance(task, budget)
         config = train_config(task, model, seed, preset, budget, polynomial_options)
         train = config["train"]
         key = (instance, model.name, seed, preset, train["num_steps"], train["batch_size"])
@@ -538,6 +543,20 @@ def expressivity_points(config: dict) -> list[tuple]:
     ]
 
 
+def pairwise_lookups(points, preset: str, polynomial_options) -> dict[str, float | None]:
+    """{task instance: the pairwise-feature lookup's accuracy} for claim 4's points."""
+    from experiments import task_shortcuts
+
+    out = {}
+    for task, budget, model, seed in points:
+        instance = task_instance(task, budget)
+        if instance not in out:
+            task_config = train_config(task, model, seed, preset, budget, polynomial_options)
+            kwargs = dict(task_config["task"]["kwargs"])
+            out[instance] = task_shortcuts.pairwise_lookup(task_config["task"]["name"], kwargs)
+    return out
+
+
 def claim_expressivity(workdir: str, config="cpu") -> dict:
     """Claim 4: accuracy per (task, model) over seeds."""
     config = load_config(config)
@@ -553,9 +572,15 @@ def claim_expressivity(workdir: str, config="cpu") -> dict:
         train_dir=config.get("train_dir", ""),
     )
     agg = aggregate(rows)
+    lookup = pairwise_lookups(points, preset, options)
+    for a in agg:
+        a["pairwise_lookup"] = lookup.get(a["task"])
     claim_plots.accuracy_bars(agg, os.path.join(workdir, "claim4_expressivity.png"))
-    table = benchlib.markdown_table(
-        agg, ["task", "model", "seeds", "median", "min", "max", "majority", "failed"]
+    columns = ["task", "model", "seeds", "median", "min", "max", "majority", "pairwise_lookup"]
+    table = (
+        "pairwise_lookup: the held-out accuracy of a lookup on a few pairwise features of each "
+        "task instance (`python -m experiments.task_shortcuts`, docs/math.md §6); a model at "
+        "or below it shows no composition.\n\n" + benchlib.markdown_table(agg, [*columns, "failed"])
     )
     paper = beside_paper(agg)
     if paper:
@@ -599,7 +624,9 @@ def claim_bounded(workdir: str, config="cpu") -> dict:
         points, workdir, "claim5_bounded", preset, options, train_dir=config.get("train_dir", "")
     )
     agg = aggregate(rows, by=("model", "attention", "entry_bound"))
+    lookup = pairwise_lookups(points[:1], preset, options).popitem()[1] if points else None
     for a in agg:
+        a["pairwise_lookup"] = lookup
         b = a["entry_bound"]
         a["R"] = None if b is None else score_range(head_dim, b)
         a["taylor_rel_error"] = (
@@ -611,7 +638,9 @@ def claim_bounded(workdir: str, config="cpu") -> dict:
     _write(
         os.path.join(workdir, "claim5_bounded.md"),
         f"Match3 ({budget.get('task_arg') or 'config default'}), majority class "
-        f"{agg[0]['majority'] if agg else None}; R = sqrt(H) B^3 is the largest |score|, "
+        f"{benchlib.format_cell(agg[0]['majority'] if agg else None)}, pairwise-feature "
+        f"lookup {benchlib.format_cell(lookup)} "
+        "(`python -m experiments.task_shortcuts`); R = sqrt(H) B^3 is the largest |score|, "
         f"taylor_rel_error the degree-{degree} polynomial's largest relative error on [-R, R].\n\n"
         + benchlib.markdown_table(agg, cols),
     )

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from configs import claims as claims_config
-from experiments import claim_plots, claims
+from experiments import benchlib, claim_plots, claims, task_shortcuts
 from tensorattn import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,6 +188,16 @@ def test_expressivity_claim_smoke(tmp_path):
     table = open(os.path.join(tmp_path, "claim4_expressivity.md")).read()
     assert "standard-2" in table and "polynomial-1(B=1,g=2,H=16)" in table
     assert os.path.getsize(os.path.join(tmp_path, "claim4_expressivity.png")) > 0
+    lookup = task_shortcuts.pairwise_lookup("match3", {"length": 10, "modulus": 53})
+    assert f"| {benchlib.format_cell(lookup)} |" in table  # the default instance's lookup
+
+
+def test_pairwise_lookup_of_the_task_instances():
+    """Match3 6/19 gives its pairwise matches away (76% against a 69% majority); 10/53 does
+    not; Match2 has no pairwise shortcut to measure (it is pairwise itself)."""
+    assert task_shortcuts.pairwise_lookup("match2", {"length": 10}) is None
+    assert task_shortcuts.pairwise_lookup("match3", {"length": 6, "modulus": 19}) > 0.75
+    assert task_shortcuts.pairwise_lookup("match3", {"length": 10, "modulus": 53}) < 0.66
 
 
 def test_command_line_preset_alias_and_overrides(tmp_path):
