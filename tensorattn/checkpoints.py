@@ -81,10 +81,12 @@ def _verify(step_directory: str) -> None:
     with open(path) as f:
         expected = json.load(f)
     actual = _file_digests(step_directory)
-    bad = sorted(p for p, digest in expected.items() if actual.get(p) != digest)
-    if bad:
+    missing = sorted(p for p in expected if p not in actual)
+    changed = sorted(p for p, digest in expected.items() if p in actual and actual[p] != digest)
+    if missing or changed:
         raise ChecksumError(
-            f"{len(bad)} file(s) differ from their SHA-256 at save time, e.g. {bad[0]}"
+            f"{len(missing)} file(s) missing, {len(changed)} differing from their SHA-256 at "
+            f"save time, e.g. {(missing + changed)[0]}"
         )
 
 
