@@ -114,6 +114,20 @@ class _Projections(nn.Module):
         )(x)
 
 
+def _output(module: nn.Module, o_BxTxNxV: Array, width: int, deterministic: bool) -> Array:
+    """An attention layer's dropout and output projection `[B,T,N,V] -> [B,T,out_features]`
+    (its parameters under `out`; called from the layer's compact `__call__`)."""
+    o_BxTxNxV = nn.Dropout(module.dropout_rate)(o_BxTxNxV, deterministic=deterministic)
+    return nn.DenseGeneral(
+        module.out_features or width,
+        axis=(-2, -1),
+        use_bias=module.use_bias,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name="out",
+    )(o_BxTxNxV)
+
+
 def _heads(num_heads: int, num_kv_heads: int | None, head_dim: int | None, width: int):
     kv = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % kv:
@@ -329,15 +343,7 @@ class TensorAttention(nn.Module):
             k2_mask=k2_mask,
             scale=scale_N,
         )
-        o_BxTxNxV = nn.Dropout(self.dropout_rate)(o_BxTxNxV, deterministic=deterministic)
-        return nn.DenseGeneral(
-            self.out_features or width,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out",
-        )(o_BxTxNxV)
+        return _output(self, o_BxTxNxV, width, deterministic)
 
 
 def _tensor_window(window) -> bool:
@@ -437,12 +443,4 @@ class StandardAttention(nn.Module):
             # A query with no valid key it may see outputs zeros, as in the tensor kernels.
             sees_BxT = causal_scan.seen(kv_mask, self.causal, w)  # [B, T|1]
             o_BxTxNxH = jnp.where(sees_BxT[:, :, None, None], o_BxTxNxH, 0)
-        o_BxTxNxH = nn.Dropout(self.dropout_rate)(o_BxTxNxH, deterministic=deterministic)
-        return nn.DenseGeneral(
-            self.out_features or width,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out",
-        )(o_BxTxNxH)
+        return _output(self, o_BxTxNxH, width, deterministic)
