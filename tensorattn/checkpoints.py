@@ -4,9 +4,8 @@ Saves are synchronous: `save` returns once the step is on disk, and a save that 
 written raises `CheckpointError` at once (the folder is probed first), never hangs. Only finite
 states are saved. Each step folder gets a SHA-256 of every file orbax wrote (`CHECKSUMS`), so
 damage that still decodes (flipped bytes) is found on restore too. `restore_latest` falls back
-to the newest checkpoint that restores: each newer
-one that does not is moved to `DIR/checkpoints_corrupt/` and named in a warning. When none
-restores, nothing is moved (`CheckpointError`: the cause may be the machine, not the files). A
+to the newest checkpoint that restores: each newer one that does not is moved to
+`DIR/checkpoints_corrupt/` and named in a warning. When none restores, nothing is moved (`CheckpointError`: the cause may be the machine, not the files). A
 checkpoint whose tree structure or shapes differ from the state to restore (a config change,
 not damage) is never moved: `CheckpointMismatchError`.
 """
