@@ -5,9 +5,10 @@ written raises `CheckpointError` at once (the folder is probed first), never han
 states are saved. Each step folder gets a SHA-256 of every file orbax wrote (`CHECKSUMS`), so
 damage that still decodes (flipped bytes) is found on restore too. `restore_latest` falls back
 to the newest checkpoint that restores: each newer one that does not is moved to
-`DIR/checkpoints_corrupt/` and named in a warning. When none restores, nothing is moved (`CheckpointError`: the cause may be the machine, not the files). A
-checkpoint whose tree structure or shapes differ from the state to restore (a config change,
-not damage) is never moved: `CheckpointMismatchError`.
+`DIR/checkpoints_corrupt/` and named in a warning. When none restores, nothing is moved
+(`CheckpointError`: the cause may be the machine, not the files). A checkpoint whose tree
+structure or shapes differ from the state to restore (a config change, not damage) is never
+moved: `CheckpointMismatchError`.
 """
 
 from __future__ import annotations
