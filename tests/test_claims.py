@@ -37,9 +37,9 @@ def test_presets_hold_every_claims_budget():
     assert cpu.expressivity.budgets.match2.steps == 300
     assert cpu.bounded.budget.steps == 800
     assert set(cpu.expressivity.tasks) == set(claims_config.TASKS)
-    # full: each task's own config, Match3 at its hard instance.
+    # full: each task's own config, Match3 at its hard instance with 2000 steps.
     assert full.expressivity.budgets.to_dict() == {
-        "match3": {"steps": 0, "batch_size": 0, "task_arg": "length=16,modulus=181"}
+        "match3": {"steps": 2000, "batch_size": 256, "task_arg": "length=16,modulus=181"}
     }
     # full: practical head dim and degree, lengths to where each curve stops being feasible.
     assert (full.forward.head_dim, full.forward.degree) == (16, 4)
