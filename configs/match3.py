@@ -23,8 +23,8 @@ from configs import common
 # Fourier frequencies of the embedding, at most: fewer are learned faster, and with all of them
 # one tensor layer stalls at large moduli. Measured on a CPU (tensor model, seed 0 unless said;
 # docs/training.md): length 10 mod 53, 99.8% held-out accuracy at step 400 with 16 frequencies
-# against 91.1% at step 800 with all 26; length 16 mod 181, 99.7% at step 625 with 16, 99.8%
-# at step 1000 with 24 (seed 1: 99.96%), 97.3% at 1250 with 26, 99.9% at 1500 with 32 (seed 1:
+# against 91.1% at step 800 with all 26; length 16 mod 181, 99.7% at step 625 with 16 (seed 1:
+# 99.5% at 875), 99.8% at 1000 with 24, 97.3% at 1250 with 26, 99.9% at 1500 with 32 (seed 1:
 # 88%), and 63.4% from step 2000 to 4000 with all 90 (what pairwise matches alone give).
 MAX_FREQUENCIES = 16
 
