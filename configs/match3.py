@@ -37,7 +37,8 @@ def get_config(arg: str | None = None):
     config.model.fourier_frequencies = min((a.modulus - 1) // 2, MAX_FREQUENCIES)
     config.model.width = 64
     config.model.num_heads = 2
-    # Wider heads than width // num_heads: the trilinear score takes 4 dims per frequency (§6).
+    # Wider heads than width // num_heads: the trilinear score takes 4 dims per frequency
+    # (docs/math.md §6).
     config.model.head_dim = 128
     if a.attention == "polynomial":
         # The polynomial method's state has rank C(head_dim + degree, degree) per key/value
