@@ -419,7 +419,10 @@ def test_a_held_out_set_covering_the_task_is_refused():
     """2x2 relation grids: 16 inputs, all in a held-out set of 64; nothing left to train on."""
     options = training.options_from_dict(
         smoke_config(
-            task__name="relation_composition", task__kwargs={"size": 2}, model__embedding="learned"
+            task__name="relation_composition",
+            task__kwargs={"size": 2},
+            model__embedding="learned",
+            model__fourier_frequencies=None,
         )
     )
     with pytest.raises(training.ConfigError, match="^train.eval_size: .*covers"):
