@@ -97,9 +97,9 @@ INSTANCES = [
 
 
 def majority(name: str, kwargs: dict, seed: int = 0) -> float:
-    _, y, mask = tasks.make(name, **kwargs).sample(np.random.default_rng(seed), 20_000)
-    rate = y[mask.astype(bool)].mean()
-    return float(max(rate, 1 - rate))
+    task = tasks.make(name, **kwargs)
+    _, labels, mask = task.sample(np.random.default_rng(seed), 20_000)
+    return tasks.majority_baseline(labels, mask, task.num_classes)
 
 
 def main() -> None:

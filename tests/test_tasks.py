@@ -103,7 +103,7 @@ def test_eval_set_fixed_and_disjoint_from_training_stream():
 
 
 def test_training_batches_never_hold_an_eval_example():
-    """4x4 relation grids: a small input space, where most eval grids would be trained on."""
+    """3x3 relation grids: a small input space, where many eval grids would be trained on."""
     task = tasks.make("relation_composition", size=3)  # 2^9 grids
     held = tasks.eval_set(task, 7, 256)
     keys = tasks.held_out_keys(held)
