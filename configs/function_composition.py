@@ -1,4 +1,4 @@
-"""Function composition: tokens `[f(0)..f(n-1), x, y]`; per sequence, does `f(f(x)) = y`?
+"""Function composition: tokens `[f(0)..f(n-1), x]`; per sequence, the class `f(f(x))` of n.
 
 Config string: `attention=tensor|standard|polynomial`, `size=16`, `smoke`.
 

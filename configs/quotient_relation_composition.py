@@ -1,5 +1,5 @@
-"""Quotient relation composition: the grid R plus a colouring; per cell (i, j), are there
-k1 != k2 of the same colour with R(i,k1) and R(k2,j)?
+"""Quotient relation composition: the grid R, each cell also carrying the colours of its row
+and column; per cell (i, j), are there k1 != k2 of the same colour with R(i,k1) and R(k2,j)?
 
 Config string: `attention=tensor|standard|polynomial`, `size=6`, `smoke`.
 

@@ -194,10 +194,13 @@ def test_expressivity_claim_smoke(tmp_path):
 
 def test_pairwise_lookup_of_the_task_instances():
     """Match3 6/19 gives its pairwise matches away (76% against a 69% majority); 10/53 does
-    not; Match2 has no pairwise shortcut to measure (it is pairwise itself)."""
+    not; Match2 has no pairwise shortcut to measure (it is pairwise itself). Function
+    composition's lookup is many-class: one hop and the mode of f guess f(f(x)) a quarter of
+    the time, against a 7% majority class."""
     assert task_shortcuts.pairwise_lookup("match2", {"length": 10}) is None
     assert task_shortcuts.pairwise_lookup("match3", {"length": 6, "modulus": 19}) > 0.75
     assert task_shortcuts.pairwise_lookup("match3", {"length": 10, "modulus": 53}) < 0.66
+    assert 0.2 < task_shortcuts.pairwise_lookup("function_composition", {"size": 16}) < 0.3
 
 
 def test_command_line_preset_alias_and_overrides(tmp_path):

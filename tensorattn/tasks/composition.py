@@ -1,11 +1,15 @@
 """Composition tasks, docs/math.md §6: function, relation and quotient-relation composition.
 
-- `function_composition`: tokens `[f(0) .. f(n-1), x, y]` (values in `[0, n)`); one label per
-  sequence: does `f(f(x)) = y`? Half the sequences are positive by construction.
+- `function_composition`: tokens `[f(0) .. f(n-1), x]` (values in `[0, n)`); one label per
+  sequence, the class `f(f(x))` of `n`.
 - `relation_composition`: an `m x m` 0/1 grid `R` (row-major); per cell `(i, j)`: is there `k`
   with `R(i,k) and R(k,j)`? The density is chosen so about half the cells are positive.
-- `quotient_relation_composition`: the grid, then colours `col(0..m-1)` as tokens `2 + col`;
-  per grid cell: are there `k1 != k2` with `col(k1) = col(k2)`, `R(i,k1)` and `R(k2,j)`?
+- `quotient_relation_composition`: the grid with a colouring `col: [m] -> [m]`, cell `(a, b)`
+  the token `R(a,b) + 2 (col(a) m + col(b))`; per cell `(i, j)`: are there `k1 != k2` with
+  `col(k1) = col(k2)`, `R(i,k1)` and `R(k2,j)`?
+
+Each format puts a witness on three positions (the query and two keys), which one order-3
+score relates (docs/math.md §6).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import numpy as np
 class FunctionComposition:
     size: int = 16
     label_kind: str = "sequence"
-    num_classes: int = 2
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size < 2:
@@ -29,10 +32,14 @@ class FunctionComposition:
 
     @property
     def length(self) -> int:
-        return self.size + 2
+        return self.size + 1
 
     @property
     def vocab_size(self) -> int:
+        return self.size
+
+    @property
+    def num_classes(self) -> int:
         return self.size
 
     def sample(self, rng: np.random.Generator, batch_size: int):
@@ -41,13 +48,8 @@ class FunctionComposition:
         x_B = rng.integers(0, n, batch_size, dtype=np.int32)
         rows = np.arange(batch_size)
         ffx_B = f_BxN[rows, f_BxN[rows, x_B]]
-        positive_B = rng.random(batch_size) < 0.5
-        # A uniformly random wrong answer: shift by 1..n-1.
-        wrong_B = (ffx_B + rng.integers(1, n, batch_size)) % n
-        y_B = np.where(positive_B, ffx_B, wrong_B).astype(np.int32)
-        inputs = np.concatenate([f_BxN, x_B[:, None], y_B[:, None]], axis=1)
-        labels = (f_BxN[rows, f_BxN[rows, x_B]] == y_B).astype(np.int32)
-        return inputs, labels, np.ones(batch_size, bool)
+        inputs = np.concatenate([f_BxN, x_B[:, None]], axis=1)
+        return inputs, ffx_B.astype(np.int32), np.ones(batch_size, bool)
 
 
 def _half_density(pairs: float) -> float:
@@ -116,11 +118,11 @@ class QuotientRelationComposition:
 
     @property
     def length(self) -> int:
-        return self.size * self.size + self.size
+        return self.size * self.size
 
     @property
     def vocab_size(self) -> int:
-        return 2 + self.size
+        return 2 * self.size * self.size
 
     def sample(self, rng: np.random.Generator, batch_size: int):
         m, b = self.size, batch_size
@@ -129,12 +131,14 @@ class QuotientRelationComposition:
         same_BxMxM = (col_BxM[:, :, None] == col_BxM[:, None, :]) & ~np.eye(m, dtype=bool)
         # y[i,j] = sum_{k1,k2} R[i,k1] S[k1,k2] R[k2,j] > 0.
         y_BxMxM = (r_BxMxM @ same_BxMxM.astype(np.int32) @ r_BxMxM) > 0
-        inputs = np.concatenate([r_BxMxM.reshape(b, -1), 2 + col_BxM], axis=1)
-        labels = np.concatenate(
-            [y_BxMxM.reshape(b, -1).astype(np.int32), np.zeros((b, m), np.int32)], axis=1
+        # Cell (a, b) carries R(a,b), col(a) and col(b).
+        cells_BxMxM = col_BxM[:, :, None] * m + col_BxM[:, None, :]
+        inputs = r_BxMxM + 2 * cells_BxMxM
+        return (
+            inputs.reshape(b, -1).astype(np.int32),
+            y_BxMxM.reshape(b, -1).astype(np.int32),
+            np.ones((b, m * m), bool),
         )
-        mask = np.concatenate([np.ones((b, m * m), bool), np.zeros((b, m), bool)], axis=1)
-        return inputs, labels, mask
 
 
 def function_composition(size: int = 16) -> FunctionComposition:
