@@ -585,7 +585,8 @@ def claim_expressivity(workdir: str, config="cpu") -> dict:
     paper = beside_paper(agg)
     if paper:
         table += (
-            "\nBeside Kozachinskiy et al. (NeurIPS 2025), medians over seeds:\n\n"
+            "\nBeside Kozachinskiy et al. (NeurIPS 2025), medians over seeds (our task formats, "
+            "docs/math.md §6; the paper's input encoding may differ):\n\n"
             + benchlib.markdown_table(paper, list(paper[0]))
         )
     _write(os.path.join(workdir, "claim4_expressivity.md"), table)
