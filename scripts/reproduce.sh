@@ -13,8 +13,9 @@
 # $OUT/.steps/NAME.done: a re-run skips finished steps (FORCE=1 re-runs them), and inside a
 # step finished sweep points and training runs are skipped too, so a killed step resumes.
 # `--full` steps each take under about ten minutes on one GPU: the sweep and claims 1-2 run
-# one (implementation, pass) series per step, claims 4-5 one task or seed per step; the last
-# step of each group only gathers (plot, table). Training runs (claims 4-5) keep checkpoints
+# one (implementation, pass) series per step, claim 4 one (task, seed) and claim 5 one seed
+# per step (claim 4's 6x6 grids train 4000 steps per run); the last step of each group only
+# gathers (plot, table). Training runs (claims 4-5) keep checkpoints
 # under $TRAIN_DIR (large: not for git) and their finished runs' rows in $OUT too, so that
 # $OUT alone resumes the steps on another machine. CLAIMS=forward,gradient,threshold limits
 # the claims. A step whose command fails (exits non-zero, e.g. a sweep point or a training
@@ -123,7 +124,10 @@ steps() {
     if wants expressivity; then
       for task in match2 match3 function_composition relation_composition \
           quotient_relation_composition; do
-        step "claim4-expressivity-$task" claim expressivity --config.expressivity.tasks="$task"
+        for seed in 0 1 2; do
+          step "claim4-expressivity-$task-seed$seed" claim expressivity \
+            --config.expressivity.tasks="$task" --config.expressivity.seeds="$seed"
+        done
       done
       step claim4-expressivity claim expressivity
     fi

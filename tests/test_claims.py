@@ -292,7 +292,7 @@ def test_reproduce_full_is_split_into_steps():
     steps = out.stdout.split()
     assert out.returncode == 0 and len(steps) == len(set(steps))
     expected = ["sweep-exact-fwd", "sweep-polynomial-grad", "sweep-plot", "claim1-forward"]
-    expected += ["claim3-threshold", "claim4-expressivity-match3", "claim5-bounded-seed2"]
+    expected += ["claim3-threshold", "claim4-expressivity-match3-seed1", "claim5-bounded-seed2"]
     assert set(expected) <= set(steps)
     cpu = subprocess.run(
         ["bash", "scripts/reproduce.sh", "--list"], cwd=ROOT, capture_output=True, text=True
