@@ -1,6 +1,7 @@
 """The training loop end to end on the smoke config: artifacts, resume, completion, determinism,
 non-finite losses, config validation and the command line."""
 
+import importlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from configs import claims as claims_config
 from configs import match3
 from tensorattn import checkpoints, tasks, training, workdir
 from tensorattn.kernels.configs import BlockedConfig, PolynomialConfig
@@ -51,6 +53,16 @@ def test_artifacts(finished):
         assert json.load(f)["task"]["name"] == "match3"
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(f"{workdir}/tensorboard"))
+
+
+@pytest.mark.parametrize("name", claims_config.TASKS)
+def test_every_task_config_trains_in_smoke_mode(tmp_path, name):
+    """Each task's config (configs/TASK.py) builds its model and trains: token and sequence
+    heads, binary and many-class labels (function composition: the class f(f(x)) of n)."""
+    config = importlib.import_module(f"configs.{name}").get_config("smoke").to_dict()
+    final = training.train_and_evaluate(config, str(tmp_path))
+    assert final["step"] == 20 and 0.0 <= final["eval/accuracy"] <= 1.0
+    assert np.isfinite(final["eval/loss"])
 
 
 def test_rerun_of_finished_run_trains_nothing(finished):
