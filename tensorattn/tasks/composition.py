@@ -49,7 +49,7 @@ class FunctionComposition:
         rows = np.arange(batch_size)
         ffx_B = f_BxN[rows, f_BxN[rows, x_B]]
         inputs = np.concatenate([f_BxN, x_B[:, None]], axis=1)
-        return inputs, ffx_B.astype(np.int32), np.ones(batch_size, bool)
+        return inputs, ffx_B, np.ones(batch_size, bool)  # ffx_B is int32 like f
 
 
 def _half_density(pairs: float) -> float:
