@@ -397,11 +397,15 @@ def train_point(config: dict, instance: str, model: Model, preset: str, workdir:
     """Trains (or resumes) one run of `train_config(...)`; returns a result row."""
     train = config["train"]
     budget = f"steps{train['num_steps']}_batch{train['batch_size']}"
+    task_format = examples_format(config)
+    # Runs of an earlier format keep their folders (training refuses to resume them).
+    folder = instance + (f"_format{task_format}" if task_format != 1 else "")
     run_dir = os.path.join(
-        workdir, "train", preset, instance, model.name, budget, f"seed{train['seed']}"
+        workdir, "train", preset, folder, model.name, budget, f"seed{train['seed']}"
     )
     row = {
         "task": instance,
+        "task_format": task_format,
         "model": model.name,
         "attention": model.attention,
         "num_layers": model.num_layers,
@@ -433,8 +437,15 @@ def train_point(config: dict, instance: str, model: Model, preset: str, workdir:
     return row
 
 
-# A finished row is reused only for the same task instance, model, seed and budget.
-POINT_KEY = ("task", "model", "seed", "preset", "steps", "batch_size")
+# A finished row is reused only for the same task instance and format, model, seed and budget.
+POINT_KEY = ("task", "task_format", "model", "seed", "preset", "steps", "batch_size")
+
+
+def examples_format(config: dict) -> int:
+    """`Task.format_version` of a training config's task (rows before it have none: 1)."""
+    from tensorattn import tasks
+
+    return tasks.make(config["task"]["name"], **config["task"]["kwargs"]).format_version
 
 
 def task_instance(task: str, budget: dict | None) -> str:
@@ -452,13 +463,15 @@ def run_points(points, workdir: str, name: str, preset: str, polynomial_options=
     done = {}
     for r in workdir_files.read_jsonl(path):
         if r.get("status") == "ok":  # failed runs are tried again
+            r = {"task_format": 1, **r}  # rows written before formats were versioned
             done[tuple(r.get(k) for k in POINT_KEY)] = r
     rows = []
     for i, (task, budget, model, seed) in enumerate(points):
         instance = task_instance(task, budget)
         config = train_config(task, model, seed, preset, budget, polynomial_options)
         train = config["train"]
-        key = (instance, model.name, seed, preset, train["num_steps"], train["batch_size"])
+        fmt = examples_format(config)
+        key = (instance, fmt, model.name, seed, preset, train["num_steps"], train["batch_size"])
         if key in done:
             rows.append(done[key])
             continue

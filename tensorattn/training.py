@@ -789,7 +789,7 @@ def _train_locked(options: Options, workdir: str) -> dict[str, Any]:
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     try:
         if jax.process_index() == 0:
-            _check_config(options, workdir, has_checkpoints=bool(checkpoints.steps()))
+            _check_config(options, task, workdir, has_checkpoints=bool(checkpoints.steps()))
         with jax.set_mesh(mesh):
             return _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints)
     finally:
@@ -803,7 +803,7 @@ def _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints) -> 
     num_params = models.count_params(state.params)
     latest, state = checkpoints.restore_latest(state)
     if jax.process_index() == 0:  # only now: a config the checkpoints refuse is not kept
-        _write_config(options, workdir)
+        _write_config(options, task, workdir)
     start = 0 if latest is None else int(state.step)
     if latest is not None and start >= t.num_steps:
         log.info(
@@ -886,23 +886,34 @@ def _lookup(config, dotted: str):
     return config
 
 
+def _changes(old: dict, new: dict, fields: list[str]) -> str:
+    return ", ".join(f"{c} {_lookup(old, c)!r} -> {_lookup(new, c)!r}" for c in fields)
+
+
 def _identity(config: Mapping[str, Any]) -> dict:
-    """What a workdir's checkpoints belong to: the task and the model architecture."""
-    return {"task": config.get("task"), "model": models.identity(config.get("model"))}
+    """What a workdir's checkpoints belong to: the task, its examples' format and the model
+    architecture."""
+    return {
+        "task": config.get("task"),
+        "task_format": config.get("task_format"),
+        "model": models.identity(config.get("model")),
+    }
 
 
-def _config_json(options: Options) -> dict:
-    return models.json_ready(options.to_dict())
+def _config_json(options: Options, task: tasks.Task) -> dict:
+    """The whole config, and the format of the task's examples (`Task.format_version`)."""
+    return {**models.json_ready(options.to_dict()), "task_format": task.format_version}
 
 
-def _check_config(options: Options, workdir: str, has_checkpoints: bool) -> None:
+def _check_config(options: Options, task: tasks.Task, workdir: str, has_checkpoints: bool) -> None:
     """Compares the options with `DIR/config.json`. A workdir that already holds checkpoints
-    of another task or model architecture is refused (resuming it would restore, or report
-    complete, the wrong run); other changes (the kernel, sequence sharding, device count,
-    optimizer, steps) resume, logging one line with what changed. Without checkpoints (e.g. a
-    run that failed at start) the new config will simply replace the old one."""
+    of another task, task format (`Task.format_version`) or model architecture is refused
+    (resuming it would restore, or report complete, the wrong run); other changes (the
+    kernel, sequence sharding, device count, optimizer, steps) resume, logging one line with
+    what changed. Without checkpoints (e.g. a run that failed at start) the new config will
+    simply replace the old one."""
     path = os.path.join(workdir, "config.json")
-    new = _config_json(options)
+    new = _config_json(options, task)
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -915,25 +926,27 @@ def _check_config(options: Options, workdir: str, has_checkpoints: bool) -> None
             old = {}
         if not isinstance(old, dict):
             old = {}
-        fixed = _changed_fields(_identity(old), _identity(new))
+        old.setdefault("task_format", 1)  # written before formats were versioned
+        old_id, new_id = _identity(old), _identity(new)
+        fixed = _changed_fields(old_id, new_id)
         if fixed and has_checkpoints:
             raise ConfigError(
                 f"{fixed[0]}: {workdir} holds a run with a different task/model "
-                f"({', '.join(fixed)}); use a new --workdir"
+                f"({_changes(old_id, new_id, fixed)}); use a new --workdir"
             )
         if has_checkpoints:
             _refuse_optimizer_change(old.get("optim"), new["optim"], workdir)
         changed = _changed_fields(old, new)
         if changed:
-            what = ", ".join(f"{c} {_lookup(old, c)!r} -> {_lookup(new, c)!r}" for c in changed)
             verb = "resuming with" if has_checkpoints else "overwriting it with"
-            log.warning("config differs from %s; %s %s", path, verb, what)
+            log.warning("config differs from %s; %s %s", path, verb, _changes(old, new, changed))
 
 
-def _write_config(options: Options, workdir: str) -> None:
+def _write_config(options: Options, task: tasks.Task, workdir: str) -> None:
     """Saves config.json (the whole config, atomically), once the checkpoints restored into
     it: a config they refuse (a missing config.json, then another width) is never kept."""
-    text = workdir_files.dumps_json(_config_json(options), indent=2, sort_keys=True, default=str)
+    config = _config_json(options, task)
+    text = workdir_files.dumps_json(config, indent=2, sort_keys=True, default=str)
     workdir_files.write_atomic(os.path.join(workdir, "config.json"), text)
 
 

@@ -269,6 +269,33 @@ def test_preset_takes_config_overrides_and_failed_runs_are_counted(tmp_path, mon
         claims.claim_expressivity(str(tmp_path / "again"), config)
 
 
+def test_rows_of_another_task_format_are_trained_again(tmp_path, monkeypatch):
+    """A finished row is reused for its task's current format only (`Task.format_version`);
+    rows written before formats were versioned count as format 1, so function composition's
+    (format 2) are trained again, in a folder of their own, and Match2's are reused."""
+    run_dirs = []
+
+    def train(config, run_dir):
+        run_dirs.append(os.path.relpath(run_dir, tmp_path))
+        return {"eval/accuracy": 1.0, "eval/majority": 0.5}
+
+    monkeypatch.setattr(claims, "_train", train)
+    config = claims.load_config("smoke")
+    config["expressivity"] = {**config["expressivity"], "tasks": ("match2", "function_composition")}
+    points = [p for p in claims.expressivity_points(config) if p[2].name == "standard-1"]
+    first = claims.run_points(points, str(tmp_path), "rows", "smoke", log=lambda _: None)
+    assert [r["task_format"] for r in first] == [1, 2]
+    assert run_dirs[0].split(os.sep)[2:4] == ["match2", "standard-1"]
+    assert run_dirs[1].split(os.sep)[2:4] == ["function_composition_format2", "standard-1"]
+    path = tmp_path / "rows.jsonl"
+    unversioned = [{k: v for k, v in r.items() if k != "task_format"} for r in first]
+    path.write_text("".join(json.dumps(r) + "\n" for r in unversioned))
+    run_dirs.clear()
+    again = claims.run_points(points, str(tmp_path), "rows", "smoke", log=lambda _: None)
+    assert again[0] == {"task_format": 1, **unversioned[0]}  # reused
+    assert len(run_dirs) == 1 and "function_composition" in run_dirs[0]
+
+
 def test_threshold_search_reaches_degree_31():
     """Claim 3's `full` grid meets R = 10.24 (n = 2^21, order 2, B = 3.2) near degree 31, where
     numpy's cheb2poly once dropped a zero leading coefficient."""

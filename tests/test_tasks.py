@@ -92,6 +92,7 @@ def test_deterministic_by_seed_and_balanced(name):
     assert not np.array_equal(a[0], c[0])
     x, y, m = a
     assert x.shape[1] == task.length and x.max() < task.vocab_size
+    assert isinstance(task.format_version, int) and task.format_version >= 1
     # Balanced: the majority class holds at most 70% (binary tasks: 30-70% positives).
     majority = tasks.majority_baseline(y, m, task.num_classes)
     assert majority <= 0.7 and y.max() < task.num_classes, majority

@@ -82,6 +82,27 @@ def test_workdir_of_another_model_is_refused(finished):
     assert open(os.path.join(workdir, "config.json")).read() == before
 
 
+def test_workdir_of_another_task_format_is_refused(finished, tmp_path):
+    """Checkpoints of another format of the task's examples (`Task.format_version`) are not
+    resumed; a config.json written before formats were versioned counts as format 1."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished[0], workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    assert config["task_format"] == tasks.make("match3").format_version == 1
+    for old_format, refused in [(None, False), (2, True)]:
+        config["task_format"] = old_format
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in config.items() if v is not None}, f)
+        if refused:
+            refusal = r"^task_format: .*\(task_format 2 -> 1\)"
+            with pytest.raises(training.ConfigError, match=refusal):
+                training.train_and_evaluate(smoke_config(), workdir)
+        else:
+            assert training.train_and_evaluate(smoke_config(), workdir)["complete"]
+
+
 def tensorboard_scalars(workdir):
     """Sorted (tag, step, value) points as TensorBoard shows them (without wall-clock tags):
     the event files in the order they were written, a SessionLog START at step s hiding every

@@ -12,10 +12,13 @@ class Task(Protocol):
     """A synthetic task: `sample` returns `(inputs [B,T] int32, labels, mask)`.
 
     `labels` is int32 `[B,T]` (`label_kind == "token"`) or `[B]` (`"sequence"`); `mask` is a
-    boolean array of the labels' shape marking entries that carry a label.
+    boolean array of the labels' shape marking entries that carry a label. `format_version`
+    goes up when `sample` changes what its arrays mean: a training workdir or claim row of
+    another format is not resumed or reused.
     """
 
     name: str
+    format_version: int
     length: int
     vocab_size: int
     num_classes: int

@@ -29,6 +29,7 @@ class FunctionComposition:
             raise ValueError(f"size must be an int >= 2, got {self.size!r}")
 
     name = "function_composition"
+    format_version = 2  # 1: `f(f(x)) = y?` with y a separate token (a four-position witness)
 
     @property
     def length(self) -> int:
@@ -65,6 +66,7 @@ class RelationComposition:
     num_classes: int = 2
 
     name = "relation_composition"
+    format_version = 1
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size < 2:
@@ -106,6 +108,7 @@ class QuotientRelationComposition:
     num_classes: int = 2
 
     name = "quotient_relation_composition"
+    format_version = 2  # 1: the colours as separate tokens (a five-position witness)
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size < 2:

@@ -55,6 +55,7 @@ class Match:
     order: int = 3
     label_kind: str = "token"
     num_classes: int = 2
+    format_version = 1
 
     def __post_init__(self):
         if self.order not in (2, 3):
