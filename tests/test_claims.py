@@ -321,6 +321,8 @@ def test_reproduce_full_is_split_into_steps():
     expected = ["sweep-exact-fwd", "sweep-polynomial-grad", "sweep-plot", "claim1-forward"]
     expected += ["claim3-threshold", "claim4-expressivity-match3-seed1", "claim5-bounded-seed2"]
     assert set(expected) <= set(steps)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"split into {len(steps)} resumable steps" in readme
     cpu = subprocess.run(
         ["bash", "scripts/reproduce.sh", "--list"], cwd=ROOT, capture_output=True, text=True
     )
