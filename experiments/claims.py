@@ -393,11 +393,12 @@ def _train(config: dict, run_dir: str) -> dict:
     return training.train_and_evaluate(config, run_dir)
 
 
-def train_point(config: dict, instance: str, model: Model, preset: str, workdir: str) -> dict:
+def train_point(
+    config: dict, instance: str, task_format: int, model: Model, preset: str, workdir: str
+) -> dict:
     """Trains (or resumes) one run of `train_config(...)`; returns a result row."""
     train = config["train"]
     budget = f"steps{train['num_steps']}_batch{train['batch_size']}"
-    task_format = examples_format(config)
     # Runs of an earlier format keep their folders (training refuses to resume them).
     folder = instance + (f"_format{task_format}" if task_format != 1 else "")
     run_dir = os.path.join(
@@ -475,7 +476,7 @@ def run_points(points, workdir: str, name: str, preset: str, polynomial_options=
         if key in done:
             rows.append(done[key])
             continue
-        row = train_point(config, instance, model, preset, train_dir or workdir)
+        row = train_point(config, instance, fmt, model, preset, train_dir or workdir)
         benchlib.append_jsonl(path, row)
         reason = f" ({row['reason']})" if row["status"] != "ok" else ""
         log(
