@@ -15,7 +15,9 @@ seconds), `cpu` (this machine, minutes) and `full` (accelerators); `--preset=P` 
 `--config=configs/claims.py:preset=P`, `--tasks`/`--bounds` for the claim 4/5 fields. Claim
 `X` writes `WORKDIR/claimN_X.{jsonl,png,md}` and appends its headline figure to
 `WORKDIR/claims.jsonl`. Training runs (claims 4-5) keep checkpoints in `WORKDIR/train/...` and
-resume; re-running a claim skips finished points. Every training run's config is checked
+resume; re-running a claim skips the points finished with the same training config (its
+`training.run_fingerprint`, in each row and in the run's folder name: a changed learning rate
+or task format trains again). Every training run's config is checked
 before any claim starts (an unknown task, a bound or option the model refuses: exit 1 naming
 it); a run that fails anyway is a row with its reason, retried on the next call, and makes
 the command exit 1 once all claims are written. From Python: `CLAIMS[name](workdir, config)`
@@ -394,19 +396,21 @@ def _train(config: dict, run_dir: str) -> dict:
 
 
 def train_point(
-    config: dict, instance: str, task_format: int, model: Model, preset: str, workdir: str
+    config: dict, instance: str, model: Model, preset: str, workdir: str, fingerprint: str
 ) -> dict:
-    """Trains (or resumes) one run of `train_config(...)`; returns a result row."""
+    """Trains (or resumes) one run of `train_config(...)` in a folder named by its
+    `fingerprint` (`training.run_fingerprint(config)`); returns a result row."""
+    from tensorattn.training import TrainingInterrupted
+
     train = config["train"]
     budget = f"steps{train['num_steps']}_batch{train['batch_size']}"
-    # Runs of an earlier format keep their folders (training refuses to resume them).
-    folder = instance + (f"_format{task_format}" if task_format != 1 else "")
+    # Another config (learning rate, task format, ...) never resumes this run's checkpoints.
     run_dir = os.path.join(
-        workdir, "train", preset, folder, model.name, budget, f"seed{train['seed']}"
+        workdir, "train", preset, instance, model.name, budget, f"seed{train['seed']}_{fingerprint}"
     )
     row = {
         "task": instance,
-        "task_format": task_format,
+        "task_format": examples_format(config),
         "model": model.name,
         "attention": model.attention,
         "num_layers": model.num_layers,
@@ -418,9 +422,8 @@ def train_point(
         "width": config["model"]["width"],
         "head_dim": config["model"]["head_dim"],
         "batch_size": train["batch_size"],
+        "fingerprint": fingerprint,
     }
-    from tensorattn.training import TrainingInterrupted
-
     start = time.perf_counter()
     try:
         final = _train(config, run_dir)
@@ -438,12 +441,8 @@ def train_point(
     return row
 
 
-# A finished row is reused only for the same task instance and format, model, seed and budget.
-POINT_KEY = ("task", "task_format", "model", "seed", "preset", "steps", "batch_size")
-
-
 def examples_format(config: dict) -> int:
-    """`Task.format_version` of a training config's task (rows before it have none: 1)."""
+    """`Task.format_version` of a training config's task."""
     from tensorattn import tasks
 
     return tasks.make(config["task"]["name"], **config["task"]["kwargs"]).format_version
@@ -460,23 +459,25 @@ def run_points(points, workdir: str, name: str, preset: str, polynomial_options=
     """Trains each (task, budget, model, seed) point not already finished in
     `WORKDIR/name.jsonl` (checkpoints under `train_dir`, or the workdir); returns one row per
     point."""
+    from tensorattn.training import run_fingerprint
+
     path = os.path.join(workdir, f"{name}.jsonl")
-    done = {}
-    for r in workdir_files.read_jsonl(path):
-        if r.get("status") == "ok":  # failed runs are tried again
-            r = {"task_format": 1, **r}  # rows written before formats were versioned
-            done[tuple(r.get(k) for k in POINT_KEY)] = r
+    # A finished row is reused only for the same run: its config's fingerprint. Failed runs
+    # are tried again; rows written before runs were fingerprinted cannot be told apart.
+    finished = [r for r in workdir_files.read_jsonl(path) if r.get("status") == "ok"]
+    done = {r["fingerprint"]: r for r in finished if "fingerprint" in r}
+    if len(done) < len(finished):
+        log(f"{path}: {len(finished) - len(done)} finished rows have no fingerprint (written "
+            "before runs were fingerprinted); their points are trained again")  # fmt: skip
     rows = []
     for i, (task, budget, model, seed) in enumerate(points):
-        instance = task_instance(task, budget)
         config = train_config(task, model, seed, preset, budget, polynomial_options)
-        train = config["train"]
-        fmt = examples_format(config)
-        key = (instance, fmt, model.name, seed, preset, train["num_steps"], train["batch_size"])
-        if key in done:
-            rows.append(done[key])
+        fingerprint = run_fingerprint(config)
+        if fingerprint in done:
+            rows.append(done[fingerprint])
             continue
-        row = train_point(config, instance, fmt, model, preset, train_dir or workdir)
+        instance = task_instance(task, budget)
+        row = train_point(config, instance, model, preset, train_dir or workdir, fingerprint)
         benchlib.append_jsonl(path, row)
         reason = f" ({row['reason']})" if row["status"] != "ok" else ""
         log(

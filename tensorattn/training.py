@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -898,6 +899,34 @@ def _identity(config: Mapping[str, Any]) -> dict:
         "task_format": config.get("task_format"),
         "model": models.identity(config.get("model")),
     }
+
+
+# Train options that change how a run is carried out, not the metrics it ends with (the final
+# evaluation runs at `num_steps` whatever `eval_every` is).
+TRAIN_RUN_OPTIONS = (
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "sequence_shards",
+    "num_devices",
+)
+
+
+def run_fingerprint(options: Options | Mapping[str, Any]) -> str:
+    """12 hex digits of SHA-256 over what a finished run's metrics depend on: the task, its
+    examples' format (`Task.format_version`), the model's identity, the optimizer and the
+    train options but `TRAIN_RUN_OPTIONS` (the kernel is a run option). Fields left out of a
+    dict count at their defaults. Equal fingerprints, equal runs; any other change to those
+    fields gives another fingerprint."""
+    if not isinstance(options, Options):
+        options = options_from_dict(options)
+    config = _config_json(options, _make_task(options.task))
+    train = {k: v for k, v in config["train"].items() if k not in TRAIN_RUN_OPTIONS}
+    what = {**_identity(config), "optim": config["optim"], "train": train}
+    text = json.dumps(what, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _config_json(options: Options, task: tasks.Task) -> dict:

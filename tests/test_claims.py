@@ -269,11 +269,11 @@ def test_preset_takes_config_overrides_and_failed_runs_are_counted(tmp_path, mon
         claims.claim_expressivity(str(tmp_path / "again"), config)
 
 
-def test_rows_of_another_task_format_are_trained_again(tmp_path, monkeypatch):
-    """A finished row is reused for its task's current format only (`Task.format_version`);
-    rows written before formats were versioned count as format 1, so function composition's
-    (format 2) are trained again, in a folder of their own, and Match2's are reused."""
-    run_dirs = []
+def test_rows_are_reused_for_the_same_run_only(tmp_path, monkeypatch):
+    """A finished row is reused only for its config's fingerprint (`training.run_fingerprint`):
+    another learning rate trains the point again, in a folder of its own; rows without a
+    fingerprint (written before runs were fingerprinted) are trained again, and said so."""
+    run_dirs, logged = [], []
 
     def train(config, run_dir):
         run_dirs.append(os.path.relpath(run_dir, tmp_path))
@@ -285,15 +285,34 @@ def test_rows_of_another_task_format_are_trained_again(tmp_path, monkeypatch):
     points = [p for p in claims.expressivity_points(config) if p[2].name == "standard-1"]
     first = claims.run_points(points, str(tmp_path), "rows", "smoke", log=lambda _: None)
     assert [r["task_format"] for r in first] == [1, 2]
-    assert run_dirs[0].split(os.sep)[2:4] == ["match2", "standard-1"]
-    assert run_dirs[1].split(os.sep)[2:4] == ["function_composition_format2", "standard-1"]
-    path = tmp_path / "rows.jsonl"
-    unversioned = [{k: v for k, v in r.items() if k != "task_format"} for r in first]
-    path.write_text("".join(json.dumps(r) + "\n" for r in unversioned))
+    prints = [r["fingerprint"] for r in first]
+    assert run_dirs == [
+        os.path.join("train", "smoke", r["task"], "standard-1",
+                     f"steps{r['steps']}_batch{r['batch_size']}", f"seed0_{r['fingerprint']}")
+        for r in first
+    ]  # fmt: skip
     run_dirs.clear()
+    assert claims.run_points(points, str(tmp_path), "rows", "smoke", log=logged.append) == first
+    assert not run_dirs and not logged
+
+    train_config = claims.train_config
+
+    def faster(task, *args, **kwargs):  # function composition at another learning rate
+        config = train_config(task, *args, **kwargs)
+        if task == "function_composition":
+            config["optim"]["learning_rate"] = 0.01
+        return config
+
+    monkeypatch.setattr(claims, "train_config", faster)
     again = claims.run_points(points, str(tmp_path), "rows", "smoke", log=lambda _: None)
-    assert again[0] == {"task_format": 1, **unversioned[0]}  # reused
-    assert len(run_dirs) == 1 and "function_composition" in run_dirs[0]
+    assert again[0] == first[0] and again[1]["fingerprint"] not in prints
+    assert len(run_dirs) == 1 and run_dirs[0].endswith(f"seed0_{again[1]['fingerprint']}")
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({k: v for k, v in first[0].items() if k != "fingerprint"}) + "\n")
+    run_dirs.clear()
+    claims.run_points(points[:1], str(tmp_path), "rows", "smoke", log=logged.append)
+    assert len(run_dirs) == 1 and "1 finished rows have no fingerprint" in logged[0]
 
 
 def test_threshold_search_reaches_degree_31():

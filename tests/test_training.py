@@ -103,6 +103,38 @@ def test_workdir_of_another_task_format_is_refused(finished, tmp_path):
             assert training.train_and_evaluate(smoke_config(), workdir)["complete"]
 
 
+def test_run_fingerprint_names_what_the_metrics_depend_on(monkeypatch):
+    """Run options (the kernel, cadence, devices) and fields left at their defaults keep the
+    fingerprint; the task, its format, the model, the
+    optimizer, the seed and the budget change it."""
+    base = training.run_fingerprint(smoke_config())
+    assert len(base) == 12 and base == training.run_fingerprint(
+        training.options_from_dict(smoke_config())
+    )
+    same = [
+        smoke_config(kernel__implementation="blocked"),
+        smoke_config(train__log_every=3, train__eval_every=5, train__checkpoint_every=7),
+        smoke_config(train__num_devices=1, train__sequence_shards=1, train__eval_batch_size=8),
+        smoke_config(model__dtype="float32"),
+    ]
+    assert {training.run_fingerprint(c) for c in same} == {base}
+    trimmed = smoke_config()
+    del trimmed["optim"]["b1"]  # at its default
+    assert training.run_fingerprint(trimmed) == base
+    other = [
+        smoke_config(optim__learning_rate=0.123),
+        smoke_config(train__seed=5),
+        smoke_config(train__num_steps=21),
+        smoke_config(train__eval_seed=99),
+        smoke_config(model__width=32),
+        smoke_config(task__kwargs={"length": 7, "modulus": 41}),
+    ]
+    prints = [training.run_fingerprint(c) for c in other]
+    assert base not in prints and len(set(prints)) == len(prints)
+    monkeypatch.setattr(tasks.match.Match, "format_version", 2, raising=False)
+    assert training.run_fingerprint(smoke_config()) != base
+
+
 def tensorboard_scalars(workdir):
     """Sorted (tag, step, value) points as TensorBoard shows them (without wall-clock tags):
     the event files in the order they were written, a SessionLog START at step s hiding every
