@@ -329,8 +329,11 @@ class Embedding(nn.Module):
                     f"model.max_len: {o.max_len} learned positions, but the input has length "
                     f"{tokens_BxT.shape[1]}; raise max_len"
                 )
+            # Initialised like the token embeddings (std 1/sqrt(width)): at GPT-2's 0.02 the
+            # positions are a sixth of the input at width 64, and one tensor layer never found
+            # the grid's rows and columns (docs/training.md, quotient relation composition).
             pos_TxD = self.param(
-                "positions", nn.initializers.normal(0.02), (o.max_len, o.width), jnp.float32
+                "positions", nn.linear.default_embed_init, (o.max_len, o.width), jnp.float32
             )
             x_BxTxD = x_BxTxD + pos_TxD[: tokens_BxT.shape[1]]
         return x_BxTxD

@@ -64,6 +64,17 @@ def test_learned_positions_refuse_inputs_past_max_len():
         model.init(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))
 
 
+def test_learned_positions_start_at_the_token_embeddings_scale():
+    """Positions and tokens both start with std 1/sqrt(width): positions far smaller (GPT-2's
+    0.02 at width 64) kept one tensor layer from finding a grid's rows and columns."""
+    o = opts(positional="learned", width=64, vocab_size=512, max_len=512)
+    params = models.Classifier(o, kernel=REFERENCE).init(
+        jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
+    )["params"]["encoder"]["embedding"]
+    for table in (params["positions"], params["tokens"]["embedding"]):
+        assert abs(float(jnp.std(table)) - 64**-0.5) < 0.01
+
+
 def test_dtype_objects_and_names_have_one_identity():
     a, b = opts(dtype=jnp.bfloat16), opts(dtype="bfloat16")
     assert a == b and a.identity() == b.identity()
