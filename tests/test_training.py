@@ -105,8 +105,8 @@ def test_workdir_of_another_task_format_is_refused(finished, tmp_path):
 
 def test_run_fingerprint_names_what_the_metrics_depend_on(monkeypatch):
     """Run options (the kernel, cadence, devices) and fields left at their defaults keep the
-    fingerprint; the task, its format, the model, the
-    optimizer, the seed and the budget change it."""
+    fingerprint; the task, its format, the model, the optimizer, the seed and the budget
+    change it."""
     base = training.run_fingerprint(smoke_config())
     assert len(base) == 12 and base == training.run_fingerprint(
         training.options_from_dict(smoke_config())
