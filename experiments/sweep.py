@@ -29,8 +29,8 @@ n, fitted slope per series: everything that identifies the measured function but
 `DIR/sweep.md`. The command exits non-zero, after the rows and table, when a point ended in
 "error". One sweep per DIR at a time (a second exits naming the first); a torn last line of
 sweep.jsonl (a kill mid-append) is reported and cut off; the plot and table are replaced
-atomically. The same command runs on CPU, GPU and TPU (jax picks the default backend); GPU/TPU
-runs are untested by the author.
+atomically. The same command runs on CPU, GPU and TPU (jax picks the default backend); TPU
+runs are untested by the author (pallas there: a call over its VMEM budget is "oom").
 """
 
 from __future__ import annotations

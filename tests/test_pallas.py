@@ -14,7 +14,7 @@ import pytest
 
 import tensorattn
 from tensorattn import PallasConfig
-from tensorattn.kernels import cuda_lowering, pallas, spine
+from tensorattn.kernels import cuda_lowering, pallas, spine, tpu_lowering
 
 SMALL = PallasConfig(
     fwd_block_rows=8, fwd_block_k2=8, bwd_block_rows=16, bwd_block_k1=4, bwd_block_k2=16,
@@ -205,3 +205,104 @@ def test_lowers_for_cuda(name, monkeypatch):
         text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # The forward, then the backward: fused dQ/dK1/dV1 and dK2/dV2, or three kernels.
     assert text.count("__gpu$xla.gpu.triton") == (3 if window else 4)
+
+
+def _loss(config, masks, d_out, window):
+    def loss(*args):
+        out = tensorattn.tensor_attention(
+            *args, config=config, window=window, k1_mask=masks[0], k2_mask=masks[1]
+        )
+        return jnp.sum(out * d_out)
+
+    return loss
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_tpu_tiles_match_oracle(tiles, monkeypatch):
+    """The TPU plan run in interpret mode against the oracle: G·block_q rows a multiple of 16,
+    one-row loads and stores through aligned 16-row blocks (`_Config.row_align`), the split
+    backward; 128-key tiles ("default", one per key set here) or several 16-key tiles and
+    query tiles ("small"); key masks, windows wider first (swapped), lengths not tile
+    multiples."""
+    monkeypatch.setattr(pallas, "_tpu_tiles", lambda interpret: True)
+    t = 37
+    x, rng = _inputs(11, t=t, s1=t, s2=t)
+    masks = [rng.random((B, t)) > 0.3 for _ in range(2)]
+    d_out = rng.standard_normal((B, t, N, HV))
+    config = PallasConfig(interpret=True)
+    if tiles == "small":
+        config = PallasConfig(
+            fwd_block_rows=16, fwd_block_k2=16, bwd_block_rows=16, bwd_block_k2=16,
+            bwd_block_k1=16, interpret=True,
+        )  # fmt: skip
+    call = spine.Call(1.0, True, (5, 9), t, (t, t), heads=N, kv_heads=K)
+    p = pallas.plan(call, config)
+    assert {c.row_align for c in (p.fwd, p.bwd, p.kv2)} == {16} and not p.bwd.fuse_k1
+    assert p.fwd.bk2 == (16 if tiles == "small" else 64)  # 128 at most S2 rounded up
+
+    loss = _loss(config, masks, d_out, window=(9, 5))
+    out = tensorattn.tensor_attention(*x, config=config, window=(9, 5), k1_mask=masks[0],
+                                      k2_mask=masks[1])  # fmt: skip
+    okw = dict(causal=True, windows=(9, 5), masks=masks)
+    assert _rel(out, oracle.attention(x[0], x[1:3], x[3:], **okw)) < 1e-5
+    grads = jax.grad(loss, argnums=tuple(range(5)))(*x)
+    dq, dk, dv = oracle.attention_grads(x[0], x[1:3], x[3:], d_out, **okw)
+    for got, want in zip(grads, [dq, *dk, *dv]):
+        assert _rel(got, want) < 1e-5
+
+
+def test_tpu_plan_rounds_rows_to_16(monkeypatch):
+    monkeypatch.setattr(pallas, "_tpu_tiles", lambda interpret: True)
+    for heads, rows in [(3, 48), (1, 16), (64, 64)]:
+        call = spine.Call(1.0, False, (None, None), 5, (300, 300), heads=heads, kv_heads=1)
+        p = pallas.plan(call, PallasConfig())
+        assert p.fwd.rows % 16 == 0 and p.bwd.rows % 16 == 0
+        assert (p.bwd.rows, p.fwd.bk2, p.kv2.bk2) == (rows, 128, 128)
+
+
+def _tpu_call(shape_q, shape_k, dtype=jnp.bfloat16, window=(96, 32), **config):
+    """`pallas.attention` traced (not run) as for a TPU v5e."""
+    q = jax.ShapeDtypeStruct(shape_q, dtype)
+    k = jax.ShapeDtypeStruct(shape_k, dtype)
+
+    def f(q, k):
+        spec = spine.validate(
+            q, (k, k), (k, k), causal=True, windows=window, key_masks=None, scale=None,
+            key_names=("k1", "k2"), value_names=("v1", "v2"), mask_names=("m1", "m2"),
+        )  # fmt: skip
+        out = pallas.attention(q, (k, k), (k, k), spec, PallasConfig(interpret=False, **config))
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.jit(jax.grad(f, argnums=(0, 1))).trace(q, k)
+
+
+def test_lowers_for_tpu():
+    """Forward and backward lower to Mosaic custom calls for the "tpu" platform on any host
+    (libtpu compiles them without a TPU: `experiments.tpu_compile`)."""
+    with tpu_lowering.tpu_target():
+        traced = _tpu_call((1, 300, 8, 128), (1, 300, 2, 128))
+        text = traced.lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("@tpu_custom_call") == 4  # forward, dQ, dK1/dV1, dK2/dV2
+
+
+TPU_REFUSALS = {
+    "float16": (dict(dtype=jnp.float16), "float16 on TPU"),
+    "fused-backward": (dict(bwd_fuse_k1=True), "bwd_fuse_k1=True on TPU"),
+    "narrow-key-tiles": (dict(fwd_block_k2=64), "fwd_block_k2=64 .*multiple of 128"),
+    "first-key-tiles": (dict(bwd_block_k1=8), "bwd_block_k1=8 \\(on TPU multiples of 16"),
+    # 64 heads per key/value head in tiles of 8: one position's heads split in 8 tiles.
+    "rows": (
+        dict(bwd_block_rows=8, shape_q=(1, 300, 64, 64), shape_k=(1, 300, 1, 64)),
+        "bwd tiles of 8 rows",
+    ),
+    # 4096 positions x 64 heads: the backward's whole query rows need 388 MiB of VMEM.
+    "vmem": (dict(shape_q=(1, 4096, 64, 128), shape_k=(1, 4096, 1, 128)), "388 MiB .* 96 MiB"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TPU_REFUSALS))
+def test_tpu_refuses_what_mosaic_cannot_compile(name):
+    kwargs, message = TPU_REFUSALS[name]
+    kwargs = {"shape_q": (1, 300, 8, 64), "shape_k": (1, 300, 2, 64), **kwargs}
+    with tpu_lowering.tpu_target(), pytest.raises(tensorattn.Unsupported, match=message):
+        _tpu_call(**kwargs)

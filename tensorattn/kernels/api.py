@@ -40,9 +40,10 @@ REFERENCE_MAX_SCORES = 1 << 24
 
 
 def _candidates(q, keys) -> list[str]:
-    """The exact implementations `implementation=None` tries, in order: pallas on GPU/TPU,
-    the reference for short keys, blocked (runs every call)."""
-    order = ["pallas"] if jax.default_backend() in ("gpu", "tpu") else []
+    """The exact implementations `implementation=None` tries, in order: pallas on GPU (on
+    TPU it compiles but has not been run: docs/pallas.md, "TPU"), the reference for short
+    keys, blocked (runs every call)."""
+    order = ["pallas"] if jax.default_backend() == "gpu" else []
     tuples = math.prod(k.shape[1] for k in keys)
     b, t, n, _ = q.shape
     if tuples <= REFERENCE_MAX_TUPLES and b * t * n * tuples <= REFERENCE_MAX_SCORES:
@@ -169,7 +170,7 @@ def tensor_attention(
 
     `implementation`: "reference", "blocked", "polynomial", "pallas", or None: the config's
     implementation if `config` is given, else the best exact one that runs the call (pallas
-    on GPU/TPU, the reference for short keys, blocked). `config`: the implementation's typed
+    on GPU, the reference for short keys, blocked). `config`: the implementation's typed
     config (`BlockedConfig`, `PallasConfig`, `PolynomialConfig`, `ReferenceConfig`);
     `options`: its fields as keywords, a shorthand for the same config (they need an
     `implementation`). An option the implementation does not take, or an implementation that

@@ -65,6 +65,7 @@ class _Config(spine.CallView):
     interpret: bool
     fuse_k1: bool = False  # backward: dK1/dV1 as partial sums of the dQ kernel
     splits: int = 1  # row tiles per tile of positions (`spine.CallView`; backward only)
+    row_align: int = 1  # one-row loads/stores go through aligned blocks of this many rows (TPU)
 
     @property
     def span(self) -> int:
@@ -118,6 +119,17 @@ LARGE_GROUP_FWD_ROWS = 64
 # mma.sync instead of wgmma). Not yet timed against the split kernels.
 FUSE_MAX_SPAN_PER_ROW = 2
 FUSED_ROWS = 64
+# On TPU, Mosaic loads the second keys' validity in 128-lane slices: every `block_k2` is 128
+# (the lane width, and v5e's matrix unit).
+TPU_BLOCK_K2 = 128
+# Mosaic loads and stores whole sublane tiles (8 rows of 32 bits, 16 of 16 bits): tiles of
+# rows are multiples of 16, and one-row loads and stores use aligned blocks of 16 rows.
+TPU_ROWS = 16
+
+
+def _tpu_tiles(interpret: bool) -> bool:
+    """Whether the call is compiled by Mosaic for a TPU (and takes the TPU tiles)."""
+    return not interpret and jax.default_backend() == "tpu"
 
 
 def _pass(
@@ -129,13 +141,17 @@ def _pass(
     interpret,
     warps=None,
     split_heads=False,
+    row_align=1,
 ):
     """One pass's tiles: `rows // G` query positions (at least 1, at most T rounded up to a
     power of two), `bk2` at most S2 rounded up to a power of two (at least 16); `warps`: the
     default number of warps (None: by tile size). `split_heads`: with `rows < G` (G a
-    multiple of `rows`), tiles of one position and `rows` of its heads instead of `G` rows."""
+    multiple of `rows`), tiles of one position and `rows` of its heads instead of `G` rows.
+    `row_align`: `G·bq` is rounded up to a multiple of it."""
     g = call.group
     bq = min(max(1, rows // g), _next_pow2(call.t))
+    step = row_align // math.gcd(g, row_align)  # TPU: `G·bq` a multiple of `row_align`
+    bq = -(-bq // step) * step
     splits = g // rows if split_heads and rows < g and g % rows == 0 else 1
     bk2 = min(bk2, max(16, _next_pow2(call.lengths[1])))
     num_warps = config.num_warps or warps or (4 if g * bq * bk2 // splits <= 64 * 64 else 8)
@@ -148,30 +164,32 @@ def _pass(
         num_stages=config.num_stages or DEFAULT_NUM_STAGES,
         interpret=interpret,
         splits=splits,
+        row_align=row_align,
     )
 
 
 def plan(call: spine.Call, config: PallasConfig) -> Plan:
     """Tiles of both passes: `config`'s fields, None ones chosen here."""
     interpret = spine.env_flag(INTERPRET_ENV) if config.interpret is None else config.interpret
+    tpu = _tpu_tiles(interpret)
     fwd_rows = LARGE_GROUP_FWD_ROWS if call.group >= LARGE_GROUP else DEFAULT_ROWS
     bk1 = config.bwd_block_k1 or DEFAULT_BWD_BLOCK_K1
-    fwd = _pass(
-        call,
+    tiles = functools.partial(
+        _pass, call, bk1=bk1, config=config, interpret=interpret, row_align=TPU_ROWS if tpu else 1
+    )
+    fwd = tiles(
         config.fwd_block_rows or fwd_rows,
-        bk1,
-        config.fwd_block_k2 or DEFAULT_BLOCK_K2,
-        config,
-        interpret,
+        bk2=config.fwd_block_k2 or (TPU_BLOCK_K2 if tpu else DEFAULT_BLOCK_K2),
     )
     rows, bk2 = config.bwd_block_rows, config.bwd_block_k2
-    bwd = functools.partial(
-        _pass, call, bk1=bk1, config=config, interpret=interpret, warps=BWD_WARPS, split_heads=True
-    )
-    fused = bwd(rows or FUSED_ROWS, bk2=bk2 or DEFAULT_BWD_BLOCK_K2)
-    split = bwd(rows or DEFAULT_BWD_ROWS, bk2=bk2 or DEFAULT_BWD_BLOCK_K2)
-    kv2 = bwd(rows or DEFAULT_BWD_ROWS, bk2=bk2 or KV2_BLOCK_K2)
+    bwd = functools.partial(tiles, warps=BWD_WARPS, split_heads=True)
+    bwd_bk2 = bk2 or (TPU_BLOCK_K2 if tpu else DEFAULT_BWD_BLOCK_K2)
+    fused = bwd(rows or FUSED_ROWS, bk2=bwd_bk2)
+    split = bwd(rows or DEFAULT_BWD_ROWS, bk2=bwd_bk2)
+    kv2 = bwd(rows or DEFAULT_BWD_ROWS, bk2=bk2 or (TPU_BLOCK_K2 if tpu else KV2_BLOCK_K2))
     fuse = config.bwd_fuse_k1
+    if fuse is None and tpu:  # the partial sums' tiles (`span` rows) break Mosaic's alignment
+        fuse = False
     if fuse is None:  # fused tiles as small as asked (larger ones would spill: split)
         small = fused.rows <= (rows or FUSED_ROWS)
         fuse = small and _can_fuse(fused) and fused.span <= FUSE_MAX_SPAN_PER_ROW * fused.rows
@@ -237,6 +255,29 @@ def _row_ok(cfg: _Config, valid1, pos, a):
 _dot = spine.dot
 
 
+def _row(cfg: _Config, ref, i):
+    """Row `i` of `ref` as `[1, X]`. With `cfg.row_align = c > 1` (TPU: Mosaic loads whole
+    sublane tiles) the aligned block of `c` rows holding it is loaded and the row picked out."""
+    c = cfg.row_align
+    if c == 1:
+        return ref[pl.ds(i, 1), :]
+    block = ref[pl.ds(pl.multiple_of(i // c * c, c), c), :]
+    pick = lax.broadcasted_iota(jnp.int32, block.shape, 0) == i % c
+    return jnp.sum(jnp.where(pick, block, 0), axis=0, keepdims=True).astype(block.dtype)
+
+
+def _set_row(cfg: _Config, ref, i, value):
+    """`ref[i] = value` (`[1, X]`); with `cfg.row_align > 1` as a write of its aligned block."""
+    c = cfg.row_align
+    if c == 1:
+        ref[pl.ds(i, 1), :] = value
+        return
+    rows = pl.ds(pl.multiple_of(i // c * c, c), c)
+    block = ref[rows, :]
+    pick = lax.broadcasted_iota(jnp.int32, block.shape, 0) == i % c
+    ref[rows, :] = jnp.where(pick, value, block)
+
+
 def _scores(cfg: _Config, q, k1a, k2, ok):
     """Masked base-2 scores `[R, bk2]` and the product `x = q ∘ k1[a]`."""
     x = (q * k1a).astype(k2.dtype)
@@ -246,7 +287,8 @@ def _scores(cfg: _Config, q, k1a, k2, ok):
 
 # ---------------------------------------------------------------------------------------------
 # Kernels. Refs: q/o/do [R, X] (one tile), lse/delta [R, 1]; k*/v* [S, X] (whole key set of
-# this (batch, kv-head)) or [bk, X] (one tile); valid* [1, S] int32 (padding is invalid).
+# this (batch, kv-head)) or [bk, X] (one tile); valid1 [S1, 1] and valid2 [1, S2] int32 (padding
+# is invalid).
 
 
 def _fwd_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, o_ref, l_ref):
@@ -265,9 +307,9 @@ def _fwd_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_
 
         def a_step(a, carry):
             m, denom, acc = carry
-            k1a = k1_ref[pl.ds(a, 1), :]
-            v1a = v1_ref[pl.ds(a, 1), :].astype(_F32)
-            ok = col_ok & _row_ok(cfg, m1_ref[:, pl.ds(a, 1)], pos, a)
+            k1a = _row(cfg, k1_ref, a)
+            v1a = _row(cfg, v1_ref, a).astype(_F32)
+            ok = col_ok & _row_ok(cfg, _row(cfg, m1_ref, a), pos, a)
             s, _ = _scores(cfg, q, k1a, k2, ok)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -313,9 +355,9 @@ def _dq_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_r
         col_ok = _col_ok(cfg, m2_ref[:, pl.ds(b0, cfg.bk2)], pos, b0)
 
         def a_step(a, dq):
-            k1a = k1_ref[pl.ds(a, 1), :]
-            v1a = v1_ref[pl.ds(a, 1), :]
-            ok = col_ok & _row_ok(cfg, m1_ref[:, pl.ds(a, 1)], pos, a)
+            k1a = _row(cfg, k1_ref, a)
+            v1a = _row(cfg, v1_ref, a)
+            ok = col_ok & _row_ok(cfg, _row(cfg, m1_ref, a), pos, a)
             s, _ = _scores(cfg, q, k1a, k2, ok)
             p = jnp.exp2(s - lse)
             dp = _dot((do * v1a).astype(v2.dtype), v2, (1, 1))
@@ -362,9 +404,9 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
 
     def a_step(a_local, carry):
         a = ai * cfg.bk1 + a_local
-        k1a = k1_ref[pl.ds(a_local, 1), :]
-        v1a = v1_ref[pl.ds(a_local, 1), :]
-        valid1 = m1_ref[:, pl.ds(a_local, 1)]
+        k1a = _row(cfg, k1_ref, a_local)
+        v1a = _row(cfg, v1_ref, a_local)
+        valid1 = _row(cfg, m1_ref, a_local)
         qi_lo, qi_hi = _q_tiles(cfg, a, a, cfg.w1)
 
         def q_step(qi, carry):
@@ -387,8 +429,8 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
 
         init = (jnp.zeros((1, q_ref.shape[-1]), _F32), jnp.zeros((1, do_ref.shape[-1]), _F32))
         dk, dv = lax.fori_loop(qi_lo, qi_hi, q_step, init)
-        dk1_ref[pl.ds(a_local, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
-        dv1_ref[pl.ds(a_local, 1), :] = dv.astype(dv1_ref.dtype)
+        _set_row(cfg, dk1_ref, a_local, (dk * _LN2).astype(dk1_ref.dtype))
+        _set_row(cfg, dv1_ref, a_local, dv.astype(dv1_ref.dtype))
         return carry
 
     n_valid = jnp.minimum(cfg.bk1, cfg.s1 - ai * cfg.bk1)
@@ -408,17 +450,17 @@ def _dqkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m
         a = base + r
         live = (a >= a_lo) & (a < a_hi)
         a_in = jnp.clip(a, 0, cfg.s1 - 1)  # an in-bounds row to load when `a` is not live
-        k1a = k1_ref[pl.ds(a_in, 1), :]
-        v1a = v1_ref[pl.ds(a_in, 1), :]
-        row_ok = _row_ok(cfg, m1_ref[:, pl.ds(a_in, 1)], pos, a)
+        k1a = _row(cfg, k1_ref, a_in)
+        v1a = _row(cfg, v1_ref, a_in)
+        row_ok = _row_ok(cfg, _row(cfg, m1_ref, a_in), pos, a)
         j_end = jnp.where(live, j_hi, j_lo)
         zq, wd = _first_key_sums(
             cfg, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_end
         )
         dk = jnp.sum(q.astype(_F32) * zq, axis=0, keepdims=True)
         dv = jnp.sum(do.astype(_F32) * wd, axis=0, keepdims=True)
-        dk1_ref[pl.ds(r, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
-        dv1_ref[pl.ds(r, 1), :] = dv.astype(dv1_ref.dtype)
+        _set_row(cfg, dk1_ref, r, (dk * _LN2).astype(dk1_ref.dtype))
+        _set_row(cfg, dv1_ref, r, dv.astype(dv1_ref.dtype))
         return dq + zq * k1a.astype(_F32)
 
     dq = lax.fori_loop(0, cfg.span, a_step, jnp.zeros(q_ref.shape, _F32))
@@ -461,9 +503,9 @@ def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
 
         def a_step(a, carry):
             dk, dv = carry
-            k1a = k1_ref[pl.ds(a, 1), :]
-            v1a = v1_ref[pl.ds(a, 1), :]
-            ok = col_ok & _row_ok(cfg, m1_ref[:, pl.ds(a, 1)], pos, a)
+            k1a = _row(cfg, k1_ref, a)
+            v1a = _row(cfg, v1_ref, a)
+            ok = col_ok & _row_ok(cfg, _row(cfg, m1_ref, a), pos, a)
             s, x = _scores(cfg, q, k1a, k2, ok)
             p = jnp.exp2(s - lse)
             y = (do * v1a).astype(v2.dtype)
@@ -503,9 +545,12 @@ def _keys_layout(x, block: int):
 _keys_merge = spine.merge_key_tiles
 
 
-def _valid_layout(valid, padded: int):
+def _valid_layout(valid, padded: int, column: bool = False):
+    """`[B, 1, S_pad]` int32 (padding invalid), or `[B, S_pad, 1]` with `column`: the first
+    keys' validity is read one key at a time, which Mosaic (TPU) allows along sublanes only."""
     b, s = valid.shape
-    return jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, padded - s))).reshape(b, 1, padded)
+    valid = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, padded - s)))
+    return valid.reshape(b, padded, 1) if column else valid.reshape(b, 1, padded)
 
 
 def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
@@ -523,7 +568,8 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
         from jax.experimental.pallas import tpu as pltpu
 
         kwargs["compiler_params"] = pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel")
+            dimension_semantics=("parallel", "parallel"),
+            vmem_limit_bytes=_tpu_vmem_limit(compiler=True),
         )
     else:
         raise spine.Unsupported(_no_backend())
@@ -551,10 +597,12 @@ class _Specs:
 
     def valid_whole(self, valid):
         kv = self.cfg.kv_heads
-        return pl.BlockSpec((None, 1, valid.shape[-1]), lambda i, j: (i // kv, 0, 0))
+        return pl.BlockSpec((None, *valid.shape[1:]), lambda i, j: (i // kv, 0, 0))
 
-    def valid_tile(self, block: int):
+    def valid_tile(self, block: int, column: bool = False):
         kv = self.cfg.kv_heads
+        if column:
+            return pl.BlockSpec((None, block, 1), lambda i, j: (i // kv, j, 0))
         return pl.BlockSpec((None, 1, block), lambda i, j: (i // kv, 0, j))
 
 
@@ -568,7 +616,7 @@ def _prepare(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
         _keys_layout(k2.astype(dtype), cfg.bk2),
         _keys_layout(v1.astype(dtype), cfg.bk1),
         _keys_layout(v2.astype(dtype), cfg.bk2),
-        _valid_layout(valid1, s1p),
+        _valid_layout(valid1, s1p, column=True),
         _valid_layout(valid2, s2p),
     )
 
@@ -632,7 +680,7 @@ def _dq_dkv1_split(cfg: _Config, sp: _Specs, q_t, keys_in, rows_in):
         grid=(bk, cfg.n1),
         in_specs=[sp.whole(q_t.shape)]
         + [sp.tile(cfg.bk1, h), sp.tile(cfg.bk1, hv), sp.whole(k2_t.shape), sp.whole(v2_t.shape)]
-        + [sp.valid_tile(cfg.bk1), sp.valid_whole(m2)]
+        + [sp.valid_tile(cfg.bk1, column=True), sp.valid_whole(m2)]
         + [sp.whole(x.shape) for x in rows_in],
         out_specs=[sp.tile(cfg.bk1, h), sp.tile(cfg.bk1, hv)],
         out_shape=[
@@ -776,8 +824,89 @@ def check(q, keys, values, plan: Plan) -> None:
             raise spine.Unsupported(f"bwd_block_k1={plan.bwd.bk1} (must be a power of two on GPU)")
         return
     if backend == "tpu":
-        raise spine.Unsupported("the kernels are not yet validated on a TPU")
+        _check_tpu(q, values, plan)
+        return
     raise spine.Unsupported(_no_backend())
+
+
+def _check_tpu(q, values, plan: Plan) -> None:
+    """Raises `Unsupported` for calls Mosaic cannot compile for a TPU (docs/pallas.md, "TPU")."""
+    dtype = jnp.dtype(jnp.result_type(q))
+    if dtype == jnp.float16:
+        raise spine.Unsupported(
+            "float16 on TPU (Mosaic compiles the kernels in bfloat16 and float32)"
+        )
+    if plan.bwd.fuse_k1:
+        raise spine.Unsupported("bwd_fuse_k1=True on TPU (its partial sums' tiles are unaligned)")
+    for name, cfg in (("fwd", plan.fwd), ("bwd", plan.bwd), ("bwd", plan.kv2)):
+        if cfg.rows % TPU_ROWS or cfg.bk1 % TPU_ROWS:
+            raise spine.Unsupported(
+                f"{name} tiles of {cfg.rows} rows, bwd_block_k1={cfg.bk1} (on TPU multiples of "
+                f"{TPU_ROWS}: G·block_q rows, G the query heads per key/value head)"
+            )
+        if cfg.bk2 % TPU_BLOCK_K2 and cfg.n2 > 1:
+            raise spine.Unsupported(
+                f"{name}_block_k2={cfg.bk2} (on TPU a multiple of {TPU_BLOCK_K2} unless one tile "
+                "holds every second key)"
+            )
+    need, limit = (
+        tpu_vmem_bytes(plan, q.shape[-1], values[0].shape[-1], dtype.itemsize),
+        _tpu_vmem_limit(),
+    )
+    if need > limit:
+        raise spine.Unsupported(
+            "out of memory on TPU: the kernels keep whole key sets (and, backward, all query "
+            "rows) in VMEM: "
+            f"{need / 2**20:.0f} MiB for this call, over the {limit / 2**20:.0f} MiB allowed"
+        )
+
+
+def _tpu_vmem_limit(compiler: bool = False) -> int:
+    """VMEM a call's `tpu_vmem_bytes` may ask for on this TPU: three quarters of a core's. The
+    compiler is given seven eighths, as XLA places some operands in VMEM beside the blocks
+    (measured by compiling for v5e: up to 12% more than `tpu_vmem_bytes`)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.get_tpu_info().vmem_capacity_bytes * (7 if compiler else 6) // 8
+
+
+def _tpu_bytes(rows: int, cols: int, itemsize: int) -> int:
+    """VMEM bytes of a `[rows, cols]` block: Mosaic pads it to whole tiles of 128 lanes and
+    `8·4/itemsize` rows."""
+    sub = 32 // itemsize
+    return -(-rows // sub) * sub * (-(-cols // 128) * 128) * itemsize
+
+
+def tpu_vmem_bytes(plan: Plan, h: int, hv: int, itemsize: int) -> int:
+    """The most VMEM one of the call's kernels (forward, dQ, dK1/dV1, dK2/dV2) asks for on
+    TPU: blocks that cover a whole array once, tiles twice (double-buffered)."""
+
+    def keys(cfg, tile1=False, tile2=False):  # k1, v1, valid1, k2, v2, valid2
+        s1 = cfg.bk1 if tile1 else cfg.n1 * cfg.bk1
+        s2 = cfg.bk2 if tile2 else cfg.n2 * cfg.bk2
+        first = [(s1, h, itemsize, tile1), (s1, hv, itemsize, tile1), (s1, 1, 4, tile1)]
+        return first + [(s2, h, itemsize, tile2), (s2, hv, itemsize, tile2), (1, s2, 4, tile2)]
+
+    def rows(r, tile=True):  # q, dO, lse, delta
+        return [(r, h, itemsize, tile), (r, hv, itemsize, tile), (r, 1, 4, tile), (r, 1, 4, tile)]
+
+    def outputs(r, x, size):  # tiles of `r` rows: [r, x] each
+        return [(r, d, size, True) for d in x]
+
+    fwd, bwd, kv2 = plan.fwd, plan.bwd, plan.kv2
+    kernels = [
+        keys(fwd)
+        + rows(fwd.rows)[:1]
+        + outputs(fwd.rows, (hv,), itemsize)
+        + [(fwd.rows, 1, 4, True)],
+        keys(bwd) + rows(bwd.rows) + outputs(bwd.rows, (h,), 4),
+        keys(bwd, tile1=True) + rows(bwd.nq * bwd.rows, tile=False) + outputs(bwd.bk1, (h, hv), 4),
+        keys(kv2, tile2=True) + rows(kv2.nq * kv2.rows, tile=False) + outputs(kv2.bk2, (h, hv), 4),
+    ]
+    return max(
+        sum((2 if tile else 1) * _tpu_bytes(r, c, size) for r, c, size, tile in blocks)
+        for blocks in kernels
+    )
 
 
 def _wider(w1, w2) -> bool:
@@ -800,7 +929,7 @@ def attention(q, keys, values, spec: AttentionSpec, config: PallasConfig | None 
     """Exact order-3 attention with the Pallas kernels (custom_vjp: forward and backward).
 
     Raises `Unsupported` (before any work) when the call cannot run here: order other than 3,
-    dtype, GPU tile constraints, no GPU/TPU without interpret mode, TPU (not yet validated).
+    dtype, GPU or TPU tile constraints, TPU memory, no GPU/TPU without interpret mode.
     With `w1 > w2` the two key/value sets are swapped (the attention is symmetric in them) so
     that the per-key loop runs over the smaller window.
     """
