@@ -264,6 +264,24 @@ def test_rejects_unsupported_calls_and_options():
         tensorattn.PolynomialConfig(fused=1)
 
 
+def test_compiled_kernels_need_a_gpu(monkeypatch):
+    """Without a GPU the compiled (Triton) kernels are refused before any work, with what
+    runs instead: interpret=False on CPU, and on TPU by default (not the slow interpreter)."""
+    q, keys, values, _ = _inputs(7, s=(11, 11))
+
+    def call(**options):
+        config = tensorattn.PolynomialConfig(fused=True, on_uncertified="ignore", **options)
+        return tensorattn.tensor_attention(q, *keys, *values, config=config)
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU and (pretended) TPU hosts")
+    with pytest.raises(ValueError, match="compile for a GPU only .*'cpu'.*fused=False"):
+        call(interpret=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="compile for a GPU only .*'tpu'.*interpret=True"):
+        call()
+
+
 def test_polynomial_config_fused_runs_the_fused_kernels():
     """`PolynomialConfig(fused=True)` through the public entry point: same result as the XLA
     scan, the certificate still checked, unsupported calls and options refused by name."""
@@ -307,12 +325,12 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
         return jnp.sum(fn(*a).astype(jnp.float32))
 
     args = [shape((1, 32, 2, 8), jnp.bfloat16)] + [shape((1, 32, 1, 8), jnp.bfloat16)] * 4
-    with cuda_lowering.abstract_gpu():
+    with cuda_lowering.gpu_target():
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (1 if causal else 2)
     # Forward and gradient. Non-causal: 2 + (2 key sums, dQ, Γ, 2 dK/dV); causal: 1 + (the
     # causal gradient kernel, 2 dK/dV of the totals).
-    with cuda_lowering.abstract_gpu():
+    with cuda_lowering.gpu_target():
         grad = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args)
         text = grad.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (4 if causal else 8)

@@ -224,8 +224,8 @@ class PolynomialConfig(KernelConfig):
     chunk_size: sequence positions per scan step; None: sized to the feature rank.
     fused: run the fused Pallas kernels (`polynomial_fused`: features formed on chip, never
       `[T, rank]` in memory; order 3, no windows, float scale; closed-form gradient) instead
-      of the XLA scan. Off by default until measured on a GPU (issue 14); without a GPU they
-      run in Pallas interpret mode.
+      of the XLA scan. Off by default until measured on a GPU (issue 14); on CPU they run in
+      Pallas interpret mode; on TPU they refuse (Triton kernels) unless interpret=True.
     Options of the fused kernels only (fused=True; None: chosen by the library for the call):
     precision: their matmul precision, "bf16x3" (None: operands split into bfloat16 hi + lo,
       ~2^-16 relative per product), "highest" (float32 products: polynomial.py's numerics,
@@ -238,8 +238,8 @@ class PolynomialConfig(KernelConfig):
       positions per step of the causal kernels. Powers of two (>= 16 on a GPU, but
       causal_chunk, 8 by default: its 8-row products compile with Triton 3.9).
     num_warps, num_stages: GPU launch settings.
-    interpret: Pallas interpret mode (any backend; slow, for tests). None: on without a GPU or
-      with TENSORATTN_PALLAS_INTERPRET=1; False always emits the GPU kernels.
+    interpret: Pallas interpret mode (any backend; slow, for tests). None: on on CPU or with
+      TENSORATTN_PALLAS_INTERPRET=1; False emits the GPU kernels (refused without a GPU).
     """
 
     implementation: ClassVar[str] = "polynomial"

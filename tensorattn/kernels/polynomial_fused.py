@@ -1041,7 +1041,8 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _default_interpret() -> bool:
-    return spine.env_flag(pallas.INTERPRET_ENV) or jax.default_backend() != "gpu"
+    """Interpret mode on CPU (and with the environment variable); compiled on a GPU."""
+    return spine.env_flag(pallas.INTERPRET_ENV) or jax.default_backend() == "cpu"
 
 
 def unsupported(q, keys, values, spec: AttentionSpec) -> str | None:
@@ -1097,6 +1098,11 @@ def attention(
     coeffs = tuple(float(c) for c in coeffs)
     interpret = _default_interpret() if config.interpret is None else config.interpret
     why = unsupported(q, keys, values, spec)
+    if why is None and not interpret and jax.default_backend() != "gpu":
+        why = (
+            f"the kernels compile for a GPU only (backend {jax.default_backend()!r}): "
+            "fused=False runs the XLA kernel, interpret=True the Pallas interpreter"
+        )
     if why is not None:
         raise Unsupported(f"the fused polynomial kernels do not support this call: {why}")
     b, t, n, h = q.shape
