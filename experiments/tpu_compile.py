@@ -37,10 +37,12 @@ CASES = {
     "g2-d64-causal-masked": (2, 300, 4, 2, 64, "bfloat16", True, None, True),
     "g3-d32-f32-causal": (1, 100, 3, 1, 32, "float32", True, None, False),
     "g8-d128-w32x96": (2, 1000, 8, 1, 128, "bfloat16", True, (32, 96), False),
-    "g8-d128-w512x32": (1, 4096, 8, 1, 128, "bfloat16", True, (512, 32), False),
     "g16-d64-full": (1, 2048, 16, 1, 64, "bfloat16", False, None, False),
-    "g64-d128-w32x256": (1, 512, 64, 1, 128, "bfloat16", True, (32, 256), False),
+    # Issue 10's shapes: fb_4k_h64 at B = 1, paper_16k_512x32 (swapped: w1 > w2).
     "g64-d128-w32x256-4k": (1, 4096, 64, 1, 128, "bfloat16", True, (32, 256), False),
+    "g64-d128-w512x32-16k": (1, 16384, 64, 1, 128, "bfloat16", True, (512, 32), False),
+    "g8-d128-causal-16k": (1, 16384, 8, 1, 128, "bfloat16", True, None, False),
+    "g8-d128-causal-128k": (1, 131072, 8, 1, 128, "bfloat16", True, None, False),
     "g2-d64-f16": (1, 256, 4, 2, 64, "float16", False, None, False),
 }
 TOPOLOGIES = ["v4:2x2x1", "v5p:2x2x1", "v5e:2x2", "v6e:2x2"]

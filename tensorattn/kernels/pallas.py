@@ -18,6 +18,8 @@ products per step instead of 11).
 The kernels use only portable Pallas (`pallas_call`, block specs, `jnp` ops, `dot_general`):
 on GPU they lower through Pallas' Triton backend, on TPU through Mosaic, and with
 `interpret=True` (or `TENSORATTN_PALLAS_INTERPRET=1`) they run anywhere in interpret mode.
+On TPU (docs/pallas.md, "TPU") the tiles follow Mosaic's alignment, one-row loads go through
+aligned blocks, and the dK/dV kernels take query tiles as a sequential grid axis.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class _Config(spine.CallView):
     fuse_k1: bool = False  # backward: dK1/dV1 as partial sums of the dQ kernel
     splits: int = 1  # row tiles per tile of positions (`spine.CallView`; backward only)
     row_align: int = 1  # one-row loads/stores go through aligned blocks of this many rows (TPU)
+    # dK/dV kernels: query tiles as a sequential grid axis, the output tile accumulating, so
+    # that only tiles of the query rows sit in VMEM (TPU), instead of a loop over all rows.
+    grid_q: bool = False
 
     @property
     def span(self) -> int:
@@ -147,7 +152,8 @@ def _pass(
     power of two), `bk2` at most S2 rounded up to a power of two (at least 16); `warps`: the
     default number of warps (None: by tile size). `split_heads`: with `rows < G` (G a
     multiple of `rows`), tiles of one position and `rows` of its heads instead of `G` rows.
-    `row_align`: `G·bq` is rounded up to a multiple of it."""
+    `row_align`: `G·bq` is rounded up to a multiple of it; above 1 (TPU), the dK/dV kernels
+    take query tiles as a grid axis (`_Config.grid_q`)."""
     g = call.group
     bq = min(max(1, rows // g), _next_pow2(call.t))
     step = row_align // math.gcd(g, row_align)  # TPU: `G·bq` a multiple of `row_align`
@@ -165,6 +171,7 @@ def _pass(
         interpret=interpret,
         splits=splits,
         row_align=row_align,
+        grid_q=row_align > 1,
     )
 
 
@@ -482,6 +489,31 @@ def _fold_partials(part, cfg: _Config):
     return jnp.pad(keys, ((0, 0), (0, max(0, cfg.s1 - keys.shape[1])), (0, 0)))[:, : cfg.s1]
 
 
+def _second_key_sums(cfg: _Config, qi, rows_in, k1_ref, v1_ref, m1_ref, k2, v2, valid2, b0, carry):
+    """Adds to `carry = (dk, dv)` (`[bk2, X]` float32; dK2 still in base 2) what query tile
+    `qi` (`rows_in = (q, do, lse, delta, pos)`) gives second keys `b0..b0+bk2`, summed over its
+    first keys."""
+    q, do, lse, delta, pos = rows_in
+    col_ok = _col_ok(cfg, valid2, pos, b0)
+    a_lo, a_hi = _k1_keys(cfg, *_tile_positions(cfg, qi))
+
+    def a_step(a, carry):
+        dk, dv = carry
+        k1a = _row(cfg, k1_ref, a)
+        v1a = _row(cfg, v1_ref, a)
+        ok = col_ok & _row_ok(cfg, _row(cfg, m1_ref, a), pos, a)
+        s, x = _scores(cfg, q, k1a, k2, ok)
+        p = jnp.exp2(s - lse)
+        y = (do * v1a).astype(v2.dtype)
+        dp = _dot(y, v2, (1, 1))
+        ds = p * (dp - delta)
+        dv = dv + _dot(p.astype(v2.dtype), y, (0, 0))
+        dk = dk + _dot(ds.astype(x.dtype), x, (0, 0))
+        return dk, dv
+
+    return lax.fori_loop(a_lo, a_hi, a_step, carry)
+
+
 def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
                  l_ref, d_ref, dk2_ref, dv2_ref):  # fmt: skip
     bj = pl.program_id(1)
@@ -493,34 +525,89 @@ def _dkv2_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
 
     def q_step(qi, carry):
         r0 = pl.multiple_of(qi * rows, rows)
-        q = q_ref[pl.ds(r0, rows), :]
-        do = do_ref[pl.ds(r0, rows), :]
-        lse = l_ref[pl.ds(r0, rows), :]
-        delta = d_ref[pl.ds(r0, rows), :]
-        pos = _positions(cfg, qi)
-        col_ok = _col_ok(cfg, valid2, pos, b0)
-        a_lo, a_hi = _k1_keys(cfg, *_tile_positions(cfg, qi))
-
-        def a_step(a, carry):
-            dk, dv = carry
-            k1a = _row(cfg, k1_ref, a)
-            v1a = _row(cfg, v1_ref, a)
-            ok = col_ok & _row_ok(cfg, _row(cfg, m1_ref, a), pos, a)
-            s, x = _scores(cfg, q, k1a, k2, ok)
-            p = jnp.exp2(s - lse)
-            y = (do * v1a).astype(v2.dtype)
-            dp = _dot(y, v2, (1, 1))
-            ds = p * (dp - delta)
-            dv = dv + _dot(p.astype(v2.dtype), y, (0, 0))
-            dk = dk + _dot(ds.astype(x.dtype), x, (0, 0))
-            return dk, dv
-
-        return lax.fori_loop(a_lo, a_hi, a_step, carry)
+        tiles = (ref[pl.ds(r0, rows), :] for ref in (q_ref, do_ref, l_ref, d_ref))
+        rows_in = (*tiles, _positions(cfg, qi))
+        args = (k1_ref, v1_ref, m1_ref, k2, v2, valid2, b0, carry)
+        return _second_key_sums(cfg, qi, rows_in, *args)
 
     init = (jnp.zeros(k2_ref.shape, _F32), jnp.zeros(v2_ref.shape, _F32))
     dk, dv = lax.fori_loop(qi_lo, qi_hi, q_step, init)
     dk2_ref[...] = (dk * _LN2).astype(dk2_ref.dtype)
     dv2_ref[...] = dv.astype(dv2_ref.dtype)
+
+
+# With `_Config.grid_q` (TPU) the dK/dV kernels run on the grid (b·k, key tile, step): step `s`
+# is query tile `lo + s` of the key tile's range `[lo, hi)` (`_q_tiles`), steps past `hi` do
+# nothing (and their block index stays at `hi - 1`, so nothing is fetched), and the key tile's
+# outputs accumulate over the steps.
+
+
+def _query_steps(cfg: _Config, length: int, block: int, window) -> int:
+    """Grid steps over query tiles: the most row tiles that can see one key tile."""
+    spans = [
+        spine.query_tile_range(k0, k0 + block - 1, cfg.nq_pos, cfg.bq, cfg.causal, window)
+        for k0 in range(0, length, block)
+    ]
+    return max(1, *(hi - lo for lo, hi in spans)) * cfg.splits
+
+
+def _accumulate(step, outs, sums, scales):
+    """Zeroes the output tiles at step 0, then adds `sums` (times `scales`)."""
+
+    @pl.when(step == 0)
+    def _():
+        for ref in outs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    for ref, x, scale in zip(outs, sums, scales):
+        ref[...] += (x * scale).astype(ref.dtype)
+
+
+def _dkv1_grid_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
+                      l_ref, d_ref, dk1_ref, dv1_ref):  # fmt: skip
+    """dK1/dV1 of one first-key tile from one query tile (`_Config.grid_q`)."""
+    ai, step = pl.program_id(1), pl.program_id(2)
+    a0 = ai * cfg.bk1
+    qi_lo, qi_hi = _q_tiles(cfg, a0, a0 + cfg.bk1 - 1, cfg.w1)
+    qi = qi_lo + step
+    rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
+    q, do = rows_in[:2]
+    j_lo, j_hi = _k2_tiles(cfg, *_tile_positions(cfg, qi))
+    which = lax.broadcasted_iota(jnp.int32, (cfg.bk1, 1), 0)
+
+    def a_step(a_local, carry):
+        dk, dv = carry
+        a = a0 + a_local
+        k1a, v1a = _row(cfg, k1_ref, a_local), _row(cfg, v1_ref, a_local)
+        row_ok = _row_ok(cfg, _row(cfg, m1_ref, a_local), rows_in[4], a)
+        zq, wd = _first_key_sums(cfg, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_hi)
+        here = which == a_local
+        dk = jnp.where(here, dk + jnp.sum(q.astype(_F32) * zq, axis=0, keepdims=True), dk)
+        dv = jnp.where(here, dv + jnp.sum(do.astype(_F32) * wd, axis=0, keepdims=True), dv)
+        return dk, dv
+
+    init = (jnp.zeros(dk1_ref.shape, _F32), jnp.zeros(dv1_ref.shape, _F32))
+    n_valid = jnp.where(qi < qi_hi, jnp.minimum(cfg.bk1, cfg.s1 - a0), 0)  # none past the range
+    sums = lax.fori_loop(0, n_valid, a_step, init)
+    _accumulate(step, (dk1_ref, dv1_ref), sums, (_LN2, 1.0))
+
+
+def _dkv2_grid_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
+                      l_ref, d_ref, dk2_ref, dv2_ref):  # fmt: skip
+    """dK2/dV2 of one second-key tile from one query tile (`_Config.grid_q`)."""
+    bj, step = pl.program_id(1), pl.program_id(2)
+    b0 = bj * cfg.bk2
+    qi_lo, qi_hi = _q_tiles(cfg, b0, b0 + cfg.bk2 - 1, cfg.w2)
+    qi = qi_lo + step
+    rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
+    init = (jnp.zeros(dk2_ref.shape, _F32), jnp.zeros(dv2_ref.shape, _F32))
+
+    def sums():
+        k2, v2, valid2 = k2_ref[...], v2_ref[...], m2_ref[...]
+        args = (k1_ref, v1_ref, m1_ref, k2, v2, valid2, b0, init)
+        return _second_key_sums(cfg, qi, rows_in, *args)
+
+    _accumulate(step, (dk2_ref, dv2_ref), lax.cond(qi < qi_hi, sums, lambda: init), (_LN2, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,7 +641,8 @@ def _valid_layout(valid, padded: int, column: bool = False):
 
 
 def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
-    """`pallas_call` with the backend's launch settings (or interpret mode)."""
+    """`pallas_call` with the backend's launch settings (or interpret mode). A third grid axis
+    is sequential (the `grid_q` kernels' steps over query tiles)."""
     kwargs = {}
     if cfg.interpret:
         kwargs["interpret"] = True
@@ -568,7 +656,7 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
         from jax.experimental.pallas import tpu as pltpu
 
         kwargs["compiler_params"] = pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"),
+            dimension_semantics=("parallel", "parallel", "arbitrary")[: len(grid)],
             vmem_limit_bytes=_tpu_vmem_limit(compiler=True),
         )
     else:
@@ -674,6 +762,9 @@ def _dq_dkv1_split(cfg: _Config, sp: _Specs, q_t, keys_in, rows_in):
         out_shape=jax.ShapeDtypeStruct((bk, rows_total, h), _F32),
     )(q_t, *keys_in, *rows_in)
 
+    if cfg.grid_q:
+        dk1_t, dv1_t = _over_query_tiles(cfg, _dkv1_grid_kernel, 0, q_t, keys_in, rows_in)
+        return dq_t, dk1_t, dv1_t
     dk1_t, dv1_t = _call(
         cfg,
         _dkv1_kernel,
@@ -724,8 +815,50 @@ def _backward_inputs(cfg: _Config, res, d_out, delta):
     return q_t, [k1_t, v1_t, k2_t, v2_t, m1, m2], rows_in
 
 
+def _over_query_tiles(cfg: _Config, kernel, key_set: int, q_t, keys_in, rows_in):
+    """dK/dV of key set `key_set` (0 or 1) by a `grid_q` kernel: grid (b·k, key tile, step
+    over query tiles); query rows, dO, lse and delta come as tiles, the key set as tiles and
+    the other set whole."""
+    bk, _, h = q_t.shape
+    kv = cfg.kv_heads
+    block, length, window = (cfg.bk1, cfg.s1, cfg.w1) if key_set == 0 else (cfg.bk2, cfg.s2, cfg.w2)
+
+    def q_tile(i, j, step):
+        lo, hi = _q_tiles(cfg, j * block, j * block + block - 1, window)
+        return i, jnp.maximum(jnp.minimum(lo + step, hi - 1), 0), 0
+
+    def key_tile(d):
+        return pl.BlockSpec((None, block, d), lambda i, j, step: (i, j, 0))
+
+    def whole(x):
+        return pl.BlockSpec((None, *x.shape[1:]), lambda i, j, step: (i, 0, 0))
+
+    k1_t, v1_t, k2_t, v2_t, m1, m2 = keys_in
+    if key_set == 0:
+        valid = pl.BlockSpec((None, block, 1), lambda i, j, step: (i // kv, j, 0))
+        keys = [key_tile(h), key_tile(v1_t.shape[-1]), whole(k2_t), whole(v2_t)]
+        valids = [valid, pl.BlockSpec((None, *m2.shape[1:]), lambda i, j, step: (i // kv, 0, 0))]
+        outs = (k1_t, v1_t)
+    else:
+        valid = pl.BlockSpec((None, 1, block), lambda i, j, step: (i // kv, 0, j))
+        keys = [whole(k1_t), whole(v1_t), key_tile(h), key_tile(v2_t.shape[-1])]
+        valids = [pl.BlockSpec((None, *m1.shape[1:]), lambda i, j, step: (i // kv, 0, 0)), valid]
+        outs = (k2_t, v2_t)
+    rows = [pl.BlockSpec((None, cfg.rows, x.shape[-1]), q_tile) for x in (q_t, *rows_in)]
+    return _call(
+        cfg,
+        kernel,
+        grid=(bk, -(-length // block), _query_steps(cfg, length, block, window)),
+        in_specs=rows[:1] + keys + valids + rows[1:],
+        out_specs=[key_tile(x.shape[-1]) for x in outs],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, _F32) for x in outs],
+    )(q_t, *keys_in, *rows_in)
+
+
 def _dkv2(cfg: _Config, q_t, keys_in, rows_in):
     """dK2/dV2 (grid over second-key tiles)."""
+    if cfg.grid_q:
+        return _over_query_tiles(cfg, _dkv2_grid_kernel, 1, q_t, keys_in, rows_in)
     k1_t, v1_t, k2_t, v2_t, m1, _ = keys_in
     bk, _, h = q_t.shape
     hv = v1_t.shape[-1]
@@ -855,8 +988,7 @@ def _check_tpu(q, values, plan: Plan) -> None:
     )
     if need > limit:
         raise spine.Unsupported(
-            "out of memory on TPU: the kernels keep whole key sets (and, backward, all query "
-            "rows) in VMEM: "
+            "out of memory on TPU: the kernels keep whole key sets in VMEM: "
             f"{need / 2**20:.0f} MiB for this call, over the {limit / 2**20:.0f} MiB allowed"
         )
 
@@ -879,7 +1011,8 @@ def _tpu_bytes(rows: int, cols: int, itemsize: int) -> int:
 
 def tpu_vmem_bytes(plan: Plan, h: int, hv: int, itemsize: int) -> int:
     """The most VMEM one of the call's kernels (forward, dQ, dK1/dV1, dK2/dV2) asks for on
-    TPU: blocks that cover a whole array once, tiles twice (double-buffered)."""
+    TPU (`grid_q`: the dK/dV kernels hold tiles of the query rows): blocks that cover a whole
+    array once, tiles twice (double-buffered)."""
 
     def keys(cfg, tile1=False, tile2=False):  # k1, v1, valid1, k2, v2, valid2
         s1 = cfg.bk1 if tile1 else cfg.n1 * cfg.bk1
@@ -887,8 +1020,8 @@ def tpu_vmem_bytes(plan: Plan, h: int, hv: int, itemsize: int) -> int:
         first = [(s1, h, itemsize, tile1), (s1, hv, itemsize, tile1), (s1, 1, 4, tile1)]
         return first + [(s2, h, itemsize, tile2), (s2, hv, itemsize, tile2), (1, s2, 4, tile2)]
 
-    def rows(r, tile=True):  # q, dO, lse, delta
-        return [(r, h, itemsize, tile), (r, hv, itemsize, tile), (r, 1, 4, tile), (r, 1, 4, tile)]
+    def rows(r):  # tiles of q, dO, lse, delta
+        return [(r, h, itemsize, True), (r, hv, itemsize, True), (r, 1, 4, True), (r, 1, 4, True)]
 
     def outputs(r, x, size):  # tiles of `r` rows: [r, x] each
         return [(r, d, size, True) for d in x]
@@ -900,8 +1033,8 @@ def tpu_vmem_bytes(plan: Plan, h: int, hv: int, itemsize: int) -> int:
         + outputs(fwd.rows, (hv,), itemsize)
         + [(fwd.rows, 1, 4, True)],
         keys(bwd) + rows(bwd.rows) + outputs(bwd.rows, (h,), 4),
-        keys(bwd, tile1=True) + rows(bwd.nq * bwd.rows, tile=False) + outputs(bwd.bk1, (h, hv), 4),
-        keys(kv2, tile2=True) + rows(kv2.nq * kv2.rows, tile=False) + outputs(kv2.bk2, (h, hv), 4),
+        keys(bwd, tile1=True) + rows(bwd.rows) + outputs(bwd.bk1, (h, hv), 4),
+        keys(kv2, tile2=True) + rows(kv2.rows) + outputs(kv2.bk2, (h, hv), 4),
     ]
     return max(
         sum((2 if tile else 1) * _tpu_bytes(r, c, size) for r, c, size, tile in blocks)
