@@ -34,6 +34,7 @@ from tensorattn.kernels import pallas, spine, tpu_lowering
 FLAGS = flags.FLAGS
 # name -> (B, T, N, K, D, dtype, causal, windows, key mask)
 CASES = {
+    "g2-d5-short-masked": (2, 13, 4, 2, 5, "float32", True, (3, 5), True),
     "g2-d64-causal-masked": (2, 300, 4, 2, 64, "bfloat16", True, None, True),
     "g3-d32-f32-causal": (1, 100, 3, 1, 32, "float32", True, None, False),
     "g8-d128-w32x96": (2, 1000, 8, 1, 128, "bfloat16", True, (32, 96), False),

@@ -1,6 +1,6 @@
 """Test setup: float32 matmuls at full precision so comparisons are meaningful on any backend;
-tests marked `gpu` (compiled GPU kernels) run on an NVIDIA GPU and skip elsewhere; `-n auto`
-(pytest-xdist) runs one worker per available core, at most 8."""
+tests marked `gpu` (compiled GPU kernels) run on an NVIDIA GPU and skip elsewhere, `tpu` ones
+on a TPU; `-n auto` (pytest-xdist) runs one worker per available core, at most 8."""
 
 import os
 import sys
@@ -23,6 +23,9 @@ def pytest_configure(config):
         "hopper=True, without a Hopper one); `-m gpu` runs only these",
     )
     config.addinivalue_line(
+        "markers", "tpu: kernels compiled for a TPU; skipped without one; `-m tpu` runs only these"
+    )
+    config.addinivalue_line(
         "markers", "multi_device: several simulated CPU devices in a subprocess, on any machine"
     )
 
@@ -41,6 +44,8 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("gpu")
         if marker and (reason := _skip_reason(marker)):
             item.add_marker(pytest.mark.skip(reason=reason))
+        if item.get_closest_marker("tpu") and jax.default_backend() != "tpu":
+            item.add_marker(pytest.mark.skip(reason="kernels compiled for a TPU need a TPU"))
 
 
 def available_cores() -> int:

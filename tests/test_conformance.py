@@ -5,7 +5,7 @@ head dims they need); `CASES` the problems (masks, windows, cross lengths, group
 array scales, orders 2-4), with lengths that are not tile multiples. A case an
 implementation cannot run is not generated (the capability says so, not a skip). Pallas runs
 in interpret mode with small tiles (several tiles per axis, forward and backward tiles
-different) and, on a GPU, compiled with the default tiles. The polynomial method runs at a
+different) and, on a GPU or a TPU, compiled with the default tiles. The polynomial method runs at a
 certified setting (entries in [-0.5, 0.5], degree 6) and is held to its certificate.
 """
 
@@ -44,6 +44,7 @@ class Impl:
     head_dims: tuple | None = None  # (H, Hv) it needs (compiled Pallas: powers of two >= 16)
     entries: float = 1.0  # inputs uniform in [-entries, entries]
     needs_gpu: bool = False  # compiled kernels: marked `gpu` (skipped without one)
+    needs_tpu: bool = False  # compiled for a TPU: marked `tpu` (skipped without one)
     certified: bool = False  # approximate: held to its certificate instead of a fixed tolerance
 
 
@@ -62,6 +63,8 @@ IMPLS = {
     "blocked-small-tiles": Impl("blocked", BlockedConfig(block_q=4, block_outer=3, block_inner=4)),
     "pallas-interpret": Impl("pallas", PALLAS_SMALL, orders=(3,)),
     "pallas-gpu": Impl("pallas", PallasConfig(), orders=(3,), head_dims=(16, 16), needs_gpu=True),
+    # The TPU plan (128-key tiles, aligned row loads, query tiles on the grid), compiled.
+    "pallas-tpu": Impl("pallas", PallasConfig(), orders=(3,), needs_tpu=True),
     # Mosaic GPU forward (Hopper) + Pallas backward; its interpret mode cannot run under this
     # suite's jax.jit (tests/test_mosaic_gpu.py runs it eagerly).
     "mosaic_gpu-gpu": Impl(
@@ -168,14 +171,19 @@ CASES = {
     "order-4-causal-masked": Case(lengths=(8, 8, 8), t=8, causal=True, masked=True),
 }
 
+
+def _marks(impl: Impl, name: str) -> list:
+    if impl.needs_gpu:
+        return [pytest.mark.gpu(hopper=name.startswith("mosaic_gpu"))]
+    return [pytest.mark.tpu] if impl.needs_tpu else []
+
+
 PARAMS = [
     pytest.param(
         impl_name,
         case_name,
         id=f"{impl_name}-{case_name}",
-        marks=[pytest.mark.gpu(hopper=impl_name.startswith("mosaic_gpu"))]
-        if IMPLS[impl_name].needs_gpu
-        else [],
+        marks=_marks(IMPLS[impl_name], impl_name),
     )
     for impl_name in IMPLS
     for case_name in CASES

@@ -238,7 +238,7 @@ def test_tpu_tiles_match_oracle(tiles, monkeypatch):
     call = spine.Call(1.0, True, (5, 9), t, (t, t), heads=N, kv_heads=K)
     p = pallas.plan(call, config)
     assert {c.row_align for c in (p.fwd, p.bwd, p.kv2)} == {16} and not p.bwd.fuse_k1
-    assert p.fwd.bk2 == (16 if tiles == "small" else 64)  # 128 at most S2 rounded up
+    assert p.fwd.bk2 == (16 if tiles == "small" else 128)  # 128 even for 37 keys
 
     loss = _loss(config, masks, d_out, window=(9, 5))
     out = tensorattn.tensor_attention(*x, config=config, window=(9, 5), k1_mask=masks[0],
@@ -289,6 +289,10 @@ TPU_REFUSALS = {
     "float16": (dict(dtype=jnp.float16), "float16 on TPU"),
     "fused-backward": (dict(bwd_fuse_k1=True), "bwd_fuse_k1=True on TPU"),
     "narrow-key-tiles": (dict(fwd_block_k2=64), "fwd_block_k2=64 .*multiple of 128"),
+    "narrow-key-tiles-short": (
+        dict(bwd_block_k2=16, shape_q=(1, 13, 8, 64), shape_k=(1, 13, 2, 64)),
+        "bwd_block_k2=16 .*multiple of 128",
+    ),
     "first-key-tiles": (dict(bwd_block_k1=8), "bwd_block_k1=8 \\(on TPU multiples of 16"),
     # 64 heads per key/value head in tiles of 8: one position's heads split in 8 tiles.
     "rows": (

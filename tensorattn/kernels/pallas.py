@@ -149,7 +149,8 @@ def _pass(
     row_align=1,
 ):
     """One pass's tiles: `rows // G` query positions (at least 1, at most T rounded up to a
-    power of two), `bk2` at most S2 rounded up to a power of two (at least 16); `warps`: the
+    power of two), `bk2` at most S2 rounded up to a power of two (at least 16; on TPU as
+    given); `warps`: the
     default number of warps (None: by tile size). `split_heads`: with `rows < G` (G a
     multiple of `rows`), tiles of one position and `rows` of its heads instead of `G` rows.
     `row_align`: `G·bq` is rounded up to a multiple of it; above 1 (TPU), the dK/dV kernels
@@ -159,7 +160,8 @@ def _pass(
     step = row_align // math.gcd(g, row_align)  # TPU: `G·bq` a multiple of `row_align`
     bq = -(-bq // step) * step
     splits = g // rows if split_heads and rows < g and g % rows == 0 else 1
-    bk2 = min(bk2, max(16, _next_pow2(call.lengths[1])))
+    if row_align == 1:  # TPU: Mosaic slices the validity at multiples of 128 (`TPU_BLOCK_K2`)
+        bk2 = min(bk2, max(16, _next_pow2(call.lengths[1])))
     num_warps = config.num_warps or warps or (4 if g * bq * bk2 // splits <= 64 * 64 else 8)
     return _Config(
         call=call,
@@ -977,10 +979,9 @@ def _check_tpu(q, values, plan: Plan) -> None:
                 f"{name} tiles of {cfg.rows} rows, bwd_block_k1={cfg.bk1} (on TPU multiples of "
                 f"{TPU_ROWS}: G·block_q rows, G the query heads per key/value head)"
             )
-        if cfg.bk2 % TPU_BLOCK_K2 and cfg.n2 > 1:
+        if cfg.bk2 % TPU_BLOCK_K2:
             raise spine.Unsupported(
-                f"{name}_block_k2={cfg.bk2} (on TPU a multiple of {TPU_BLOCK_K2} unless one tile "
-                "holds every second key)"
+                f"{name}_block_k2={cfg.bk2} (on TPU a multiple of {TPU_BLOCK_K2})"
             )
     need, limit = (
         tpu_vmem_bytes(plan, q.shape[-1], values[0].shape[-1], dtype.itemsize),
