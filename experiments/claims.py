@@ -16,8 +16,8 @@ seconds), `cpu` (this machine, minutes) and `full` (accelerators); `--preset=P` 
 `X` writes `WORKDIR/claimN_X.{jsonl,png,md}` and appends its headline figure to
 `WORKDIR/claims.jsonl`. Training runs (claims 4-5) keep checkpoints in `WORKDIR/train/...` and
 resume; re-running a claim skips the points finished with the same training config (its
-`training.run_fingerprint`, in each row and in the run's folder name: a changed learning rate
-or task format trains again). Every training run's config is checked
+`training.run_fingerprint`, in each row and in the run's folder name: a changed learning rate,
+task format or `training.RESULTS_VERSION` trains again). Every training run's config is checked
 before any claim starts (an unknown task, a bound or option the model refuses: exit 1 naming
 it); a run that fails anyway is a row with its reason, retried on the next call, and makes
 the command exit 1 once all claims are written. From Python: `CLAIMS[name](workdir, config)`

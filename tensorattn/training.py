@@ -914,17 +914,24 @@ TRAIN_RUN_OPTIONS = (
 )
 
 
+# Raised when a change to the code (not the config) changes what a run ends with, so that
+# fingerprinted results made before it are not reused: 1 until 2026-12-07, 2 from learned
+# positions starting at the token embeddings' scale (std 1/sqrt(width), was 0.02).
+RESULTS_VERSION = 2
+
+
 def run_fingerprint(options: Options | Mapping[str, Any]) -> str:
     """12 hex digits of SHA-256 over what a finished run's metrics depend on: the task, its
-    examples' format (`Task.format_version`), the model's identity, the optimizer and the
-    train options but `TRAIN_RUN_OPTIONS` (the kernel is a run option). Fields left out of a
-    dict count at their defaults. Equal fingerprints, equal runs; any other change to those
-    fields gives another fingerprint."""
+    examples' format (`Task.format_version`), the model's identity, the optimizer, the train
+    options but `TRAIN_RUN_OPTIONS` (the kernel is a run option) and the code's
+    `RESULTS_VERSION`. Fields left out of a dict count at their defaults. Equal fingerprints,
+    equal runs; any other change to those fields gives another fingerprint."""
     if not isinstance(options, Options):
         options = options_from_dict(options)
     config = _config_json(options, _make_task(options.task))
     train = {k: v for k, v in config["train"].items() if k not in TRAIN_RUN_OPTIONS}
     what = {**_identity(config), "optim": config["optim"], "train": train}
+    what["results_version"] = RESULTS_VERSION
     text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

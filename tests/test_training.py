@@ -105,8 +105,8 @@ def test_workdir_of_another_task_format_is_refused(finished, tmp_path):
 
 def test_run_fingerprint_names_what_the_metrics_depend_on(monkeypatch):
     """Run options (the kernel, cadence, devices) and fields left at their defaults keep the
-    fingerprint; the task, its format, the model, the optimizer, the seed and the budget
-    change it."""
+    fingerprint; the task, its format, the model, the optimizer, the seed, the budget and the
+    code's `RESULTS_VERSION` change it."""
     base = training.run_fingerprint(smoke_config())
     assert len(base) == 12 and base == training.run_fingerprint(
         training.options_from_dict(smoke_config())
@@ -133,6 +133,9 @@ def test_run_fingerprint_names_what_the_metrics_depend_on(monkeypatch):
     assert base not in prints and len(set(prints)) == len(prints)
     monkeypatch.setattr(tasks.match.Match, "format_version", 2, raising=False)
     assert training.run_fingerprint(smoke_config()) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "RESULTS_VERSION", training.RESULTS_VERSION + 1)
+    assert training.run_fingerprint(smoke_config()) not in (base, *prints)
 
 
 def tensorboard_scalars(workdir):
