@@ -401,3 +401,22 @@ def test_beside_paper_pairs_our_medians_with_the_papers():
         "standard-2": 0.9,
         "paper standard-2": 0.92,
     }
+
+
+@pytest.mark.parametrize("claim", ["claim4_expressivity", "claim5_bounded"])
+def test_committed_cpu_rows_are_this_codes_runs(claim):
+    """Every committed CPU row of claims 4-5 (results/cpu, quoted in the README) has the
+    fingerprint of a point of today's cpu preset: a change to a budget, a task config, the
+    training code's `RESULTS_VERSION` or the fingerprint itself shows here until the claim is
+    re-run (`scripts/reproduce.sh`, which would otherwise train those points again)."""
+    config = claims.load_config("cpu")
+    options, _, _ = claims._polynomial_options(config)
+    points = {"claim4_expressivity": claims.expressivity_points,
+              "claim5_bounded": claims.bounded_points}[claim](config)  # fmt: skip
+    current = {
+        training.run_fingerprint(claims.train_config(task, model, seed, "cpu", budget, options))
+        for task, budget, model, seed in points
+    }
+    with open(os.path.join(ROOT, "results", "cpu", f"{claim}.jsonl")) as f:
+        committed = {json.loads(line)["fingerprint"] for line in f}
+    assert committed == current
