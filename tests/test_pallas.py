@@ -207,45 +207,52 @@ def test_lowers_for_cuda(name, monkeypatch):
     assert text.count("__gpu$xla.gpu.triton") == (3 if window else 4)
 
 
-def _loss(config, masks, d_out, window):
+SMALL_TPU = PallasConfig(
+    fwd_block_rows=16, fwd_block_k2=16, bwd_block_rows=16, bwd_block_k2=16, bwd_block_k1=16,
+    interpret=True,
+)  # fmt: skip
+# name -> (config, (T, S1, S2), (N, K), window or None for non-causal, masked)
+TPU_CASES = {
+    "default-tiles": (PallasConfig(interpret=True), (37, 37, 37), (4, 2), (9, 5), True),
+    "small-tiles": (SMALL_TPU, (37, 37, 37), (4, 2), (9, 5), True),
+    "small-tiles-cross": (SMALL_TPU, (21, 40, 19), (4, 2), None, False),
+    # 32 heads per key/value head in tiles of 16 rows: each position is two row tiles.
+    "split-heads": (SMALL_TPU, (19, 19, 19), (32, 1), (None, 4), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TPU_CASES))
+def test_tpu_tiles_match_oracle(name, monkeypatch):
+    """The TPU plan run in interpret mode against the oracle: G·block_q rows a multiple of 16,
+    one-row loads through aligned 16-row blocks (`_Config.row_align`), the dK/dV kernels
+    over a grid axis of query tiles (`grid_q`), the split backward; 128-key tiles (one per
+    key set here) or several 16-key tiles and query tiles; key masks, windows wider first
+    (swapped), non-causal cross lengths, positions split over row tiles, lengths that are not
+    tile multiples."""
+    monkeypatch.setattr(pallas, "_tpu_tiles", lambda interpret: True)
+    config, (t, s1, s2), (n, kv), window, masked = TPU_CASES[name]
+    rng = np.random.default_rng(11)
+    shapes = [(B, t, n, H), (B, s1, kv, H), (B, s2, kv, H), (B, s1, kv, HV), (B, s2, kv, HV)]
+    x = [jnp.asarray(rng.standard_normal(shape), np.float32) for shape in shapes]
+    masks = [rng.random((B, s)) > 0.3 for s in (s1, s2)] if masked else [None, None]
+    d_out = rng.standard_normal((B, t, n, HV))
+    causal = window is not None
+    call = spine.Call(1.0, causal, window or (None, None), t, (s1, s2), heads=n, kv_heads=kv)
+    p = pallas.plan(call, config)
+    assert all(c.row_align == 16 and c.grid_q for c in (p.fwd, p.bwd, p.kv2))
+    assert not p.bwd.fuse_k1 and p.fwd.bk2 == (128 if config.fwd_block_k2 is None else 16)
+    assert p.bwd.splits == (2 if name == "split-heads" else 1)
+
     def loss(*args):
         out = tensorattn.tensor_attention(
-            *args, config=config, window=window, k1_mask=masks[0], k2_mask=masks[1]
-        )
-        return jnp.sum(out * d_out)
-
-    return loss
-
-
-@pytest.mark.parametrize("tiles", ["default", "small"])
-def test_tpu_tiles_match_oracle(tiles, monkeypatch):
-    """The TPU plan run in interpret mode against the oracle: G·block_q rows a multiple of 16,
-    one-row loads and stores through aligned 16-row blocks (`_Config.row_align`), the split
-    backward; 128-key tiles ("default", one per key set here) or several 16-key tiles and
-    query tiles ("small"); key masks, windows wider first (swapped), lengths not tile
-    multiples."""
-    monkeypatch.setattr(pallas, "_tpu_tiles", lambda interpret: True)
-    t = 37
-    x, rng = _inputs(11, t=t, s1=t, s2=t)
-    masks = [rng.random((B, t)) > 0.3 for _ in range(2)]
-    d_out = rng.standard_normal((B, t, N, HV))
-    config = PallasConfig(interpret=True)
-    if tiles == "small":
-        config = PallasConfig(
-            fwd_block_rows=16, fwd_block_k2=16, bwd_block_rows=16, bwd_block_k2=16,
-            bwd_block_k1=16, interpret=True,
+            *args, config=config, causal=causal, window=window, k1_mask=masks[0],
+            k2_mask=masks[1],
         )  # fmt: skip
-    call = spine.Call(1.0, True, (5, 9), t, (t, t), heads=N, kv_heads=K)
-    p = pallas.plan(call, config)
-    assert {c.row_align for c in (p.fwd, p.bwd, p.kv2)} == {16} and not p.bwd.fuse_k1
-    assert p.fwd.bk2 == (16 if tiles == "small" else 128)  # 128 even for 37 keys
+        return jnp.sum(out * d_out), out
 
-    loss = _loss(config, masks, d_out, window=(9, 5))
-    out = tensorattn.tensor_attention(*x, config=config, window=(9, 5), k1_mask=masks[0],
-                                      k2_mask=masks[1])  # fmt: skip
-    okw = dict(causal=True, windows=(9, 5), masks=masks)
+    grads, out = jax.grad(loss, argnums=tuple(range(5)), has_aux=True)(*x)
+    okw = dict(causal=causal, windows=window, masks=None if not masked else masks)
     assert _rel(out, oracle.attention(x[0], x[1:3], x[3:], **okw)) < 1e-5
-    grads = jax.grad(loss, argnums=tuple(range(5)))(*x)
     dq, dk, dv = oracle.attention_grads(x[0], x[1:3], x[3:], d_out, **okw)
     for got, want in zip(grads, [dq, *dk, *dv]):
         assert _rel(got, want) < 1e-5

@@ -154,7 +154,8 @@ def _pass(
     default number of warps (None: by tile size). `split_heads`: with `rows < G` (G a
     multiple of `rows`), tiles of one position and `rows` of its heads instead of `G` rows.
     `row_align`: `G·bq` is rounded up to a multiple of it; above 1 (TPU), the dK/dV kernels
-    take query tiles as a grid axis (`_Config.grid_q`)."""
+    take query tiles as a grid axis (`_Config.grid_q`: their rows are then written as whole
+    tiles, and the kernels that write one row at a time do not run)."""
     g = call.group
     bq = min(max(1, rows // g), _next_pow2(call.t))
     step = row_align // math.gcd(g, row_align)  # TPU: `G·bq` a multiple of `row_align`
@@ -273,18 +274,6 @@ def _row(cfg: _Config, ref, i):
     block = ref[pl.ds(pl.multiple_of(i // c * c, c), c), :]
     pick = lax.broadcasted_iota(jnp.int32, block.shape, 0) == i % c
     return jnp.sum(jnp.where(pick, block, 0), axis=0, keepdims=True).astype(block.dtype)
-
-
-def _set_row(cfg: _Config, ref, i, value):
-    """`ref[i] = value` (`[1, X]`); with `cfg.row_align > 1` as a write of its aligned block."""
-    c = cfg.row_align
-    if c == 1:
-        ref[pl.ds(i, 1), :] = value
-        return
-    rows = pl.ds(pl.multiple_of(i // c * c, c), c)
-    block = ref[rows, :]
-    pick = lax.broadcasted_iota(jnp.int32, block.shape, 0) == i % c
-    ref[rows, :] = jnp.where(pick, value, block)
 
 
 def _scores(cfg: _Config, q, k1a, k2, ok):
@@ -438,8 +427,8 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
 
         init = (jnp.zeros((1, q_ref.shape[-1]), _F32), jnp.zeros((1, do_ref.shape[-1]), _F32))
         dk, dv = lax.fori_loop(qi_lo, qi_hi, q_step, init)
-        _set_row(cfg, dk1_ref, a_local, (dk * _LN2).astype(dk1_ref.dtype))
-        _set_row(cfg, dv1_ref, a_local, dv.astype(dv1_ref.dtype))
+        dk1_ref[pl.ds(a_local, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
+        dv1_ref[pl.ds(a_local, 1), :] = dv.astype(dv1_ref.dtype)
         return carry
 
     n_valid = jnp.minimum(cfg.bk1, cfg.s1 - ai * cfg.bk1)
@@ -468,8 +457,8 @@ def _dqkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m
         )
         dk = jnp.sum(q.astype(_F32) * zq, axis=0, keepdims=True)
         dv = jnp.sum(do.astype(_F32) * wd, axis=0, keepdims=True)
-        _set_row(cfg, dk1_ref, r, (dk * _LN2).astype(dk1_ref.dtype))
-        _set_row(cfg, dv1_ref, r, dv.astype(dv1_ref.dtype))
+        dk1_ref[pl.ds(r, 1), :] = (dk * _LN2).astype(dk1_ref.dtype)
+        dv1_ref[pl.ds(r, 1), :] = dv.astype(dv1_ref.dtype)
         return dq + zq * k1a.astype(_F32)
 
     dq = lax.fori_loop(0, cfg.span, a_step, jnp.zeros(q_ref.shape, _F32))
@@ -959,14 +948,14 @@ def check(q, keys, values, plan: Plan) -> None:
             raise spine.Unsupported(f"bwd_block_k1={plan.bwd.bk1} (must be a power of two on GPU)")
         return
     if backend == "tpu":
-        _check_tpu(q, values, plan)
+        _check_tpu(q, keys, values, plan)
         return
     raise spine.Unsupported(_no_backend())
 
 
-def _check_tpu(q, values, plan: Plan) -> None:
+def _check_tpu(q, keys, values, plan: Plan) -> None:
     """Raises `Unsupported` for calls Mosaic cannot compile for a TPU (docs/pallas.md, "TPU")."""
-    dtype = jnp.dtype(jnp.result_type(q))
+    dtype = jnp.dtype(jnp.result_type(q, *keys, *values))  # what the kernels compute in
     if dtype == jnp.float16:
         raise spine.Unsupported(
             "float16 on TPU (Mosaic compiles the kernels in bfloat16 and float32)"
