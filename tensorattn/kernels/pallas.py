@@ -542,6 +542,17 @@ def _query_steps(cfg: _Config, length: int, block: int, window) -> int:
     return max(1, *(hi - lo for lo, hi in spans)) * cfg.splits
 
 
+def _grid_tiles(cfg: _Config, block: int, window, q_ref, do_ref, l_ref, d_ref):
+    """A `grid_q` program's first key `k0` of its key tile, its step, its query tile `qi`
+    (`live`: within the tiles that can see the key tile) and `rows_in = (q, do, lse, delta,
+    pos)` of that query tile."""
+    k0, step = pl.program_id(1) * block, pl.program_id(2)
+    lo, hi = _q_tiles(cfg, k0, k0 + block - 1, window)
+    qi = lo + step
+    rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
+    return k0, step, qi, qi < hi, rows_in
+
+
 def _accumulate(step, outs, sums, scales):
     """Zeroes the output tiles at step 0, then adds `sums` (times `scales`)."""
 
@@ -557,11 +568,7 @@ def _accumulate(step, outs, sums, scales):
 def _dkv1_grid_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
                       l_ref, d_ref, dk1_ref, dv1_ref):  # fmt: skip
     """dK1/dV1 of one first-key tile from one query tile (`_Config.grid_q`)."""
-    ai, step = pl.program_id(1), pl.program_id(2)
-    a0 = ai * cfg.bk1
-    qi_lo, qi_hi = _q_tiles(cfg, a0, a0 + cfg.bk1 - 1, cfg.w1)
-    qi = qi_lo + step
-    rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
+    a0, step, qi, live, rows_in = _grid_tiles(cfg, cfg.bk1, cfg.w1, q_ref, do_ref, l_ref, d_ref)
     q, do = rows_in[:2]
     j_lo, j_hi = _k2_tiles(cfg, *_tile_positions(cfg, qi))
     which = lax.broadcasted_iota(jnp.int32, (cfg.bk1, 1), 0)
@@ -578,7 +585,7 @@ def _dkv1_grid_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_re
         return dk, dv
 
     init = (jnp.zeros(dk1_ref.shape, _F32), jnp.zeros(dv1_ref.shape, _F32))
-    n_valid = jnp.where(qi < qi_hi, jnp.minimum(cfg.bk1, cfg.s1 - a0), 0)  # none past the range
+    n_valid = jnp.where(live, jnp.minimum(cfg.bk1, cfg.s1 - a0), 0)  # none past the range
     sums = lax.fori_loop(0, n_valid, a_step, init)
     _accumulate(step, (dk1_ref, dv1_ref), sums, (_LN2, 1.0))
 
@@ -586,11 +593,7 @@ def _dkv1_grid_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_re
 def _dkv2_grid_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2_ref, do_ref,
                       l_ref, d_ref, dk2_ref, dv2_ref):  # fmt: skip
     """dK2/dV2 of one second-key tile from one query tile (`_Config.grid_q`)."""
-    bj, step = pl.program_id(1), pl.program_id(2)
-    b0 = bj * cfg.bk2
-    qi_lo, qi_hi = _q_tiles(cfg, b0, b0 + cfg.bk2 - 1, cfg.w2)
-    qi = qi_lo + step
-    rows_in = (q_ref[...], do_ref[...], l_ref[...], d_ref[...], _positions(cfg, qi))
+    b0, step, qi, live, rows_in = _grid_tiles(cfg, cfg.bk2, cfg.w2, q_ref, do_ref, l_ref, d_ref)
     init = (jnp.zeros(dk2_ref.shape, _F32), jnp.zeros(dv2_ref.shape, _F32))
 
     def sums():
@@ -598,7 +601,7 @@ def _dkv2_grid_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_re
         args = (k1_ref, v1_ref, m1_ref, k2, v2, valid2, b0, init)
         return _second_key_sums(cfg, qi, rows_in, *args)
 
-    _accumulate(step, (dk2_ref, dv2_ref), lax.cond(qi < qi_hi, sums, lambda: init), (_LN2, 1.0))
+    _accumulate(step, (dk2_ref, dv2_ref), lax.cond(live, sums, lambda: init), (_LN2, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
