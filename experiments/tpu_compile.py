@@ -87,25 +87,31 @@ def _vmem_mib(case) -> float:
     return pallas.tpu_vmem_bytes(plan, d, d, jnp.dtype(dtype).itemsize) / 2**20
 
 
+def trace(name: str, kind: str, sharding=None):
+    """Pass `kind` ("forward" or "gradient") of case `name` traced with abstract inputs (on
+    `sharding`); run it under `tpu_lowering.tpu_target` to trace as for a TPU. A refusal is a
+    ValueError from `tensorattn.Unsupported`."""
+    b, t, n, kv, d, dtype = CASES[name][:6]
+    shapes = [(b, t, n, d)] + [(b, t, kv, d)] * 4
+    args = [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
+    return jax.jit(_functions(CASES[name])[kind]).trace(*args)
+
+
 def compile_case(topology: str, name: str) -> list[dict]:
     """Rows of one case compiled for one chip of `topology`."""
     from jax.experimental import topologies
 
     device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
-    case = CASES[name]
-    b, t, n, kv, d, dtype = case[:6]
     sharding = jax.sharding.SingleDeviceSharding(device)
-    shapes = [(b, t, n, d)] + [(b, t, kv, d)] * 4
-    args = [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
     cores = getattr(device, "num_cores", 1)
     rows = []
     with mock.patch.object(jax, "default_backend", lambda: "tpu"):  # the TPU tiles
-        vmem = _vmem_mib(case)
+        vmem = _vmem_mib(CASES[name])
     with tpu_lowering.tpu_target(device.device_kind, cores):
-        for kind, fn in _functions(case).items():
+        for kind in ("forward", "gradient"):
             start = time.perf_counter()
             try:
-                jax.jit(fn).trace(*args).lower().compile()
+                trace(name, kind, sharding).lower().compile()
                 status, message = "ok", ""
             except Exception as e:  # a refusal (ValueError from Unsupported) or the compiler's
                 if isinstance(e.__cause__, tensorattn.Unsupported):

@@ -125,6 +125,22 @@ def test_kernel_registers_captures_the_triton_kernels():
         kernel_registers.variant_config("rows=64")
 
 
+def test_tpu_compile_traces_its_cases_for_a_tpu():
+    """The TPU compile report's cases lower to Mosaic on any host (compiling them needs
+    libtpu), and a refused case says so before any work."""
+    import tensorattn
+    from experiments import tpu_compile
+    from tensorattn.kernels import tpu_lowering
+
+    with tpu_lowering.tpu_target():
+        traced = tpu_compile.trace("g2-d5-short-masked", "gradient")
+        text = traced.lower(lowering_platforms=("tpu",)).as_text()
+        assert text.count("@tpu_custom_call") == 4  # forward, dQ, dK1/dV1, dK2/dV2
+        with pytest.raises(ValueError, match="float16 on TPU") as refused:
+            tpu_compile.trace("g2-d64-f16", "forward")
+    assert isinstance(refused.value.__cause__, tensorattn.Unsupported)
+
+
 def test_mosaic_registers_lowers_and_reads_ptxas():
     """The Mosaic GPU register report lowers a case for CUDA on any host (one module per
     kernel: forward, dQ with dK1/dV1, dK2/dV2) and reads ptxas' report and the SASS; the
