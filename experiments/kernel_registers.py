@@ -44,7 +44,7 @@ from absl import app, flags
 import tensorattn
 from experiments import benchlib
 from tensorattn import PallasConfig, PolynomialConfig
-from tensorattn.kernels import cuda_lowering
+from tensorattn.kernels import lowering
 
 FLAGS = flags.FLAGS
 
@@ -107,9 +107,9 @@ def _triton_kernels(kernels: list):
     inside the context (the module text and the custom call's launch attributes)."""
     from jax._src.interpreters import mlir
     from jax._src.lib.mlir import ir
-    from jax._src.pallas.triton import lowering
+    from jax._src.pallas.triton import lowering as triton_lowering
 
-    lower, custom_call = lowering.lower_jaxpr_to_triton_module, mlir.custom_call
+    lower, custom_call = triton_lowering.lower_jaxpr_to_triton_module, mlir.custom_call
     modules = []
 
     def lower_and_keep(*args, **kwargs):
@@ -129,12 +129,12 @@ def _triton_kernels(kernels: list):
             )
         return custom_call(call_target_name, *args, backend_config=backend_config, **kwargs)
 
-    lowering.lower_jaxpr_to_triton_module = lower_and_keep
+    triton_lowering.lower_jaxpr_to_triton_module = lower_and_keep
     mlir.custom_call = call_and_keep
     try:
         yield
     finally:
-        lowering.lower_jaxpr_to_triton_module, mlir.custom_call = lower, custom_call
+        triton_lowering.lower_jaxpr_to_triton_module, mlir.custom_call = lower, custom_call
 
 
 def gradient_trace(case: Case, config):
@@ -158,7 +158,7 @@ def lower_case(name: str, variant: str = "default") -> list[dict]:
     case = CASES[name]
     grad, args = gradient_trace(case, variant_config(variant, case.polynomial))
     kernels = []
-    with cuda_lowering.gpu_target(), _triton_kernels(kernels):
+    with lowering.gpu_target(), _triton_kernels(kernels):
         grad.trace(*args).lower(lowering_platforms=("cuda",))
     return kernels
 

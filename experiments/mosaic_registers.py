@@ -47,7 +47,7 @@ from absl import app, flags
 
 from experiments import benchlib, kernel_registers
 from tensorattn import MosaicGPUConfig
-from tensorattn.kernels import cuda_lowering, mosaic_gpu
+from tensorattn.kernels import lowering, mosaic_gpu
 
 FLAGS = flags.FLAGS
 CASES = {name: case for name, case in kernel_registers.CASES.items() if not case.polynomial}
@@ -122,7 +122,7 @@ def lower_case(name: str, variant: str = "default") -> list[bytes]:
     grad, args = kernel_registers.gradient_trace(CASES[name], variant_config(variant))
     core.KNOWN_KERNELS.clear()  # the lowering files every module here, keyed by its hash
     no_device_check = mock.patch.object(mosaic_gpu, "_check_device", lambda cfg: None)
-    with cuda_lowering.gpu_target(), no_device_check:
+    with lowering.gpu_target(), no_device_check:
         grad.trace(*args).lower(lowering_platforms=("cuda",))
     return list(core.KNOWN_KERNELS.values())
 

@@ -6,7 +6,7 @@ r"""The Pallas kernels compiled for TPU chips by libtpu, on a host without a TPU
   /tmp/tpu-venv/bin/python -m experiments.tpu_compile --out=results/compile_tpu/pallas.jsonl
 
 Each case is traced with `implementation="pallas"` and default tiles as for a TPU
-(`tensorattn.kernels.tpu_lowering.tpu_target`), forward and gradient, and compiled ahead of
+(`tensorattn.kernels.lowering.tpu_target`), forward and gradient, and compiled ahead of
 time for one chip of a TPU topology (`jax.experimental.topologies`, no TPU needed): XLA:TPU
 and Mosaic run in full (layouts, alignment, VMEM allocation), nothing is executed. A status
 per (chip, case, pass): "ok" (compiled), "refused" (`tensorattn.Unsupported` before any work:
@@ -29,7 +29,7 @@ from absl import app, flags
 import tensorattn
 from experiments import benchlib
 from tensorattn import PallasConfig
-from tensorattn.kernels import pallas, spine, tpu_lowering
+from tensorattn.kernels import lowering, pallas, spine
 
 FLAGS = flags.FLAGS
 # name -> (B, T, N, K, D, dtype, causal, windows, key mask)
@@ -89,7 +89,7 @@ def _vmem_mib(case) -> float:
 
 def trace(name: str, kind: str, sharding=None):
     """Pass `kind` ("forward" or "gradient") of case `name` traced with abstract inputs (on
-    `sharding`); run it under `tpu_lowering.tpu_target` to trace as for a TPU. A refusal is a
+    `sharding`); run it under `lowering.tpu_target` to trace as for a TPU. A refusal is a
     ValueError from `tensorattn.Unsupported`."""
     b, t, n, kv, d, dtype = CASES[name][:6]
     shapes = [(b, t, n, d)] + [(b, t, kv, d)] * 4
@@ -107,7 +107,7 @@ def compile_case(topology: str, name: str) -> list[dict]:
     rows = []
     with mock.patch.object(jax, "default_backend", lambda: "tpu"):  # the TPU tiles
         vmem = _vmem_mib(CASES[name])
-    with tpu_lowering.tpu_target(device.device_kind, cores):
+    with lowering.tpu_target(device.device_kind, cores):
         for kind in ("forward", "gradient"):
             start = time.perf_counter()
             try:

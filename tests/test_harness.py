@@ -130,9 +130,9 @@ def test_tpu_compile_traces_its_cases_for_a_tpu():
     libtpu), and a refused case says so before any work."""
     import tensorattn
     from experiments import tpu_compile
-    from tensorattn.kernels import tpu_lowering
+    from tensorattn.kernels import lowering
 
-    with tpu_lowering.tpu_target():
+    with lowering.tpu_target():
         traced = tpu_compile.trace("g2-d5-short-masked", "gradient")
         text = traced.lower(lowering_platforms=("tpu",)).as_text()
         assert text.count("@tpu_custom_call") == 4  # forward, dQ, dK1/dV1, dK2/dV2

@@ -19,7 +19,7 @@ import pytest
 
 import tensorattn
 from tensorattn import MosaicGPUConfig
-from tensorattn.kernels import api, cuda_lowering, mosaic_gpu, mosaic_gpu_bwd, spine
+from tensorattn.kernels import api, lowering, mosaic_gpu, mosaic_gpu_bwd, spine
 
 BF16, F16 = jnp.bfloat16, jnp.float16
 INTERPRET = MosaicGPUConfig(interpret=True)
@@ -73,7 +73,7 @@ def test_lowers_for_cuda(name):
         spec = _spec(q, keys, values, causal=causal, window=window, masks=masks or None)
         return mosaic_gpu.forward(q, keys, values, spec, config)
 
-    with cuda_lowering.abstract_gpu():
+    with lowering.abstract_gpu():
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -296,7 +296,7 @@ def test_backward_lowers_for_cuda(name):
         fused.append(mosaic_gpu_bwd.plan(cfg, h, hv, dtype).dq.fuse)
         return mosaic_gpu.gradients(q, keys, values, d_out, spec, config)
 
-    with cuda_lowering.abstract_gpu():
+    with lowering.abstract_gpu():
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # The forward, dQ (with dK1/dV1's partial sums when fused) and dK/dV kernels.
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == (3 if fused[0] else 4)

@@ -14,7 +14,7 @@ import pytest
 
 import tensorattn
 from tensorattn import PallasConfig
-from tensorattn.kernels import cuda_lowering, pallas, spine, tpu_lowering
+from tensorattn.kernels import lowering, pallas, spine
 
 SMALL = PallasConfig(
     fwd_block_rows=8, fwd_block_k2=8, bwd_block_rows=16, bwd_block_k1=4, bwd_block_k2=16,
@@ -186,7 +186,7 @@ LOWER = {
 def test_lowers_for_cuda(name, monkeypatch):
     """Forward and backward lower to Triton custom calls for the "cuda" platform on any host
     (compiling them to PTX needs a GPU machine)."""
-    target = cuda_lowering.abstract_gpu()
+    target = lowering.abstract_gpu()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' launch settings
     b, t, n, kv, d, window = LOWER[name]
     shapes = [(b, t, n, d)] + [(b, t, kv, d)] * 4
@@ -286,7 +286,7 @@ def _tpu_call(shape_q, shape_k, dtype=jnp.bfloat16, window=(96, 32), **config):
 def test_lowers_for_tpu():
     """Forward and backward lower to Mosaic custom calls for the "tpu" platform on any host
     (libtpu compiles them without a TPU: `experiments.tpu_compile`)."""
-    with tpu_lowering.tpu_target():
+    with lowering.tpu_target():
         traced = _tpu_call((1, 300, 8, 128), (1, 300, 2, 128))
         text = traced.lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("@tpu_custom_call") == 4  # forward, dQ, dK1/dV1, dK2/dV2
@@ -315,5 +315,5 @@ TPU_REFUSALS = {
 def test_tpu_refuses_what_mosaic_cannot_compile(name):
     kwargs, message = TPU_REFUSALS[name]
     kwargs = {"shape_q": (1, 300, 8, 64), "shape_k": (1, 300, 2, 64), **kwargs}
-    with tpu_lowering.tpu_target(), pytest.raises(tensorattn.Unsupported, match=message):
+    with lowering.tpu_target(), pytest.raises(tensorattn.Unsupported, match=message):
         _tpu_call(**kwargs)

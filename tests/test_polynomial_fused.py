@@ -11,7 +11,7 @@ import oracle
 import pytest
 
 import tensorattn
-from tensorattn.kernels import cuda_lowering, features, polynomial
+from tensorattn.kernels import features, lowering, polynomial
 from tensorattn.kernels import polynomial_fused as pf
 
 DEGREE = 8  # Taylor: relative error 6.8e-6 on [-1, 1]
@@ -325,12 +325,12 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(causal):
         return jnp.sum(fn(*a).astype(jnp.float32))
 
     args = [shape((1, 32, 2, 8), jnp.bfloat16)] + [shape((1, 32, 1, 8), jnp.bfloat16)] * 4
-    with cuda_lowering.gpu_target():
+    with lowering.gpu_target():
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (1 if causal else 2)
     # Forward and gradient. Non-causal: 2 + (2 key sums, dQ, Γ, 2 dK/dV); causal: 1 + (the
     # causal gradient kernel, 2 dK/dV of the totals).
-    with cuda_lowering.gpu_target():
+    with lowering.gpu_target():
         grad = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args)
         text = grad.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (4 if causal else 8)

@@ -67,10 +67,19 @@ class _Config(spine.CallView):
     interpret: bool
     fuse_k1: bool = False  # backward: dK1/dV1 as partial sums of the dQ kernel
     splits: int = 1  # row tiles per tile of positions (`spine.CallView`; backward only)
-    row_align: int = 1  # one-row loads/stores go through aligned blocks of this many rows (TPU)
-    # dK/dV kernels: query tiles as a sequential grid axis, the output tile accumulating, so
-    # that only tiles of the query rows sit in VMEM (TPU), instead of a loop over all rows.
-    grid_q: bool = False
+    tpu: bool = False  # compiled by Mosaic for a TPU (`row_align`, `grid_q`)
+
+    @property
+    def row_align(self) -> int:
+        """One-row loads go through aligned blocks of this many rows (TPU: `TPU_ROWS`)."""
+        return TPU_ROWS if self.tpu else 1
+
+    @property
+    def grid_q(self) -> bool:
+        """dK/dV kernels take query tiles as a sequential grid axis, the output tile
+        accumulating, so that only tiles of the query rows sit in VMEM (TPU), instead of a
+        loop over all rows."""
+        return self.tpu
 
     @property
     def span(self) -> int:
@@ -146,22 +155,23 @@ def _pass(
     interpret,
     warps=None,
     split_heads=False,
-    row_align=1,
+    tpu=False,
 ):
     """One pass's tiles: `rows // G` query positions (at least 1, at most T rounded up to a
     power of two), `bk2` at most S2 rounded up to a power of two (at least 16; on TPU as
     given); `warps`: the
     default number of warps (None: by tile size). `split_heads`: with `rows < G` (G a
     multiple of `rows`), tiles of one position and `rows` of its heads instead of `G` rows.
-    `row_align`: `G·bq` is rounded up to a multiple of it; above 1 (TPU), the dK/dV kernels
-    take query tiles as a grid axis (`_Config.grid_q`: their rows are then written as whole
-    tiles, and the kernels that write one row at a time do not run)."""
+    `tpu`: `G·bq` rounded up to a multiple of `TPU_ROWS`, `bk2` kept, and the dK/dV kernels
+    over a grid axis of query tiles (`_Config.grid_q`; the kernels that write one row at a
+    time do not run)."""
     g = call.group
     bq = min(max(1, rows // g), _next_pow2(call.t))
-    step = row_align // math.gcd(g, row_align)  # TPU: `G·bq` a multiple of `row_align`
-    bq = -(-bq // step) * step
+    if tpu:  # `G·bq` a multiple of TPU_ROWS
+        step = TPU_ROWS // math.gcd(g, TPU_ROWS)
+        bq = -(-bq // step) * step
     splits = g // rows if split_heads and rows < g and g % rows == 0 else 1
-    if row_align == 1:  # TPU: Mosaic slices the validity at multiples of 128 (`TPU_BLOCK_K2`)
+    if not tpu:  # TPU: Mosaic slices the validity at multiples of 128 (`TPU_BLOCK_K2`)
         bk2 = min(bk2, max(16, _next_pow2(call.lengths[1])))
     num_warps = config.num_warps or warps or (4 if g * bq * bk2 // splits <= 64 * 64 else 8)
     return _Config(
@@ -173,8 +183,7 @@ def _pass(
         num_stages=config.num_stages or DEFAULT_NUM_STAGES,
         interpret=interpret,
         splits=splits,
-        row_align=row_align,
-        grid_q=row_align > 1,
+        tpu=tpu,
     )
 
 
@@ -184,9 +193,7 @@ def plan(call: spine.Call, config: PallasConfig) -> Plan:
     tpu = _tpu_tiles(interpret)
     fwd_rows = LARGE_GROUP_FWD_ROWS if call.group >= LARGE_GROUP else DEFAULT_ROWS
     bk1 = config.bwd_block_k1 or DEFAULT_BWD_BLOCK_K1
-    tiles = functools.partial(
-        _pass, call, bk1=bk1, config=config, interpret=interpret, row_align=TPU_ROWS if tpu else 1
-    )
+    tiles = functools.partial(_pass, call, bk1=bk1, config=config, interpret=interpret, tpu=tpu)
     fwd = tiles(
         config.fwd_block_rows or fwd_rows,
         bk2=config.fwd_block_k2 or (TPU_BLOCK_K2 if tpu else DEFAULT_BLOCK_K2),
@@ -402,9 +409,9 @@ def _dkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m2
 
     def a_step(a_local, carry):
         a = ai * cfg.bk1 + a_local
-        k1a = _row(cfg, k1_ref, a_local)
-        v1a = _row(cfg, v1_ref, a_local)
-        valid1 = _row(cfg, m1_ref, a_local)
+        k1a = k1_ref[pl.ds(a_local, 1), :]
+        v1a = v1_ref[pl.ds(a_local, 1), :]
+        valid1 = m1_ref[pl.ds(a_local, 1), :]
         qi_lo, qi_hi = _q_tiles(cfg, a, a, cfg.w1)
 
         def q_step(qi, carry):
@@ -448,9 +455,9 @@ def _dqkv1_kernel(cfg: _Config, q_ref, k1_ref, v1_ref, k2_ref, v2_ref, m1_ref, m
         a = base + r
         live = (a >= a_lo) & (a < a_hi)
         a_in = jnp.clip(a, 0, cfg.s1 - 1)  # an in-bounds row to load when `a` is not live
-        k1a = _row(cfg, k1_ref, a_in)
-        v1a = _row(cfg, v1_ref, a_in)
-        row_ok = _row_ok(cfg, _row(cfg, m1_ref, a_in), pos, a)
+        k1a = k1_ref[pl.ds(a_in, 1), :]
+        v1a = v1_ref[pl.ds(a_in, 1), :]
+        row_ok = _row_ok(cfg, m1_ref[pl.ds(a_in, 1), :], pos, a)
         j_end = jnp.where(live, j_hi, j_lo)
         zq, wd = _first_key_sums(
             cfg, rows_in, k1a, v1a, row_ok, k2_ref, v2_ref, m2_ref, j_lo, j_end
@@ -666,26 +673,26 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape):
 
 
 class _Specs:
-    """Block specs over the grid `(b·k, tile)`."""
+    """Block specs over the grid `(b·k, tile)` (or `(b·k, tile, step)`: `_over_query_tiles`)."""
 
     def __init__(self, cfg: _Config):
         self.cfg = cfg
 
     def tile(self, rows: int, d: int):
-        return pl.BlockSpec((None, rows, d), lambda i, j: (i, j, 0))
+        return pl.BlockSpec((None, rows, d), lambda i, j, *_: (i, j, 0))
 
     def whole(self, shape):
-        return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i, 0, 0))
+        return pl.BlockSpec((None, *shape[1:]), lambda i, *_: (i, 0, 0))
 
     def valid_whole(self, valid):
         kv = self.cfg.kv_heads
-        return pl.BlockSpec((None, *valid.shape[1:]), lambda i, j: (i // kv, 0, 0))
+        return pl.BlockSpec((None, *valid.shape[1:]), lambda i, *_: (i // kv, 0, 0))
 
     def valid_tile(self, block: int, column: bool = False):
         kv = self.cfg.kv_heads
         if column:
-            return pl.BlockSpec((None, block, 1), lambda i, j: (i // kv, j, 0))
-        return pl.BlockSpec((None, 1, block), lambda i, j: (i // kv, 0, j))
+            return pl.BlockSpec((None, block, 1), lambda i, j, *_: (i // kv, j, 0))
+        return pl.BlockSpec((None, 1, block), lambda i, j, *_: (i // kv, 0, j))
 
 
 def _prepare(cfg: _Config, q, k1, k2, v1, v2, valid1, valid2):
@@ -813,38 +820,30 @@ def _over_query_tiles(cfg: _Config, kernel, key_set: int, q_t, keys_in, rows_in)
     """dK/dV of key set `key_set` (0 or 1) by a `grid_q` kernel: grid (b·k, key tile, step
     over query tiles); query rows, dO, lse and delta come as tiles, the key set as tiles and
     the other set whole."""
-    bk, _, h = q_t.shape
-    kv = cfg.kv_heads
+    bk = q_t.shape[0]
     block, length, window = (cfg.bk1, cfg.s1, cfg.w1) if key_set == 0 else (cfg.bk2, cfg.s2, cfg.w2)
+    sp = _Specs(cfg)
 
     def q_tile(i, j, step):
         lo, hi = _q_tiles(cfg, j * block, j * block + block - 1, window)
         return i, jnp.maximum(jnp.minimum(lo + step, hi - 1), 0), 0
 
-    def key_tile(d):
-        return pl.BlockSpec((None, block, d), lambda i, j, step: (i, j, 0))
-
-    def whole(x):
-        return pl.BlockSpec((None, *x.shape[1:]), lambda i, j, step: (i, 0, 0))
-
     k1_t, v1_t, k2_t, v2_t, m1, m2 = keys_in
+    tiled = [sp.tile(block, x.shape[-1]) for x in keys_in[2 * key_set : 2 * key_set + 2]]
     if key_set == 0:
-        valid = pl.BlockSpec((None, block, 1), lambda i, j, step: (i // kv, j, 0))
-        keys = [key_tile(h), key_tile(v1_t.shape[-1]), whole(k2_t), whole(v2_t)]
-        valids = [valid, pl.BlockSpec((None, *m2.shape[1:]), lambda i, j, step: (i // kv, 0, 0))]
-        outs = (k1_t, v1_t)
+        keys = tiled + [sp.whole(k2_t.shape), sp.whole(v2_t.shape)]
+        valids = [sp.valid_tile(block, column=True), sp.valid_whole(m2)]
     else:
-        valid = pl.BlockSpec((None, 1, block), lambda i, j, step: (i // kv, 0, j))
-        keys = [whole(k1_t), whole(v1_t), key_tile(h), key_tile(v2_t.shape[-1])]
-        valids = [pl.BlockSpec((None, *m1.shape[1:]), lambda i, j, step: (i // kv, 0, 0)), valid]
-        outs = (k2_t, v2_t)
+        keys = [sp.whole(k1_t.shape), sp.whole(v1_t.shape)] + tiled
+        valids = [sp.valid_whole(m1), sp.valid_tile(block)]
+    outs = keys_in[2 * key_set : 2 * key_set + 2]
     rows = [pl.BlockSpec((None, cfg.rows, x.shape[-1]), q_tile) for x in (q_t, *rows_in)]
     return _call(
         cfg,
         kernel,
         grid=(bk, -(-length // block), _query_steps(cfg, length, block, window)),
         in_specs=rows[:1] + keys + valids + rows[1:],
-        out_specs=[key_tile(x.shape[-1]) for x in outs],
+        out_specs=tiled,
         out_shape=[jax.ShapeDtypeStruct(x.shape, _F32) for x in outs],
     )(q_t, *keys_in, *rows_in)
 
