@@ -32,7 +32,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def print_table(rows: list[dict], columns: list[str], out=print) -> None:
     """Prints `rows` as a fixed-width table over `columns`."""
     cells = [[format_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     out("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         out("  ".join(v.rjust(w) for v, w in zip(row, widths)))

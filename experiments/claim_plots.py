@@ -4,7 +4,6 @@ atomically."""
 from __future__ import annotations
 
 import math
-import statistics
 
 from tensorattn import workdir as workdir_files
 
@@ -27,11 +26,17 @@ def _save(fig, path: str) -> None:
         plt.close(fig)
 
 
-def threshold(rows, crossings, path):
-    """Claim 3: cost ratio against B^t / ln n per order, one line per n, median c marked."""
+def _length_label(n: int) -> str:
+    return f"n=2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"n={n}"
+
+
+def threshold(rows, c_fit, path):
+    """Claim 3: cost ratio against B^t / ln n, one panel per order in `rows`, one line per n;
+    `c_fit` (order -> the fitted c of claim 3's table, or None) marked."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for ax, t in zip(axes, (2, 3, 4)):
+    orders = sorted({r["order"] for r in rows})
+    fig, axes = plt.subplots(1, len(orders), figsize=(4.7 * len(orders), 4.2), squeeze=False)
+    for ax, t in zip(axes[0], orders):
         lengths = sorted({r["n"] for r in rows if r["order"] == t})
         cmap = plt.get_cmap("viridis")
         for i, n in enumerate(lengths):
@@ -42,18 +47,12 @@ def threshold(rows, crossings, path):
                 [r["x"] for r in s],
                 [r["cost_ratio"] for r in s],
                 color=cmap(i / max(1, len(lengths) - 1)),
-                label=f"n=2^{int(math.log2(n))}",
+                label=_length_label(n),
             )
         ax.axhline(1.0, color="k", lw=0.8, ls=":")
-        cs = [c["c"] for c in crossings if c["order"] == t and c["c"] is not None]
-        if cs:
-            ax.axvline(
-                statistics.median(cs) ** t,
-                color="r",
-                lw=0.8,
-                ls="--",
-                label=f"median c={statistics.median(cs):.2f}",
-            )
+        c = c_fit.get(t)
+        if c is not None:
+            ax.axvline(c**t, color="r", lw=0.8, ls="--", label=f"median c={c:.2f}")
         ax.set(
             xlabel=f"B^{t} / ln n",
             ylabel="polynomial / exact cost",

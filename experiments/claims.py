@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -72,13 +71,14 @@ def load_config(config="cpu") -> dict:
 
 
 def _names(value) -> tuple:
-    """A tuple from a tuple or a comma-separated string (as the command line gives it)."""
+    """A tuple from a tuple or a comma-separated string (as the command line gives it), each
+    entry once."""
     if isinstance(value, str):
         value = (value,)
     out = []
     for entry in value:
         out += [p.strip() for p in entry.split(",")] if isinstance(entry, str) else [entry]
-    return tuple(p for p in out if p != "")
+    return tuple(dict.fromkeys(p for p in out if p != ""))
 
 
 def _summary(workdir: str, claim: str, figure: dict) -> dict:
@@ -162,6 +162,8 @@ def claim_scaling(workdir: str, config, pass_: str) -> dict:
         "first_n_polynomial_faster": min(faster) if faster else None,
         "analytic_crossover_n": cost.crossover_length(head_dim, degree),
         "max_relative_error": max(errors) if errors else None,
+        # Points that ended in "error" (retried on a re-run): the command then exits non-zero.
+        "failed": sum(r["status"] == "error" for r in rows),
     }
     table = open(os.path.join(workdir, name, "sweep.md")).read()
     _write(
@@ -288,7 +290,8 @@ def claim_threshold(workdir: str, config="cpu") -> dict:
             "c_min": min(cs) if cs else None,
             "c_max": max(cs) if cs else None,
         }
-    claim_plots.threshold(rows, crossings, os.path.join(workdir, f"{name}.png"))
+    c_fit = {t: fits[t]["c_median"] for t in fits}
+    claim_plots.threshold(rows, c_fit, os.path.join(workdir, f"{name}.png"))
     figure = {
         **{f"c_order{t}": fits[t]["c_median"] for t in fits},
         **{f"c_order{t}_range": [fits[t]["c_min"], fits[t]["c_max"]] for t in fits},
@@ -553,7 +556,7 @@ def expressivity_points(config: dict) -> list[tuple]:
     return [
         (t, budgets.get(t), m, s)
         for t in _names(c["tasks"])
-        for s in c["seeds"]
+        for s in _names(c["seeds"])
         for m in models_for(c["entry_bound"], degree, head_dim)
     ]
 
@@ -624,7 +627,7 @@ def bounded_points(config: dict) -> list[tuple]:
     for b in (float(b) for b in _names(c["bounds"])):
         models.append(Model(f"tensor-1(B={b:g},H={head_dim})", "tensor", 1, b, None, head_dim))
         models.append(polynomial_model(b, degree, head_dim))
-    return [(c["task"], c["budget"], m, s) for m in models for s in c["seeds"]]
+    return [(c["task"], c["budget"], m, s) for m in models for s in _names(c["seeds"])]
 
 
 def claim_bounded(workdir: str, config="cpu") -> dict:
@@ -682,6 +685,49 @@ class ClaimConfigError(ValueError):
     """A claim's config that cannot train, found before any work."""
 
 
+def check_claims(names, config: dict) -> None:
+    """Every named claim's config, before any work; ClaimConfigError naming the claim and the
+    field: claims 1-2 as sweeps (their fields, and implementations this backend runs), claim
+    3's grid, claims 4-5's training configs (`check_training_points`)."""
+    for name in ("forward", "gradient"):
+        if name in names:
+            try:
+                sweep.check_supported(scaling_config(config[name]))
+            except (sweep.SweepConfigError, KeyError, TypeError) as e:
+                raise ClaimConfigError(f"claim {name}: config.{name}: {e}") from None
+    if "threshold" in names:
+        try:
+            check_threshold(config["threshold"])
+        except ValueError as e:
+            raise ClaimConfigError(f"claim threshold: config.threshold.{e}") from None
+    check_training_points(names, config)
+
+
+def check_threshold(section: Mapping) -> None:
+    """ValueError ("FIELD: why") unless claim 3's grid is ints >= 2 for orders, lengths and
+    check_n, positive finite bounds and check_max_bound, and a positive int check_max_rank."""
+
+    def ints(field, low):
+        values = section[field] if field != "check_n" else (section[field],)
+        ok = isinstance(values, (list, tuple)) and len(values) > 0
+        if not ok or not all(sweep._is_int(v) and v >= low for v in values):
+            raise ValueError(f"{field}: ints >= {low} expected, got {section[field]!r}")
+
+    def positive(field, values):
+        ok = isinstance(values, (list, tuple)) and len(values) > 0
+        if not ok or not all(sweep._is_real(v) and 0 < v < math.inf for v in values):
+            raise ValueError(f"{field}: positive finite numbers expected, got {section[field]!r}")
+
+    ints("orders", 2)
+    ints("lengths", 2)
+    ints("check_n", 2)
+    positive("bounds", section["bounds"])
+    positive("check_max_bound", (section["check_max_bound"],))
+    if not (sweep._is_int(section["check_max_rank"]) and section["check_max_rank"] >= 1):
+        got = section["check_max_rank"]
+        raise ValueError(f"check_max_rank: a positive int expected, got {got!r}")
+
+
 def check_training_points(names, config: dict) -> None:
     """Builds and validates the training config of every (task, model) the named claims
     will train, before any work; raises ClaimConfigError naming the claim, task and model."""
@@ -715,21 +761,21 @@ def check_training_points(names, config: dict) -> None:
 
 
 def run_claims(names, workdir: str, config="cpu", out=print) -> list[dict]:
-    """What the command line does: checks the named claims' training configs, then runs the
-    claims (or "all") in `workdir` under its lock; prints and returns each headline figure
-    (claims 4-5: `failed` counts their runs that ended in an error)."""
+    """What the command line does: checks the named claims' configs (`check_claims`), then
+    runs the claims (or "all") in `workdir` under its lock; prints and returns each headline
+    figure (`failed` counts the sweep points or training runs that ended in an error)."""
     names = list(CLAIMS) if names in ("all", ["all"]) else list(_names(names))
     for name in names:
         if name not in CLAIMS:
             raise ValueError(f"claim: unknown {name!r}; choose {sorted(CLAIMS)} or all")
     config = load_config(config)
-    check_training_points(names, config)
+    check_claims(names, config)
     figures = []
     workdir = workdir_files.make_workdir(workdir)
     with workdir_files.lock(workdir):
         for name in names:
             figures.append(CLAIMS[name](workdir, config))
-            out(json.dumps(figures[-1]))
+            out(workdir_files.dumps_json(figures[-1]))
     return figures
 
 
@@ -817,12 +863,16 @@ def main(argv):
         sys.exit(str(e))
     except workdir_files.WorkdirLockedError as e:
         sys.exit(f"workdir busy: {e}")
+    except workdir_files.CorruptFileError as e:
+        sys.exit(f"cannot resume: {e}")
     except training.TrainingInterrupted as e:
         sys.exit(f"training interrupted: {e}")
     failed = sum(f.get("failed", 0) for f in figures)
     if failed:
-        sys.exit(f"{failed} training run(s) ended in an error (their reasons are above and in "
-                 "the claims' .jsonl rows); re-running retries them")  # fmt: skip
+        sys.exit(
+            f"{failed} sweep point(s) or training run(s) ended in an error (their reasons are "
+            "above and in the claims' .jsonl rows); re-running retries them"
+        )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Reproduces the sequence-length sweep and the five claims (experiments/claims.py), in steps.
 #
-#   scripts/reproduce.sh                 # CPU scale into results/cpu (see README Results)
-#   scripts/reproduce.sh --full          # accelerator scale into results/full
+#   scripts/reproduce.sh                 # CPU scale into runs/reproduce_cpu (README Results)
+#   scripts/reproduce.sh --full          # accelerator scale into runs/reproduce_full
 #   scripts/reproduce.sh --smoke         # seconds: every code path, into /tmp/reproduce_smoke
 #   scripts/reproduce.sh --full --list   # the steps, one per line
 #   scripts/reproduce.sh --full --step=sweep-exact-fwd,claim1-forward   # only these steps
 #   OUT=/some/dir scripts/reproduce.sh   # another output folder
+#
+# The default output folders are this machine's own (runs/ is not in git), so a run measures
+# this machine. The committed results are other folders, finished (results/cpu, with its step
+# markers) or resumed across GPU sessions (results/full): `OUT=results/cpu` or
+# `OUT=results/full` continues those, and their finished steps are skipped.
 #
 # Budgets: configs/sweep.py (preset cpu|gpu|smoke) and configs/claims.py (preset
 # cpu|full|smoke). Each step prints its elapsed time and, once finished, leaves
@@ -43,7 +48,7 @@ if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
   [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 fi
-DEFAULT_OUT=results/$PRESET
+DEFAULT_OUT=runs/reproduce_$PRESET
 [ "$PRESET" = smoke ] && DEFAULT_OUT=/tmp/reproduce_smoke
 OUT=${OUT:-$DEFAULT_OUT}
 TRAIN_DIR=${TRAIN_DIR:-/tmp/tensorattn_claims_$PRESET}

@@ -89,6 +89,73 @@ def test_scaling_claims_smoke(tmp_path, pass_):
     assert name in _summaries(tmp_path)
 
 
+def test_scaling_claim_counts_points_that_ended_in_error(tmp_path, monkeypatch):
+    """A sweep point that ended in "error" is counted in the figure's `failed`, so the command
+    line exits non-zero and scripts/reproduce.sh leaves the step unmarked; the printed figure
+    is strict JSON (null, never a bare NaN)."""
+    from experiments import sweep
+
+    def measure(point, **_):
+        status = "error" if point["implementation"] == "polynomial" else "ok"
+        row = dict(point, status=status, reason="RuntimeError: simulated", median_ms=1.0)
+        return row
+
+    monkeypatch.setattr(sweep, "measure", measure)
+    printed = []
+    figures = claims.run_claims("forward", str(tmp_path), "smoke", out=printed.append)
+    assert figures[0]["failed"] == 3  # the polynomial series, one point per length
+    assert json.loads(printed[0])["polynomial_slope"] is None
+
+
+def test_claims_1_to_3_configs_are_checked_before_any_work(tmp_path):
+    """A bad sweep field of claims 1-2 or a bad grid of claim 3 stops the claims before any
+    runs, naming the claim and the field; the workdir is not created."""
+    config = claims.load_config("smoke")
+    bad = {
+        r"claim forward: config.forward: implementations: unknown 'bogus'": (
+            "forward", {"implementations": ("bogus",)}),
+        r"claim gradient: config.gradient: dtype": ("gradient", {"dtype": "float64"}),
+        r"config.threshold.lengths: ints >= 2": ("threshold", {"lengths": (0, 64)}),
+        r"config.threshold.bounds: positive": ("threshold", {"bounds": (0.5, -1.0)}),
+        r"config.threshold.orders: ints >= 2": ("threshold", {"orders": (1, 3)}),
+    }  # fmt: skip
+    workdir = tmp_path / "claims"
+    for message, (section, fields) in bad.items():
+        broken = dict(config, **{section: {**config[section], **fields}})
+        with pytest.raises(claims.ClaimConfigError, match=message):
+            claims.run_claims(f"threshold,{section}", str(workdir), broken)
+    assert not workdir.exists()
+
+
+def test_threshold_plot_draws_the_orders_and_c_of_the_table(tmp_path, monkeypatch):
+    """The plot has one panel per order of the grid (not a fixed 2, 3, 4) and marks the c of
+    claim 3's table (capped crossings left out)."""
+    drawn = {}
+    monkeypatch.setattr(claim_plots, "_save", lambda fig, path: drawn.update(fig=fig))
+    config = claims.load_config("smoke")
+    config["threshold"] = {**config["threshold"], "orders": (3, 5), "lengths": (256, 1000)}
+    figure = claims.claim_threshold(str(tmp_path), config)
+    axes = drawn["fig"].axes
+    assert [ax.get_title() for ax in axes] == [
+        "order 3: threshold (ln n)^(1/3)", "order 5: threshold (ln n)^(1/5)"]  # fmt: skip
+    for ax, t in zip(axes, (3, 5)):
+        labels = ax.get_legend_handles_labels()[1]
+        assert f"median c={figure[f'c_order{t}']:.2f}" in labels
+        assert labels[:2] == ["n=2^8", "n=1000"]
+
+
+def test_repeated_tasks_seeds_and_bounds_train_once():
+    config = claims.load_config("smoke")
+    once = len(claims.expressivity_points(config)), len(claims.bounded_points(config))
+    config["expressivity"] = {**config["expressivity"], "tasks": ("match3,match3",),
+                              "seeds": (0, 0)}  # fmt: skip
+    config["bounded"] = {**config["bounded"], "bounds": (1.0, 1.0), "seeds": (0, 0)}
+    assert (len(claims.expressivity_points(config)), len(claims.bounded_points(config))) == once
+    printed = []
+    benchlib.print_table([], ["a", "bb"], out=printed.append)  # no rows: the header alone
+    assert printed == ["a  bb"]
+
+
 def test_threshold_rows_degree_rank_and_cost():
     rows = claims.threshold_rows([3], [256], [0.25, 0.5, 1.0, 1.5, 2.0])
     degrees = [r["degree"] for r in rows]

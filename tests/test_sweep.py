@@ -413,6 +413,25 @@ def test_reproduce_defaults_to_the_venv_python(tmp_path):
     assert "experiments.sweep" in open(venv + ".calls").read()
 
 
+def test_reproduce_writes_to_this_machines_folder_by_default(tmp_path):
+    """Without OUT the output folder is runs/reproduce_PRESET (not in git), not the committed
+    results/ folder, whose finished step markers would skip every step."""
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "reproduce.sh"
+    script.write_text(open(os.path.join(ROOT, "scripts", "reproduce.sh")).read())
+    (tmp_path / "results" / "cpu" / ".steps").mkdir(parents=True)
+    (tmp_path / "results" / "cpu" / ".steps" / "sweep.done").touch()
+    python = _fake_python(tmp_path / "bin" / "python", 0)
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "FORCE", "CLAIMS")}
+    out = subprocess.run(
+        ["bash", str(script), "--step=sweep"], capture_output=True, text=True, timeout=60,
+        env=dict(env, PYTHON=python),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "--workdir=runs/reproduce_cpu/sweep" in open(python + ".calls").read()
+    assert (tmp_path / "runs" / "reproduce_cpu" / ".steps" / "sweep.done").exists()
+
+
 def test_command_exits_nonzero_when_a_point_ended_in_error(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
