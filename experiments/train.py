@@ -37,13 +37,20 @@ def _last_line(text: str) -> str:
 
 def _unknown_field(error: Exception, argv: list[str]) -> str | None:
     """`DOTTED: not a field ...` for the `--config.DOTTED=` override that named a missing
-    field (ml_collections raises a bare AttributeError/KeyError with only the last key)."""
-    key = str(error).strip("'\"")
+    field (ml_collections raises a bare AttributeError/KeyError with only the last key, and
+    for a near miss a second line `Did you mean ...`, kept as the hint)."""
+    while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(..))
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    key, _, hint = text.partition("\n")
+    key, hint = key.strip().strip("'\""), hint.strip()
     for arg in argv:
         name = arg.split("=", 1)[0].lstrip("-")
         if name.startswith("config.") and key in name.split(".")[1:]:
             dotted = name.removeprefix("config.")
-            return f"{dotted}: not a field of the config (set by {arg})"
+            return f"{dotted}: not a field of the config (set by {arg})" + (
+                f". {hint}" if hint else ""
+            )
     return None
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -88,6 +89,25 @@ def _verify(step_directory: str) -> None:
             f"{len(missing)} file(s) missing, {len(changed)} differing from their SHA-256 at "
             f"save time, e.g. {(missing + changed)[0]}"
         )
+
+
+def _drop_closed_loop_reports() -> None:
+    """After a failed orbax restore, the reads still in flight complete into the asyncio loop
+    orbax has closed, and each reports `RuntimeError: Event loop is closed` as an unraisable
+    exception: dozens of tracebacks around the one warning that matters. From the first
+    `restore_latest` on, this process drops exactly those; other unraisable exceptions go to
+    the hook that was there before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
 
 
 def _first_line(error: Exception, limit: int) -> str:
@@ -169,6 +189,7 @@ class Checkpoints:
         damage). Raises CheckpointMismatchError, moving nothing, when a checkpoint's structure
         or shapes differ from `target`'s (a config change)."""
         failed = []  # (step, error)
+        _drop_closed_loop_reports()
         for step in reversed(self.steps()):
             try:
                 state = self.restore(step, target)

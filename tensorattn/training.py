@@ -421,34 +421,33 @@ def _check_kernels_run(options: Options, query_length: int) -> None:
 # Model, optimizer, steps
 
 
-def make_optimizer(o: OptimOptions, num_steps: int) -> optax.GradientTransformation:
-    """AdamW, linear warm-up then cosine decay; no weight decay on biases, norms, scales."""
+def _schedule(o: OptimOptions, num_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to `end_lr_fraction`, over `num_steps`."""
     warmup = min(o.warmup_steps, max(num_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0,
         o.learning_rate,
         warmup_steps=warmup,
         decay_steps=max(num_steps, warmup + 1),
         end_value=o.learning_rate * o.end_lr_fraction,
     )
+
+
+def make_optimizer(o: OptimOptions, num_steps: int) -> optax.GradientTransformation:
+    """AdamW, linear warm-up then cosine decay; no weight decay on biases, norms, scales."""
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
-    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(
+        _schedule(o, num_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask
+    )
     if o.grad_clip:
         return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
     return adamw
 
 
 def learning_rate_at(o: OptimOptions, num_steps: int, step: int) -> float:
-    warmup = min(o.warmup_steps, max(num_steps - 1, 0))
-    return float(
-        optax.warmup_cosine_decay_schedule(
-            0.0,
-            o.learning_rate,
-            warmup_steps=warmup,
-            decay_steps=max(num_steps, warmup + 1),
-            end_value=o.learning_rate * o.end_lr_fraction,
-        )(step)
-    )
+    """The learning rate training step `step` (1-based) applies: optax evaluates the schedule
+    at the count of updates before it, `step - 1`."""
+    return float(_schedule(o, num_steps)(max(step - 1, 0)))
 
 
 def masked_metrics(logits, labels, mask) -> dict[str, jax.Array]:
@@ -803,15 +802,18 @@ def _train_in_mesh(options, workdir, task, mesh, data_sharding, checkpoints) -> 
     state = jax.device_put(state, sharding.replicated(mesh))
     num_params = models.count_params(state.params)
     latest, state = checkpoints.restore_latest(state)
-    if jax.process_index() == 0:  # only now: a config the checkpoints refuse is not kept
-        _write_config(options, task, workdir)
     start = 0 if latest is None else int(state.step)
     if latest is not None and start >= t.num_steps:
         log.info(
-            "run in %s is complete (step %d of %d); nothing to train", workdir, start, t.num_steps
+            "run in %s is complete (step %d of %d); nothing to train (its config.json is kept)",
+            workdir,
+            start,
+            t.num_steps,
         )
         evals = [r for r in read_metrics(workdir) if "eval/accuracy" in r]
         return {**(evals[-1] if evals else {"step": start}), "complete": True}
+    if jax.process_index() == 0:  # only now: a config the checkpoints refuse is not kept,
+        _write_config(options, task, workdir)  # nor one that trains nothing
     if latest is not None:
         log.info("resuming from checkpoint step %d in %s", start, workdir)
     writer = MetricsWriter(workdir, latest)

@@ -53,6 +53,11 @@ def check_workdir(path: str) -> str:
     if not isinstance(path, str) or not path.strip():
         raise WorkdirError(f"workdir: must be a folder path, got {path!r}")
     full = os.path.abspath(os.path.expanduser(path))
+    if "[" in full or "]" in full:  # orbax globs in checkpoint folders: "[1]" breaks its saves
+        raise WorkdirError(
+            f"workdir {path}: '[' and ']' are not allowed in its path (the checkpoint library "
+            "reads them as a glob pattern and its saves would not restore)"
+        )
     existing = full
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)

@@ -300,7 +300,12 @@ def test_cli_smoke_run(tmp_path):
     "override,needle",
     [
         ("--config.model.num_heads=3", "model.num_heads"),
-        ("--config.model.num_headz=2", "num_headz"),
+        (
+            "--config.model.num_headz=2",
+            "invalid config: model.num_headz: not a field of the "
+            'config (set by --config.model.num_headz=2). Did you mean "num_heads"',
+        ),
+        ("--config.model.nonexistent=2", "invalid config: model.nonexistent: not a field"),
     ],
 )
 def test_cli_bad_override_exits_nonzero_naming_the_field(tmp_path, override, needle):
@@ -308,6 +313,17 @@ def test_cli_bad_override_exits_nonzero_naming_the_field(tmp_path, override, nee
     assert out.returncode != 0
     assert needle in out.stderr + out.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_finished_run_keeps_its_config_when_rerun_with_another(finished):
+    """A finished run re-run with other settings trains nothing and leaves config.json, which
+    describes its checkpoints and metrics, as it was."""
+    workdir, final = finished
+    before = records(workdir), open(os.path.join(workdir, "config.json")).read()
+    overrides = dict(train__num_steps=10, optim__learning_rate=5e-3, train__eval_seed=99)
+    again = training.train_and_evaluate(smoke_config(**overrides), workdir)
+    assert again["complete"] and again["step"] == final["step"] == 20
+    assert (records(workdir), open(os.path.join(workdir, "config.json")).read()) == before
 
 
 def test_changed_optimizer_structure_is_refused_before_touching_anything(finished):
@@ -460,6 +476,7 @@ def test_append_after_a_torn_line_cuts_it_off(tmp_path):
         (["--workdir={file}"], "is a file, not a folder"),
         (["--workdir={file}/run"], "which is a file"),
         (["--workdir="], "must be a folder path"),
+        (["--workdir={file}_dir/run[1]"], "'[' and ']' are not allowed"),
     ],
 )
 def test_cli_bad_input_exits_with_one_line(tmp_path, args, needle):
@@ -495,3 +512,16 @@ def test_a_held_out_set_covering_the_task_is_refused():
     )
     with pytest.raises(training.ConfigError, match="^train.eval_size: .*covers"):
         training.validate(options)
+
+
+def test_logged_learning_rate_is_the_one_each_step_applies():
+    """With b1 = b2 = 0 an AdamW step moves a 1-d parameter by its learning rate (a gradient
+    of ones): the logged `learning_rate_at(step)` is that rate, warm-up and decay included."""
+    o = training.OptimOptions(learning_rate=2e-3, warmup_steps=5, grad_clip=0.0, b1=0.0, b2=0.0)
+    optimizer = training.make_optimizer(o, 20)
+    params = {"w": np.zeros(3, np.float32)}
+    state = optimizer.init(params)
+    for step in range(1, 21):
+        updates, state = optimizer.update({"w": np.ones(3, np.float32)}, state, params)
+        applied = -float(updates["w"][0])
+        assert applied == pytest.approx(training.learning_rate_at(o, 20, step), rel=1e-4, abs=1e-9)
