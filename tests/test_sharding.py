@@ -36,42 +36,61 @@ def run_with_4_devices(script: str) -> dict:
 @pytest.mark.multi_device
 def test_sequence_parallel_layer_matches_single_device():
     """The trainer's sharded attend function (`shard_queries` around the kernel) gives the
-    layer's outputs and gradients, the learned per-head scale's included."""
+    layer's outputs and gradients, the learned per-head scale's included, for each kernel
+    that runs on the host: reference, blocked (scans), polynomial, and the default at more
+    key pairs than the reference takes (it picks blocked)."""
     result = run_with_4_devices(
         """
         import json
         import jax, numpy as np
         from tensorattn import sharding
+        from tensorattn.kernels.configs import PolynomialConfig
         from tensorattn.layers import Kernel, TensorAttention
         assert jax.device_count() == 4
-        x = jax.random.normal(jax.random.key(0), (2, 8, 12))
-        mask = np.ones((2, 8), bool); mask[0, 6:] = False
-        plain = TensorAttention(num_heads=2, implementation="reference", learn_scale=True)
-        params = jax.jit(plain.init)(jax.random.key(1), x)
+        kernels = {
+            "reference": (Kernel("reference"), 8),
+            "blocked": (Kernel("blocked"), 8),
+            "polynomial": (Kernel("polynomial", PolynomialConfig(degree=4)), 8),
+            "default": (Kernel(), 36),  # 36 x 36 key pairs: blocked
+        }
+        out = {}
+        for name, (kernel, t) in kernels.items():
+            x = jax.random.normal(jax.random.key(0), (2, t, 12))
+            mask = np.ones((2, t), bool); mask[0, t - 2:] = False
+            plain = TensorAttention(
+                num_heads=2, implementation=kernel.implementation, kernel_config=kernel.config,
+                learn_scale=True, entry_bound=0.5,
+            )
+            params = jax.jit(plain.init)(jax.random.key(1), x)
 
-        def loss(layer):
-            return lambda p, x, m: layer.apply(p, x, k1_mask=m, k2_mask=m).sum()
+            def loss(layer):
+                return lambda p, x, m: layer.apply(p, x, k1_mask=m, k2_mask=m).sum()
 
-        want = jax.jit(plain.apply)(params, x, k1_mask=mask, k2_mask=mask)
-        want_g = jax.jit(jax.grad(loss(plain)))(params, x, mask)
-        errors, grad_errors = [], []
-        for shards in (2, 4):
-            mesh = sharding.make_mesh(shards)
-            layer = plain.clone(attend=sharding.shard_queries(Kernel("reference")))
-            with jax.set_mesh(mesh):
-                xs = jax.device_put(x, sharding.batch_sharded(mesh))
-                got = jax.jit(lambda p, x, m: layer.apply(p, x, k1_mask=m, k2_mask=m))(
-                    params, xs, mask
+            want = jax.jit(plain.apply)(params, x, k1_mask=mask, k2_mask=mask)
+            want_g = jax.jit(jax.grad(loss(plain)))(params, x, mask)
+            errors, grad_errors = [], []
+            for shards in (2, 4):
+                mesh = sharding.make_mesh(shards)
+                layer = plain.clone(attend=sharding.shard_queries(kernel))
+                with jax.set_mesh(mesh):
+                    xs = jax.device_put(x, sharding.batch_sharded(mesh))
+                    got = jax.jit(lambda p, x, m: layer.apply(p, x, k1_mask=m, k2_mask=m))(
+                        params, xs, mask
+                    )
+                    got_g = jax.jit(jax.grad(loss(layer)))(params, xs, mask)
+                errors.append(float(np.abs(np.asarray(got) - np.asarray(want)).max()))
+                diffs = jax.tree_util.tree_map(
+                    lambda a, b: float(np.abs(a - b).max()), got_g, want_g
                 )
-                got_g = jax.jit(jax.grad(loss(layer)))(params, xs, mask)
-            errors.append(float(np.abs(np.asarray(got) - np.asarray(want)).max()))
-            diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), got_g, want_g)
-            grad_errors.append(max(jax.tree_util.tree_leaves(diffs)))
-        print(json.dumps({"errors": errors, "grad_errors": grad_errors}))
+                grad_errors.append(max(jax.tree_util.tree_leaves(diffs)))
+            out[name] = {"errors": errors, "grad_errors": grad_errors}
+        print(json.dumps(out))
         """
     )
-    assert max(result["errors"]) < 1e-5, result
-    assert max(result["grad_errors"]) < 1e-4, result
+    assert sorted(result) == ["blocked", "default", "polynomial", "reference"]
+    for name, r in result.items():
+        assert max(r["errors"]) < 1e-5, (name, r)
+        assert max(r["grad_errors"]) < 1e-4, (name, r)
 
 
 @pytest.mark.multi_device
