@@ -101,9 +101,7 @@ class ShardedQueries:
         # check_vma=False: the kernels' scans and Pallas calls start their carries from
         # constants, which shard_map's varying-axes check would refuse (the query tile is
         # varying over `seq`); the output's spec is stated, not inferred.
-        fn = jax.shard_map(
-            local, in_specs=in_specs, out_specs=P(batch, seq_axis), check_vma=False
-        )
+        fn = jax.shard_map(local, in_specs=in_specs, out_specs=P(batch, seq_axis), check_vma=False)
         return fn(q, k1, k2, v1, v2, *extra)
 
 
