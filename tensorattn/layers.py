@@ -197,6 +197,8 @@ def _check_window(module: nn.Module, pair_ok) -> None:
         raise ValueError(
             f"{type(module).__name__}.window must be {pair_ok.__doc__} or None, got {window!r}"
         )
+    if isinstance(window, list):  # a tuple keeps the module hashable (jit static arguments)
+        object.__setattr__(module, "window", tuple(window))
 
 
 def _score_scale(module: nn.Module, scale: float, learn_scale: bool, heads: int):
@@ -366,8 +368,9 @@ class StandardAttention(nn.Module):
     `kernel_config` and `attend`; called as `layer(x_q, x_kv=None, *, kv_mask=None,
     deterministic=True)`. `window` is `(w, w)` or an int (a causal window of `w` keys,
     `i-w < j <= i`) and needs `causal=True` (TensorAttention's window implies causal).
-    Masked keys never contribute, whatever they hold. Invalid fields raise ValueError at
-    construction.
+    Keys a query cannot see (padding, causal future, outside its window) never contribute,
+    whatever they hold; a non-finite key or value it can see makes its row NaN, as in the
+    tensor kernels. Invalid fields raise ValueError at construction.
     """
 
     num_heads: int
@@ -426,10 +429,15 @@ class StandardAttention(nn.Module):
                     f"{getattr(kv_mask, 'shape', '')}"
                 )
             mask = kv_mask[:, None, None, :]
-            # Masked keys and values never contribute, whatever they hold (0 · NaN is NaN).
-            valid_BxSx1x1 = kv_mask[:, :, None, None]
-            k_BxSxKxH = jnp.where(valid_BxSx1x1, k_BxSxKxH, 0)
-            v_BxSxKxH = jnp.where(valid_BxSx1x1, v_BxSxKxH, 0)
+        # Keys and values a query cannot see never contribute, whatever they hold (0 · NaN is
+        # NaN): non-finite entries and padding become 0, and a query that can see a valid
+        # non-finite key or value gets a NaN row, as in the tensor kernels.
+        finite_BxSxK = jnp.all(jnp.isfinite(k_BxSxKxH), -1) & jnp.all(jnp.isfinite(v_BxSxKxH), -1)
+        keep_BxSxK = finite_BxSxK if kv_mask is None else finite_BxSxK & kv_mask[:, :, None]
+        k_BxSxKxH = jnp.where(keep_BxSxK[..., None], k_BxSxKxH, 0)
+        v_BxSxKxH = jnp.where(keep_BxSxK[..., None], v_BxSxKxH, 0)
+        bad_BxSxK = ~finite_BxSxK if kv_mask is None else ~finite_BxSxK & kv_mask[:, :, None]
+        poisoned_BxTxK = causal_scan.seen(bad_BxSxK, self.causal, w)  # [B, T|1, K]
         o_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH,
             k_BxSxKxH,
@@ -443,4 +451,6 @@ class StandardAttention(nn.Module):
             # A query with no valid key it may see outputs zeros, as in the tensor kernels.
             sees_BxT = causal_scan.seen(kv_mask, self.causal, w)  # [B, T|1]
             o_BxTxNxH = jnp.where(sees_BxT[:, :, None, None], o_BxTxNxH, 0)
+        poisoned_BxTxN = jnp.repeat(poisoned_BxTxK, self.num_heads // kv, axis=2)
+        o_BxTxNxH = jnp.where(poisoned_BxTxN[..., None], jnp.nan, o_BxTxNxH)
         return _output(self, o_BxTxNxH, width, deterministic)

@@ -221,6 +221,22 @@ def test_padding_holding_nan_leaves_valid_rows_exact(cls, kw):
 
 
 @pytest.mark.parametrize("cls", [TensorAttention, StandardAttention])
+@pytest.mark.parametrize("window", [None, 2])
+def test_nan_in_the_causal_future_leaves_earlier_rows_exact(cls, window):
+    """A NaN input at position 4: the rows that cannot see it (earlier ones, and with a window
+    of 2 the ones past it too) are exact; the rows that can see it are NaN."""
+    x = jax.random.normal(jax.random.key(18), (1, 7, 8))
+    w = None if window is None else ((window, window) if cls is TensorAttention else window)
+    layer = cls(num_heads=2, causal=True, window=w)
+    params = layer.init(jax.random.key(19), x)
+    want = layer.apply(params, x)
+    got = layer.apply(params, x.at[0, 4].set(jnp.nan))
+    sees = np.array([4 <= i and (window is None or i - window < 4) for i in range(7)])
+    np.testing.assert_allclose(got[0, ~sees], want[0, ~sees], rtol=1e-6, atol=1e-6)
+    assert np.isnan(np.asarray(got[0, sees])).all()
+
+
+@pytest.mark.parametrize("cls", [TensorAttention, StandardAttention])
 def test_inputs_of_the_wrong_rank_or_batch_name_the_input(cls):
     layer = cls(num_heads=2)
     x = jnp.zeros((2, 4, 8))

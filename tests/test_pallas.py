@@ -93,8 +93,10 @@ def test_wider_first_window_swaps_the_key_sets(monkeypatch):
     """w1 > w2: the kernels run with the sets swapped (per-key loop over the smaller window);
     the output and every gradient still match the oracle, in the caller's order."""
     plans = []
-    real = pallas._attend
-    monkeypatch.setattr(pallas, "_attend", lambda plan, *a: plans.append(plan) or real(plan, *a))
+    real = pallas._attend_cached
+    monkeypatch.setattr(
+        pallas, "_attend_cached", lambda plan, *a: plans.append(plan) or real(plan, *a)
+    )
     x, rng = _inputs(2, t=15, s1=15, s2=15)
     m1 = rng.random((B, 15)) > 0.2
     kw = dict(window=(6, 2), k1_mask=m1)

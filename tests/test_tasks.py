@@ -138,6 +138,25 @@ def test_match3_balance_is_enforced():
     assert auto.modulus == match.balanced_modulus(16, 3)
 
 
+def test_balance_guard_uses_the_true_positive_rate():
+    """Values that pair with themselves (2v = 0 mod M, 3v = 0 mod M) are always positive: the
+    independence approximation put these instances in range, their true rates are not."""
+    for length, modulus in [(3, 4), (4, 4)]:  # Match2: exact rate against enumeration
+        x = np.array(list(itertools.product(range(modulus), repeat=length)))
+        exact = match.match_labels(x, modulus, 2).mean()
+        assert match.positive_rate(length, modulus, 2) == pytest.approx(exact)
+    for name, length, modulus in [("match2", 4, 4), ("match3", 4, 9), ("match3", 5, 15)]:
+        order = int(name[-1])
+        assert 0.3 <= match.expected_positive_rate(length, modulus, order) <= 0.7
+        with pytest.raises(ValueError, match=r"gives 7\d% positives.*try modulus=(\d+)") as e:
+            tasks.make(name, length=length, modulus=modulus)
+        suggested = int(str(e.value).rsplit("=", 1)[1].rstrip(")"))
+        tasks.make(name, length=length, modulus=suggested)  # the suggestion is accepted
+    x = np.random.default_rng(1).integers(0, 19, (20000, 6))
+    assert match.positive_rate(6, 19, 3) == pytest.approx(match.match_labels(x, 19, 3).mean(),
+                                                          abs=0.01)  # fmt: skip
+
+
 def test_registry_errors():
     with pytest.raises(ValueError, match="unknown task"):
         tasks.make("match4")

@@ -213,7 +213,8 @@ def _backward_one_head(cfg: _Config, q_tiles, qpos, keys, values, valid, lse, do
         y = do[None] if tile.v_outer is None else tile.v_outer[:, None, :] * do[None]  # [A,rows,Hv]
         y = y.astype(tile.v[-1].dtype)
         dp = _dot(y.reshape(a * rows, -1), tile.v[-1], (1, 1)).reshape(a, rows, -1)
-        ds = p * (dp - delta[idx[0]][None, :, None])
+        # Masked tuples: 0, not p · dp (dp of a masked tuple may overflow: 0 · inf is NaN).
+        ds = jnp.where(tile.allowed, p * (dp - delta[idx[0]][None, :, None]), 0.0)
         p2 = p.reshape(a * rows, -1).astype(tile.v[-1].dtype)
         ds2 = ds.reshape(a * rows, -1).astype(tile.k[-1].dtype)
         dv_inner = _dot(p2, y.reshape(a * rows, -1), (0, 0))  # [bk, Hv]
@@ -315,13 +316,14 @@ def _blocked_bwd(cfg: _Config, res, d_out):
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
+_blocked_cached = spine.cached(_blocked)
 
 
 def attention(q, keys, values, spec: AttentionSpec, config: BlockedConfig | None = None):
     """Exact blocked attention (docs/math.md §3) with `config`'s tiles fitted to the call."""
     cfg = _Config.fitted(spec.call(q, keys), config or BlockedConfig())
     valid = spec.valid(q.shape[0], cfg.call.lengths)
-    return _blocked(cfg, q, tuple(keys), tuple(values), valid)
+    return _blocked_cached(cfg, q, tuple(keys), tuple(values), valid)
 
 
 def flops(t: int, lengths, heads: int, head_dim: int, value_dim: int | None = None) -> float:

@@ -910,6 +910,7 @@ def _attend_fwd(plan: Plan, q, k1, k2, v1, v2, valid1, valid2):
 
 
 _attend.defvjp(_attend_fwd, backward)
+_attend_cached = spine.cached(_attend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1066,4 +1067,4 @@ def attention(q, keys, values, spec: AttentionSpec, config: PallasConfig | None 
     keys, values, valid, spec = ordered_key_sets(q, keys, values, spec)
     kernel_plan = plan(spec.call(q, keys), config or PallasConfig())
     check(q, keys, values, kernel_plan)
-    return _attend(kernel_plan, q, keys[0], keys[1], values[0], values[1], *valid)
+    return _attend_cached(kernel_plan, q, keys[0], keys[1], values[0], values[1], *valid)

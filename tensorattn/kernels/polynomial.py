@@ -917,6 +917,7 @@ def upstream_nan(d_out, grads):
 
 
 _closed_form.defvjp(_closed_form_fwd, _closed_form_bwd)
+_GRADIENTS = {"closed_form": spine.cached(_closed_form), "autodiff": spine.cached(_autodiff)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -1063,7 +1064,6 @@ def attention(q, keys, values, spec: AttentionSpec, config: PolynomialConfig | N
             q, keys, values, spec, config, degree=degree, score_range=R
         )
     else:
-        fn = _closed_form if config.gradient == "closed_form" else _autodiff
-        out = fn(cfg, q, keys, tuple(values), valid)
+        out = _GRADIENTS[config.gradient](cfg, q, keys, tuple(values), valid)
     out = jnp.where(zero[..., None], jnp.zeros((), out.dtype), out)
     return jnp.where(nan[..., None], jnp.array(jnp.nan, out.dtype), out)

@@ -1034,6 +1034,7 @@ def _attend_bwd(cfg, res, d_out):
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+_attend_cached = spine.cached(_attend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1161,4 +1162,4 @@ def attention(
     )
     sel = jnp.asarray(_selection(h, degree, cfg.hp, cfg.rank_padded), _BF16)
     w = _query_weights(h, coeffs, spec.scale, cfg.rank_padded)
-    return _attend(cfg, sel, w, q, keys, values, valid).astype(out_dtype)
+    return _attend_cached(cfg, sel, w, q, keys, values, valid).astype(out_dtype)

@@ -53,6 +53,12 @@ def attention(q, keys, values, spec: AttentionSpec, config: ReferenceConfig | No
     p = jnp.exp(s - s_max)
     denom = jnp.sum(p, axis=axes, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    value_terms = ",".join(f"b{c}kv" for c in letters)
-    out = spine.einsum(f"bkgt{letters},{value_terms}->bktgv", p, *[v.astype(f32) for v in values])
-    return spine.merge_heads(out).astype(q.dtype)
+    p = jnp.where(allowed, p, 0.0)  # the same values; drops masked tuples' cotangents
+    # The values one key set at a time, last first, so that no tuple's product
+    # v1[a]∘v2[b]... is formed: for a tuple with p = 0 it can overflow (0 · inf is NaN).
+    w = p  # [B,K,G,T,S_1..S_j(,Hv)]
+    for j in reversed(range(m)):
+        held = letters[: j + 1] + ("v" if j < m - 1 else "")
+        out_terms = "bktgv" if j == 0 else f"bkgt{letters[:j]}v"
+        w = spine.einsum(f"bkgt{held},b{letters[j]}kv->{out_terms}", w, values[j].astype(f32))
+    return spine.merge_heads(w).astype(q.dtype)

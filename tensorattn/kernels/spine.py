@@ -489,6 +489,14 @@ def dot(a, b, contract):
     )
 
 
+def cached(kernel):
+    """`kernel(static, *arrays)` under `jax.jit` with its first argument static (a hashable
+    config or plan): an eager call then compiles once per (static, shapes), as a jitted
+    caller's does. Traced anew on each eager call, the kernel's scan bodies and Pallas calls
+    are new functions, which JAX's eager dispatch would compile every time."""
+    return jax.jit(kernel, static_argnums=0)
+
+
 def einsum(expr: str, *xs):
     """`jnp.einsum` under the same policy as `dot`."""
     dtypes = [x.dtype for x in xs]
