@@ -704,28 +704,23 @@ def check_claims(names, config: dict) -> None:
 
 
 def check_threshold(section: Mapping) -> None:
-    """ValueError ("FIELD: why") unless claim 3's grid is ints >= 2 for orders, lengths and
-    check_n, positive finite bounds and check_max_bound, and a positive int check_max_rank."""
-
-    def ints(field, low):
-        values = section[field] if field != "check_n" else (section[field],)
-        ok = isinstance(values, (list, tuple)) and len(values) > 0
-        if not ok or not all(sweep._is_int(v) and v >= low for v in values):
-            raise ValueError(f"{field}: ints >= {low} expected, got {section[field]!r}")
-
-    def positive(field, values):
-        ok = isinstance(values, (list, tuple)) and len(values) > 0
-        if not ok or not all(sweep._is_real(v) and 0 < v < math.inf for v in values):
-            raise ValueError(f"{field}: positive finite numbers expected, got {section[field]!r}")
-
-    ints("orders", 2)
-    ints("lengths", 2)
-    ints("check_n", 2)
-    positive("bounds", section["bounds"])
-    positive("check_max_bound", (section["check_max_bound"],))
-    if not (sweep._is_int(section["check_max_rank"]) and section["check_max_rank"] >= 1):
-        got = section["check_max_rank"]
-        raise ValueError(f"check_max_rank: a positive int expected, got {got!r}")
+    """ValueError ("FIELD: why") unless claim 3's grid has int orders, lengths and check_n of
+    at least 2, positive finite bounds and check_max_bound, and a positive int check_max_rank
+    (orders, lengths, bounds: non-empty tuples)."""
+    is_int = lambda v, low: sweep._is_int(v) and v >= low  # noqa: E731
+    rules = {
+        "orders": (lambda v: is_int(v, 2), "ints >= 2"),
+        "lengths": (lambda v: is_int(v, 2), "ints >= 2"),
+        "bounds": (lambda v: sweep._is_real(v) and 0 < v < math.inf, "positive finite numbers"),
+        "check_n": (lambda v: is_int(v, 2), "an int >= 2"),
+        "check_max_bound": (lambda v: sweep._is_real(v) and 0 < v < math.inf, "a positive number"),
+        "check_max_rank": (lambda v: is_int(v, 1), "a positive int"),
+    }
+    for field, (ok, what) in rules.items():
+        value = section[field]
+        values = value if field in ("orders", "lengths", "bounds") else (value,)
+        if not isinstance(values, (list, tuple)) or not values or not all(map(ok, values)):
+            raise ValueError(f"{field}: {what} expected, got {value!r}")
 
 
 def check_training_points(names, config: dict) -> None:

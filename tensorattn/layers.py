@@ -433,10 +433,11 @@ class StandardAttention(nn.Module):
         # NaN): non-finite entries and padding become 0, and a query that can see a valid
         # non-finite key or value gets a NaN row, as in the tensor kernels.
         finite_BxSxK = jnp.all(jnp.isfinite(k_BxSxKxH), -1) & jnp.all(jnp.isfinite(v_BxSxKxH), -1)
-        keep_BxSxK = finite_BxSxK if kv_mask is None else finite_BxSxK & kv_mask[:, :, None]
+        valid_BxSx1 = True if kv_mask is None else kv_mask[:, :, None]
+        keep_BxSxK = finite_BxSxK & valid_BxSx1
         k_BxSxKxH = jnp.where(keep_BxSxK[..., None], k_BxSxKxH, 0)
         v_BxSxKxH = jnp.where(keep_BxSxK[..., None], v_BxSxKxH, 0)
-        bad_BxSxK = ~finite_BxSxK if kv_mask is None else ~finite_BxSxK & kv_mask[:, :, None]
+        bad_BxSxK = ~finite_BxSxK & valid_BxSx1
         poisoned_BxTxK = causal_scan.seen(bad_BxSxK, self.causal, w)  # [B, T|1, K]
         o_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH,

@@ -593,6 +593,7 @@ def _attend_bwd(plan: _Plan, res, d_out):
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+_attend_cached = spine.cached(_attend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,4 +714,7 @@ def attention(q, keys, values, spec: AttentionSpec, config: MosaicGPUConfig | No
     else:
         bwd = pallas.plan(call, PallasConfig(interpret=cfg.interpret or None))
         pallas.check(q, keys, values, bwd)
-    return _attend(_Plan(cfg, bwd), q, keys[0], keys[1], values[0], values[1], *valid)
+    # Compiled, eager calls reuse one compilation (`spine.cached`); the interpreter hangs under
+    # an outer jit (docs/pallas.md), so interpret mode calls the kernel as it is.
+    attend = _attend if cfg.interpret else _attend_cached
+    return attend(_Plan(cfg, bwd), q, keys[0], keys[1], values[0], values[1], *valid)
