@@ -13,9 +13,11 @@
 #             named in the log, one that hangs failed after SMOKE_TEST_TIMEOUT_S (75 s). Run
 #             first: a kernel that fails here makes its timings below meaningless.
 # peers:      the side-by-side run against the peers' Triton kernels (issue 10), needing a copy
-#             of them in .peers (see its run.sh): once with implementation=None (DIR/peers_*.jsonl,
-#             DIR/tensorattn_jax.jsonl), then tensorattn alone with implementation="mosaic_gpu"
-#             (DIR/mosaic_gpu/tensorattn_jax.jsonl, beside the same peer rows).
+#             of them in .peers (see its run.sh): its two scripts as sections of their own, the
+#             peers (DIR/peers_torch.jsonl) then tensorattn with implementation=None
+#             (DIR/tensorattn_jax.jsonl, and the table), then tensorattn alone with
+#             implementation="mosaic_gpu" (DIR/mosaic_gpu/tensorattn_jax.jsonl, beside the same
+#             peer rows).
 # kernels:    experiments/bench_pallas.py: the Triton-lowered Pallas kernels and the Mosaic GPU
 #             kernels on the windowed, grouped-head shapes of issue 10, then full attention
 #             (default tiles, a few tile variants, the backward layouts; no check against the
@@ -41,7 +43,10 @@
 # exit status, wall time, test counts. Each section runs under `timeout`: its own cap below
 # (so that a hung kernel cannot take a whole device call), at most TIMEOUT_S (default 540 s);
 # with BUDGET_S, all of them together end within BUDGET_S seconds of the start (a section
-# gets what is left, and is skipped with under 20 s left). In `tests`, a test that hangs fails
+# gets what is left, and is skipped with under 20 s left). A section's processes carry a tag
+# in their environment, and whatever is still running when it ends (e.g. under a nested
+# `timeout`, which leaves the section's process group) is killed, so that nothing holds the GPU
+# into the next section's timings. In `tests`, a test that hangs fails
 # after TEST_TIMEOUT_S (default 180 s, with pytest-timeout). With ARCHIVE=FILE.tgz, DIR is
 # archived into FILE after each section, so a call killed at its limit still returns what
 # the finished sections wrote (a device call returns at most 8 files). Python wheels in
@@ -49,10 +54,11 @@
 # first. Tests run on PYTEST_WORKERS processes (default 8, with pytest-xdist; 0: one
 # process), each taking GPU memory as needed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 DIR=${1:?usage: $0 DIR [smoke|peers|kernels|polynomial|polynomial_wide|tests|reproduce]...}
 shift
-mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)
+mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)  # relative paths: from the caller's folder
+[ -z "${ARCHIVE:-}" ] || ARCHIVE=$(mkdir -p "$(dirname "$ARCHIVE")" && cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
+cd "$(dirname "$0")/.."
 SECTIONS=${*:-smoke peers kernels polynomial tests reproduce}
 TIMEOUT_S=${TIMEOUT_S:-540}
 BUDGET_S=${BUDGET_S:-0}
@@ -86,6 +92,15 @@ archive() {  # DIR -> ARCHIVE, replaced whole so that a kill never leaves half a
   tar czf "$ARCHIVE.part" -C "$(dirname "$DIR")" "$(basename "$DIR")" && mv "$ARCHIVE.part" "$ARCHIVE"
 }
 
+reap() {  # reap TAG: kills every process whose environment holds TENSORATTN_SECTION=TAG
+  local pid
+  for pid in $(grep -lz "^TENSORATTN_SECTION=$1\$" /proc/[0-9]*/environ 2> /dev/null |
+    cut -d/ -f3); do
+    [ "$pid" != "$$" ] && kill -KILL "$pid" 2> /dev/null
+  done
+  return 0
+}
+
 section() {  # section NAME CAP_S COMMAND...: runs COMMAND for at most CAP_S (and TIMEOUT_S)
   local name=$1 t0 rc limit=$TIMEOUT_S  # and the time left, logging to DIR/NAME.log
   [ "$2" -lt "$limit" ] && limit=$2
@@ -99,8 +114,16 @@ section() {  # section NAME CAP_S COMMAND...: runs COMMAND for at most CAP_S (an
     fi
     [ "$left" -lt "$limit" ] && limit=$left
   fi
-  timeout -k 10 "$limit" "$@" 2>&1 | tee "$DIR/$name.log"
-  rc=${PIPESTATUS[0]}
+  # The log is a file, not a pipe: a process left running would hold a pipe open, and the
+  # section with it. `tail` shows the log until the command ends.
+  local tag="$name.$$.$t0" pid
+  TENSORATTN_SECTION=$tag timeout -k 10 "$limit" "$@" > "$DIR/$name.log" 2>&1 &
+  pid=$!
+  tail -n +1 -f --pid="$pid" "$DIR/$name.log" &
+  wait "$pid"
+  rc=$?
+  reap "$tag"
+  wait
   local what="exit $rc"
   { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && what="cut at ${limit} s (timeout)"
   local counts
@@ -160,7 +183,9 @@ for s in $SECTIONS; do
         echo "peers: skipped, no .peers/run.sh (the peers' comparison harness, not in this repository)" | tee -a "$SUMMARY"
         continue
       fi
-      section peers 300 env OUT="$DIR" bash .peers/run.sh
+      # Its two scripts, each capped on its own (run.sh's nested timeouts would outlive a cut).
+      section peers_torch 180 env OUT="$DIR" "$PYTHON" .peers/peers_torch.py
+      section peers 150 env OUT="$DIR" "$PYTHON" .peers/tensorattn_jax.py
       mkdir -p "$DIR/mosaic_gpu"
       cp "$DIR"/peers_*.jsonl "$DIR/mosaic_gpu/" 2>/dev/null
       section peers_mosaic_gpu 120 env OUT="$DIR/mosaic_gpu" TENSORATTN_IMPL=mosaic_gpu \
