@@ -57,7 +57,9 @@ set -uo pipefail
 DIR=${1:?usage: $0 DIR [smoke|peers|kernels|polynomial|polynomial_wide|tests|reproduce]...}
 shift
 mkdir -p "$DIR" && DIR=$(cd "$DIR" && pwd)  # relative paths: from the caller's folder
-[ -z "${ARCHIVE:-}" ] || ARCHIVE=$(mkdir -p "$(dirname "$ARCHIVE")" && cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
+if [ -n "${ARCHIVE:-}" ]; then
+  mkdir -p "$(dirname "$ARCHIVE")" && ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
+fi
 cd "$(dirname "$0")/.."
 SECTIONS=${*:-smoke peers kernels polynomial tests reproduce}
 TIMEOUT_S=${TIMEOUT_S:-540}
@@ -179,8 +181,8 @@ for s in $SECTIONS; do
       targets
       archive ;;
     peers)
-      if [ ! -f .peers/run.sh ]; then
-        echo "peers: skipped, no .peers/run.sh (the peers' comparison harness, not in this repository)" | tee -a "$SUMMARY"
+      if [ ! -f .peers/peers_torch.py ] || [ ! -f .peers/tensorattn_jax.py ]; then
+        echo "peers: skipped, no .peers/{peers_torch,tensorattn_jax}.py (the peers' comparison harness, not in this repository)" | tee -a "$SUMMARY"
         continue
       fi
       # Its two scripts, each capped on its own (run.sh's nested timeouts would outlive a cut).

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import Scope
 
-from tensorattn.kernels import api, causal_scan
+from tensorattn.kernels import api, causal_scan, spine
 from tensorattn.kernels.configs import KernelConfig, PolynomialConfig
 from tensorattn.kernels.polynomial import PolynomialAccuracyWarning
 
@@ -432,12 +432,7 @@ class StandardAttention(nn.Module):
         # Keys and values a query cannot see never contribute, whatever they hold (0 · NaN is
         # NaN): non-finite entries and padding become 0, and a query that can see a valid
         # non-finite key or value gets a NaN row, as in the tensor kernels.
-        finite_BxSxK = jnp.all(jnp.isfinite(k_BxSxKxH), -1) & jnp.all(jnp.isfinite(v_BxSxKxH), -1)
-        valid_BxSx1 = True if kv_mask is None else kv_mask[:, :, None]
-        keep_BxSxK = finite_BxSxK & valid_BxSx1
-        k_BxSxKxH = jnp.where(keep_BxSxK[..., None], k_BxSxKxH, 0)
-        v_BxSxKxH = jnp.where(keep_BxSxK[..., None], v_BxSxKxH, 0)
-        bad_BxSxK = ~finite_BxSxK & valid_BxSx1
+        k_BxSxKxH, v_BxSxKxH, bad_BxSxK = spine.clean_keys(k_BxSxKxH, v_BxSxKxH, kv_mask)
         poisoned_BxTxK = causal_scan.seen(bad_BxSxK, self.causal, w)  # [B, T|1, K]
         o_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH,

@@ -108,24 +108,17 @@ def _sanitize(keys, values, spec):
     outside a window, other batch rows or heads) keep their exact, finite result and
     gradients. Cost: one elementwise pass over keys and values, `O(B·T·K)` prefix sums.
     """
-    clean_keys, clean_values = [], []
+    out_keys, out_values = [], []
     has_pair = True  # row has an allowed tuple: every key set has an allowed position
     touched = False  # some key set has an allowed position holding a non-finite entry
     for k, v, mask, window in zip(keys, values, spec.key_masks, spec.windows):
-        finite_k, finite_v = jnp.isfinite(k), jnp.isfinite(v)
-        bad = ~(jnp.all(finite_k, axis=-1) & jnp.all(finite_v, axis=-1))  # [B,S,K]
-        if mask is not None:
-            bad = bad & mask[:, :, None]
-            finite_k = finite_k & mask[:, :, None, None]
-            finite_v = finite_v & mask[:, :, None, None]
-            valid = mask
-        else:
-            valid = jnp.ones(k.shape[:2], bool)
-        clean_keys.append(jnp.where(finite_k, k, jnp.zeros((), k.dtype)))
-        clean_values.append(jnp.where(finite_v, v, jnp.zeros((), v.dtype)))
+        k, v, bad = spine.clean_keys(k, v, mask)  # bad [B,S,K]
+        valid = jnp.ones(k.shape[:2], bool) if mask is None else mask
+        out_keys.append(k)
+        out_values.append(v)
         has_pair = has_pair & causal_scan.seen(valid, spec.causal, window)[..., None]
         touched = touched | causal_scan.seen(bad, spec.causal, window)
-    return tuple(clean_keys), tuple(clean_values), has_pair & touched
+    return tuple(out_keys), tuple(out_values), has_pair & touched
 
 
 def _dispatch(q, keys, values, spec, implementation, config):

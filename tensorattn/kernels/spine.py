@@ -411,6 +411,21 @@ def query_tile_range(k_first, k_last, num_tiles: int, block: int, causal: bool, 
 # Head layouts: query head `n` uses key/value head `n // G` (G = N // K).
 
 
+def clean_keys(k_BSKH, v_BSKV, mask_BS=None):
+    """`(k, v, bad [B,S,K])`: keys and values with non-finite entries (and, with a padding
+    mask, padded positions) set to 0, and the valid positions whose key or value held a
+    non-finite entry (a query that may see one has no finite result)."""
+    finite_k, finite_v = jnp.isfinite(k_BSKH), jnp.isfinite(v_BSKV)
+    bad_BSK = ~(jnp.all(finite_k, axis=-1) & jnp.all(finite_v, axis=-1))
+    if mask_BS is not None:
+        bad_BSK = bad_BSK & mask_BS[:, :, None]
+        finite_k = finite_k & mask_BS[:, :, None, None]
+        finite_v = finite_v & mask_BS[:, :, None, None]
+    k_BSKH = jnp.where(finite_k, k_BSKH, jnp.zeros((), k_BSKH.dtype))
+    v_BSKV = jnp.where(finite_v, v_BSKV, jnp.zeros((), v_BSKV.dtype))
+    return k_BSKH, v_BSKV, bad_BSK
+
+
 def split_heads(x_BTNX, kv_heads: int):
     """`[B,T,N,X]` -> `[B,K,T,G,X]`."""
     b, t, n, d = x_BTNX.shape
